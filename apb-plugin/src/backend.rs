@@ -1,0 +1,46 @@
+//! The one trait a llama-family model calls for attention.
+//!
+//! Why this shape: APB and its relatives need more than `softmax(QKᵀ)V`. A rank may add an anchor
+//! and passing blocks, score its keys with retaining heads on the *pre-RoPE* projections, keep
+//! only part of its KV in the cache, and merge decode outputs across ranks by log-sum-exp. So the
+//! backend gets both the post-RoPE q/k/v and the raw projections, owns what goes into the layer's
+//! cache, and is told whether this is the prompt pass or a generation step.
+
+use crate::{LayerKv, Result};
+use candle_core::Tensor;
+
+/// Which pass of generation the model is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The prompt (or, for a distributed backend, this rank's share of it).
+    Prefill,
+    /// New tokens after the prompt: the question segment and generated tokens.
+    Decode,
+}
+
+/// What one attention layer hands to the backend.
+///
+/// Shapes: `q` is `(batch, n_heads, seq, head_dim)`, `k`/`v` are `(batch, n_kv_heads, seq, head_dim)`,
+/// all post-RoPE. `q_raw`/`k_raw`/`v_raw` are the pre-RoPE projections `(batch, seq, heads·head_dim)`
+/// (bias included), which retaining heads score.
+pub struct AttnInput<'a> {
+    pub layer: usize,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub q_raw: &'a Tensor,
+    pub k_raw: &'a Tensor,
+    pub v_raw: &'a Tensor,
+}
+
+/// An attention implementation. Returns the attention output `(batch, n_heads, seq, head_dim)`
+/// in the dtype of `q`.
+///
+/// Implementations must be usable from several threads at once (one per rank in a process).
+pub trait AttentionBackend: Send + Sync {
+    /// Registry name, e.g. `dense`.
+    fn name(&self) -> &str;
+
+    /// Attend `input.q` to this layer's keys. The backend decides what it appends to `cache`.
+    fn forward(&self, phase: Phase, input: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor>;
+}

@@ -1,0 +1,71 @@
+//! Per-layer KV cache with amortised growth, so decode does not copy the whole cache per token.
+
+use crate::Result;
+use candle_core::{Tensor, D};
+
+/// Post-RoPE keys and values of one layer, `(batch, n_kv_heads, len, head_dim)`.
+#[derive(Debug, Default, Clone)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v` (`(b, n_kv, s, d)`) along the sequence axis.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let add = k.dim(2)?;
+        let cap = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+        if self.len + add > cap {
+            // Grow geometrically; the first allocation is exact (prompts are usually the bulk).
+            let new_cap = if cap == 0 {
+                add
+            } else {
+                (self.len + add).max(cap * 2)
+            };
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = like.dims4()?;
+                let t = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(t)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += add;
+        Ok(())
+    }
+
+    /// The cached keys and values (views of length [`len`](Self::len)), or `None` when empty.
+    pub fn kv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if self.len > 0 => Ok(Some((
+                k.narrow(D::Minus2, 0, self.len)?,
+                v.narrow(D::Minus2, 0, self.len)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+}

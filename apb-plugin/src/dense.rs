@@ -1,0 +1,24 @@
+//! `dense`: exact causal attention on one rank. The baseline every other backend reduces to.
+
+use crate::{ops, AttentionBackend, AttnInput, LayerKv, MaskSpec, Phase, Result};
+use candle_core::Tensor;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Dense;
+
+impl AttentionBackend for Dense {
+    fn name(&self) -> &str {
+        "dense"
+    }
+
+    fn forward(&self, _phase: Phase, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
+        cache.append(x.k, x.v)?;
+        let (k, v) = cache
+            .kv()?
+            .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
+        // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
+        // prompt pass and every decode step.
+        let (out, _lse) = ops::attention(x.q, &k, &v, MaskSpec::causal(), false)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,12 @@
+/// Errors raised by attention backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("attention shapes: {0}")]
+    Shape(String),
+    #[error("unknown attention backend '{name}' (available: {available})")]
+    UnknownBackend { name: String, available: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,20 @@
+//! APB-rs attention plugin: the [`AttentionBackend`] trait that a model's attention layers call,
+//! the exact reference attention ([`ops::attention`]) every backend and kernel is checked against,
+//! the per-layer KV cache, and a registry that picks a backend by name.
+//!
+//! The model file calls only [`AttentionBackend::forward`]; it never knows how many ranks there
+//! are or which tokens a rank holds. Backends never know about file formats.
+
+pub mod backend;
+pub mod cache;
+pub mod dense;
+pub mod error;
+pub mod ops;
+pub mod registry;
+
+pub use backend::{AttentionBackend, AttnInput, Phase};
+pub use cache::LayerKv;
+pub use dense::Dense;
+pub use error::{Error, Result};
+pub use ops::{attention, MaskSpec};
+pub use registry::{backend_by_name, BACKEND_NAMES};

@@ -1,0 +1,267 @@
+//! Exact attention on any device, computed in f32: the reference that backends and kernels are
+//! checked against, and the CPU engine's attention.
+//!
+//! The mask is described, never materialised: bottom-right causal alignment (query row `i` of
+//! `sq` sees key `j` of `sk` iff `j <= i + sk - sq`), plus APB's rule that the first
+//! `anchor_rows` query rows skip the first `passing_keys` keys. Queries are processed in chunks so
+//! memory stays `O(chunk · sk)`; GQA is handled by folding each KV group's query heads into rows,
+//! so K and V are never repeated.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Which keys each query row may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskSpec {
+    /// Bottom-right-aligned causal mask.
+    pub causal: bool,
+    /// The first `anchor_rows` query rows do not see the first `passing_keys` keys (APB).
+    pub anchor_rows: usize,
+    pub passing_keys: usize,
+}
+
+impl MaskSpec {
+    pub fn causal() -> Self {
+        Self {
+            causal: true,
+            anchor_rows: 0,
+            passing_keys: 0,
+        }
+    }
+    pub fn full() -> Self {
+        Self {
+            causal: false,
+            anchor_rows: 0,
+            passing_keys: 0,
+        }
+    }
+    /// APB: causal, anchor rows skip the passing block at the front of the keys.
+    pub fn apb(anchor_rows: usize, passing_keys: usize) -> Self {
+        Self {
+            causal: true,
+            anchor_rows,
+            passing_keys,
+        }
+    }
+
+    /// Visible key range `[lo, hi)` of query row `i` (of `sq`) over `sk` keys.
+    pub fn key_range(&self, i: usize, sq: usize, sk: usize) -> (usize, usize) {
+        let hi = if self.causal {
+            (i + 1 + sk).saturating_sub(sq).min(sk)
+        } else {
+            sk
+        };
+        let lo = if i < self.anchor_rows {
+            self.passing_keys.min(sk)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+}
+
+/// Query rows per chunk: bounds the score buffer to `heads · CHUNK · sk` floats.
+const CHUNK: usize = 256;
+
+/// `softmax(q kᵀ / √d) v` under `mask`.
+///
+/// `q`: `(b, n_h, sq, d)`; `k`, `v`: `(b, n_kv, sk, d)` with `n_h % n_kv == 0`. Returns the
+/// output `(b, n_h, sq, d)` in `q`'s dtype and, if `want_lse`, the natural-log log-sum-exp of the
+/// scaled scores `(b, n_h, sq)` in f32. A row that sees no key gets output 0 and LSE `-inf`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: MaskSpec,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, n_h, sq, d) = q.dims4()?;
+    let (bk, n_kv, sk, dk) = k.dims4()?;
+    if bk != b || dk != d || v.dims4()? != (b, n_kv, sk, d) || n_kv == 0 || n_h % n_kv != 0 {
+        return Err(Error::Shape(format!(
+            "q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let g = n_h / n_kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let out_dtype = q.dtype();
+    let q = q.to_dtype(DType::F32)?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for r0 in (0..sq).step_by(CHUNK) {
+        let c = CHUNK.min(sq - r0);
+        // Keys any row of this chunk can see.
+        let lo = (r0..r0 + c)
+            .map(|i| mask.key_range(i, sq, sk).0)
+            .min()
+            .unwrap_or(0);
+        let hi = (r0..r0 + c)
+            .map(|i| mask.key_range(i, sq, sk).1)
+            .max()
+            .unwrap_or(0);
+        let kw = hi.saturating_sub(lo);
+        // (b, n_kv, g·c, d): rows of one KV group are its g query heads × c positions.
+        let qc = (q.narrow(2, r0, c)?.reshape((b, n_kv, g * c, d))? * scale)?;
+        let (oc, lc) = if kw == 0 {
+            (
+                Tensor::zeros((b, n_kv, g * c, d), DType::F32, q.device())?,
+                Tensor::full(f32::NEG_INFINITY, (b, n_kv, g * c), q.device())?,
+            )
+        } else {
+            let kc = k.narrow(2, lo, kw)?;
+            let vc = v.narrow(2, lo, kw)?;
+            let scores = qc.matmul(&kc.t()?)?; // (b, n_kv, g·c, kw)
+            let (p, lse) = masked_softmax(&scores, |row| {
+                let i = r0 + row % c;
+                let (a, z) = mask.key_range(i, sq, sk);
+                (a.saturating_sub(lo).min(kw), z.saturating_sub(lo).min(kw))
+            })?;
+            (p.matmul(&vc)?, lse)
+        };
+        outs.push(oc.reshape((b, n_h, c, d))?);
+        lses.push(lc.reshape((b, n_h, c))?);
+    }
+    let out = Tensor::cat(&outs, 2)?.to_dtype(out_dtype)?;
+    let lse = if want_lse {
+        Some(Tensor::cat(&lses, 2)?)
+    } else {
+        None
+    };
+    Ok((out, lse))
+}
+
+/// Softmax over the last axis restricted to `range(row)` of each row (others get probability 0),
+/// in one pass over the buffer. Returns the probabilities and each row's log-sum-exp.
+fn masked_softmax(
+    scores: &Tensor,
+    range: impl Fn(usize) -> (usize, usize) + Sync,
+) -> Result<(Tensor, Tensor)> {
+    let dims = scores.dims().to_vec();
+    let (rows_per_mat, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let device = scores.device().clone();
+    let mut buf: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+    let n_rows = buf.len() / w.max(1);
+    let mut lse = vec![f32::NEG_INFINITY; n_rows];
+    let work = |(r, (row, l)): (usize, (&mut [f32], &mut f32))| {
+        let (a, z) = range(r % rows_per_mat);
+        let valid = &row[a..z];
+        let m = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let mut sum = 0f32;
+        for x in row[a..z].iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[a..z].iter_mut().for_each(|x| *x *= inv);
+        row[..a].fill(0.0);
+        row[z..].fill(0.0);
+        *l = m + sum.ln();
+    };
+    parallel_rows(&mut buf, &mut lse, w, &work);
+    let p = Tensor::from_vec(buf, dims.as_slice(), &device)?;
+    let lse = Tensor::from_vec(lse, &dims[..dims.len() - 1], &device)?;
+    Ok((p, lse))
+}
+
+/// Runs `work` over rows on all cores (plain scoped threads: rows are independent).
+fn parallel_rows<F>(buf: &mut [f32], lse: &mut [f32], w: usize, work: &F)
+where
+    F: Fn((usize, (&mut [f32], &mut f32))) + Sync,
+{
+    let n_rows = lse.len();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(n_rows.max(1));
+    if threads <= 1 || n_rows * w < 1 << 16 {
+        buf.chunks_mut(w)
+            .zip(lse.iter_mut())
+            .enumerate()
+            .for_each(work);
+        return;
+    }
+    let per = n_rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, (bchunk, lchunk)) in buf.chunks_mut(per * w).zip(lse.chunks_mut(per)).enumerate() {
+            s.spawn(move || {
+                bchunk
+                    .chunks_mut(w)
+                    .zip(lchunk.iter_mut())
+                    .enumerate()
+                    .for_each(|(r, x)| work((t * per + r, x)));
+            });
+        }
+    });
+}
+
+/// Plain reference with an explicit boolean mask, in f64, for tests: `mask(i, j)` says whether
+/// query row `i` sees key `j`. Inputs as in [`attention`]. Returns `(out, lse)` flattened in the
+/// layouts `(b, n_h, sq, d)` and `(b, n_h, sq)`.
+pub fn reference_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: impl Fn(usize, usize) -> bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let flat = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    };
+    let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
+    let (b, n_h, sq, d) = q.dims4()?;
+    let (n_kv, sk) = (k.dim(1)?, k.dim(2)?);
+    let g = n_h / n_kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f64; b * n_h * sq * d];
+    let mut lse = vec![f64::NEG_INFINITY; b * n_h * sq];
+    for bi in 0..b {
+        for h in 0..n_h {
+            let kh = bi * n_kv + h / g;
+            for i in 0..sq {
+                let row = (bi * n_h + h) * sq + i;
+                let qi = &qv[row * d..(row + 1) * d];
+                let s: Vec<Option<f64>> = (0..sk)
+                    .map(|j| {
+                        mask(i, j).then(|| {
+                            qi.iter()
+                                .zip(&kv[(kh * sk + j) * d..])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                                * scale
+                        })
+                    })
+                    .collect();
+                let m = s
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    if let Some(sj) = sj {
+                        let p = (sj - m).exp() / z;
+                        for x in 0..d {
+                            out[row * d + x] += p * vv[(kh * sk + j) * d + x];
+                        }
+                    }
+                }
+                lse[row] = m + z.ln();
+            }
+        }
+    }
+    Ok((out, lse))
+}

@@ -1,0 +1,179 @@
+//! Generation: tokenize, prefill the prompt in one pass, then decode token by token.
+
+use crate::sampling::Sampler;
+use anyhow::{bail, Context, Result};
+use apb_loaders::{Cache, Loaded};
+use apb_plugin::{AttentionBackend, Phase};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 299792458,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub stats: GenStats,
+}
+
+pub struct Engine {
+    pub loaded: Loaded,
+    pub backend: Arc<dyn AttentionBackend>,
+}
+
+/// Prompts at least this long get a prefill progress bar (on a terminal).
+const PROGRESS_MIN_TOKENS: usize = 2048;
+
+impl Engine {
+    pub fn new(loaded: Loaded, backend: Arc<dyn AttentionBackend>) -> Self {
+        Self { loaded, backend }
+    }
+
+    /// Tokens of `text`, or of `text` as a user turn rendered with the chat template.
+    pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        let tok = &self.loaded.tok;
+        let rendered;
+        let text = if chat {
+            rendered = tok.apply_chat_template(&[apb_loaders::ChatMessage::user(text)])?;
+            rendered.as_str()
+        } else {
+            text
+        };
+        let ids = tok.encode(text)?;
+        if ids.is_empty() {
+            bail!("the prompt is empty");
+        }
+        Ok(ids)
+    }
+
+    /// Generates from `prompt` token ids; `on_text` receives each new piece of text as it is
+    /// decoded (for streaming).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        p: &GenParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let model = &self.loaded.model;
+        let ctx = model.cfg.max_position_embeddings;
+        if prompt.len() >= ctx {
+            bail!(
+                "the prompt has {} tokens but the model's context is {ctx}; shorten the prompt",
+                prompt.len()
+            );
+        }
+        let max_new = p.max_new_tokens.min(ctx - prompt.len());
+        let mut cache = Cache::new(&model.cfg);
+        let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
+
+        let t0 = Instant::now();
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        let bar = (prompt.len() >= PROGRESS_MIN_TOKENS).then(|| {
+            let b = indicatif::ProgressBar::new(model.cfg.num_hidden_layers as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "prefill {pos}/{len} layers {bar:30} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        let mut tick = |_: usize| {
+            if let Some(b) = &bar {
+                b.inc(1)
+            }
+        };
+        let hidden = model
+            .forward(
+                prompt,
+                &positions,
+                Phase::Prefill,
+                self.backend.as_ref(),
+                &mut cache,
+                &mut tick,
+            )
+            .context("prefill")?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        let t1 = Instant::now();
+        let mut out: Vec<u32> = Vec::new();
+        let mut printed = 0usize;
+        let mut steps = 0usize;
+        let mut next = sampler.sample(&logits);
+        while out.len() < max_new && !self.loaded.tok.stop_ids.contains(&next) {
+            out.push(next);
+            // Stream whole characters only: wait while the tail is an incomplete UTF-8 sequence.
+            let text = self.loaded.tok.decode(&out)?;
+            if !text.ends_with('\u{FFFD}') && text.len() > printed {
+                on_text(&text[printed..]);
+                printed = text.len();
+            }
+            if out.len() == max_new {
+                break;
+            }
+            let pos = (prompt.len() + out.len() - 1) as u32;
+            let hidden = model
+                .forward(
+                    &[next],
+                    &[pos],
+                    Phase::Decode,
+                    self.backend.as_ref(),
+                    &mut cache,
+                    &mut |_| {},
+                )
+                .context("decode")?;
+            steps += 1;
+            next = sampler.sample(&model.last_logits(&hidden)?.to_vec1::<f32>()?);
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let text = self.loaded.tok.decode(&out)?;
+        if text.len() > printed {
+            on_text(&text[printed..]);
+        }
+        let stats = GenStats {
+            prompt_tokens: prompt.len(),
+            generated_tokens: out.len(),
+            prefill_ms,
+            decode_tokens_per_s: if steps > 0 {
+                steps as f64 / decode_s
+            } else {
+                0.0
+            },
+        };
+        Ok(Generation {
+            text,
+            tokens: out,
+            stats,
+        })
+    }
+}

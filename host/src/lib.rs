@@ -1,0 +1,8 @@
+//! The APB-rs engine: prompt → prefill → decode loop, sampling and streaming, over any
+//! [`apb_plugin::AttentionBackend`]. The `apb` binary (src/main.rs) is a thin CLI on top.
+
+pub mod device;
+pub mod engine;
+pub mod sampling;
+
+pub use engine::{Engine, GenParams, GenStats, Generation};

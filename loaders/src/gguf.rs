@@ -1,0 +1,245 @@
+//! GGUF (`llama` architecture) → the same config, HF-named weights and tokenizer as a
+//! safetensors checkpoint, so the model file has one code path.
+//!
+//! Two conversions matter: quantized tensors are dequantized to the run dtype, and the q/k
+//! projection rows, which llama.cpp permutes for its interleaved RoPE, are permuted back to the
+//! HF half-rotation layout our RoPE uses.
+
+use crate::config::{Arch, Config};
+use crate::error::{load_err, LoadError, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct GgufModel {
+    pub content: Content,
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl GgufModel {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| LoadError::file(path, e))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| LoadError::file(path, format!("not a readable GGUF file ({e})")))?;
+        Ok(Self {
+            content,
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn md(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn md_u32(&self, key: &str) -> Result<u32> {
+        let v = self
+            .md(key)
+            .ok_or_else(|| LoadError::file(&self.path, format!("GGUF metadata '{key}' missing")))?;
+        v.to_u32()
+            .or_else(|_| v.to_u64().map(|x| x as u32))
+            .map_err(|e| LoadError::file(&self.path, format!("GGUF '{key}': {e}")))
+    }
+
+    fn md_f32(&self, key: &str) -> Option<f32> {
+        self.md(key).and_then(|v| v.to_f32().ok())
+    }
+
+    pub fn md_str(&self, key: &str) -> Option<&str> {
+        self.md(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+    }
+
+    /// String array metadata (tokens, merges).
+    pub fn md_strings(&self, key: &str) -> Result<Vec<String>> {
+        let v = self
+            .md(key)
+            .ok_or_else(|| LoadError::file(&self.path, format!("GGUF metadata '{key}' missing")))?;
+        let arr = v
+            .to_vec()
+            .map_err(|e| LoadError::file(&self.path, format!("GGUF '{key}': {e}")))?;
+        arr.iter()
+            .map(|x| {
+                x.to_string()
+                    .cloned()
+                    .map_err(|e| LoadError::file(&self.path, format!("GGUF '{key}': {e}")))
+            })
+            .collect()
+    }
+
+    pub fn md_i32s(&self, key: &str) -> Vec<i32> {
+        self.md(key)
+            .and_then(|v| v.to_vec().ok())
+            .map(|a| a.iter().filter_map(|x| x.to_i32().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn md_token_id(&self, key: &str) -> Option<u32> {
+        self.md_u32(key).ok()
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let arch = self.md_str("general.architecture").unwrap_or("");
+        if arch != "llama" {
+            return Err(LoadError::UnsupportedArch {
+                found: format!("GGUF '{arch}'"),
+            });
+        }
+        let n_h = self.md_u32("llama.attention.head_count")? as usize;
+        let hidden = self.md_u32("llama.embedding_length")? as usize;
+        let vocab = match self.md_u32("llama.vocab_size") {
+            Ok(v) => v as usize,
+            Err(_) => self.md_strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let has_output = self.content.tensor_infos.contains_key("output.weight");
+        let cfg = Config {
+            arch: Arch::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.md_u32("llama.feed_forward_length")? as usize,
+            num_hidden_layers: self.md_u32("llama.block_count")? as usize,
+            num_attention_heads: n_h,
+            num_key_value_heads: self
+                .md_u32("llama.attention.head_count_kv")
+                .map(|x| x as usize)
+                .unwrap_or(n_h),
+            head_dim: self
+                .md_u32("llama.rope.dimension_count")
+                .map(|x| x as usize)
+                .unwrap_or(hidden / n_h.max(1)),
+            rms_norm_eps: self
+                .md_f32("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5) as f64,
+            rope_theta: self.md_f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64,
+            rope_scaling: None,
+            max_position_embeddings: self
+                .md_u32("llama.context_length")
+                .map(|x| x as usize)
+                .unwrap_or(4096),
+            tie_word_embeddings: !has_output,
+            qkv_bias: false,
+            bos_token_id: self.md_token_id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: self
+                .md_token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// All tensors, dequantized to `dtype`, under HF names.
+    pub fn tensors(
+        &mut self,
+        cfg: &Config,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
+        let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        let mut out = HashMap::new();
+        for name in names {
+            let Some(hf) = hf_name(&name) else { continue };
+            let q = self
+                .content
+                .tensor(&mut self.file, &name, &Device::Cpu)
+                .map_err(|e| LoadError::file(&self.path, format!("tensor '{name}': {e}")))?;
+            let mut t = q.dequantize(&Device::Cpu)?;
+            if hf.ends_with("q_proj.weight") {
+                t = unpermute_rope_rows(&t, cfg.num_attention_heads)?;
+            } else if hf.ends_with("k_proj.weight") {
+                t = unpermute_rope_rows(&t, cfg.num_key_value_heads)?;
+            }
+            out.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
+        }
+        if !out.contains_key("model.embed_tokens.weight") {
+            return Err(load_err!(
+                "{}: GGUF has no token_embd.weight",
+                self.path.display()
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// GGUF tensor name → HF name (`None` for tensors the model does not use, e.g. `rope_freqs`).
+fn hf_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{i}.{hf}"))
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`: rows `(head, d/2, 2)` → `(head, 2, d/2)`.
+fn unpermute_rope_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((n_head, rows / n_head / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (n_head, d, cols) = (3, 8, 5);
+        let w = Tensor::arange(0f32, (n_head * d * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n_head * d, cols))
+            .unwrap();
+        let permuted = w
+            .reshape((n_head, 2, d / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((n_head * d, cols))
+            .unwrap();
+        let back = unpermute_rope_rows(&permuted, n_head).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert_ne!(
+            permuted.to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn maps_gguf_names() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}

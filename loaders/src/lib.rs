@@ -1,0 +1,21 @@
+//! Loaders for llama-family models: configs, weights (local safetensors, HF Hub, GGUF), the
+//! tokenizer with its chat template, and the one model file ([`model`]).
+//!
+//! A model is named by a [`ModelSource`]: a registered name (`smollm2-135m-instruct`), a local
+//! directory, a `.gguf` file, or an HF Hub repo id. [`load`] turns it into a ready [`Loaded`].
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod hub;
+pub mod load;
+
+pub mod model;
+pub mod registry;
+pub mod tokenizer;
+
+pub use config::{Arch, Config, Llama3RopeScaling};
+pub use error::{LoadError, Result};
+pub use load::{load, parse_dtype, Loaded, ModelSource};
+pub use model::{Cache, Model};
+pub use tokenizer::{ChatMessage, Tok};

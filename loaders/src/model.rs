@@ -1,0 +1,286 @@
+//! The llama-family model: Llama-3.x, Yi and Qwen2 (QKV bias), one plain file.
+//!
+//! Attention goes through [`apb_plugin::AttentionBackend`]; the model never knows about ranks.
+//! Callers pass the position id of every token, which is how a distributed backend gives its
+//! anchor block positions `0..l_a` while local tokens keep their true positions.
+
+use crate::config::Config;
+use apb_plugin::{AttentionBackend, AttnInput, LayerKv, Phase};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((out, inp), &format!("{name}.weight"))?;
+    let b = if bias {
+        Some(vb.get(out, &format!("{name}.bias"))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+fn rms_norm(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(size, &format!("{name}.weight"))?, eps))
+}
+
+/// Cos/sin tables for arbitrary position ids.
+#[derive(Debug, Clone)]
+struct Rope {
+    inv_freq: Tensor, // (1, d/2) f32
+}
+
+impl Rope {
+    fn new(cfg: &Config, dev: &Device) -> Result<Self> {
+        let inv = cfg.rope_inv_freq();
+        let n = inv.len();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv, (1, n), dev)?,
+        })
+    }
+
+    /// (cos, sin), each `(seq, d/2)`, for `positions`.
+    fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
+        let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_h: usize,
+    n_kv: usize,
+    d: usize,
+}
+
+impl Attention {
+    fn load(vb: &VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, d, n_h, n_kv) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
+        Ok(Self {
+            q_proj: linear(vb, "q_proj", n_h * d, h, cfg.qkv_bias)?,
+            k_proj: linear(vb, "k_proj", n_kv * d, h, cfg.qkv_bias)?,
+            v_proj: linear(vb, "v_proj", n_kv * d, h, cfg.qkv_bias)?,
+            o_proj: linear(vb, "o_proj", h, n_h * d, false)?,
+            n_h,
+            n_kv,
+            d,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        phase: Phase,
+        backend: &dyn AttentionBackend,
+        cache: &mut LayerKv,
+    ) -> apb_plugin::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (q_raw, k_raw, v_raw) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let heads =
+            |t: &Tensor, n: usize| t.reshape((b, s, n, self.d))?.transpose(1, 2)?.contiguous();
+        let q = candle_nn::rotary_emb::rope(&heads(&q_raw, self.n_h)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(&k_raw, self.n_kv)?, cos, sin)?;
+        let v = heads(&v_raw, self.n_kv)?;
+        let input = AttnInput {
+            layer,
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &q_raw,
+            k_raw: &k_raw,
+            v_raw: &v_raw,
+        };
+        let y = backend.forward(phase, &input, cache)?;
+        let y = y.transpose(1, 2)?.reshape((b, s, self.n_h * self.d))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear(vb, "gate_proj", i, h, false)?,
+            up_proj: linear(vb, "up_proj", i, h, false)?,
+            down_proj: linear(vb, "down_proj", h, i, false)?,
+        })
+    }
+
+    /// Runs over tokens in chunks: the `(tokens, intermediate)` activations of a long prompt
+    /// would otherwise dominate memory.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        const CHUNK: usize = 2048;
+        let s = x.dim(1)?;
+        let run = |x: &Tensor| -> Result<Tensor> {
+            let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+            self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        };
+        if s <= CHUNK {
+            return run(x);
+        }
+        let parts = (0..s)
+            .step_by(CHUNK)
+            .map(|i| run(&x.narrow(1, i, CHUNK.min(s - i))?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
+    }
+}
+
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The KV cache of a whole model: one [`LayerKv`] per layer.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub layers: Vec<LayerKv>,
+}
+
+impl Cache {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            layers: vec![LayerKv::new(); cfg.num_hidden_layers],
+        }
+    }
+    /// Cached positions (of layer 0).
+    pub fn len(&self) -> usize {
+        self.layers.first().map(|l| l.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Model {
+    pub cfg: Config,
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Model {
+    /// Loads from HF-named weights (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let embed = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("model.layers.{i}"));
+                Ok(Block {
+                    input_layernorm: rms_norm(&vb, "input_layernorm", h, eps)?,
+                    self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
+                    post_attention_layernorm: rms_norm(&vb, "post_attention_layernorm", h, eps)?,
+                    mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            Linear::new(embed.clone(), None)
+        } else {
+            linear(&vb, "lm_head", cfg.vocab_size, h, false)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens: Embedding::new(embed, h),
+            layers,
+            norm: rms_norm(&vb, "model.norm", h, eps)?,
+            lm_head,
+            rope: Rope::new(cfg, vb.device())?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs `tokens` (at `positions`, one per token) through every layer and the final norm.
+    /// Returns hidden states `(1, seq, hidden)`. `on_layer` is called after each layer (progress).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        phase: Phase,
+        backend: &dyn AttentionBackend,
+        cache: &mut Cache,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> apb_plugin::Result<Tensor> {
+        if tokens.len() != positions.len() || tokens.is_empty() {
+            return Err(apb_plugin::Error::Shape(format!(
+                "{} tokens with {} positions",
+                tokens.len(),
+                positions.len()
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, (block, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = block.input_layernorm.forward(&x)?;
+            let a = block
+                .self_attn
+                .forward(&h, i, &cos, &sin, phase, backend, kv)?;
+            x = (x + a)?;
+            let h = block.post_attention_layernorm.forward(&x)?;
+            x = (&x + block.mlp.forward(&h)?)?;
+            on_layer(i);
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Logits (f32) of the last position of `hidden` `(1, seq, hidden)`.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let s = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, s - 1, 1)?)?
+            .squeeze(0)?
+            .squeeze(0)
+    }
+
+    /// Logits (f32) for every position of `hidden`: `(1, seq, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Number of query heads and head dim, for callers sizing buffers.
+    pub fn attn_shape(&self) -> (usize, usize, usize) {
+        (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
+    }
+}

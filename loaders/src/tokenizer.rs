@@ -1,0 +1,224 @@
+//! Tokenizer (the `tokenizers` crate) and chat template (`minijinja`), from an HF directory or
+//! from GGUF metadata, plus the ids that stop generation.
+
+use crate::error::{load_err, LoadError, Result};
+use crate::gguf::GgufModel;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(text: &str) -> Self {
+        Self {
+            role: "user".into(),
+            content: text.into(),
+        }
+    }
+}
+
+/// A model's tokenizer with its chat template and stop ids.
+pub struct Tok {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Generation stops on any of these.
+    pub stop_ids: BTreeSet<u32>,
+}
+
+/// Special tokens that end a turn in the families we load.
+const END_TOKENS: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "</s>",
+];
+
+impl Tok {
+    fn finish(
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        bos: Option<String>,
+        eos: Option<String>,
+        eos_ids: &[u32],
+    ) -> Self {
+        let mut stop_ids: BTreeSet<u32> = eos_ids.iter().copied().collect();
+        for t in END_TOKENS.iter().copied().chain(eos.as_deref()) {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                stop_ids.insert(id);
+            }
+        }
+        Self {
+            tokenizer,
+            chat_template,
+            bos_token: bos,
+            eos_token: eos,
+            stop_ids,
+        }
+    }
+
+    /// From an HF model directory: `tokenizer.json` and, if present, `tokenizer_config.json`
+    /// (chat template, special tokens) and `chat_template.jinja`.
+    pub fn from_dir(dir: &Path, eos_ids: &[u32]) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(LoadError::file(&tj, "missing tokenizer.json: the model directory needs its tokenizer (download it with the weights)"));
+        }
+        let tokenizer = Tokenizer::from_file(&tj)
+            .map_err(|e| LoadError::file(&tj, format!("invalid tokenizer ({e})")))?;
+        let mut template = None;
+        let (mut bos, mut eos) = (None, None);
+        let tc = dir.join("tokenizer_config.json");
+        if tc.exists() {
+            let text = std::fs::read_to_string(&tc).map_err(|e| LoadError::file(&tc, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::file(&tc, format!("invalid JSON ({e})")))?;
+            template = match v.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(String::from),
+                _ => None,
+            };
+            let tok_str = |k: &str| match v.get(k) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                None => None,
+            };
+            bos = tok_str("bos_token");
+            eos = tok_str("eos_token");
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if template.is_none() && jinja.exists() {
+            template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| LoadError::file(&jinja, e))?);
+        }
+        Ok(Self::finish(tokenizer, template, bos, eos, eos_ids))
+    }
+
+    /// From GGUF metadata (`tokenizer.ggml.*`); gpt2-style byte-level BPE.
+    pub fn from_gguf(g: &GgufModel, eos_ids: &[u32]) -> Result<Self> {
+        let model = g.md_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(load_err!(
+                "GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)"
+            ));
+        }
+        let tokens = g.md_strings("tokenizer.ggml.tokens")?;
+        let merges = g.md_strings("tokenizer.ggml.merges")?;
+        let types = g.md_i32s("tokenizer.ggml.token_type");
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| load_err!("GGUF tokenizer: {e}"))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        // SmolLM ("smollm" pre-tokenizer) splits digits individually before byte-level BPE.
+        let pre: PreTokenizerWrapper = match g.md_str("tokenizer.ggml.pre") {
+            Some("smollm") => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            _ => byte_level.into(),
+        };
+        tokenizer.with_pre_tokenizer(Some(pre));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| load_err!("GGUF tokenizer: {e}"))?;
+        let name = |key: &str| {
+            g.md_token_id(key)
+                .and_then(|id| tokens.get(id as usize).cloned())
+        };
+        let template = g.md_str("tokenizer.chat_template").map(String::from);
+        Ok(Self::finish(
+            tokenizer,
+            template,
+            name("tokenizer.ggml.bos_token_id"),
+            name("tokenizer.ggml.eos_token_id"),
+            eos_ids,
+        ))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| load_err!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| load_err!("tokenizer: {e}"))
+    }
+
+    /// Renders `messages` with the model's chat template, ending with the assistant prompt.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| load_err!("this model has no chat template; run without --chat"))?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| load_err!("chat template: {e}"))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| load_err!("chat template: {e}"))
+    }
+}

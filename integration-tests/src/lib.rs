@@ -1,1 +1,116 @@
+//! Shared helpers for the integration tests: fixture paths, the default model, greedy decoding
+//! straight on the model (no stop tokens, as the reference scripts do).
 
+use apb_loaders::{Cache, Model};
+use apb_plugin::{AttentionBackend, Phase};
+use std::path::PathBuf;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests").join("fixtures").join(name)
+}
+
+/// The default model's GGUF. The test command fetches it first; a missing file is a test
+/// failure with the fix, never a skip.
+pub fn smollm2_gguf() -> PathBuf {
+    let (path, how) = apb_loaders::registry::named(apb_loaders::registry::DEFAULT_MODEL)
+        .expect("default model is registered");
+    assert!(
+        path.exists(),
+        "{} is missing: run {how} (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON fixture")
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
+}
+
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Logits `(seq, vocab)` of one prefill pass over `ids`.
+pub fn all_logits(model: &Model, backend: &dyn AttentionBackend, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = Cache::new(&model.cfg);
+    let pos: Vec<u32> = (0..ids.len() as u32).collect();
+    let h = model
+        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {})
+        .unwrap();
+    model
+        .logits(&h)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// Greedy continuation of `ids` for `n` tokens: one prefill, then decode steps.
+pub fn greedy(model: &Model, backend: &dyn AttentionBackend, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = Cache::new(&model.cfg);
+    let pos: Vec<u32> = (0..ids.len() as u32).collect();
+    let mut h = model
+        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {})
+        .unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let logits = model.last_logits(&h).unwrap().to_vec1::<f32>().unwrap();
+        let next = apb_host::sampling::argmax(&logits);
+        out.push(next);
+        if i + 1 < n {
+            let p = (ids.len() + i) as u32;
+            h = model
+                .forward(
+                    &[next],
+                    &[p],
+                    Phase::Decode,
+                    backend,
+                    &mut cache,
+                    &mut |_| {},
+                )
+                .unwrap();
+        }
+    }
+    out
+}
+
+/// Largest `|a - b| / (atol + rtol·|b|)`: ≤ 1 means within tolerance.
+pub fn worst_ratio(a: &[f32], b: &[f32], atol: f32, rtol: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.is_finite() {
+                (x - y).abs() / (atol + rtol * y.abs())
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
+}
+
+/// `‖a − b‖₂ / ‖b‖₂`.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den.max(f32::MIN_POSITIVE)).sqrt()
+}

@@ -55,6 +55,8 @@ struct RawConfig {
     rms_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 writes `rope_theta` and the scaling together under this key.
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: usize,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -93,7 +95,18 @@ impl Config {
             "" => return Err(load_err!("config.json: no 'architectures' entry; expected LlamaForCausalLM or Qwen2ForCausalLM")),
             other => return Err(LoadError::UnsupportedArch { found: other.to_string() }),
         };
-        let rope_scaling = match &raw.rope_scaling {
+        let rope_params = raw
+            .rope_scaling
+            .clone()
+            .filter(|v| !v.is_null())
+            .or_else(|| raw.rope_parameters.clone());
+        let rope_theta = raw.rope_theta.or_else(|| {
+            raw.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        });
+        let rope_scaling = match &rope_params {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
                 let kind = v
@@ -121,7 +134,7 @@ impl Config {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),

@@ -16,6 +16,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, Config, Llama3RopeScaling};
 pub use error::{LoadError, Result};
-pub use load::{load, parse_dtype, Loaded, ModelSource};
+pub use hub::HubRepo;
+pub use load::{load, load_hub, parse_dtype, Loaded, ModelSource};
 pub use model::{Cache, Model};
 pub use tokenizer::{ChatMessage, Tok};

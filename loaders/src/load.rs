@@ -88,31 +88,36 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
     match source {
         ModelSource::Gguf(path) => load_gguf(path, dtype, device),
         ModelSource::Dir(dir) => load_dir(dir, dtype, device, &dir.display().to_string()),
-        ModelSource::Hub { repo_id, revision } => {
-            let hub = HubRepo::from_env(repo_id, revision.as_deref());
-            let config = hub.get("config.json")?;
-            for f in ["tokenizer.json"] {
-                hub.get(f)?;
+        ModelSource::Hub { repo_id, revision } => load_hub(
+            &HubRepo::from_env(repo_id, revision.as_deref()),
+            dtype,
+            device,
+        ),
+    }
+}
+
+/// Fetches (or finds in the HF cache) a hub repo's config, tokenizer and safetensors, then loads
+/// them from the snapshot directory.
+pub fn load_hub(hub: &HubRepo, dtype: DType, device: &Device) -> Result<Loaded> {
+    let config = hub.get("config.json")?;
+    hub.get("tokenizer.json")?;
+    for f in ["tokenizer_config.json", "generation_config.json"] {
+        hub.get_optional(f)?;
+    }
+    match hub.get_optional("model.safetensors.index.json")? {
+        Some(index) => {
+            for shard in shard_files(&index)? {
+                hub.get(&shard)?;
             }
-            for f in ["tokenizer_config.json", "generation_config.json"] {
-                hub.get_optional(f)?;
-            }
-            match hub.get_optional("model.safetensors.index.json")? {
-                Some(index) => {
-                    for shard in shard_files(&index)? {
-                        hub.get(&shard)?;
-                    }
-                }
-                None => {
-                    hub.get("model.safetensors")?;
-                }
-            }
-            let dir = config
-                .parent()
-                .ok_or_else(|| load_err!("bad cache path {}", config.display()))?;
-            load_dir(dir, dtype, device, repo_id)
+        }
+        None => {
+            hub.get("model.safetensors")?;
         }
     }
+    let dir = config
+        .parent()
+        .ok_or_else(|| load_err!("bad cache path {}", config.display()))?;
+    load_dir(dir, dtype, device, &hub.repo_id)
 }
 
 fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {

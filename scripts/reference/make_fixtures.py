@@ -51,7 +51,7 @@ def tiny(name, model_cls, cfg, seed):
     ids = torch.randint(0, cfg.vocab_size, (1, 70), generator=g)
     logits = model(ids).logits[0]
     positions = [0, 35, 69]
-    gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
     out = {
         "input_ids": ids[0].tolist(),
         "positions": positions,
@@ -86,7 +86,7 @@ def smollm2(gguf_path):
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         logits = model(ids).logits[0, -1]
         top = torch.topk(logits, 20)
-        gen = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
         cases.append({
             "name": name,
             "text": text,

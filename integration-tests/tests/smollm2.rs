@@ -1,0 +1,60 @@
+//! The real default model (SmolLM2-135M-Instruct, GGUF Q4_1) against HF transformers reading the
+//! same GGUF: tokenization, last-position logits and 16-token greedy continuations.
+//!
+//! Tolerance: the top-20 reference logits within 2e-3 + 1e-3·|ref| (both sides dequantize the same
+//! Q4_1/Q8_0 blocks to f32; differences are summation order over 30 layers); same argmax.
+
+use apb_integration_tests::*;
+use apb_loaders::{load, ModelSource};
+use apb_plugin::Dense;
+use candle_core::{DType, Device};
+
+#[test]
+fn smollm2_matches_transformers() {
+    let loaded = load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap();
+    let exp = read_json(fixture("smollm2").join("expected.json"));
+    for case in exp["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let ids = u32s(&case["input_ids"]);
+        assert_eq!(
+            loaded.tok.encode(case["text"].as_str().unwrap()).unwrap(),
+            ids,
+            "{name}: tokenization"
+        );
+        let logits = all_logits(&loaded.model, &Dense, &ids);
+        let last = logits.last().unwrap();
+        let top = u32s(&case["top_ids"]);
+        let ours: Vec<f32> = top.iter().map(|&i| last[i as usize]).collect();
+        let r = worst_ratio(&ours, &f32s(&case["top_logits"]), 2e-3, 1e-3);
+        assert!(r <= 1.0, "{name}: top-20 logits off by {r}x the tolerance");
+        assert_eq!(apb_host::sampling::argmax(last), top[0], "{name}: argmax");
+        assert_eq!(
+            greedy(&loaded.model, &Dense, &ids, 16),
+            u32s(&case["greedy"]),
+            "{name}: greedy continuation"
+        );
+    }
+}
+
+#[test]
+fn chat_template_renders_like_transformers() {
+    let loaded = load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap();
+    let exp = read_json(fixture("smollm2").join("expected.json"));
+    let chat = exp["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "chat")
+        .unwrap();
+    let rendered = loaded
+        .tok
+        .apply_chat_template(&[apb_loaders::ChatMessage::user(
+            "What is the largest planet in the solar system?",
+        )])
+        .unwrap();
+    assert_eq!(rendered, chat["text"].as_str().unwrap());
+    assert!(
+        loaded.tok.stop_ids.contains(&2),
+        "<|im_end|> stops generation"
+    );
+}

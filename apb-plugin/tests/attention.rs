@@ -21,6 +21,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
     seed: u64,
     b: usize,

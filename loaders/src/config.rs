@@ -150,7 +150,7 @@ impl Config {
         let c = self;
         if c.num_attention_heads == 0
             || c.num_key_value_heads == 0
-            || c.num_attention_heads % c.num_key_value_heads != 0
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
         {
             return Err(load_err!(
                 "config: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
@@ -158,7 +158,7 @@ impl Config {
                 c.num_key_value_heads
             ));
         }
-        if c.head_dim % 2 != 0
+        if !c.head_dim.is_multiple_of(2)
             || c.hidden_size == 0
             || c.num_hidden_layers == 0
             || c.vocab_size == 0

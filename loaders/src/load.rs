@@ -156,6 +156,9 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
 
 fn load_dir(dir: &Path, dtype: DType, device: &Device, name: &str) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(load_err!("{}: not a model directory (no config.json; expected config.json, model.safetensors and tokenizer.json)", dir.display()));
+    }
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| LoadError::file(&cfg_path, format!("cannot read ({e})")))?;
     let mut cfg = Config::from_json(&text).map_err(|e| LoadError::file(&cfg_path, e))?;

@@ -1,0 +1,306 @@
+//! The `apb` binary end to end: the default model answers, and bad input gets a one-line error
+//! naming the problem, a non-zero exit and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn apb(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_apb"));
+    // Library errors capture backtraces under RUST_BACKTRACE; the CLI must still print one line.
+    c.env("RUST_BACKTRACE", "1");
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run apb")
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tiny() -> PathBuf {
+    root().join("tests/fixtures/tiny-llama31")
+}
+
+/// Fails with a clear error: non-zero exit, stderr is one `error:` line mentioning `needle`.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        err.contains(needle),
+        "error should mention {needle:?}: {err}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().to_string();
+        if !skip.contains(&name.as_str()) {
+            std::fs::copy(e.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn default_model_answers_paris_as_json() {
+    let out = apb(
+        &[
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.trim()).expect("exactly one JSON object on stdout");
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["prompt_tokens"], 5);
+    assert_eq!(v["generated_tokens"], 8);
+    assert_eq!(v["attention"], "dense");
+    assert_eq!(v["world_size"], 1);
+    assert_eq!(v["model"], "SmolLM2-135M-Instruct.Q4_1");
+    assert!(v["prefill_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn streams_chat_answer() {
+    let out = apb(
+        &[
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "12",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let args = [
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--json",
+    ];
+    let a = apb(&args, &[]);
+    let b = apb(&args, &[]);
+    assert!(a.status.success());
+    let text = |o: &Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].clone()
+    };
+    assert_eq!(text(&a), text(&b));
+}
+
+#[test]
+fn missing_model_path() {
+    assert_clean_error(
+        &apb(
+            &["generate", "-m", "/nonexistent/model.gguf", "--prompt", "x"],
+            &[],
+        ),
+        "not found",
+    );
+}
+
+#[test]
+fn missing_prompt_file() {
+    assert_clean_error(
+        &apb(
+            &["generate", "--prompt-file", "/nonexistent/prompt.txt"],
+            &[],
+        ),
+        "/nonexistent/prompt.txt",
+    );
+}
+
+#[test]
+fn invalid_utf8_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.txt");
+    std::fs::write(&p, b"hello \xff\xfe world").unwrap();
+    assert_clean_error(
+        &apb(&["generate", "--prompt-file", p.to_str().unwrap()], &[]),
+        "not valid UTF-8",
+    );
+}
+
+#[test]
+fn unknown_device_and_dtype_and_backend() {
+    assert_clean_error(
+        &apb(&["generate", "--prompt", "x", "--device", "tpu"], &[]),
+        "unknown device 'tpu'",
+    );
+    assert_clean_error(
+        &apb(&["generate", "--prompt", "x", "--dtype", "f8"], &[]),
+        "unknown dtype 'f8'",
+    );
+    assert_clean_error(
+        &apb(&["generate", "--prompt", "x", "--attention", "magic"], &[]),
+        "unknown attention backend 'magic'",
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cut.gguf");
+    let src = apb_loaders::registry::named("smollm2-135m-instruct")
+        .unwrap()
+        .0;
+    let bytes = std::fs::read(&src).expect("default model fetched (scripts/fetch-model.sh)");
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_error(
+        &apb(
+            &["generate", "-m", p.to_str().unwrap(), "--prompt", "x"],
+            &[],
+        ),
+        "cut.gguf",
+    );
+    std::fs::write(&p, b"GGUF garbage").unwrap();
+    assert_clean_error(
+        &apb(
+            &["generate", "-m", p.to_str().unwrap(), "--prompt", "x"],
+            &[],
+        ),
+        "not a readable GGUF",
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path(), &["model.safetensors"]);
+    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() - 1000],
+    )
+    .unwrap();
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "-m",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            &[],
+        ),
+        "safetensors",
+    );
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path(), &[]);
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "-m",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            &[],
+        ),
+        "unsupported architecture 'GPT2LMHeadModel'",
+    );
+}
+
+#[test]
+fn missing_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path(), &["tokenizer.json"]);
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "-m",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            &[],
+        ),
+        "missing tokenizer.json",
+    );
+}
+
+#[test]
+fn prompt_over_context() {
+    // The tiny model's context is 512 positions; its tokenizer is one token per byte.
+    let long = "a".repeat(600);
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "-m",
+                tiny().to_str().unwrap(),
+                "--prompt",
+                &long,
+            ],
+            &[],
+        ),
+        "context is 512",
+    );
+}
+
+#[test]
+fn hub_offline_not_cached() {
+    let home = tempfile::tempdir().unwrap();
+    let out = apb(
+        &["generate", "-m", "someorg/somemodel", "--prompt", "x"],
+        &[
+            ("HF_HOME", home.path().to_str().unwrap()),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert_clean_error(&out, "HF_HUB_OFFLINE");
+}

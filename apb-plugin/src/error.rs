@@ -5,6 +5,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("attention shapes: {0}")]
     Shape(String),
+    #[error("communication: {0}")]
+    Comm(String),
+    #[error("{0}")]
+    Config(String),
     #[error("unknown attention backend '{name}' (available: {available})")]
     UnknownBackend { name: String, available: String },
 }

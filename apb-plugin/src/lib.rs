@@ -7,14 +7,22 @@
 
 pub mod backend;
 pub mod cache;
+pub mod comm;
 pub mod dense;
+pub mod distributed;
 pub mod error;
 pub mod ops;
+pub mod plan;
 pub mod registry;
+pub mod scorer;
 
 pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
+pub use comm::{Communicator, LocalComm, LocalGroup};
 pub use dense::Dense;
+pub use distributed::{merge_lse, Kind, RankBackend, RankLayout};
 pub use error::{Error, Result};
 pub use ops::{attention, MaskSpec};
+pub use plan::{plan, Plan, PlanRequest};
 pub use registry::{backend_by_name, BACKEND_NAMES};
+pub use scorer::{RetainingHeads, Scorer};

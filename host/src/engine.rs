@@ -14,6 +14,8 @@ pub struct GenParams {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// Keep generating through EOS (benchmarks that need a fixed token count).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenParams {
@@ -23,6 +25,7 @@ impl Default for GenParams {
             temperature: 0.0,
             top_p: 1.0,
             seed: 299792458,
+            ignore_eos: false,
         }
     }
 }
@@ -130,7 +133,7 @@ impl Engine {
         let mut printed = 0usize;
         let mut steps = 0usize;
         let mut next = sampler.sample(&logits);
-        while out.len() < max_new && !self.loaded.tok.stop_ids.contains(&next) {
+        while out.len() < max_new && (p.ignore_eos || !self.loaded.tok.stop_ids.contains(&next)) {
             out.push(next);
             // Stream whole characters only: wait while the tail is an incomplete UTF-8 sequence.
             let text = self.loaded.tok.decode(&out)?;

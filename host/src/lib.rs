@@ -2,7 +2,9 @@
 //! [`apb_plugin::AttentionBackend`]. The `apb` binary (src/main.rs) is a thin CLI on top.
 
 pub mod device;
+pub mod dist;
 pub mod engine;
+pub mod prompt;
 pub mod sampling;
 
 pub use engine::{Engine, GenParams, GenStats, Generation};

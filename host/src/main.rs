@@ -1,12 +1,15 @@
 //! `apb`: long-context generation with pluggable attention backends.
 
 use anyhow::{bail, Context, Result};
-use apb_host::{device::parse_device, Engine, GenParams};
+use apb_host::dist::{self, DistConfig};
+use apb_host::{device::parse_device, prompt, Engine, GenParams};
 use apb_loaders::{load, parse_dtype, registry::DEFAULT_MODEL, ModelSource};
+use apb_plugin::{Kind, Scorer};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -59,9 +62,30 @@ struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 299792458)]
     seed: u64,
-    /// Attention backend.
+    /// Do not stop at end-of-sequence tokens (for benchmarks needing a fixed count).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Attention backend: dense (exact, 1 rank), ring (exact, sequence-parallel), star (Star
+    /// Attention: anchor, no passing), apb (anchor with the question + passing blocks).
     #[arg(long, default_value = "dense")]
     attention: String,
+    /// Ranks (threads on CPU) that share the prompt (ring, star, apb).
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// The question (APB embeds it in every anchor). With --chat and no --question, the last
+    /// paragraph of the prompt (after its last blank line) is the question.
+    #[arg(long)]
+    question: Option<String>,
+    /// Anchor length in tokens (default: planner, block/4 rounded to 128; star: the first block).
+    #[arg(long)]
+    anchor_len: Option<usize>,
+    /// Passing length per rank and KV head (default: planner, block/8 rounded to 128).
+    #[arg(long)]
+    passing_len: Option<usize>,
+    /// Trained retaining heads (safetensors or PyTorch checkpoint, file, directory or HF Hub id);
+    /// without them APB uses the training-free query-aware scorer.
+    #[arg(long)]
+    heads: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -99,40 +123,120 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if a.temperature < 0.0 || !a.temperature.is_finite() {
         bail!("--temperature must be >= 0, got {}", a.temperature);
     }
-    let backend = apb_plugin::backend_by_name(&a.attention)?;
+    let kind = match a.attention.as_str() {
+        "dense" => None,
+        "ring" => Some(Kind::Ring),
+        "star" => Some(Kind::Star),
+        "apb" => Some(Kind::Apb),
+        other => bail!(
+            "unknown attention backend '{other}' (available: {})",
+            apb_plugin::BACKEND_NAMES.join(", ")
+        ),
+    };
+    if a.world_size == 0 {
+        bail!("--world-size must be at least 1");
+    }
+    if kind.is_none() && a.world_size > 1 {
+        bail!(
+            "--attention dense runs on one rank; use ring, star or apb with --world-size {}",
+            a.world_size
+        );
+    }
+    if kind.is_none() && a.heads.is_some() {
+        bail!("--heads is only used by --attention apb");
+    }
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let prompt = read_prompt(&a)?;
     let source = ModelSource::parse(&a.model, a.revision.as_deref())?;
     let loaded = load(&source, dtype, &device)?;
-    let engine = Engine::new(loaded, backend);
-    let ids = engine.prompt_ids(&prompt, a.chat)?;
+    let parts = prompt::build(&loaded.tok, &prompt, a.question.as_deref(), a.chat)?;
+    if matches!(kind, Some(Kind::Apb) | Some(Kind::Star))
+        && parts.question.is_empty()
+        && a.anchor_len != Some(0)
+    {
+        bail!("--attention {} needs the question: pass --question TEXT (or --chat with the question as the last paragraph)", a.attention);
+    }
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,
+        ignore_eos: a.ignore_eos,
     };
     let stdout = std::io::stdout();
-    let mut on_text = |s: &str| {
-        if !a.json {
+    let json = a.json;
+    let mut on_text = move |s: &str| {
+        if !json {
             let mut out = stdout.lock();
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
         }
     };
-    let g = engine.generate(&ids, &params, &mut on_text)?;
-    if a.json {
-        let v = serde_json::json!({
-            "text": g.text,
-            "prompt_tokens": g.stats.prompt_tokens,
-            "generated_tokens": g.stats.generated_tokens,
-            "prefill_ms": g.stats.prefill_ms,
-            "decode_tokens_per_s": g.stats.decode_tokens_per_s,
-            "attention": engine.backend.name(),
-            "world_size": 1,
-            "model": engine.loaded.name,
-        });
+    let mut v = match kind {
+        None => {
+            let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
+            let g = engine.generate(&parts.all(), &params, &mut on_text)?;
+            serde_json::json!({
+                "text": g.text,
+                "prompt_tokens": g.stats.prompt_tokens,
+                "generated_tokens": g.stats.generated_tokens,
+                "prefill_ms": g.stats.prefill_ms,
+                "decode_tokens_per_s": g.stats.decode_tokens_per_s,
+                "attention": "dense",
+                "world_size": 1,
+                "model": engine.loaded.name,
+            })
+        }
+        Some(kind) => {
+            let scorer = match &a.heads {
+                Some(spec) => Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
+                    spec,
+                    &loaded.model.cfg,
+                    dtype,
+                    &device,
+                )?)),
+                None => Scorer::QueryAware,
+            };
+            let cfg = DistConfig {
+                kind,
+                world: a.world_size,
+                anchor_len: a.anchor_len,
+                passing_len: a.passing_len,
+                scorer,
+            };
+            let d = dist::generate(
+                &loaded.model,
+                &loaded.tok,
+                &parts,
+                &cfg,
+                &params,
+                &mut on_text,
+            )?;
+            for note in &d.plan.notes {
+                eprintln!("note: {note}");
+            }
+            let g = &d.generation;
+            serde_json::json!({
+                "text": g.text,
+                "prompt_tokens": g.stats.prompt_tokens,
+                "generated_tokens": g.stats.generated_tokens,
+                "prefill_ms": g.stats.prefill_ms,
+                "decode_tokens_per_s": g.stats.decode_tokens_per_s,
+                "attention": kind.name(),
+                "world_size": d.plan.world,
+                "model": loaded.name,
+                "anchor_len": d.plan.l_a,
+                "passing_len": d.plan.l_p,
+                "block_len": d.plan.l_b,
+                "scorer": d.scorer,
+                "rank_prefill_tokens": d.rank_prefill_tokens,
+                "plan_notes": d.plan.notes,
+            })
+        }
+    };
+    if json {
+        v["requested_world_size"] = a.world_size.into();
         println!("{v}");
     } else {
         println!();

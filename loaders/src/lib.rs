@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod heads;
 pub mod hub;
 pub mod load;
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 THREADS = 2
 NEW_TOKENS = 64
-REPEATS = 3  # best of
+REPEATS = 2  # best of
 
 
 def words_prompt(n_words, seed):

@@ -251,13 +251,16 @@ fn run_rank(
     let mut prefill_ms = 0.0;
     let mut t1 = Instant::now();
     let mut steps = 0usize;
+    let mut first_logits = Vec::new();
     loop {
         // The last rank chooses; everyone gets the same token.
         let mine = if last {
-            Some(Tensor::new(
-                &[sampler.sample(&model.last_logits(&hidden)?.to_vec1::<f32>()?)],
-                model.device(),
-            )?)
+            let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
+            let t = sampler.sample(&logits);
+            if first_logits.is_empty() {
+                first_logits = logits;
+            }
+            Some(Tensor::new(&[t], model.device())?)
         } else {
             None
         };
@@ -318,6 +321,7 @@ fn run_rank(
     Ok(Some(Generation {
         text,
         tokens: out,
+        first_logits,
         stats,
     }))
 }

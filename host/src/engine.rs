@@ -2,7 +2,7 @@
 
 use crate::sampling::Sampler;
 use anyhow::{bail, Context, Result};
-use apb_loaders::{Cache, Loaded};
+use apb_loaders::{Cache, Loaded, Model, Tok};
 use apb_plugin::{AttentionBackend, Phase};
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +42,8 @@ pub struct GenStats {
 pub struct Generation {
     pub text: String,
     pub tokens: Vec<u32>,
+    /// Logits (f32) that chose the first generated token: what backends are compared on.
+    pub first_logits: Vec<f32>,
     pub stats: GenStats,
 }
 
@@ -83,7 +85,27 @@ impl Engine {
         p: &GenParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let model = &self.loaded.model;
+        generate(
+            &self.loaded.model,
+            &self.loaded.tok,
+            self.backend.as_ref(),
+            prompt,
+            p,
+            on_text,
+        )
+    }
+}
+
+/// Single-rank generation with any backend (what [`Engine::generate`] runs).
+pub fn generate(
+    model: &Model,
+    tok: &Tok,
+    backend: &dyn AttentionBackend,
+    prompt: &[u32],
+    p: &GenParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    {
         let ctx = model.cfg.max_position_embeddings;
         if prompt.len() >= ctx {
             bail!(
@@ -117,7 +139,7 @@ impl Engine {
                 prompt,
                 &positions,
                 Phase::Prefill,
-                self.backend.as_ref(),
+                backend,
                 &mut cache,
                 &mut tick,
             )
@@ -133,10 +155,10 @@ impl Engine {
         let mut printed = 0usize;
         let mut steps = 0usize;
         let mut next = sampler.sample(&logits);
-        while out.len() < max_new && (p.ignore_eos || !self.loaded.tok.stop_ids.contains(&next)) {
+        while out.len() < max_new && (p.ignore_eos || !tok.stop_ids.contains(&next)) {
             out.push(next);
             // Stream whole characters only: wait while the tail is an incomplete UTF-8 sequence.
-            let text = self.loaded.tok.decode(&out)?;
+            let text = tok.decode(&out)?;
             if !text.ends_with('\u{FFFD}') && text.len() > printed {
                 on_text(&text[printed..]);
                 printed = text.len();
@@ -150,7 +172,7 @@ impl Engine {
                     &[next],
                     &[pos],
                     Phase::Decode,
-                    self.backend.as_ref(),
+                    backend,
                     &mut cache,
                     &mut |_| {},
                 )
@@ -159,7 +181,7 @@ impl Engine {
             next = sampler.sample(&model.last_logits(&hidden)?.to_vec1::<f32>()?);
         }
         let decode_s = t1.elapsed().as_secs_f64();
-        let text = self.loaded.tok.decode(&out)?;
+        let text = tok.decode(&out)?;
         if text.len() > printed {
             on_text(&text[printed..]);
         }
@@ -176,6 +198,7 @@ impl Engine {
         Ok(Generation {
             text,
             tokens: out,
+            first_logits: logits,
             stats,
         })
     }

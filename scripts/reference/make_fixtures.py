@@ -103,7 +103,38 @@ def smollm2(gguf_path):
     print("wrote", path)
 
 
+class Evil:
+    """A pickle payload: unpickling calls os.system. Our loader must refuse it unread."""
+    def __reduce__(self):
+        return (os.system, ("echo apb-rs-pwned > /tmp/apb-rs-pwned",))
+
+
+def heads():
+    """Retaining heads for tiny-llama31 (2 layers, 4 query heads, 2 KV heads, head_dim 16) in the
+    thunlp/APB-Locret layout (torch.save zip pickle, keys model.layers.{i}.self_attn.fc1/fc2.weight),
+    the same tensors as safetensors, expected scores, and a malicious pickle."""
+    from safetensors.torch import save_file
+    torch.manual_seed(11)
+    n_h, n_kv, d, hidden, layers = 4, 2, 16, 32, 2
+    sd = {}
+    for i in range(layers):
+        sd[f"model.layers.{i}.self_attn.fc1.weight"] = 0.2 * torch.randn(hidden, (n_h + 2 * n_kv) * d)
+        sd[f"model.layers.{i}.self_attn.fc2.weight"] = 0.2 * torch.randn(n_kv, hidden)
+    path = os.path.join(FIX, "heads")
+    os.makedirs(path, exist_ok=True)
+    torch.save(sd, os.path.join(path, "heads.pt"))
+    save_file(sd, os.path.join(path, "heads.safetensors"))
+    x = torch.randn(9, (n_h + 2 * n_kv) * d)
+    w1, w2 = sd["model.layers.1.self_attn.fc1.weight"], sd["model.layers.1.self_attn.fc2.weight"]
+    scores = torch.nn.functional.silu(x @ w1.T) @ w2.T
+    with open(os.path.join(path, "expected.json"), "w") as f:
+        json.dump({"layer": 1, "n_q": n_h * d, "n_kv": n_kv * d, "x": x.tolist(), "scores": scores.tolist()}, f)
+    torch.save({"model.layers.0.self_attn.fc1.weight": Evil()}, os.path.join(path, "evil.pt"))
+    print("wrote", path)
+
+
 if __name__ == "__main__":
+    heads()
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
     tiny("tiny-llama31", LlamaForCausalLM, LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False,

@@ -1,0 +1,257 @@
+//! Ranks on threads: the APB per-rank attention against an explicit boolean-mask f64 reference,
+//! the log-sum-exp merge against one attention over the whole cache, and failure handling of the
+//! communicator. Tolerance 2e-5 absolute (outputs are convex combinations of values in [-2, 2]).
+
+use apb_plugin::ops::{attention, reference_attention, MaskSpec};
+use apb_plugin::scorer::select_top;
+use apb_plugin::{
+    merge_lse, AttentionBackend, AttnInput, Communicator, Kind, LayerKv, LocalGroup, Phase,
+    RankBackend, RankLayout, Scorer,
+};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+fn rand_t(rng: &mut rand::rngs::StdRng, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+struct RankData {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_raw: Tensor,
+    k_raw: Tensor,
+    v_raw: Tensor,
+    layout: RankLayout,
+}
+
+#[test]
+fn apb_rank_attention_matches_boolean_mask_reference() {
+    // 3 ranks, GQA 6/2, d 8, block 23 (odd), anchor 7 on ranks 1-2, l_p 5, padding 4 on the last.
+    let (world, n_h, n_kv, d, l_b, l_a, l_p, pad) = (3, 6, 2, 8, 23, 7, 5, 4);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let data: Vec<RankData> = (0..world)
+        .map(|h| {
+            let anchor = if h > 0 { l_a } else { 0 };
+            let s = anchor + l_b;
+            let layout = RankLayout {
+                anchor,
+                local: l_b,
+                pad: if h == world - 1 { pad } else { 0 },
+                l_p,
+                exclude_front: l_a,
+                question_rows: 1..4,
+                ..Default::default()
+            };
+            RankData {
+                q: rand_t(&mut rng, &[1, n_h, s, d]),
+                k: rand_t(&mut rng, &[1, n_kv, s, d]),
+                v: rand_t(&mut rng, &[1, n_kv, s, d]),
+                q_raw: rand_t(&mut rng, &[1, s, n_h * d]),
+                k_raw: rand_t(&mut rng, &[1, s, n_kv * d]),
+                v_raw: rand_t(&mut rng, &[1, s, n_kv * d]),
+                layout,
+            }
+        })
+        .collect();
+    let comms = LocalGroup::new(world);
+    let outs: Vec<(Tensor, LayerKv)> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .zip(&data)
+            .map(|(c, r)| {
+                let c: Arc<dyn Communicator> = c.clone();
+                s.spawn(move || {
+                    let b = RankBackend::new(Kind::Apb, c, r.layout.clone(), Scorer::QueryAware)
+                        .unwrap();
+                    let x = AttnInput {
+                        layer: 0,
+                        q: &r.q,
+                        k: &r.k,
+                        v: &r.v,
+                        q_raw: &r.q_raw,
+                        k_raw: &r.k_raw,
+                        v_raw: &r.v_raw,
+                    };
+                    let mut cache = LayerKv::new();
+                    let o = b.forward(Phase::Prefill, &x, &mut cache).unwrap();
+                    (o, cache)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Expected passing blocks, built independently: scores → picks → gathered K/V per KV head.
+    let picks: Vec<Vec<Vec<u32>>> = data
+        .iter()
+        .map(|r| {
+            let l = &r.layout;
+            let sc = Scorer::QueryAware
+                .score(
+                    0,
+                    &r.q_raw,
+                    &r.k_raw,
+                    &r.v_raw,
+                    n_kv,
+                    l.question_rows.clone(),
+                )
+                .unwrap();
+            select_top(&sc, l.exclude_front..l.anchor + l.local - l.pad, l_p).unwrap()
+        })
+        .collect();
+    for (h, r) in data.iter().enumerate() {
+        let gather = |t: &Tensor, src: usize| {
+            let heads: Vec<Tensor> = (0..n_kv)
+                .map(|kh| {
+                    t.narrow(1, kh, 1)
+                        .unwrap()
+                        .index_select(
+                            &Tensor::new(picks[src][kh].as_slice(), &Device::Cpu).unwrap(),
+                            2,
+                        )
+                        .unwrap()
+                })
+                .collect();
+            Tensor::cat(&heads, 1).unwrap()
+        };
+        let mut ks: Vec<Tensor> = (0..h).map(|src| gather(&data[src].k, src)).collect();
+        let mut vs: Vec<Tensor> = (0..h).map(|src| gather(&data[src].v, src)).collect();
+        ks.push(r.k.clone());
+        vs.push(r.v.clone());
+        let (k, v) = (Tensor::cat(&ks, 2).unwrap(), Tensor::cat(&vs, 2).unwrap());
+        let p = h * l_p;
+        let a = r.layout.anchor;
+        // Anchor rows: anchor keys up to themselves. Local rows: all passing, all anchor, causal local.
+        let mask = |i: usize, j: usize| {
+            if i < a {
+                j >= p && j <= p + i
+            } else {
+                j <= p + i
+            }
+        };
+        let (want, _) = reference_attention(&r.q, &k, &v, mask).unwrap();
+        let got = flat(&outs[h].0);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        assert!(worst <= 2e-5, "rank {h}: worst abs error {worst}");
+        // The cache keeps the real local block only.
+        assert_eq!(outs[h].1.len(), l_b - r.layout.pad, "rank {h} cache");
+        let (ck, _) = outs[h].1.kv().unwrap().unwrap();
+        assert_eq!(
+            flat(&ck.contiguous().unwrap()),
+            flat(
+                &r.k.narrow(2, a, l_b - r.layout.pad)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            )
+        );
+    }
+}
+
+#[test]
+fn lse_merge_over_split_cache_equals_one_attention() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let (n_h, n_kv, d, sq) = (4, 2, 16, 3);
+    let q = rand_t(&mut rng, &[1, n_h, sq, d]);
+    let k = rand_t(&mut rng, &[1, n_kv, 50, d]);
+    let v = rand_t(&mut rng, &[1, n_kv, 50, d]);
+    let (want, want_lse) = attention(&q, &k, &v, MaskSpec::full(), true).unwrap();
+    // Parts of 17, 0 (a rank with nothing: LSE -inf) and 33 keys.
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for (a, n) in [(0, 17), (17, 0), (17, 33)] {
+        let (o, l) = attention(
+            &q,
+            &k.narrow(2, a, n).unwrap(),
+            &v.narrow(2, a, n).unwrap(),
+            MaskSpec::full(),
+            true,
+        )
+        .unwrap();
+        outs.push(o);
+        lses.push(l.unwrap());
+    }
+    assert!(flat(&lses[1]).iter().all(|x| *x == f32::NEG_INFINITY));
+    let got = merge_lse(&outs, &lses).unwrap();
+    let worst = flat(&got)
+        .iter()
+        .zip(flat(&want))
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(worst <= 2e-6, "merge error {worst}");
+    assert!(flat(&want_lse.unwrap()).iter().all(|x| x.is_finite()));
+    // All parts empty → zeros, not NaN.
+    let none = merge_lse(&outs[1..2], &lses[1..2]).unwrap();
+    assert!(flat(&none).iter().all(|x| *x == 0.0));
+}
+
+#[test]
+fn a_failing_rank_aborts_the_group_instead_of_hanging() {
+    let comms = LocalGroup::new(3);
+    let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+    let start = std::time::Instant::now();
+    let res: Vec<Result<usize, String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                let t = t.clone();
+                s.spawn(move || {
+                    // One good collective, then rank 1 fails before the second.
+                    c.all_gather(&t).map_err(|e| e.to_string())?;
+                    if c.rank() == 1 {
+                        c.abort("rank 1 failed: boom");
+                        return Err("boom".into());
+                    }
+                    c.all_gather(&t).map(|v| v.len()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(start.elapsed().as_secs() < 10);
+    for (r, x) in res.iter().enumerate() {
+        let e = x.as_ref().expect_err("every rank fails");
+        assert!(e.contains("boom"), "rank {r}: {e}");
+    }
+}
+
+#[test]
+fn broadcast_and_gather_order() {
+    let comms = LocalGroup::new(4);
+    let res: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let mine = Tensor::new(&[c.rank() as f32], &Device::Cpu).unwrap();
+                    let all = c
+                        .all_gather(&mine)
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.to_vec1::<f32>().unwrap()[0])
+                        .collect();
+                    let b = c
+                        .broadcast((c.rank() == 3).then_some(&mine), 3)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    (all, b)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (all, b) in res {
+        assert_eq!(all, vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(b, vec![3.0]);
+    }
+}

@@ -62,8 +62,7 @@ fn code_execution_payload_is_refused() {
         DType::F32,
         &Device::Cpu,
     )
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     assert!(
         err.contains("refusing the pickle") && err.contains("system"),

@@ -304,3 +304,144 @@ fn hub_offline_not_cached() {
     );
     assert_clean_error(&out, "HF_HUB_OFFLINE");
 }
+
+/// A 6K-token needle document (the integration tests' haystack, written out here).
+fn needle_doc() -> String {
+    const FILL: &[&str] = &[
+        "The river runs past the old mill and into the valley.",
+        "Farmers bring apples and pears to the market every Saturday.",
+        "The library on the hill keeps maps from three centuries.",
+        "A cold wind came down from the mountains during the night.",
+        "Children play football in the park after school.",
+        "The bakery opens at six and sells out of bread by noon.",
+        "Birds gather on the bridge when the sun goes down.",
+        "The museum shows paintings of ships and harbours.",
+    ];
+    let mut s: Vec<&str> = (0..520)
+        .map(|i| FILL[(i * 7 + i / 3) % FILL.len()])
+        .collect();
+    s.insert(300, "The special magic number is 73914.");
+    s.join(" ")
+}
+
+#[test]
+fn apb_on_4_ranks_answers_a_6k_needle_and_reports_its_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("doc.txt");
+    std::fs::write(&f, needle_doc()).unwrap();
+    let out = apb(
+        &[
+            "generate",
+            "--attention",
+            "apb",
+            "--world-size",
+            "4",
+            "--chat",
+            "--question",
+            "What is the special magic number?",
+            "--prompt-file",
+            f.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["text"].as_str().unwrap().contains("73914"), "{v}");
+    assert_eq!(v["attention"], "apb");
+    assert_eq!(v["world_size"], 4);
+    assert!(v["prompt_tokens"].as_u64().unwrap() >= 5500, "{v}");
+    // The planner's rule, recomputed here: l_a = l_b/4, l_p = l_b/8, nearest multiple of 128.
+    let l_b = v["block_len"].as_u64().unwrap();
+    let tile = |x: u64| ((x + 64) / 128 * 128).max(128);
+    assert_eq!(v["anchor_len"].as_u64().unwrap(), tile(l_b / 4), "{v}");
+    assert_eq!(v["passing_len"].as_u64().unwrap(), tile(l_b / 8), "{v}");
+    assert_eq!(v["scorer"], "query-aware (training-free)");
+    let per_rank: Vec<u64> = v["rank_prefill_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(per_rank.len(), 4);
+    assert!(
+        per_rank[1..].iter().all(|&r| r == l_b + tile(l_b / 4)),
+        "{per_rank:?}"
+    );
+}
+
+#[test]
+fn apb_without_question_is_a_clear_error() {
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "--attention",
+                "apb",
+                "--world-size",
+                "2",
+                "--prompt",
+                "some text",
+            ],
+            &[],
+        ),
+        "needs the question",
+    );
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "--attention",
+                "dense",
+                "--world-size",
+                "2",
+                "--prompt",
+                "x",
+            ],
+            &[],
+        ),
+        "runs on one rank",
+    );
+}
+
+#[test]
+fn short_prompt_falls_back_to_fewer_ranks_and_says_so() {
+    let out = apb(
+        &[
+            "generate",
+            "--attention",
+            "apb",
+            "--world-size",
+            "4",
+            "--chat",
+            "--prompt",
+            "Paris is the capital of France. Berlin is the capital of Germany.",
+            "--question",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requested_world_size"], 4);
+    assert_eq!(v["world_size"], 1, "{v}");
+    assert!(!v["plan_notes"].as_array().unwrap().is_empty(), "{v}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("note: "),
+        "fallback is announced on stderr"
+    );
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+}

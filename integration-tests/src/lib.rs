@@ -114,3 +114,40 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     let den: f32 = b.iter().map(|y| y * y).sum();
     (num / den.max(f32::MIN_POSITIVE)).sqrt()
 }
+
+/// Filler for needle-in-a-haystack prompts: plain, varied sentences.
+const FILL: &[&str] = &[
+    "The river runs past the old mill and into the valley.",
+    "Farmers bring apples and pears to the market every Saturday.",
+    "The library on the hill keeps maps from three centuries.",
+    "A cold wind came down from the mountains during the night.",
+    "Children play football in the park after school.",
+    "The bakery opens at six and sells out of bread by noon.",
+    "Birds gather on the bridge when the sun goes down.",
+    "The museum shows paintings of ships and harbours.",
+    "Rain fell on the roofs of the town for most of the week.",
+    "The train to the coast leaves twice a day.",
+    "Old letters were found in a box under the stairs.",
+    "The teacher read a story about a fox and a crow.",
+    "Snow covered the fields and the roads were quiet.",
+    "The garden has roses, tulips and a small pond.",
+    "Fishermen mend their nets on the pier in the morning.",
+    "The clock in the square has not worked for years.",
+];
+
+/// `n` filler sentences with `needle` inserted at fraction `at` (deterministic for a `seed`).
+pub fn haystack(n: usize, at: f64, needle: &str, seed: u64) -> String {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut s: Vec<&str> = (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            FILL[(x >> 33) as usize % FILL.len()]
+        })
+        .collect();
+    s.insert((n as f64 * at) as usize, needle);
+    s.join(" ")
+}

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cache;
 pub mod comm;
+pub mod cpu_flash;
 pub mod dense;
 pub mod distributed;
 pub mod error;

@@ -60,6 +60,10 @@ impl MaskSpec {
     }
 }
 
+/// From this many query rows on, CPU attention uses the fused kernel ([`crate::cpu_flash`]);
+/// decode steps use the chunked path, which reads strided cache views without copying them.
+const FUSED_MIN_ROWS: usize = 16;
+
 /// Query rows per chunk: bounds the score buffer to `heads · CHUNK · sk` floats.
 const CHUNK: usize = 256;
 
@@ -88,6 +92,27 @@ pub fn attention(
     let g = n_h / n_kv;
     let scale = 1.0 / (d as f64).sqrt();
     let out_dtype = q.dtype();
+    if q.device().is_cpu() && sq >= FUSED_MIN_ROWS {
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let dims = crate::cpu_flash::Dims {
+            b,
+            n_h,
+            n_kv,
+            sq,
+            sk,
+            d,
+        };
+        let (o, l) = crate::cpu_flash::attention(&flat(q)?, &flat(k)?, &flat(v)?, &dims, mask);
+        let out = Tensor::from_vec(o, (b, n_h, sq, d), q.device())?.to_dtype(out_dtype)?;
+        let lse = if want_lse {
+            Some(Tensor::from_vec(l, (b, n_h, sq), q.device())?)
+        } else {
+            None
+        };
+        return Ok((out, lse));
+    }
     let q = q.to_dtype(DType::F32)?;
     // No `.contiguous()`: cache views are strided along the sequence and matmul reads them as they
     // are; copying a long cache per layer per decode step would dominate decode time.
@@ -173,7 +198,7 @@ fn masked_softmax(
 /// reduction `x = n·ln2 + r` (`|r| <= ln2/2`, ln2 split in two for exactness), `e^r` by its Taylor
 /// series to degree 7, and `2^n` built in the exponent bits.
 #[inline(always)]
-fn fast_exp(x_in: f32) -> f32 {
+pub(crate) fn fast_exp(x_in: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x_in.max(-87.0);
@@ -199,7 +224,7 @@ fn fast_exp(x_in: f32) -> f32 {
 /// accumulation order is spelled out.
 const LANES: usize = 8;
 
-fn row_max(v: &[f32]) -> f32 {
+pub(crate) fn row_max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = v.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -214,7 +239,7 @@ fn row_max(v: &[f32]) -> f32 {
 }
 
 /// Replaces each `x` by `e^(x − m)` and returns the sum.
-fn exp_sum(v: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_sum(v: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = v.chunks_exact_mut(LANES);
     for c in chunks.by_ref() {

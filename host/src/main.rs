@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use apb_host::dist::{self, DistConfig};
-use apb_host::{device::parse_device, prompt, Engine, GenParams};
+use apb_host::{device::parse_device, prompt, Engine, GenParams, Generation};
 use apb_loaders::{load, parse_dtype, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::{Kind, Scorer};
 use clap::{Args, Parser, Subcommand};
@@ -177,16 +177,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => {
             let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
             let g = engine.generate(&parts.all(), &params, &mut on_text)?;
-            serde_json::json!({
-                "text": g.text,
-                "prompt_tokens": g.stats.prompt_tokens,
-                "generated_tokens": g.stats.generated_tokens,
-                "prefill_ms": g.stats.prefill_ms,
-                "decode_tokens_per_s": g.stats.decode_tokens_per_s,
-                "attention": "dense",
-                "world_size": 1,
-                "model": engine.loaded.name,
-            })
+            summary(&g, "dense", 1, &engine.loaded.name)
         }
         Some(kind) => {
             let scorer = match &a.heads {
@@ -216,23 +207,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
             for note in &d.plan.notes {
                 eprintln!("note: {note}");
             }
-            let g = &d.generation;
-            serde_json::json!({
-                "text": g.text,
-                "prompt_tokens": g.stats.prompt_tokens,
-                "generated_tokens": g.stats.generated_tokens,
-                "prefill_ms": g.stats.prefill_ms,
-                "decode_tokens_per_s": g.stats.decode_tokens_per_s,
-                "attention": kind.name(),
-                "world_size": d.plan.world,
-                "model": loaded.name,
+            let mut v = summary(&d.generation, kind.name(), d.plan.world, &loaded.name);
+            let extra = serde_json::json!({
                 "anchor_len": d.plan.l_a,
                 "passing_len": d.plan.l_p,
                 "block_len": d.plan.l_b,
                 "scorer": d.scorer,
                 "rank_prefill_tokens": d.rank_prefill_tokens,
                 "plan_notes": d.plan.notes,
-            })
+            });
+            if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+                v.extend(extra);
+            }
+            v
         }
     };
     if json {
@@ -242,6 +229,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// The `--json` fields every backend reports.
+fn summary(g: &Generation, attention: &str, world_size: usize, model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "text": g.text,
+        "prompt_tokens": g.stats.prompt_tokens,
+        "generated_tokens": g.stats.generated_tokens,
+        "prefill_ms": g.stats.prefill_ms,
+        "decode_tokens_per_s": g.stats.decode_tokens_per_s,
+        "attention": attention,
+        "world_size": world_size,
+        "model": model,
+    })
 }
 
 /// The error chain on one line. Library errors may carry a captured backtrace after their first

@@ -16,21 +16,30 @@ export PATH="$CUDA_HOME/bin:$PATH"
 export CUDA_COMPUTE_CAP=90
 stubs="$CUDA_HOME/lib/stubs"
 mkdir -p "$stubs"
-# One empty function per symbol is enough for the linker; cudarc loads the real libraries.
-make_stub() { # soname linkname symbols...
-  local soname=$1 link=$2; shift 2
+# One empty function per symbol is enough for the linker; the real libraries are loaded on the
+# GPU machine. Symbol names come from cudarc's own FFI declarations (`extern "C" { fn name(`).
+cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -n 1)
+if [ -z "$cudarc" ]; then
+  (cd "$(dirname "${BASH_SOURCE[0]}")/.." && cargo fetch --locked >/dev/null)
+  cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)
+fi
+make_stub() { # soname linkname cudarc-module
+  local soname=$1 link=$2 module=$3
   [ -f "$stubs/$soname" ] && return 0
   local c; c=$(mktemp --suffix .c)
-  for s in "$@"; do echo "void $s(void) {}" >> "$c"; done
+  grep -ohE '^\s+fn [A-Za-z_][A-Za-z0-9_]*\(' "$cudarc"/src/"$module"/sys/*.rs | sed -E 's/^\s+fn ([A-Za-z0-9_]+)\(/\1/' | sort -u \
+    | while read -r s; do echo "void $s(void) {}"; done > "$c"
   gcc -shared -fPIC -Wl,-soname,"$soname" "$c" -o "$stubs/$soname"
   ln -sf "$soname" "$stubs/$link"
   rm -f "$c"
 }
-make_stub libcuda.so.1 libcuda.so cuInit
-make_stub libcublas.so.13 libcublas.so cublasCreate_v2
-make_stub libcublasLt.so.13 libcublasLt.so cublasLtCreate
-make_stub libcurand.so.10 libcurand.so curandCreateGenerator
-make_stub libnvrtc.so.13 libnvrtc.so nvrtcVersion
-make_stub libnccl.so.2 libnccl.so ncclGetVersion
+make_stub libcuda.so.1 libcuda.so driver
+make_stub libcublas.so.13 libcublas.so cublas
+make_stub libcublasLt.so.13 libcublasLt.so cublaslt
+make_stub libcurand.so.10 libcurand.so curand
+make_stub libnvrtc.so.13 libnvrtc.so nvrtc
+make_stub libnccl.so.2 libnccl.so nccl
+# The runtime comes real from the PyPI wheel; give the linker its unversioned name.
+[ -e "$stubs/libcudart.so" ] || ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so"
 export LIBRARY_PATH="$stubs:${LIBRARY_PATH:-}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $stubs"

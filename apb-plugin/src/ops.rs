@@ -118,6 +118,12 @@ pub fn attention(
     // are; copying a long cache per layer per decode step would dominate decode time.
     let k = k.to_dtype(DType::F32)?;
     let v = v.to_dtype(DType::F32)?;
+    // GPU matmuls want plain row-major operands (views of packed K|V are not); copies are cheap there.
+    let (k, v) = if q.device().is_cpu() {
+        (k, v)
+    } else {
+        (k.contiguous()?, v.contiguous()?)
+    };
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for r0 in (0..sq).step_by(CHUNK) {

@@ -121,7 +121,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             });
         }
         notes.push(format!(
-            "{} context tokens are too few for {world} ranks (block {l_b}, anchor {l_a}, passing {l_p}); using {} ranks",
+            "{} context tokens are too few for {world} ranks (block {l_b}, anchor {l_a}, passing {l_p}); trying {}",
             req.n,
             world - 1
         ));

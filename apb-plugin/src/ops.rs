@@ -8,7 +8,7 @@
 //! so K and V are never repeated.
 
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 /// Which keys each query row may see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,11 +149,16 @@ pub fn attention(
             let kc = k.narrow(2, lo, kw)?;
             let vc = v.narrow(2, lo, kw)?;
             let scores = qc.matmul(&kc.t()?)?; // (b, n_kv, g·c, kw)
-            let (p, lse) = masked_softmax(&scores, |row| {
+            let range = |row: usize| {
                 let i = r0 + row % c;
                 let (a, z) = mask.key_range(i, sq, sk);
                 (a.saturating_sub(lo).min(kw), z.saturating_sub(lo).min(kw))
-            })?;
+            };
+            let (p, lse) = if scores.device().is_cpu() {
+                masked_softmax(&scores, range)?
+            } else {
+                masked_softmax_on_device(&scores, c, range)?
+            };
             (p.matmul(&vc)?, lse)
         };
         outs.push(oc.reshape((b, n_h, c, d))?);
@@ -197,6 +202,33 @@ fn masked_softmax(
     parallel_rows(&mut buf, &mut lse, w, &work);
     let p = Tensor::from_vec(buf, dims.as_slice(), &device)?;
     let lse = Tensor::from_vec(lse, &dims[..dims.len() - 1], &device)?;
+    Ok((p, lse))
+}
+
+/// [`masked_softmax`] with tensor ops, so the scores stay on their device (GPU): the mask is a
+/// `(c, kw)` additive bias shared by the `g` query heads folded into the rows.
+fn masked_softmax_on_device(
+    scores: &Tensor,
+    c: usize,
+    range: impl Fn(usize) -> (usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let (b, n_kv, gc, kw) = scores.dims4()?;
+    let g = gc / c;
+    let mut bias = vec![f32::NEG_INFINITY; c * kw];
+    for r in 0..c {
+        let (a, z) = range(r);
+        bias[r * kw + a..r * kw + z].fill(0.0);
+    }
+    let bias = Tensor::from_vec(bias, (c, kw), scores.device())?;
+    let s = scores.reshape((b, n_kv, g, c, kw))?.broadcast_add(&bias)?;
+    // Rows that see nothing have max −inf: clamp it so exp gives 0 instead of NaN.
+    let m = s.max_keepdim(D::Minus1)?.maximum(-1e30f32)?;
+    let e = s.broadcast_sub(&m)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let p = e
+        .broadcast_div(&sum.maximum(1e-30f32)?)?
+        .reshape((b, n_kv, gc, kw))?;
+    let lse = (m + sum.log()?)?.reshape((b, n_kv, gc))?;
     Ok((p, lse))
 }
 
@@ -358,6 +390,30 @@ pub fn reference_attention(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_softmax_matches_cpu_softmax() {
+        use candle_core::{Device, Tensor};
+        // (b=1, n_kv=2, g·c = 3·4 rows, kw=7), causal-like ranges with one fully masked row.
+        let v: Vec<f32> = (0..2 * 12 * 7)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3)
+            .collect();
+        let s = Tensor::from_vec(v, (1, 2, 12, 7), &Device::Cpu).unwrap();
+        let range = |row: usize| match row % 4 {
+            0 => (3, 3),
+            r => (1, 3 + r),
+        };
+        let (p1, l1) = super::masked_softmax(&s, range).unwrap();
+        let (p2, l2) = super::masked_softmax_on_device(&s, 4, range).unwrap();
+        let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in f(&p1).iter().zip(f(&p2)) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        for (a, b) in f(&l1).iter().zip(f(&l2)) {
+            assert!(a == &b || (a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(f(&l2).iter().step_by(4).all(|x| *x == f32::NEG_INFINITY));
+    }
+
     #[test]
     fn fast_exp_is_accurate() {
         let mut worst = 0f64;

@@ -3,7 +3,7 @@
 //! rank (SPMD): prefill its share, run the query segment, then decode; the last rank picks each
 //! token and broadcasts it.
 
-use crate::engine::{GenParams, GenStats, Generation};
+use crate::engine::{GenParams, GenStats, Generation, TextStream};
 use crate::prompt::PromptParts;
 use crate::sampling::Sampler;
 use anyhow::{anyhow, bail, Result};
@@ -247,7 +247,12 @@ fn run_rank(
     )?;
     let mut pos = (n + parts.query.len()) as u32;
     let mut out = Vec::new();
-    let mut printed = 0;
+    let mut stream = TextStream::default();
+    let mut emit = |piece: &str| {
+        if let Ok(mut f) = on_text.lock() {
+            f(piece);
+        }
+    };
     let mut prefill_ms = 0.0;
     let mut t1 = Instant::now();
     let mut steps = 0usize;
@@ -276,13 +281,7 @@ fn run_rank(
         }
         out.push(next);
         if last {
-            let text = tok.decode(&out)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > printed {
-                if let Ok(mut f) = on_text.lock() {
-                    f(&text[printed..]);
-                }
-                printed = text.len();
-            }
+            stream.push(tok, &out, &mut emit)?;
         }
         if out.len() >= max_new {
             break;
@@ -302,22 +301,9 @@ fn run_rank(
         return Ok(None);
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let text = tok.decode(&out)?;
-    if text.len() > printed {
-        if let Ok(mut f) = on_text.lock() {
-            f(&text[printed..]);
-        }
-    }
-    let stats = GenStats {
-        prompt_tokens: parts.context.len() + parts.query.len(),
-        generated_tokens: out.len(),
-        prefill_ms,
-        decode_tokens_per_s: if steps > 0 {
-            steps as f64 / decode_s
-        } else {
-            0.0
-        },
-    };
+    let text = stream.finish(tok, &out, &mut emit)?;
+    let total = parts.context.len() + parts.query.len();
+    let stats = GenStats::new(total, out.len(), prefill_ms, steps, decode_s);
     Ok(Some(Generation {
         text,
         tokens: out,

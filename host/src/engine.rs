@@ -38,6 +38,57 @@ pub struct GenStats {
     pub decode_tokens_per_s: f64,
 }
 
+impl GenStats {
+    /// `steps` decode forward passes took `decode_s` seconds.
+    pub fn new(
+        prompt_tokens: usize,
+        generated_tokens: usize,
+        prefill_ms: f64,
+        steps: usize,
+        decode_s: f64,
+    ) -> Self {
+        let decode_tokens_per_s = if steps > 0 && decode_s > 0.0 {
+            steps as f64 / decode_s
+        } else {
+            0.0
+        };
+        Self {
+            prompt_tokens,
+            generated_tokens,
+            prefill_ms,
+            decode_tokens_per_s,
+        }
+    }
+}
+
+/// Streams generated text in whole characters: a piece is held back while the decoded tail is
+/// an incomplete UTF-8 sequence.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    printed: usize,
+}
+
+impl TextStream {
+    /// Emits what `ids` decode to beyond what was already emitted.
+    pub fn push(&mut self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<()> {
+        let text = tok.decode(ids)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > self.printed {
+            emit(&text[self.printed..]);
+            self.printed = text.len();
+        }
+        Ok(())
+    }
+
+    /// Emits the rest and returns the whole text.
+    pub fn finish(self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<String> {
+        let text = tok.decode(ids)?;
+        if text.len() > self.printed {
+            emit(&text[self.printed..]);
+        }
+        Ok(text)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub text: String,
@@ -105,101 +156,87 @@ pub fn generate(
     p: &GenParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    {
-        let ctx = model.cfg.max_position_embeddings;
-        if prompt.len() >= ctx {
-            bail!(
-                "the prompt has {} tokens but the model's context is {ctx}; shorten the prompt",
-                prompt.len()
-            );
-        }
-        let max_new = p.max_new_tokens.min(ctx - prompt.len());
-        let mut cache = Cache::new(&model.cfg);
-        let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
+    let ctx = model.cfg.max_position_embeddings;
+    if prompt.len() >= ctx {
+        bail!(
+            "the prompt has {} tokens but the model's context is {ctx}; shorten the prompt",
+            prompt.len()
+        );
+    }
+    let max_new = p.max_new_tokens.min(ctx - prompt.len());
+    let mut cache = Cache::new(&model.cfg);
+    let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
 
-        let t0 = Instant::now();
-        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-        let bar = (prompt.len() >= PROGRESS_MIN_TOKENS).then(|| {
-            let b = indicatif::ProgressBar::new(model.cfg.num_hidden_layers as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "prefill {pos}/{len} layers {bar:30} {elapsed}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        });
-        let mut tick = |_: usize| {
-            if let Some(b) = &bar {
-                b.inc(1)
-            }
-        };
+    let t0 = Instant::now();
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let bar = (prompt.len() >= PROGRESS_MIN_TOKENS).then(|| {
+        let b = indicatif::ProgressBar::new(model.cfg.num_hidden_layers as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prefill {pos}/{len} layers {bar:30} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut tick = |_: usize| {
+        if let Some(b) = &bar {
+            b.inc(1)
+        }
+    };
+    let hidden = model
+        .forward(
+            prompt,
+            &positions,
+            Phase::Prefill,
+            backend,
+            &mut cache,
+            &mut tick,
+        )
+        .context("prefill")?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let mut out: Vec<u32> = Vec::new();
+    let mut stream = TextStream::default();
+    let mut steps = 0usize;
+    let mut next = sampler.sample(&logits);
+    while out.len() < max_new && (p.ignore_eos || !tok.stop_ids.contains(&next)) {
+        out.push(next);
+        stream.push(tok, &out, on_text)?;
+        if out.len() == max_new {
+            break;
+        }
+        let pos = (prompt.len() + out.len() - 1) as u32;
         let hidden = model
             .forward(
-                prompt,
-                &positions,
-                Phase::Prefill,
+                &[next],
+                &[pos],
+                Phase::Decode,
                 backend,
                 &mut cache,
-                &mut tick,
+                &mut |_| {},
             )
-            .context("prefill")?;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        let t1 = Instant::now();
-        let mut out: Vec<u32> = Vec::new();
-        let mut printed = 0usize;
-        let mut steps = 0usize;
-        let mut next = sampler.sample(&logits);
-        while out.len() < max_new && (p.ignore_eos || !tok.stop_ids.contains(&next)) {
-            out.push(next);
-            // Stream whole characters only: wait while the tail is an incomplete UTF-8 sequence.
-            let text = tok.decode(&out)?;
-            if !text.ends_with('\u{FFFD}') && text.len() > printed {
-                on_text(&text[printed..]);
-                printed = text.len();
-            }
-            if out.len() == max_new {
-                break;
-            }
-            let pos = (prompt.len() + out.len() - 1) as u32;
-            let hidden = model
-                .forward(
-                    &[next],
-                    &[pos],
-                    Phase::Decode,
-                    backend,
-                    &mut cache,
-                    &mut |_| {},
-                )
-                .context("decode")?;
-            steps += 1;
-            next = sampler.sample(&model.last_logits(&hidden)?.to_vec1::<f32>()?);
-        }
-        let decode_s = t1.elapsed().as_secs_f64();
-        let text = tok.decode(&out)?;
-        if text.len() > printed {
-            on_text(&text[printed..]);
-        }
-        let stats = GenStats {
-            prompt_tokens: prompt.len(),
-            generated_tokens: out.len(),
-            prefill_ms,
-            decode_tokens_per_s: if steps > 0 {
-                steps as f64 / decode_s
-            } else {
-                0.0
-            },
-        };
-        Ok(Generation {
-            text,
-            tokens: out,
-            first_logits: logits,
-            stats,
-        })
+            .context("decode")?;
+        steps += 1;
+        next = sampler.sample(&model.last_logits(&hidden)?.to_vec1::<f32>()?);
     }
+    let text = stream.finish(tok, &out, on_text)?;
+    let stats = GenStats::new(
+        prompt.len(),
+        out.len(),
+        prefill_ms,
+        steps,
+        t1.elapsed().as_secs_f64(),
+    );
+    Ok(Generation {
+        text,
+        tokens: out,
+        first_logits: logits,
+        stats,
+    })
 }

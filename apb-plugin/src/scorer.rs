@@ -131,18 +131,12 @@ pub fn select_top(
     candidates: std::ops::Range<usize>,
     l_p: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    let (s, n_kv) = scores.dims2()?;
-    let sc = scores.t()?.contiguous()?.to_vec2::<f32>()?;
-    let mut out = Vec::with_capacity(n_kv);
-    for row in sc.iter().take(n_kv) {
-        let pooled: Vec<f32> = (0..s)
-            .map(|i| {
-                row[i.saturating_sub(2)..(i + 3).min(s)]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max)
-            })
-            .collect();
+    let s = scores.dim(0)?;
+    // Pooling and masking run where the scores are (a CUDA kernel on GPUs); top-k on the host.
+    let pooled =
+        apb_kernels::pool5_mask(scores, candidates.start, candidates.end)?.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(pooled.len());
+    for pooled in &pooled {
         let mut idx: Vec<u32> = candidates.clone().map(|i| i as u32).collect();
         let key = |i: &u32| pooled[*i as usize];
         if idx.len() > l_p {

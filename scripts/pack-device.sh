@@ -8,4 +8,9 @@ cargo build --release --locked --features cuda -p apb-host --target-dir target/c
 mkdir -p dist
 strip -o dist/apb target/cuda/release/apb
 xz -f -T2 -6 dist/apb
+# The kernels' own tests (GPU vs CPU reference), run on the device by scripts/device-smoke.sh.
+tests=$(cargo test --release --locked --features cuda -p apb-kernels --target-dir target/cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and m.get("target",{}).get("name")=="apb_kernels"]' | tail -n 1)
+strip -o dist/apb-kernels-tests "$tests"
+xz -f -T2 -6 dist/apb-kernels-tests
 ls -la dist

@@ -52,7 +52,7 @@ impl CustomOp1 for Pool5Mask {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
         let (seq, n_kv) = layout.shape().dims2()?;
-        let dev = storage.device().clone();
+        let dev = storage.device.clone();
         let x = storage
             .as_cuda_slice::<f32>()?
             .slice(layout.start_offset()..);

@@ -134,7 +134,7 @@ impl RankBackend {
                     )));
                 }
                 // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-                let packed = gather_kv(x.k, x.v, &picks)?;
+                let packed = apb_kernels::gather_kv(x.k, x.v, &picks)?;
                 let all = self.comm.all_gather(&packed)?;
                 if rank == 0 || l.l_p == 0 {
                     attention(x.q, x.k, x.v, MaskSpec::causal(), false)?.0
@@ -216,30 +216,17 @@ fn ring_prefill(comm: &dyn Communicator, x: &AttnInput<'_>) -> Result<Tensor> {
     Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
 }
 
-/// `(1, n_kv, l_p, 2d)`: for each KV head the K and V rows at that head's picks.
-fn gather_kv(k: &Tensor, v: &Tensor, picks: &[Vec<u32>]) -> Result<Tensor> {
-    let kv = Tensor::cat(&[k, v], D::Minus1)?; // (1, n_kv, s, 2d)
-    let heads = picks
-        .iter()
-        .enumerate()
-        .map(|(h, idx)| {
-            let idx = Tensor::new(idx.as_slice(), k.device())?;
-            kv.narrow(1, h, 1)?.index_select(&idx, 2)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&heads, 1)?)
-}
-
 /// Log-sum-exp merge of partial attention results (f32): `outs[i]` `(b, h, s, d)`,
-/// `lses[i]` `(b, h, s)`. Max-subtracted; parts with LSE `-inf` (nothing attended) get weight 0;
-/// a row no part attended to comes out 0.
+/// `lses[i]` `(b, h, s)`. Parts with LSE `-inf` (nothing attended) get weight 0; a row no part
+/// attended to comes out 0.
 pub fn merge_lse(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
-    let o = Tensor::stack(outs, 0)?.to_dtype(DType::F32)?;
-    let l = Tensor::stack(lses, 0)?.to_dtype(DType::F32)?;
-    // -inf → -1e30 keeps `lse − m` finite where some part attended and −inf where it did not.
-    let m = l.max_keepdim(0)?.maximum(-1e30f32)?;
-    let w = l.broadcast_sub(&m)?.exp()?;
-    let den = w.sum_keepdim(0)?.maximum(1e-30f32)?;
-    let w = w.broadcast_div(&den)?.unsqueeze(D::Minus1)?;
-    Ok(o.broadcast_mul(&w)?.sum(0)?)
+    let dims = outs
+        .first()
+        .ok_or_else(|| Error::Shape("merge_lse of no parts".into()))?
+        .dims4()?;
+    let (b, h, s, d) = dims;
+    let o = Tensor::stack(outs, 0)?.reshape((outs.len(), b * h * s, d))?;
+    let l = Tensor::stack(lses, 0)?.reshape((lses.len(), b * h * s))?;
+    let (out, _) = apb_kernels::lse_merge(&o, &l)?;
+    Ok(out.reshape(dims)?)
 }

@@ -8,57 +8,9 @@
 //! so K and V are never repeated.
 
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
-/// Which keys each query row may see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaskSpec {
-    /// Bottom-right-aligned causal mask.
-    pub causal: bool,
-    /// The first `anchor_rows` query rows do not see the first `passing_keys` keys (APB).
-    pub anchor_rows: usize,
-    pub passing_keys: usize,
-}
-
-impl MaskSpec {
-    pub fn causal() -> Self {
-        Self {
-            causal: true,
-            anchor_rows: 0,
-            passing_keys: 0,
-        }
-    }
-    pub fn full() -> Self {
-        Self {
-            causal: false,
-            anchor_rows: 0,
-            passing_keys: 0,
-        }
-    }
-    /// APB: causal, anchor rows skip the passing block at the front of the keys.
-    pub fn apb(anchor_rows: usize, passing_keys: usize) -> Self {
-        Self {
-            causal: true,
-            anchor_rows,
-            passing_keys,
-        }
-    }
-
-    /// Visible key range `[lo, hi)` of query row `i` (of `sq`) over `sk` keys.
-    pub fn key_range(&self, i: usize, sq: usize, sk: usize) -> (usize, usize) {
-        let hi = if self.causal {
-            (i + 1 + sk).saturating_sub(sq).min(sk)
-        } else {
-            sk
-        };
-        let lo = if i < self.anchor_rows {
-            self.passing_keys.min(sk)
-        } else {
-            0
-        };
-        (lo, hi.max(lo))
-    }
-}
+pub use apb_kernels::Mask as MaskSpec;
 
 /// From this many query rows on, CPU attention uses the fused kernel ([`crate::cpu_flash`]);
 /// decode steps use the chunked path, which reads strided cache views without copying them.
@@ -88,6 +40,10 @@ pub fn attention(
             k.dims(),
             v.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if apb_kernels::flash_supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        return Ok(apb_kernels::flash_attention(q, k, v, mask, want_lse)?);
     }
     let g = n_h / n_kv;
     let scale = 1.0 / (d as f64).sqrt();
@@ -325,68 +281,7 @@ where
     });
 }
 
-/// Plain reference with an explicit boolean mask, in f64, for tests: `mask(i, j)` says whether
-/// query row `i` sees key `j`. Inputs as in [`attention`]. Returns `(out, lse)` flattened in the
-/// layouts `(b, n_h, sq, d)` and `(b, n_h, sq)`.
-pub fn reference_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: impl Fn(usize, usize) -> bool,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let flat = |t: &Tensor| -> Result<Vec<f64>> {
-        Ok(t.to_dtype(DType::F64)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f64>()?)
-    };
-    let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
-    let (b, n_h, sq, d) = q.dims4()?;
-    let (n_kv, sk) = (k.dim(1)?, k.dim(2)?);
-    let g = n_h / n_kv;
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f64; b * n_h * sq * d];
-    let mut lse = vec![f64::NEG_INFINITY; b * n_h * sq];
-    for bi in 0..b {
-        for h in 0..n_h {
-            let kh = bi * n_kv + h / g;
-            for i in 0..sq {
-                let row = (bi * n_h + h) * sq + i;
-                let qi = &qv[row * d..(row + 1) * d];
-                let s: Vec<Option<f64>> = (0..sk)
-                    .map(|j| {
-                        mask(i, j).then(|| {
-                            qi.iter()
-                                .zip(&kv[(kh * sk + j) * d..])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
-                                * scale
-                        })
-                    })
-                    .collect();
-                let m = s
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if m == f64::NEG_INFINITY {
-                    continue;
-                }
-                let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
-                    if let Some(sj) = sj {
-                        let p = (sj - m).exp() / z;
-                        for x in 0..d {
-                            out[row * d + x] += p * vv[(kh * sk + j) * d + x];
-                        }
-                    }
-                }
-                lse[row] = m + z.ln();
-            }
-        }
-    }
-    Ok((out, lse))
-}
+pub use apb_kernels::reference_attention;
 
 #[cfg(test)]
 mod tests {

@@ -123,35 +123,20 @@ impl Scorer {
 }
 
 /// Max-pool (kernel 5, stride 1, padding 2) along the sequence, then the top `l_p` positions of
-/// `candidates` per KV head. `scores` is `(seq, n_kv)`; returns `n_kv` index lists in ascending
-/// position order. If a head has fewer candidates than `l_p`, the list is padded by repeating
-/// its last pick (only the last rank can be short, and nobody reads its block).
+/// `candidates` per KV head. `scores` is `(seq, n_kv)`; returns `(n_kv, l_p)` u32 positions in
+/// ascending order, on the scores' device (CUDA kernels on GPUs). If a head has fewer candidates
+/// than `l_p`, the list is padded by repeating its last pick (only the last rank can be short, and
+/// nobody reads its block).
 pub fn select_top(
     scores: &Tensor,
     candidates: std::ops::Range<usize>,
     l_p: usize,
-) -> Result<Vec<Vec<u32>>> {
-    let s = scores.dim(0)?;
-    // Pooling and masking run where the scores are (a CUDA kernel on GPUs); top-k on the host.
-    let pooled =
-        apb_kernels::pool5_mask(scores, candidates.start, candidates.end)?.to_vec2::<f32>()?;
-    let mut out = Vec::with_capacity(pooled.len());
-    for pooled in &pooled {
-        let mut idx: Vec<u32> = candidates.clone().map(|i| i as u32).collect();
-        let key = |i: &u32| pooled[*i as usize];
-        if idx.len() > l_p {
-            // Highest score first; ties broken by position for determinism.
-            idx.select_nth_unstable_by(l_p, |a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
-            idx.truncate(l_p);
-        }
-        idx.sort_unstable();
-        if idx.is_empty() && l_p > 0 {
-            idx.push(candidates.start.min(s.saturating_sub(1)) as u32);
-        }
-        while idx.len() < l_p {
-            idx.push(*idx.last().expect("non-empty"));
-        }
-        out.push(idx);
-    }
-    Ok(out)
+) -> Result<Tensor> {
+    let pooled = apb_kernels::pool5_mask(scores, candidates.start, candidates.end)?;
+    Ok(apb_kernels::topk_positions(
+        &pooled,
+        candidates.start,
+        candidates.end,
+        l_p,
+    )?)
 }

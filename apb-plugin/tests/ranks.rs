@@ -103,7 +103,10 @@ fn apb_rank_attention_matches_boolean_mask_reference() {
                     l.question_rows.clone(),
                 )
                 .unwrap();
-            select_top(&sc, l.exclude_front..l.anchor + l.local - l.pad, l_p).unwrap()
+            select_top(&sc, l.exclude_front..l.anchor + l.local - l.pad, l_p)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap()
         })
         .collect();
     for (h, r) in data.iter().enumerate() {

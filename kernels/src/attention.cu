@@ -1,0 +1,362 @@
+// Attention kernels of APB-rs: one FlashAttention-2 style kernel for prefill and decode, and the
+// f32 log-sum-exp merge of partial results. They see tensors and mask numbers, not models.
+//
+// Layouts (row-major, `d` innermost): q and o (b, n_kv, g·sq, d) — the query heads of one KV group
+// are contiguous in a (b, n_h, sq, d) tensor, so grouped-query attention folds them into rows and
+// each K/V tile loaded serves all g heads; k and v (b, n_kv, sk, d) with given batch/head strides
+// (rows contiguous), so views of a longer cache need no copy.
+//
+// Mask, per query row at position `pos` (row % sq): bottom-right causal (key j visible iff
+// j <= pos + sk - sq) and APB's anchor rule (rows with pos < anchor_rows skip keys j < passing).
+// A row that sees no key gets output 0 and LSE -inf.
+//
+// Split-KV: with n_splits > 1 the keys are cut into n_splits ranges of split_len (a multiple of the
+// tile); each block writes f32 partial outputs and LSEs, merged by lse_merge_f32 below.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int BC = 64;  // keys per tile
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <typename T>
+struct Ty;
+template <>
+struct Ty<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+};
+template <>
+struct Ty<__half> {
+    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __half2 h = __floats2half2_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+};
+
+// Shared-memory tiles are rows of D 2-byte elements in 16-byte chunks; chunk c of row r is stored
+// at c ^ (r & 7) so the 8 rows an ldmatrix reads fall in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Copies `rows` rows (starting at global row `row0`, `limit` rows exist) of a tile into smem;
+// missing rows are zero-filled.
+template <int D, int ROWS, int NT, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row0, int64_t limit,
+                                          int tid) {
+    constexpr int C = D / 8;
+#pragma unroll
+    for (int i = tid; i < ROWS * C; i += NT) {
+        int r = i / C, c = i % C;
+        bool ok = row0 + r < limit;
+        const T* src = g + (ok ? (row0 + r) * D + c * 8 : 0);
+        cp_async16(smem_u32(smem + swz<D>(r, c)), src, ok);
+    }
+}
+
+struct Params {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;          // (b, n_kv, g·sq, d) in T, when n_splits == 1
+    float* lse;       // (b, n_kv, g·sq) or null, when n_splits == 1
+    float* o_part;    // (n_splits, b, n_kv, g·sq, d), when n_splits > 1
+    float* lse_part;  // (n_splits, b, n_kv, g·sq), when n_splits > 1
+    int64_t k_bstride, k_hstride, v_bstride, v_hstride;
+    int b, n_kv, g, sq, sk;
+    int causal, anchor_rows, passing;
+    int n_splits, split_len;
+    float scale_log2;  // softmax scale · log2(e)
+};
+
+template <typename T, int D, int NW>
+__device__ void flash_fwd(const Params& p) {
+    constexpr int BR = 16 * NW;
+    constexpr int NT = 32 * NW;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* sq_tile = reinterpret_cast<T*>(smem_raw);
+    T* sk_tile = sq_tile + BR * D;       // 2 buffers of BC × D
+    T* sv_tile = sk_tile + 2 * BC * D;  // 2 buffers of BC × D
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int rows_total = p.g * p.sq;
+    // Heaviest causal row blocks first.
+    const int mb = gridDim.x - 1 - blockIdx.x;
+    const int r0 = mb * BR;
+    const int kvh = blockIdx.y;
+    const int bi = blockIdx.z % p.b;
+    const int split = blockIdx.z / p.b;
+
+    const T* q = static_cast<const T*>(p.q) + ((int64_t)(bi * p.n_kv + kvh) * rows_total) * D;
+    const T* k = static_cast<const T*>(p.k) + bi * p.k_bstride + kvh * p.k_hstride;
+    const T* v = static_cast<const T*>(p.v) + bi * p.v_bstride + kvh * p.v_hstride;
+    const int64_t out_row0 = (int64_t)(bi * p.n_kv + kvh) * rows_total;
+
+    // Positions this block covers (a block can straddle two heads of the group).
+    const int rlast = min(r0 + BR, rows_total) - 1;
+    int minpos, maxpos;
+    if (r0 / p.sq == rlast / p.sq) {
+        minpos = r0 % p.sq;
+        maxpos = rlast % p.sq;
+    } else {
+        minpos = 0;
+        maxpos = p.sq - 1;
+    }
+    const int off = p.sk - p.sq;
+    int hi = p.causal ? min(p.sk, maxpos + off + 1) : p.sk;
+    int lo = maxpos < p.anchor_rows ? min(p.passing, p.sk) : 0;
+    if (p.n_splits > 1) {
+        lo = max(lo, split * p.split_len);
+        hi = min(hi, (split + 1) * p.split_len);
+    }
+    const int t0 = lo / BC;
+    const int n_tiles = hi > lo ? (hi + BC - 1) / BC - t0 : 0;
+
+    // The two rows of each thread's accumulators: warp rows g and g+8.
+    const int gq = lane / 4, tq = lane % 4;
+    int rowpos[2];
+    rowpos[0] = (r0 + warp * 16 + gq) % p.sq;
+    rowpos[1] = (r0 + warp * 16 + gq + 8) % p.sq;
+
+    float o_acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o_acc[i][j] = 0.f;
+    float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};
+    float l_run[2] = {0.f, 0.f};
+
+    if (n_tiles > 0) {
+        load_tile<D, BR, NT>(sq_tile, q, r0, rows_total, tid);
+        cp_async_commit();
+        load_tile<D, BC, NT>(sk_tile, k, (int64_t)t0 * BC, p.sk, tid);
+        load_tile<D, BC, NT>(sv_tile, v, (int64_t)t0 * BC, p.sk, tid);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+    }
+    // Q fragments stay in registers for the whole loop.
+    uint32_t qf[D / 16][4];
+    if (n_tiles > 0) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            int row = warp * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+            int chunk = 2 * kk + lane / 16;
+            ldsm_x4(qf[kk], smem_u32(sq_tile + swz<D>(row, chunk)));
+        }
+    }
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int buf = it & 1;
+        const int c0 = (t0 + it) * BC;
+        if (it + 1 < n_tiles) {
+            load_tile<D, BC, NT>(sk_tile + (buf ^ 1) * BC * D, k, (int64_t)c0 + BC, p.sk, tid);
+            load_tile<D, BC, NT>(sv_tile + (buf ^ 1) * BC * D, v, (int64_t)c0 + BC, p.sk, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* ks = sk_tile + buf * BC * D;
+        const T* vs = sv_tile + buf * BC * D;
+
+        // S = Q Kᵀ for 16 rows × 64 keys per warp.
+        float s[BC / 8][4];
+#pragma unroll
+        for (int i = 0; i < BC / 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                uint32_t b[4];
+                int key = (2 * np + lane / 16) * 8 + lane % 8;
+                int chunk = 2 * kk + ((lane / 8) & 1);
+                ldsm_x4(b, smem_u32(ks + swz<D>(key, chunk)));
+                Ty<T>::mma(s[2 * np], qf[kk], b);
+                Ty<T>::mma(s[2 * np + 1], qf[kk], b + 2);
+            }
+        }
+
+        // Mask only the tiles that need it.
+        const bool need_mask = c0 + BC > hi || c0 < lo ||
+                               (p.causal && c0 + BC - 1 > minpos + off) ||
+                               (minpos < p.anchor_rows && c0 < p.passing);
+        if (need_mask) {
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int j = c0 + nt * 8 + 2 * tq + (e & 1);
+                    int pos = rowpos[e / 2];
+                    bool ok = j >= lo && j < hi && (!p.causal || j <= pos + off) &&
+                              !(pos < p.anchor_rows && j < p.passing);
+                    if (!ok) s[nt][e] = -CUDART_INF_F;
+                }
+        }
+
+        // Online softmax in base 2; each row's max is shared by the 4 threads of a quad.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = -CUDART_INF_F;
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float m_new = fmaxf(m_run[h], mx * p.scale_log2);
+            const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+            const float alpha = exp2f(m_run[h] - m_use);
+            m_run[h] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt) {
+                s[nt][2 * h] = exp2f(s[nt][2 * h] * p.scale_log2 - m_use);
+                s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] * p.scale_log2 - m_use);
+                sum += s[nt][2 * h] + s[nt][2 * h + 1];
+            }
+            l_run[h] = l_run[h] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o_acc[dt][2 * h] *= alpha;
+                o_acc[dt][2 * h + 1] *= alpha;
+            }
+        }
+
+        // O += P V; P goes from accumulators to A fragments without leaving registers.
+#pragma unroll
+        for (int ks16 = 0; ks16 < BC / 16; ++ks16) {
+            uint32_t a[4];
+            a[0] = Ty<T>::pack(s[2 * ks16][0], s[2 * ks16][1]);
+            a[1] = Ty<T>::pack(s[2 * ks16][2], s[2 * ks16][3]);
+            a[2] = Ty<T>::pack(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]);
+            a[3] = Ty<T>::pack(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                uint32_t b[4];
+                int key = 16 * ks16 + (lane % 8) + ((lane / 8) & 1) * 8;
+                int chunk = 2 * dp + lane / 16;
+                ldsm_x4_t(b, smem_u32(vs + swz<D>(key, chunk)));
+                Ty<T>::mma(o_acc[2 * dp], a, b);
+                Ty<T>::mma(o_acc[2 * dp + 1], a, b + 2);
+            }
+        }
+        __syncthreads();
+    }
+
+    // Finish: full row sums across the quad, normalise, write.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_run[h];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const int r = r0 + warp * 16 + gq + 8 * h;
+        if (r >= rows_total) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse = l > 0.f ? (m_run[h] + log2f(l)) * 0.69314718055994531f : -CUDART_INF_F;
+        const int64_t row = out_row0 + r;
+        if (p.n_splits == 1) {
+            T* o = static_cast<T*>(p.o) + row * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                uint32_t v2 = Ty<T>::pack(o_acc[dt][2 * h] * inv, o_acc[dt][2 * h + 1] * inv);
+                *reinterpret_cast<uint32_t*>(o + dt * 8 + 2 * tq) = v2;
+            }
+            if (p.lse && tq == 0) p.lse[row] = lse;
+        } else {
+            const int64_t prow = (int64_t)split * p.b * p.n_kv * rows_total + row;
+            float* o = p.o_part + prow * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                *reinterpret_cast<float2*>(o + dt * 8 + 2 * tq) =
+                    make_float2(o_acc[dt][2 * h] * inv, o_acc[dt][2 * h + 1] * inv);
+            }
+            if (tq == 0) p.lse_part[prow] = lse;
+        }
+    }
+}
+
+}  // namespace
+
+#define FLASH(NAME, T, D, NW) \
+    extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const Params p) { flash_fwd<T, D, NW>(p); }
+
+FLASH(flash_fwd_bf16_d64_w4, __nv_bfloat16, 64, 4)
+FLASH(flash_fwd_bf16_d128_w4, __nv_bfloat16, 128, 4)
+FLASH(flash_fwd_f16_d64_w4, __half, 64, 4)
+FLASH(flash_fwd_f16_d128_w4, __half, 128, 4)
+FLASH(flash_fwd_bf16_d64_w8, __nv_bfloat16, 64, 8)
+FLASH(flash_fwd_bf16_d128_w8, __nv_bfloat16, 128, 8)
+FLASH(flash_fwd_f16_d64_w8, __half, 64, 8)
+FLASH(flash_fwd_f16_d128_w8, __half, 128, 8)
+
+// Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
+// out (rows, d) and out_lse (rows). Parts with LSE -inf weigh 0; a row no part saw comes out 0
+// with LSE -inf. One block per row.
+extern "C" __global__ void lse_merge_f32(const float* __restrict__ o, const float* __restrict__ lse,
+                                         float* __restrict__ out, float* __restrict__ out_lse,
+                                         int parts, int64_t rows, int d) {
+    const int64_t r = blockIdx.x;
+    float m = -CUDART_INF_F;
+    for (int i = 0; i < parts; ++i) m = fmaxf(m, lse[i * rows + r]);
+    float den = 0.f;
+    if (m != -CUDART_INF_F)
+        for (int i = 0; i < parts; ++i) den += exp2f((lse[i * rows + r] - m) * 1.4426950408889634f);
+    for (int x = threadIdx.x; x < d; x += blockDim.x) {
+        float acc = 0.f;
+        if (den > 0.f)
+            for (int i = 0; i < parts; ++i) {
+                float w = exp2f((lse[i * rows + r] - m) * 1.4426950408889634f) / den;
+                if (w > 0.f) acc += w * o[(i * rows + r) * d + x];
+            }
+        out[r * d + x] = acc;
+    }
+    if (threadIdx.x == 0 && out_lse) out_lse[r] = den > 0.f ? m + logf(den) : -CUDART_INF_F;
+}

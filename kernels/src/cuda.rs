@@ -1,0 +1,131 @@
+//! Loading our PTX modules once per CUDA context and launching on candle's stream, so kernels are
+//! ordered with candle's own ops. Raw device pointers are taken through cudarc, which records the
+//! reads/writes for candle's cross-stream tracking.
+
+use candle_core::cuda::cudarc::driver::{
+    sys, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub(crate) const ATTENTION_PTX: (&str, &str) = (
+    "attention",
+    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+);
+pub(crate) const SELECT_PTX: (&str, &str) = (
+    "select",
+    include_str!(concat!(env!("OUT_DIR"), "/select.ptx")),
+);
+
+type ModuleKey = (usize, &'static str);
+static MODULES: Mutex<Option<HashMap<ModuleKey, Arc<CudaModule>>>> = Mutex::new(None);
+
+pub(crate) fn err(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+/// `name` from `module` (loaded on first use in this device's context), with at least
+/// `smem` bytes of dynamic shared memory allowed.
+pub(crate) fn function(
+    dev: &CudaDevice,
+    module: (&'static str, &'static str),
+    name: &str,
+    smem: usize,
+) -> Result<CudaFunction> {
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let key = (ctx.cu_ctx() as usize, module.0);
+    let m = {
+        let mut guard = MODULES.lock().expect("module cache");
+        let map = guard.get_or_insert_with(HashMap::new);
+        match map.get(&key) {
+            Some(m) => m.clone(),
+            None => {
+                let m = ctx.load_module(module.1.into()).map_err(err)?;
+                map.insert(key, m.clone());
+                m
+            }
+        }
+    };
+    let f = m.load_function(name).map_err(err)?;
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(err)?;
+    }
+    Ok(f)
+}
+
+pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => candle_core::bail!("expected a CUDA tensor, got one on {d:?}"),
+    }
+}
+
+/// The device address of `t`'s first element (its storage must be CUDA). `t` must stay alive and
+/// unmodified until the launch that uses the address is queued.
+pub(crate) fn ptr(t: &Tensor, stream: &Arc<CudaStream>) -> Result<u64> {
+    let (st, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else {
+        candle_core::bail!("expected a CUDA tensor")
+    };
+    let off = layout.start_offset();
+    macro_rules! addr {
+        ($t:ty) => {{
+            let s = cs.as_cuda_slice::<$t>()?;
+            let (p, _sync) = s.device_ptr(stream);
+            p + (off * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(match t.dtype() {
+        DType::BF16 => addr!(half::bf16),
+        DType::F16 => addr!(half::f16),
+        DType::F32 => addr!(f32),
+        DType::U32 => addr!(u32),
+        dt => candle_core::bail!("unsupported dtype {dt:?} for our kernels"),
+    })
+}
+
+/// A new zero-filled tensor of `dtype` on `dev`, and its address.
+pub(crate) fn alloc(
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    stream: &Arc<CudaStream>,
+) -> Result<(Tensor, u64)> {
+    let shape = shape.into();
+    let n = shape.elem_count();
+    macro_rules! mk {
+        ($t:ty) => {{
+            let mut s = dev.alloc_zeros::<$t>(n)?;
+            let p = s.device_ptr_mut(stream).0;
+            (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+        }};
+    }
+    let (st, p) = match dtype {
+        DType::BF16 => mk!(half::bf16),
+        DType::F16 => mk!(half::f16),
+        DType::F32 => mk!(f32),
+        DType::U32 => mk!(u32),
+        dt => candle_core::bail!("unsupported dtype {dt:?} for our kernels"),
+    };
+    let t = Tensor::from_storage(
+        Storage::Cuda(st),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok((t, p))
+}
+
+/// Marker for plain-old-data kernel parameter structs.
+pub(crate) unsafe trait Pod: Copy {}
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub(crate) struct ByValue<T: Pod>(pub T);
+unsafe impl<T: Pod> DeviceRepr for ByValue<T> {}

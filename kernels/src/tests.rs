@@ -1,0 +1,329 @@
+//! Kernel tests: CPU cases by hand; on the GPU machine (`--features cuda`) each kernel against
+//! its CPU reference on fresh random inputs.
+
+use crate::*;
+use candle_core::{Device, Tensor};
+
+#[test]
+fn pool_and_mask_by_hand() {
+    // seq 6, n_kv 1: scores 0 5 1 0 0 9 → pooled 5 5 5 9 9 9; candidates [1, 5).
+    let t = Tensor::new(&[[0f32], [5.], [1.], [0.], [0.], [9.]], &Device::Cpu).unwrap();
+    let p = pool5_mask(&t, 1, 5).unwrap().to_vec2::<f32>().unwrap();
+    let inf = f32::NEG_INFINITY;
+    assert_eq!(p, vec![vec![inf, 5., 5., 9., 9., inf]]);
+}
+
+/// On the GPU machine (`--features cuda`): the kernel equals the CPU op exactly (a max is
+/// exact) on fresh random scores, odd lengths and several heads; the output buffer starts
+/// poisoned with NaN so an unwritten element fails.
+#[cfg(feature = "cuda")]
+#[test]
+fn pool5_mask_cuda_matches_cpu() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for (seq, n_kv, lo, hi) in [
+        (1, 1, 0, 1),
+        (37, 3, 5, 30),
+        (4099, 8, 1024, 4099),
+        (65_537, 8, 4096, 65_000),
+    ] {
+        let cpu = Tensor::randn(0f32, 1.0, (seq, n_kv), &Device::Cpu).unwrap();
+        let want = pool5_mask(&cpu, lo, hi).unwrap().to_vec2::<f32>().unwrap();
+        let _poison = Tensor::full(f32::NAN, (n_kv, seq), &gpu).unwrap();
+        let got = pool5_mask(&cpu.to_device(&gpu).unwrap(), lo, hi)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(
+            got, want,
+            "seq {seq}, n_kv {n_kv}, [{lo}, {hi}), seed {seed}"
+        );
+        assert!(got.iter().flatten().all(|x| !x.is_nan()));
+    }
+}
+
+#[test]
+fn topk_by_hand() {
+    let t = Tensor::new(&[[5f32, 1., 5., 7., 0., 5.]], &Device::Cpu).unwrap();
+    let top = |lo, hi, k| {
+        topk_positions(&t, lo, hi, k)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    };
+    // 7 at 3, then the tie at 5: lower positions first.
+    assert_eq!(top(0, 6, 3), vec![vec![0, 2, 3]]);
+    assert_eq!(top(1, 6, 2), vec![vec![2, 3]]);
+    // Fewer candidates than k: all of them, padded with the last.
+    assert_eq!(top(4, 6, 4), vec![vec![4, 5, 5, 5]]);
+    assert_eq!(top(3, 3, 2), vec![vec![3, 3]]);
+    let nan = Tensor::new(&[[f32::NAN, -1., -2.]], &Device::Cpu).unwrap();
+    assert_eq!(
+        topk_positions(&nan, 0, 3, 2)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap(),
+        vec![vec![1, 2]]
+    );
+}
+
+#[test]
+fn gather_kv_by_hand() {
+    // n_kv 2, s 3, d 2: k[h, i] = (10h + i, 10h + i), v = -k.
+    let k = Tensor::new(
+        &[[
+            [[0f32, 0.], [1., 1.], [2., 2.]],
+            [[10., 10.], [11., 11.], [12., 12.]],
+        ]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let v = k.neg().unwrap();
+    let picks = Tensor::new(&[[2u32, 0], [1, 1]], &Device::Cpu).unwrap();
+    let g = gather_kv(&k, &v, &picks).unwrap();
+    assert_eq!(g.dims(), &[1, 2, 2, 4]);
+    let g = g.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    assert_eq!(g[0], vec![vec![2., 2., -2., -2.], vec![0., 0., 0., 0.]]);
+    assert_eq!(
+        g[1],
+        vec![vec![11., 11., -11., -11.], vec![11., 11., -11., -11.]]
+    );
+}
+
+#[test]
+fn lse_merge_by_hand() {
+    // Row 0: parts with LSE ln 1 and ln 3 → weights 1/4, 3/4. Row 1: only part 1 saw keys.
+    // Row 2: nobody.
+    let inf = f32::NEG_INFINITY;
+    let o = Tensor::new(&[[[4f32], [7.], [1.]], [[8.], [9.], [2.]]], &Device::Cpu).unwrap();
+    let l = Tensor::new(&[[0f32, inf, inf], [3f32.ln(), 0.5, inf]], &Device::Cpu).unwrap();
+    let (out, lse) = lse_merge(&o, &l).unwrap();
+    let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let lse = lse.to_vec1::<f32>().unwrap();
+    assert!(
+        (out[0] - 7.0).abs() < 1e-6 && (out[1] - 9.0).abs() < 1e-6 && out[2] == 0.0,
+        "{out:?}"
+    );
+    assert!(
+        (lse[0] - 4f32.ln()).abs() < 1e-6 && (lse[1] - 0.5).abs() < 1e-6 && lse[2] == inf,
+        "{lse:?}"
+    );
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::*;
+    use candle_core::{DType, Device, Tensor};
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("a CUDA device")
+    }
+
+    /// Random scores with many exact ties (rounded to 1/8) and some -inf, like pooled scores.
+    fn tied_scores(rows: usize, seq: usize) -> Tensor {
+        let t = Tensor::randn(0f32, 4.0, (rows, seq), &Device::Cpu).unwrap();
+        (t * 8.0)
+            .unwrap()
+            .round()
+            .unwrap()
+            .affine(0.125, 0.0)
+            .unwrap()
+    }
+
+    #[test]
+    fn topk_cuda_matches_cpu() {
+        let g = gpu();
+        for (rows, seq, lo, hi, k) in [
+            (1, 10, 0, 10, 3),
+            (3, 1000, 10, 990, 128),
+            (8, 70_001, 4096, 70_001, 2048),
+            (8, 65_536, 0, 65_536, 8192),
+            (2, 300, 100, 200, 128), // fewer candidates than k
+            (2, 300, 150, 150, 4),   // none
+        ] {
+            let s = tied_scores(rows, seq);
+            let want = topk_positions(&s, lo, hi, k)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap();
+            let got = topk_positions(&s.to_device(&g).unwrap(), lo, hi, k)
+                .unwrap()
+                .to_vec2::<u32>()
+                .unwrap();
+            assert_eq!(got, want, "rows {rows} seq {seq} [{lo},{hi}) k {k}");
+        }
+    }
+
+    #[test]
+    fn gather_kv_cuda_matches_cpu() {
+        let g = gpu();
+        for dt in [DType::BF16, DType::F32] {
+            let (n_kv, s, d, kk) = (4, 1037, 128, 129);
+            let k = Tensor::randn(0f32, 1.0, (1, n_kv, s, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, n_kv, s, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let picks = topk_positions(&tied_scores(n_kv, s), 3, s, kk).unwrap();
+            let want = gather_kv(&k, &v, &picks).unwrap();
+            // A strided view of a longer buffer, as a cache gives.
+            let long = |t: &Tensor| {
+                Tensor::cat(&[t, t], 2)
+                    .unwrap()
+                    .to_device(&g)
+                    .unwrap()
+                    .narrow(2, 0, s)
+                    .unwrap()
+            };
+            let got = gather_kv(&long(&k), &long(&v), &picks.to_device(&g).unwrap()).unwrap();
+            let f = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(f(&got), f(&want), "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn lse_merge_cuda_matches_cpu() {
+        let g = gpu();
+        let (parts, rows, d) = (5, 333, 128);
+        let o = Tensor::randn(0f32, 1.0, (parts, rows, d), &Device::Cpu).unwrap();
+        let mut l = Tensor::randn(0f32, 3.0, (parts, rows), &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for r in 0..rows {
+            if r % 7 == 0 {
+                l[0][r] = f32::NEG_INFINITY;
+            }
+            if r % 11 == 0 {
+                for p in l.iter_mut() {
+                    p[r] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let l = Tensor::new(l, &Device::Cpu).unwrap();
+        let (wo, wl) = lse_merge(&o, &l).unwrap();
+        let (go, gl) = lse_merge(&o.to_device(&g).unwrap(), &l.to_device(&g).unwrap()).unwrap();
+        let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in f(&go).iter().zip(f(&wo)) {
+            assert!((a - b).abs() <= 1e-5 + 1e-5 * b.abs(), "{a} vs {b}");
+        }
+        for (a, b) in f(&gl).iter().zip(f(&wl)) {
+            assert!(
+                *a == b || (a - b).abs() <= 1e-5 + 1e-5 * b.abs(),
+                "{a} vs {b}"
+            );
+        }
+    }
+
+    /// The fused kernel against the f64 reference (same bf16/f16-rounded inputs), for causal,
+    /// full and APB masks, GQA, odd lengths, straddling row blocks, decode (split-KV) and strided
+    /// cache views. Bounds: relative L2 error of the output ≤ 1e-2 (bf16) / 2e-3 (f16), every
+    /// element within 0.05 (values are O(1)), LSE within 1e-3 + 1e-3·|ref|; rows that see
+    /// nothing are exactly 0 with LSE -inf; NaN never passes.
+    #[test]
+    fn flash_matches_reference() {
+        let g = gpu();
+        // (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dtype)
+        let cases = [
+            (1, 2, 2, 37, 37, 64, true, 0, 0, DType::BF16),
+            (1, 8, 2, 200, 200, 128, true, 0, 0, DType::BF16),
+            (2, 4, 1, 129, 300, 128, true, 0, 0, DType::F16),
+            (1, 4, 2, 77, 77, 64, false, 0, 0, DType::F16),
+            (1, 8, 2, 300, 1000, 128, true, 120, 700, DType::BF16), // APB: passing 700, anchor 120
+            (1, 4, 4, 65, 65, 128, true, 65, 30, DType::BF16),      // all rows anchor rows
+            (1, 32, 8, 1, 5000, 128, false, 0, 0, DType::BF16),     // decode, split-KV
+            (1, 32, 8, 3, 4099, 64, true, 0, 0, DType::F16),        // short query, split-KV
+            (1, 8, 8, 40, 20, 128, true, 0, 0, DType::BF16), // sq > sk: first rows see nothing
+            (1, 16, 4, 1100, 1100, 128, true, 0, 0, DType::BF16), // 8-warp blocks
+        ];
+        for (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dt) in cases {
+            let mk = |h, s| {
+                Tensor::randn(0f32, 1.0, (b, h, s, d), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+            };
+            let (q, k, v) = (mk(n_h, sq), mk(n_kv, sk), mk(n_kv, sk));
+            let mask = Mask {
+                causal,
+                anchor_rows,
+                passing_keys: passing,
+            };
+            let off = sk as i64 - sq as i64;
+            let (want, want_lse) = reference_attention(&q, &k, &v, |i, j| {
+                (!causal || j as i64 <= i as i64 + off) && !(i < anchor_rows && j < passing)
+            })
+            .unwrap();
+            // K/V as views into a longer cache buffer (strided heads).
+            let long = |t: &Tensor| {
+                Tensor::cat(&[t, t], 2)
+                    .unwrap()
+                    .to_device(&g)
+                    .unwrap()
+                    .narrow(2, 0, sk)
+                    .unwrap()
+            };
+            let (o, lse) =
+                flash_attention(&q.to_device(&g).unwrap(), &long(&k), &long(&v), mask, true)
+                    .unwrap();
+            let o = o
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let lse = lse
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let label = format!("b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
+            assert!(o.iter().chain(&lse).all(|x| !x.is_nan()), "NaN: {label}");
+            let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+            for (a, w) in o.iter().zip(&want) {
+                num += (*a as f64 - w).powi(2);
+                den += w * w;
+                worst = worst.max((*a as f64 - w).abs());
+            }
+            let rel = (num / den.max(1e-30)).sqrt();
+            let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+            assert!(
+                rel <= bound && worst <= 0.05,
+                "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
+            );
+            for (r, (a, w)) in lse.iter().zip(&want_lse).enumerate() {
+                if w.is_infinite() {
+                    assert!(
+                        *a == f32::NEG_INFINITY,
+                        "{label}: row {r} sees nothing, LSE {a}"
+                    );
+                    assert!(
+                        o[r * d..(r + 1) * d].iter().all(|x| *x == 0.0),
+                        "{label}: row {r} not 0"
+                    );
+                } else {
+                    assert!(
+                        (*a as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),
+                        "{label}: row {r} LSE {a} vs {w}"
+                    );
+                }
+            }
+            println!("ok {label}: rel-L2 {rel:.2e}, max abs {worst:.2e}");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 # README, GPU section): nvcc and headers from PyPI, plus stub shared libraries with the right
 # SONAMEs for the link (the real libcuda/cuBLAS/NCCL are loaded on the GPU machine).
 # Usage: source scripts/cuda-env.sh   (idempotent; installs under ~/.cache/apb-cuda)
+_apb_saved_opts=$(set +o)
 set -euo pipefail
 CUDA_PREFIX="${APB_CUDA_PREFIX:-$HOME/.cache/apb-cuda}"
 if [ ! -x "$CUDA_PREFIX/nvidia/cu13/bin/nvcc" ]; then
@@ -43,3 +44,5 @@ make_stub libnccl.so.2 libnccl.so nccl
 [ -e "$stubs/libcudart.so" ] || ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so"
 export LIBRARY_PATH="$stubs:${LIBRARY_PATH:-}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $stubs"
+# Sourced: give the caller its shell options back.
+eval "$_apb_saved_opts"

@@ -18,7 +18,9 @@ impl AttentionBackend for Dense {
             .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
         // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
         // prompt pass and every decode step.
-        let (out, _lse) = ops::attention(x.q, &k, &v, MaskSpec::causal(), false)?;
+        let (out, _lse) = crate::profile::span("attention", x.q.device(), || {
+            ops::attention(x.q, &k, &v, MaskSpec::causal(), false)
+        })?;
         Ok(out)
     }
 }

@@ -9,6 +9,7 @@
 
 use crate::comm::Communicator;
 use crate::ops::{attention, MaskSpec};
+use crate::profile::span;
 use crate::scorer::{select_top, Scorer};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};
 use candle_core::{DType, Tensor, D};
@@ -110,21 +111,30 @@ impl RankBackend {
         self.check_rows(x.q)?;
         let rank = self.comm.rank();
         let out = match self.kind {
-            Kind::Star => attention(x.q, x.k, x.v, MaskSpec::causal(), false)?.0,
+            Kind::Star => {
+                span("attention", x.q.device(), || {
+                    attention(x.q, x.k, x.v, MaskSpec::causal(), false)
+                })?
+                .0
+            }
             Kind::Ring => ring_prefill(self.comm.as_ref(), x)?,
             Kind::Apb => {
                 let l = &self.layout;
                 let n_kv = x.k.dim(1)?;
-                let scores = self.scorer.score(
-                    x.layer,
-                    x.q_raw,
-                    x.k_raw,
-                    x.v_raw,
-                    n_kv,
-                    l.question_rows.clone(),
-                )?;
-                let picks =
-                    select_top(&scores, l.exclude_front..l.anchor + l.local - l.pad, l.l_p)?;
+                let dev = x.q.device();
+                let scores = span("retaining_heads", dev, || {
+                    self.scorer.score(
+                        x.layer,
+                        x.q_raw,
+                        x.k_raw,
+                        x.v_raw,
+                        n_kv,
+                        l.question_rows.clone(),
+                    )
+                })?;
+                let picks = span("topk", dev, || {
+                    select_top(&scores, l.exclude_front..l.anchor + l.local - l.pad, l.l_p)
+                })?;
                 if rank + 1 < self.comm.world_size()
                     && l.anchor + l.local - l.pad - l.exclude_front < l.l_p
                 {
@@ -134,10 +144,13 @@ impl RankBackend {
                     )));
                 }
                 // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-                let packed = apb_kernels::gather_kv(x.k, x.v, &picks)?;
-                let all = self.comm.all_gather(&packed)?;
+                let packed = span("topk", dev, || apb_kernels::gather_kv(x.k, x.v, &picks))?;
+                let all = span("communication", dev, || self.comm.all_gather(&packed))?;
                 if rank == 0 || l.l_p == 0 {
-                    attention(x.q, x.k, x.v, MaskSpec::causal(), false)?.0
+                    span("attention", dev, || {
+                        attention(x.q, x.k, x.v, MaskSpec::causal(), false)
+                    })?
+                    .0
                 } else {
                     let passing = Tensor::cat(&all[..rank], 2)?;
                     let d = x.k.dim(3)?;
@@ -145,7 +158,10 @@ impl RankBackend {
                         Tensor::cat(&[&passing.narrow(3, 0, d)?.to_dtype(x.k.dtype())?, x.k], 2)?;
                     let v =
                         Tensor::cat(&[&passing.narrow(3, d, d)?.to_dtype(x.v.dtype())?, x.v], 2)?;
-                    attention(x.q, &k, &v, MaskSpec::apb(l.anchor, rank * l.l_p), false)?.0
+                    span("attention", dev, || {
+                        attention(x.q, &k, &v, MaskSpec::apb(l.anchor, rank * l.l_p), false)
+                    })?
+                    .0
                 }
             }
         };
@@ -199,7 +215,9 @@ impl AttentionBackend for RankBackend {
 fn ring_prefill(comm: &dyn Communicator, x: &AttnInput<'_>) -> Result<Tensor> {
     let rank = comm.rank();
     let d = x.k.dim(3)?;
-    let blocks = comm.all_gather(&Tensor::cat(&[x.k, x.v], D::Minus1)?)?;
+    let dev = x.q.device();
+    let kv = Tensor::cat(&[x.k, x.v], D::Minus1)?;
+    let blocks = span("communication", dev, || comm.all_gather(&kv))?;
     let mut outs = Vec::with_capacity(rank + 1);
     let mut lses = Vec::with_capacity(rank + 1);
     for (src, kv) in blocks.iter().enumerate().take(rank + 1) {
@@ -209,7 +227,7 @@ fn ring_prefill(comm: &dyn Communicator, x: &AttnInput<'_>) -> Result<Tensor> {
         } else {
             MaskSpec::full()
         };
-        let (o, l) = attention(x.q, &k, &v, mask, true)?;
+        let (o, l) = span("attention", dev, || attention(x.q, &k, &v, mask, true))?;
         outs.push(o.to_dtype(DType::F32)?);
         lses.push(l.ok_or_else(|| Error::Shape("no LSE".into()))?);
     }

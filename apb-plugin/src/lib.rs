@@ -12,8 +12,11 @@ pub mod cpu_flash;
 pub mod dense;
 pub mod distributed;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ops;
 pub mod plan;
+pub mod profile;
 pub mod registry;
 pub mod scorer;
 

@@ -132,7 +132,7 @@ pub fn generate(
     let inputs: Vec<_> = (0..p.world)
         .map(|h| rank_inputs(parts, &p, cfg.kind, h, &cfg.scorer))
         .collect();
-    let results: Vec<Result<Option<Generation>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Generation>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .iter()
             .zip(&inputs)
@@ -156,6 +156,7 @@ pub fn generate(
                             positions,
                             layout,
                             t0,
+                            p.world - 1,
                             on_text,
                         )
                     }));
@@ -182,8 +183,8 @@ pub fn generate(
     let mut errors = Vec::new();
     for r in results {
         match r {
-            Ok(Some(g)) => gen = Some(g),
-            Ok(None) => {}
+            // The last rank's result: it sampled, so it has the first logits.
+            Ok(g) => gen = Some(g),
             Err(e) => errors.push(e),
         }
     }
@@ -196,6 +197,63 @@ pub fn generate(
         return Err(errors.swap_remove(pos));
     }
     let generation = gen.ok_or_else(|| anyhow!("the last rank returned no result"))?;
+    Ok(DistGeneration {
+        generation,
+        rank_prefill_tokens: inputs.iter().map(|(t, _, _)| t.len()).collect(),
+        scorer: (cfg.kind == Kind::Apb).then(|| cfg.scorer.name().to_string()),
+        plan: p,
+    })
+}
+
+/// This process's rank of a multi-process group (one GPU each, `comm` over NCCL): the same
+/// program as [`generate`]'s threads. Every rank returns the generation; `emit_rank` streams text.
+pub fn generate_on_rank(
+    model: &Model,
+    tok: &Tok,
+    parts: &PromptParts,
+    cfg: &DistConfig,
+    params: &GenParams,
+    comm: Arc<dyn Communicator>,
+    emit_rank: usize,
+    on_text: &mut (dyn FnMut(&str) + Send),
+) -> Result<DistGeneration> {
+    let ctx_limit = model.cfg.max_position_embeddings;
+    let total = parts.context.len() + parts.query.len();
+    if total >= ctx_limit {
+        bail!("the prompt has {total} tokens but the model's context is {ctx_limit}; shorten the prompt");
+    }
+    let p = make_plan(parts, cfg)?;
+    if p.world != comm.world_size() {
+        bail!(
+            "the planner chose {} ranks for this prompt but {} processes run: {}",
+            p.world,
+            comm.world_size(),
+            p.notes.join("; ")
+        );
+    }
+    let max_new = params.max_new_tokens.min(ctx_limit - total);
+    let inputs: Vec<_> = (0..p.world)
+        .map(|h| rank_inputs(parts, &p, cfg.kind, h, &cfg.scorer))
+        .collect();
+    let (tokens, positions, layout) = &inputs[comm.rank()];
+    let on_text = std::sync::Mutex::new(on_text);
+    let generation = run_rank(
+        model,
+        tok,
+        parts,
+        &p,
+        cfg,
+        params,
+        max_new,
+        comm.clone(),
+        tokens,
+        positions,
+        layout,
+        Instant::now(),
+        emit_rank,
+        &on_text,
+    )
+    .inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", comm.rank())))?;
     Ok(DistGeneration {
         generation,
         rank_prefill_tokens: inputs.iter().map(|(t, _, _)| t.len()).collect(),
@@ -218,10 +276,12 @@ fn run_rank(
     positions: &[u32],
     layout: &RankLayout,
     t0: Instant,
+    emit_rank: usize,
     on_text: &std::sync::Mutex<&mut (dyn FnMut(&str) + Send)>,
-) -> Result<Option<Generation>> {
+) -> Result<Generation> {
     let rank = comm.rank();
     let last = rank + 1 == p.world;
+    let emits = rank == emit_rank;
     let backend = RankBackend::new(cfg.kind, comm.clone(), layout.clone(), cfg.scorer.clone())?;
     let mut cache = Cache::new(&model.cfg);
     model.forward(
@@ -280,7 +340,7 @@ fn run_rank(
             break;
         }
         out.push(next);
-        if last {
+        if emits {
             stream.push(tok, &out, &mut emit)?;
         }
         if out.len() >= max_new {
@@ -297,17 +357,18 @@ fn run_rank(
         pos += 1;
         steps += 1;
     }
-    if !last {
-        return Ok(None);
-    }
     let decode_s = t1.elapsed().as_secs_f64();
-    let text = stream.finish(tok, &out, &mut emit)?;
+    let text = if emits {
+        stream.finish(tok, &out, &mut emit)?
+    } else {
+        tok.decode(&out)?
+    };
     let total = parts.context.len() + parts.query.len();
     let stats = GenStats::new(total, out.len(), prefill_ms, steps, decode_s);
-    Ok(Some(Generation {
+    Ok(Generation {
         text,
         tokens: out,
         first_logits,
         stats,
-    }))
+    })
 }

@@ -24,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Benchmarks: prefill across attention methods, or our attention kernel alone.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Generate text from a prompt (streams to stdout, or one JSON object with --json).
     Generate(GenerateArgs),
 }
@@ -95,6 +98,160 @@ struct GenerateArgs {
     /// Print one JSON object (text and timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    launch: apb_host::launch::LaunchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill wall time of dense (1 GPU) vs ring / star / apb (--world-size GPUs, one process
+    /// each), side by side, on a model of real shapes with random weights.
+    Prefill(PrefillArgs),
+    /// Our fused attention kernel alone (causal, bf16) at one shape: time and TFLOP/s.
+    Attention(AttentionBenchArgs),
+}
+
+#[derive(Args)]
+struct PrefillArgs {
+    /// Model shapes: llama-3.1-8b, qwen-2.5-14b, yi-34b, or a path to a config.json.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    config: String,
+    /// Random weights of the config's shapes (the only mode today: timings do not depend on values).
+    #[arg(long, default_value_t = true)]
+    random_weights: bool,
+    /// Prompt lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
+    lengths: Vec<usize>,
+    /// Methods to compare, comma-separated (dense runs on one GPU).
+    #[arg(long, value_delimiter = ',', default_value = "dense,ring,star,apb")]
+    attention: Vec<String>,
+    /// GPUs (ranks) for ring / star / apb.
+    #[arg(long, default_value_t = 4)]
+    world_size: usize,
+    /// Also run each case once more with device synchronisation per part for a time breakdown.
+    #[arg(long)]
+    breakdown: bool,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Write all results as JSON here (rank 0).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    launch: apb_host::launch::LaunchArgs,
+}
+
+#[derive(Args)]
+struct AttentionBenchArgs {
+    #[arg(long, default_value_t = 32768)]
+    seq: usize,
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+}
+
+fn bench_prefill(a: PrefillArgs) -> Result<()> {
+    use apb_host::bench::{gemm_peak, PrefillBench};
+    if !a.random_weights {
+        bail!("apb bench prefill runs random weights only (--random-weights)");
+    }
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    let cfg = apb_loaders::random::config_by_name(&a.config)?;
+    let group = if device.is_cuda() && a.world_size > 1 {
+        Some(apb_host::launch::join(&a.launch, a.world_size)?)
+    } else {
+        None
+    };
+    let (device, comm) = match &group {
+        Some(g) => {
+            let dev = candle_core::Device::new_cuda(g.local_rank)?;
+            let comm = apb_host::launch::communicator(g, &dev)?;
+            (dev, comm)
+        }
+        None => {
+            if a.world_size > 1 {
+                bail!("--world-size {} needs --device cuda (one GPU per rank)", a.world_size);
+            }
+            let comm: Arc<dyn apb_plugin::Communicator> =
+                apb_plugin::LocalGroup::new(1).remove(0);
+            (device, comm)
+        }
+    };
+    let root = comm.rank() == 0;
+    let model = apb_loaders::random::random_model(&cfg, dtype, &device)?;
+    let peak = if device.is_cuda() { Some(gemm_peak(&device)?) } else { None };
+    let bench = PrefillBench { model: &model, comm: comm.clone(), breakdown: a.breakdown };
+    // Warm-up: loads kernels and fills allocator pools, per method.
+    for m in &a.attention {
+        bench.run(8192.min(a.lengths.iter().copied().min().unwrap_or(8192)), m, a.world_size)?;
+    }
+    let mut results = Vec::new();
+    for &len in &a.lengths {
+        let mut dense_s = None;
+        for m in &a.attention {
+            let mut v = bench.run(len, m, a.world_size)?;
+            let wall = v["wall_s"].as_f64().unwrap_or(f64::NAN);
+            if m == "dense" {
+                dense_s = Some(wall);
+            }
+            if let Some(d) = dense_s {
+                v["speedup_vs_dense"] = (d / wall).into();
+            }
+            if let Some(p) = peak {
+                v["mfu"] = (v["slowest_rank_tflops"].as_f64().unwrap_or(0.0) / p).into();
+            }
+            if root {
+                eprintln!(
+                    "{len:>7} {m:>5}: {:.3} s  ({:.0} tok/s, {:.0} TFLOP/s slowest rank)",
+                    wall,
+                    v["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    v["slowest_rank_tflops"].as_f64().unwrap_or(0.0)
+                );
+            }
+            results.push(v);
+        }
+    }
+    if root {
+        let out = serde_json::json!({
+            "config": a.config,
+            "dtype": a.dtype,
+            "world_size": a.world_size,
+            "gemm_peak_tflops": peak,
+            "breakdown_buckets": apb_host::bench::BUCKETS,
+            "results": results,
+        });
+        match &a.json {
+            Some(p) => std::fs::write(p, serde_json::to_string_pretty(&out)?)
+                .with_context(|| format!("cannot write {}", p.display()))?,
+            None => println!("{}", serde_json::to_string_pretty(&out)?),
+        }
+    }
+    if let Some(g) = group {
+        g.finish()?;
+    }
+    Ok(())
+}
+
+fn bench_attention(a: AttentionBenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    if ![64, 128].contains(&a.head_dim) || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+        bail!("--head-dim must be 64 or 128 and --heads a multiple of --kv-heads");
+    }
+    let (s, tflops) =
+        apb_host::bench::attention_kernel(&device, a.seq, a.heads, a.kv_heads, a.head_dim)?;
+    println!(
+        "{}",
+        serde_json::json!({"seq": a.seq, "heads": a.heads, "kv_heads": a.kv_heads,
+            "head_dim": a.head_dim, "causal": true, "seconds": s, "tflops": tflops})
+    );
+    Ok(())
 }
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
@@ -146,6 +303,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         bail!("--heads is only used by --attention apb");
     }
     let device = parse_device(&a.device)?;
+    // On GPUs each rank is a process with its own GPU (threads share one device otherwise).
+    let group = if device.is_cuda() && kind.is_some() && a.world_size > 1 {
+        Some(apb_host::launch::join(&a.launch, a.world_size)?)
+    } else {
+        None
+    };
+    let device = match &group {
+        Some(g) => candle_core::Device::new_cuda(g.local_rank)?,
+        None => device,
+    };
     let dtype = parse_dtype(&a.dtype)?;
     let prompt = read_prompt(&a)?;
     let source = ModelSource::parse(&a.model, a.revision.as_deref())?;
@@ -196,14 +363,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 passing_len: a.passing_len,
                 scorer,
             };
-            let d = dist::generate(
-                &loaded.model,
-                &loaded.tok,
-                &parts,
-                &cfg,
-                &params,
-                &mut on_text,
-            )?;
+            let d = match &group {
+                None => dist::generate(
+                    &loaded.model,
+                    &loaded.tok,
+                    &parts,
+                    &cfg,
+                    &params,
+                    &mut on_text,
+                )?,
+                Some(g) => dist::generate_on_rank(
+                    &loaded.model,
+                    &loaded.tok,
+                    &parts,
+                    &cfg,
+                    &params,
+                    apb_host::launch::communicator(g, &device)?,
+                    0,
+                    &mut on_text,
+                )?,
+            };
             for note in &d.plan.notes {
                 eprintln!("note: {note}");
             }
@@ -222,6 +401,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
             v
         }
     };
+    if let Some(g) = group {
+        v["processes"] = g.world.into();
+        g.finish()?;
+    }
     if json {
         v["requested_world_size"] = a.world_size.into();
         println!("{v}");
@@ -272,11 +455,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Bench(BenchCmd::Prefill(a)) => bench_prefill(a),
+        Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            match std::env::var("APB_RANK") {
+                Ok(r) => eprintln!("error: rank {r}: {}", one_line(&e)),
+                Err(_) => eprintln!("error: {}", one_line(&e)),
+            }
             ExitCode::FAILURE
         }
     }

@@ -320,10 +320,10 @@ pub fn reference_attention(
     mask: impl Fn(usize, usize) -> bool,
 ) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
     let flat = |t: &Tensor| -> Result<Vec<f64>> {
-        Ok(t.to_dtype(DType::F64)?
+        t.to_dtype(DType::F64)?
             .to_device(&Device::Cpu)?
             .flatten_all()?
-            .to_vec1::<f64>()?)
+            .to_vec1::<f64>()
     };
     let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
     let (b, n_h, sq, d) = q.dims4()?;

@@ -124,6 +124,9 @@ pub(crate) fn alloc(
 }
 
 /// Marker for plain-old-data kernel parameter structs.
+///
+/// # Safety
+/// The type must be `#[repr(C)]` with exactly the layout of the kernel's parameter struct.
 pub(crate) unsafe trait Pod: Copy {}
 #[repr(transparent)]
 #[derive(Clone, Copy)]

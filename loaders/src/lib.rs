@@ -12,6 +12,7 @@ pub mod hub;
 pub mod load;
 
 pub mod model;
+pub mod random;
 pub mod registry;
 pub mod tokenizer;
 

@@ -5,6 +5,7 @@
 //! anchor block positions `0..l_a` while local tokens keep their true positions.
 
 use crate::config::Config;
+use apb_plugin::profile::span;
 use apb_plugin::{AttentionBackend, AttnInput, LayerKv, Phase};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -88,16 +89,19 @@ impl Attention {
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let (q_raw, k_raw, v_raw) = (
-            self.q_proj.forward(x)?,
-            self.k_proj.forward(x)?,
-            self.v_proj.forward(x)?,
-        );
         let heads =
             |t: &Tensor, n: usize| t.reshape((b, s, n, self.d))?.transpose(1, 2)?.contiguous();
-        let q = candle_nn::rotary_emb::rope(&heads(&q_raw, self.n_h)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(&k_raw, self.n_kv)?, cos, sin)?;
-        let v = heads(&v_raw, self.n_kv)?;
+        let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
+            let (q_raw, k_raw, v_raw) = (
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            );
+            let q = candle_nn::rotary_emb::rope(&heads(&q_raw, self.n_h)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&heads(&k_raw, self.n_kv)?, cos, sin)?;
+            let v = heads(&v_raw, self.n_kv)?;
+            Ok((q_raw, k_raw, v_raw, q, k, v))
+        })?;
         let input = AttnInput {
             layer,
             q: &q,
@@ -108,8 +112,10 @@ impl Attention {
             v_raw: &v_raw,
         };
         let y = backend.forward(phase, &input, cache)?;
-        let y = y.transpose(1, 2)?.reshape((b, s, self.n_h * self.d))?;
-        Ok(self.o_proj.forward(&y)?)
+        span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
+            let y = y.transpose(1, 2)?.reshape((b, s, self.n_h * self.d))?;
+            Ok(self.o_proj.forward(&y)?)
+        })
     }
 }
 
@@ -256,7 +262,7 @@ impl Model {
                 .forward(&h, i, &cos, &sin, phase, backend, kv)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+            x = (&x + span("ffn", x.device(), || block.mlp.forward(&h))?)?;
             on_layer(i);
         }
         Ok(self.norm.forward(&x)?)

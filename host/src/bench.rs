@@ -1,0 +1,224 @@
+//! `apb bench`: prefill and attention-kernel timings, side by side in one run.
+//!
+//! `prefill`: for each length and attention method, one timed prefill (after a warm-up) of a
+//! model of real shapes with random weights; dense runs on rank 0's GPU alone, ring/star/apb on all
+//! ranks (one process per GPU). Reports the slowest rank's wall time, tokens/s, achieved TFLOP/s
+//! and MFU against a bf16 GEMM peak measured in the same run, and (second, synchronised run) a
+//! per-part breakdown of the slowest rank.
+
+use crate::dist::{make_plan, rank_inputs, DistConfig};
+use crate::prompt::PromptParts;
+use anyhow::{bail, Result};
+use apb_loaders::{Cache, Config, Model};
+use apb_plugin::{profile, AttentionBackend, Communicator, Dense, Kind, Phase, RankBackend, Scorer};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Breakdown buckets, in report order (see the spans in the model file and the backends).
+pub const BUCKETS: [&str; 7] = [
+    "qkv",
+    "retaining_heads",
+    "topk",
+    "communication",
+    "attention",
+    "o_proj",
+    "ffn",
+];
+
+/// Query tokens of the synthetic prompt (APB embeds them in the anchor).
+const QUESTION: usize = 64;
+
+/// Measured dense bf16 GEMM throughput (TFLOP/s) at 8192³, the MFU denominator.
+pub fn gemm_peak(device: &Device) -> Result<f64> {
+    let n = 8192;
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    for _ in 0..3 {
+        a.matmul(&b)?;
+    }
+    device.synchronize()?;
+    let iters = 20;
+    let t = Instant::now();
+    for _ in 0..iters {
+        a.matmul(&b)?;
+    }
+    device.synchronize()?;
+    Ok(2.0 * (n as f64).powi(3) * iters as f64 / t.elapsed().as_secs_f64() / 1e12)
+}
+
+/// FLOPs of one prefill on one rank: matmuls of the layers (no LM head) plus attention over the
+/// (query, key) pairs its mask allows (QKᵀ and PV, 2 FLOPs per multiply-add each).
+pub fn prefill_flops(cfg: &Config, rows: usize, pairs: f64) -> f64 {
+    let (h, i, d) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.head_dim as f64);
+    let (n_h, n_kv) = (cfg.num_attention_heads as f64, cfg.num_key_value_heads as f64);
+    let linear = h * (n_h + 2.0 * n_kv) * d + n_h * d * h + 3.0 * h * i;
+    cfg.num_hidden_layers as f64 * (2.0 * rows as f64 * linear + 4.0 * d * n_h * pairs)
+}
+
+fn tri(n: usize) -> f64 {
+    n as f64 * (n as f64 + 1.0) / 2.0
+}
+
+/// Visible (query, key) pairs of rank `h`'s prefill.
+fn rank_pairs(kind: Option<Kind>, h: usize, anchor: usize, local: usize, l_p: usize) -> f64 {
+    match kind {
+        None | Some(Kind::Star) => tri(anchor + local),
+        Some(Kind::Ring) => (h * local * local) as f64 + tri(local),
+        Some(Kind::Apb) => tri(anchor) + (local * (h * l_p + anchor)) as f64 + tri(local),
+    }
+}
+
+pub struct PrefillBench<'a> {
+    pub model: &'a Model,
+    pub comm: Arc<dyn Communicator>,
+    pub breakdown: bool,
+}
+
+impl PrefillBench<'_> {
+    fn parts(&self, len: usize) -> PromptParts {
+        // Deterministic pseudo-random ids (same on every rank), avoiding special ids at the top.
+        let v = self.model.cfg.vocab_size as u64;
+        let vocab = if v > 2048 { v - 1024 } else { v };
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        };
+        let context: Vec<u32> = (0..len).map(|_| next()).collect();
+        let question: Vec<u32> = (0..QUESTION).map(|_| next()).collect();
+        PromptParts {
+            context,
+            query: question.clone(),
+            question,
+            prefix_len: 0,
+        }
+    }
+
+    /// One measurement: (slowest rank's seconds, per-rank seconds, slowest rank's breakdown,
+    /// total FLOPs of the slowest rank, plan summary).
+    pub fn run(&self, len: usize, method: &str, world: usize) -> Result<Value> {
+        let kind = match method {
+            "dense" => None,
+            "ring" => Some(Kind::Ring),
+            "star" => Some(Kind::Star),
+            "apb" => Some(Kind::Apb),
+            m => bail!("unknown attention method '{m}' (dense, ring, star, apb)"),
+        };
+        let rank = self.comm.rank();
+        let dev = self.model.device().clone();
+        let parts = self.parts(len);
+        let (tokens, positions, backend, pairs, plan): (Vec<u32>, Vec<u32>, Box<dyn AttentionBackend>, f64, Value) =
+            match kind {
+                None => {
+                    let pos: Vec<u32> = (0..len as u32).collect();
+                    (parts.context.clone(), pos, Box::new(Dense), tri(len), json!({"world": 1}))
+                }
+                Some(kind) => {
+                    let cfg = DistConfig {
+                        kind,
+                        world,
+                        anchor_len: None,
+                        passing_len: None,
+                        scorer: Scorer::QueryAware,
+                    };
+                    let p = make_plan(&parts, &cfg)?;
+                    if p.world != world {
+                        bail!("{method} at {len} tokens: the planner chose {} ranks ({})", p.world, p.notes.join("; "));
+                    }
+                    let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &cfg.scorer);
+                    let pairs = rank_pairs(Some(kind), rank, layout.anchor, layout.local + layout.probe, p.l_p);
+                    let backend = RankBackend::new(kind, self.comm.clone(), layout, cfg.scorer)?;
+                    (t, pos, Box::new(backend), pairs, json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}))
+                }
+            };
+        let active = kind.is_some() || rank == 0;
+        let flops = if active { prefill_flops(&self.model.cfg, tokens.len(), pairs) } else { 0.0 };
+        let once = |profiled: bool| -> Result<(f64, Vec<f64>)> {
+            profile::enable(profiled);
+            self.comm.barrier()?;
+            dev.synchronize()?;
+            let t = Instant::now();
+            if active {
+                let mut cache = Cache::new(&self.model.cfg);
+                self.model.forward(&tokens, &positions, Phase::Prefill, backend.as_ref(), &mut cache, &mut |_| {})?;
+            }
+            dev.synchronize()?;
+            let secs = t.elapsed().as_secs_f64();
+            let b = profile::take();
+            profile::enable(false);
+            Ok((secs, BUCKETS.iter().map(|k| b.get(k).copied().unwrap_or(0.0)).collect()))
+        };
+        let (secs, _) = once(false)?;
+        let breakdown = if self.breakdown { Some(once(true)?.1) } else { None };
+        // Every rank's numbers to rank 0: [secs, flops, buckets...].
+        let mut mine = vec![secs, flops];
+        mine.extend(breakdown.clone().unwrap_or_else(|| vec![0.0; BUCKETS.len()]));
+        let mine = Tensor::new(mine.iter().map(|x| *x as f32).collect::<Vec<_>>(), &dev)?;
+        let all: Vec<Vec<f32>> = self
+            .comm
+            .all_gather(&mine)?
+            .iter()
+            .map(|t| t.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let ranks: Vec<usize> = if kind.is_some() { (0..all.len()).collect() } else { vec![0] };
+        let slowest = *ranks
+            .iter()
+            .max_by(|a, b| all[**a][0].total_cmp(&all[**b][0]))
+            .expect("at least one rank");
+        let wall = all[slowest][0] as f64;
+        let f = all[slowest][1] as f64;
+        let mut v = json!({
+            "length": len,
+            "attention": method,
+            "gpus": ranks.len(),
+            "wall_s": wall,
+            "tokens_per_s": len as f64 / wall,
+            "per_rank_s": ranks.iter().map(|r| all[*r][0]).collect::<Vec<_>>(),
+            "slowest_rank": slowest,
+            "slowest_rank_tflop": f / 1e12,
+            "slowest_rank_tflops": f / wall / 1e12,
+            "plan": plan,
+        });
+        if self.breakdown {
+            v["breakdown_s"] = BUCKETS
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.to_string(), json!(all[slowest][2 + i])))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        Ok(v)
+    }
+}
+
+/// Times our attention kernel alone: `(b=1, heads, seq, d)` causal bf16, `kv_heads` KV heads.
+/// Returns (seconds per call, TFLOP/s counting the causal half).
+pub fn attention_kernel(
+    device: &Device,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<(f64, f64)> {
+    let q = Tensor::randn(0f32, 1.0, (1, heads, seq, d), device)?.to_dtype(DType::BF16)?;
+    let k = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
+    let v = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
+    let run = || apb_plugin::attention(&q, &k, &v, apb_plugin::MaskSpec::causal(), false);
+    for _ in 0..3 {
+        run()?;
+    }
+    device.synchronize()?;
+    let iters = 10;
+    let t = Instant::now();
+    for _ in 0..iters {
+        run()?;
+    }
+    device.synchronize()?;
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    let flops = 4.0 * d as f64 * heads as f64 * tri(seq);
+    Ok((s, flops / s / 1e12))
+}

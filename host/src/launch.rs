@@ -1,0 +1,257 @@
+//! One process per GPU. `apb ... --world-size N --device cuda` on each node starts that node's
+//! other ranks as child processes of itself (same arguments, `APB_RANK` in the environment); all
+//! ranks meet at a TCP rendezvous on the master (`--master-addr`/`--master-port`), where global
+//! rank 0 hands out the NCCL unique id. The connections stay open as a liveness check: when any
+//! rank exits with an error, its launcher (or rank 0) kills the group and exits non-zero, so a
+//! dead peer never leaves the others hanging inside a collective.
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the ranks meet.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// Number of nodes (machines); each runs `apb` with the same arguments and its --node-rank.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index in [0, nnodes); node 0 hosts global rank 0 and the rendezvous.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, reachable from every node.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// TCP port of the rendezvous on node 0.
+    #[arg(long, default_value_t = 29511)]
+    pub master_port: u16,
+}
+
+/// This process's place in the group.
+pub struct RankCtx {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub world: usize,
+    pub nccl_id: [u8; 128],
+    group: Arc<Group>,
+}
+
+struct Group {
+    children: Mutex<Vec<Child>>,
+    finishing: AtomicBool,
+    peers: Mutex<Vec<TcpStream>>,
+}
+
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl RankCtx {
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Normal end: tells the rendezvous this rank is done, then (launchers) waits for the
+    /// node's children and reports the first failure.
+    pub fn finish(self) -> Result<()> {
+        self.group.finishing.store(true, Ordering::SeqCst);
+        for s in self.group.peers.lock().expect("peers").iter_mut() {
+            let _ = s.write_all(&[1]);
+        }
+        let mut children = std::mem::take(&mut *self.group.children.lock().expect("children"));
+        for c in children.iter_mut() {
+            let st = c.wait().context("waiting for a rank process")?;
+            if !st.success() {
+                bail!("a rank process exited with {st}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kill_all_and_exit(group: &Group, why: &str) -> ! {
+    eprintln!("error: {why}; stopping all ranks");
+    if let Ok(mut cs) = group.children.try_lock() {
+        for c in cs.iter_mut() {
+            let _ = c.kill();
+        }
+    }
+    std::process::exit(1);
+}
+
+/// Joins (or, on a node's first process, launches) a group of `world` ranks.
+pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
+    if args.nnodes == 0 || world % args.nnodes != 0 {
+        bail!(
+            "--world-size {world} must be a multiple of --nnodes {}",
+            args.nnodes
+        );
+    }
+    if args.node_rank >= args.nnodes {
+        bail!("--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
+    }
+    let per_node = world / args.nnodes;
+    let group = Arc::new(Group {
+        children: Mutex::new(Vec::new()),
+        finishing: AtomicBool::new(false),
+        peers: Mutex::new(Vec::new()),
+    });
+    let master = format!("{}:{}", args.master_addr, args.master_port);
+    let (rank, local_rank) = match std::env::var("APB_RANK") {
+        Ok(r) => {
+            let rank: usize = r.parse().context("APB_RANK")?;
+            (rank, rank % per_node)
+        }
+        Err(_) => (args.node_rank * per_node, 0),
+    };
+    // Rank 0 listens before anyone is started, so children can connect at once.
+    let listener = if rank == 0 {
+        Some(TcpListener::bind(&master).with_context(|| {
+            format!("cannot listen on {master} for the rank rendezvous (port in use? pass --master-port)")
+        })?)
+    } else {
+        None
+    };
+    if local_rank == 0 {
+        let exe = std::env::current_exe().context("cannot find the apb executable")?;
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        for lr in 1..per_node {
+            let r = args.node_rank * per_node + lr;
+            let child = Command::new(&exe)
+                .args(&argv)
+                .env("APB_RANK", r.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("cannot start rank {r}"))?;
+            group.children.lock().expect("children").push(child);
+        }
+        // Watchdog: any failed child takes the group down.
+        let g = group.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut failed = None;
+            if let Ok(mut cs) = g.children.try_lock() {
+                for c in cs.iter_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        if !st.success() {
+                            failed = Some(st);
+                        }
+                    }
+                }
+            }
+            if let Some(st) = failed {
+                kill_all_and_exit(&g, &format!("a rank process exited with {st}"));
+            }
+        });
+    }
+    let nccl_id = if let Some(listener) = listener {
+        let id = new_id()?;
+        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        listener.set_nonblocking(true)?;
+        let mut joined = vec![false; world];
+        joined[0] = true;
+        while joined.iter().any(|j| !j) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let mut b = [0u8; 8];
+                    s.read_exact(&mut b).context("rendezvous: reading a rank number")?;
+                    let r = u64::from_le_bytes(b) as usize;
+                    if r >= world || joined[r] {
+                        bail!("rendezvous: unexpected rank {r} (world {world})");
+                    }
+                    joined[r] = true;
+                    s.write_all(&id)?;
+                    group.peers.lock().expect("peers").push(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        let missing: Vec<usize> =
+                            (0..world).filter(|r| !joined[*r]).collect();
+                        kill_all_and_exit(
+                            &group,
+                            &format!("ranks {missing:?} did not join within {RENDEZVOUS_TIMEOUT:?}"),
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e).context("rendezvous accept"),
+            }
+        }
+        id
+    } else {
+        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        let mut s = loop {
+            match TcpStream::connect(&master) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    bail!("rank {rank} cannot reach the rendezvous at {master}: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        s.write_all(&(rank as u64).to_le_bytes())?;
+        let mut id = [0u8; 128];
+        s.read_exact(&mut id)
+            .context("rendezvous: reading the NCCL id")?;
+        group.peers.lock().expect("peers").push(s.try_clone()?);
+        id
+    };
+    // Liveness: a peer connection that closes without the "done" byte means that side died.
+    let peers: Vec<TcpStream> = group
+        .peers
+        .lock()
+        .expect("peers")
+        .iter()
+        .map(|s| s.try_clone())
+        .collect::<std::io::Result<_>>()?;
+    for mut s in peers {
+        let g = group.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let done = matches!(s.read(&mut b), Ok(1) if b[0] == 1);
+            if !done && !g.finishing.load(Ordering::SeqCst) {
+                kill_all_and_exit(&g, &format!("rank {rank} lost a peer of the group"));
+            }
+        });
+    }
+    Ok(RankCtx {
+        rank,
+        local_rank,
+        world,
+        nccl_id,
+        group,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn new_id() -> Result<[u8; 128]> {
+    apb_plugin::nccl::unique_id().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn new_id() -> Result<[u8; 128]> {
+    bail!("ranks as processes need GPUs: build with --features cuda")
+}
+
+/// The NCCL communicator of this rank on `device`.
+#[cfg(feature = "cuda")]
+pub fn communicator(
+    ctx: &RankCtx,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn apb_plugin::Communicator>> {
+    let c = apb_plugin::nccl::NcclComm::new(device, ctx.rank, ctx.world, ctx.nccl_id)
+        .map_err(|e| anyhow::anyhow!("rank {}: {e}", ctx.rank))?;
+    Ok(Arc::new(c))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn communicator(
+    _ctx: &RankCtx,
+    _device: &candle_core::Device,
+) -> Result<Arc<dyn apb_plugin::Communicator>> {
+    bail!("ranks as processes need GPUs: build with --features cuda")
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything the GPU path checks and times, in stages, on the device (through
+# scripts/device-run.sh, which unpacks dist/ and sets the library path). Each stage writes
+# $OUT/<stage>.log; a summary goes to stdout.
+#   tests    kernel tests (GPU vs CPU reference), CUDA-vs-CPU generation smoke incl. 2-GPU NCCL ranks
+#   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
+#   kernel   our attention kernel alone vs PyTorch SDPA flash, and PyTorch dense prefill
+#   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on 4 GPUs
+# Usage: scripts/device-run.sh scripts/device-gpu.sh STAGE...
+set -u
+OUT="${OUT:-/tmp/apb-out}"
+APB=/tmp/apb-bin/apb
+fail=0
+# The SmolLM2 file travels in parts over separate calls (64 MiB per call): keep what arrived.
+mkdir -p /tmp/smol-parts && cp dist/smollm2.gguf.xz.part-* /tmp/smol-parts/ 2>/dev/null
+stage() { # name timeout cmd...
+  local name=$1 t=$2; shift 2
+  echo "== $name"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.log"
+  echo "== $name rc=$rc"
+  [ $rc -eq 0 ] || fail=1
+}
+for s in "$@"; do
+  case $s in
+    tests)
+      xz -dc dist/apb-kernels-tests.xz > /tmp/apb-bin/apb-kernels-tests && chmod +x /tmp/apb-bin/apb-kernels-tests
+      stage kernel-tests 300 /tmp/apb-bin/apb-kernels-tests --test-threads 1 --nocapture
+      stage smoke 400 bash scripts/device-smoke.sh ;;
+    smollm2)
+      cat /tmp/smol-parts/smollm2.gguf.xz.part-* | xz -dc > /tmp/smollm2.gguf || true
+      stage smollm2 300 bash scripts/device-smollm2.sh /tmp/smollm2.gguf ;;
+    kernel)
+      stage attention-ours-d128 120 $APB bench attention --seq 32768 --head-dim 128
+      stage attention-ours-d64 120 $APB bench attention --seq 32768 --head-dim 64
+      stage torch-peer 400 python3 bench/torch_peer.py --lengths 32768,65536,131072 ;;
+    prefill)
+      stage prefill 560 $APB bench prefill --config llama-3.1-8b --lengths 32768,65536,131072 \
+        --attention dense,ring,star,apb --world-size 4 --breakdown --json "$OUT/prefill.json" ;;
+    *) echo "unknown stage $s"; fail=1 ;;
+  esac
+done
+exit $fail

@@ -5,7 +5,7 @@
 #   tests    kernel tests (GPU vs CPU reference), CUDA-vs-CPU generation smoke incl. 2-GPU NCCL ranks
 #   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
 #   kernel   our attention kernel alone vs PyTorch SDPA flash, and PyTorch dense prefill
-#   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on 4 GPUs
+#   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs of the machine
 # Usage: scripts/device-run.sh scripts/device-gpu.sh STAGE...
 set -u
 OUT="${OUT:-/tmp/apb-out}"
@@ -36,8 +36,10 @@ for s in "$@"; do
       stage attention-ours-d64 120 $APB bench attention --seq 32768 --head-dim 64
       stage torch-peer 400 python3 bench/torch_peer.py --lengths 32768,65536,131072 ;;
     prefill)
+      n=$(nvidia-smi -L | wc -l); methods=dense,ring,star,apb
+      [ "$n" -gt 1 ] || methods=dense  # one GPU: only dense is meaningful
       stage prefill 560 $APB bench prefill --config llama-3.1-8b --lengths 32768,65536,131072 \
-        --attention dense,ring,star,apb --world-size 4 --breakdown --json "$OUT/prefill.json" ;;
+        --attention $methods --world-size "$n" --breakdown --json "$OUT/prefill.json" ;;
     *) echo "unknown stage $s"; fail=1 ;;
   esac
 done

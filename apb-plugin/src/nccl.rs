@@ -156,7 +156,7 @@ impl Communicator for NcclComm {
     }
     fn barrier(&self) -> Result<()> {
         let one = Tensor::new(&[1u32], &Device::Cuda(self.dev.clone()))?;
-        self.gather_stacked(&one)?.to_vec1::<u32>().map(|_| ())?;
+        self.gather_stacked(&one)?.flatten_all()?.to_vec1::<u32>()?;
         Ok(())
     }
     fn abort(&self, why: &str) {

@@ -9,10 +9,10 @@
 
 use crate::comm::Communicator;
 use crate::{Error, Result};
-use cudarc::driver::CudaSlice;
-use cudarc::nccl::safe::{Comm, Id};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
+use cudarc::driver::CudaSlice;
+use cudarc::nccl::safe::{Comm, Id};
 use std::sync::Mutex;
 
 /// The 128-byte NCCL unique id that rank 0 creates and the rendezvous hands to every rank.
@@ -43,11 +43,13 @@ impl NcclComm {
     /// Joins the group `id` as `rank` of `world` on `device` (blocks until all ranks joined).
     pub fn new(device: &Device, rank: usize, world: usize, id: UniqueId) -> Result<Self> {
         let Device::Cuda(dev) = device else {
-            return Err(Error::Comm(format!("NCCL needs a CUDA device, got {device:?}")));
+            return Err(Error::Comm(format!(
+                "NCCL needs a CUDA device, got {device:?}"
+            )));
         };
         let id = Id::uninit(id.map(|b| b as _));
-        let comm = Comm::from_rank(dev.cuda_stream(), rank, world, id)
-            .map_err(|e| nccl_err("init", e))?;
+        let comm =
+            Comm::from_rank(dev.cuda_stream(), rank, world, id).map_err(|e| nccl_err("init", e))?;
         Ok(Self {
             comm: Mutex::new(Some(comm)),
             dev: dev.clone(),
@@ -145,7 +147,10 @@ impl Communicator for NcclComm {
         };
         let header = Tensor::new(header, &Device::Cuda(self.dev.clone()))?;
         let h = self.gather_stacked(&header)?.get(root)?.to_vec1::<u32>()?;
-        let dims: Vec<usize> = h[2..2 + h[1] as usize].iter().map(|d| *d as usize).collect();
+        let dims: Vec<usize> = h[2..2 + h[1] as usize]
+            .iter()
+            .map(|d| *d as usize)
+            .collect();
         let dtype = [DType::F32, DType::BF16, DType::F16, DType::U32][h[0] as usize];
         // Small payloads (tokens, decode outputs): an all-gather keeps one code path.
         let mine = match t {

@@ -26,7 +26,10 @@ pub fn reset() {
 
 /// Seconds per bucket since the last reset.
 pub fn take() -> BTreeMap<&'static str, f64> {
-    BUCKETS.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default()
+    BUCKETS
+        .lock()
+        .map(|mut b| std::mem::take(&mut *b))
+        .unwrap_or_default()
 }
 
 pub fn span<T>(name: &'static str, device: &Device, f: impl FnOnce() -> T) -> T {

@@ -10,7 +10,9 @@ use crate::dist::{make_plan, rank_inputs, DistConfig};
 use crate::prompt::PromptParts;
 use anyhow::{bail, Result};
 use apb_loaders::{Cache, Config, Model};
-use apb_plugin::{profile, AttentionBackend, Communicator, Dense, Kind, Phase, RankBackend, Scorer};
+use apb_plugin::{
+    profile, AttentionBackend, Communicator, Dense, Kind, Phase, RankBackend, Scorer,
+};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -51,8 +53,15 @@ pub fn gemm_peak(device: &Device) -> Result<f64> {
 /// FLOPs of one prefill on one rank: matmuls of the layers (no LM head) plus attention over the
 /// (query, key) pairs its mask allows (QKᵀ and PV, 2 FLOPs per multiply-add each).
 pub fn prefill_flops(cfg: &Config, rows: usize, pairs: f64) -> f64 {
-    let (h, i, d) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.head_dim as f64);
-    let (n_h, n_kv) = (cfg.num_attention_heads as f64, cfg.num_key_value_heads as f64);
+    let (h, i, d) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.head_dim as f64,
+    );
+    let (n_h, n_kv) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_key_value_heads as f64,
+    );
     let linear = h * (n_h + 2.0 * n_kv) * d + n_h * d * h + 3.0 * h * i;
     cfg.num_hidden_layers as f64 * (2.0 * rows as f64 * linear + 4.0 * d * n_h * pairs)
 }
@@ -111,32 +120,63 @@ impl PrefillBench<'_> {
         let rank = self.comm.rank();
         let dev = self.model.device().clone();
         let parts = self.parts(len);
-        let (tokens, positions, backend, pairs, plan): (Vec<u32>, Vec<u32>, Box<dyn AttentionBackend>, f64, Value) =
-            match kind {
-                None => {
-                    let pos: Vec<u32> = (0..len as u32).collect();
-                    (parts.context.clone(), pos, Box::new(Dense), tri(len), json!({"world": 1}))
+        let (tokens, positions, backend, pairs, plan): (
+            Vec<u32>,
+            Vec<u32>,
+            Box<dyn AttentionBackend>,
+            f64,
+            Value,
+        ) = match kind {
+            None => {
+                let pos: Vec<u32> = (0..len as u32).collect();
+                (
+                    parts.context.clone(),
+                    pos,
+                    Box::new(Dense),
+                    tri(len),
+                    json!({"world": 1}),
+                )
+            }
+            Some(kind) => {
+                let cfg = DistConfig {
+                    kind,
+                    world,
+                    anchor_len: None,
+                    passing_len: None,
+                    scorer: Scorer::QueryAware,
+                };
+                let p = make_plan(&parts, &cfg)?;
+                if p.world != world {
+                    bail!(
+                        "{method} at {len} tokens: the planner chose {} ranks ({})",
+                        p.world,
+                        p.notes.join("; ")
+                    );
                 }
-                Some(kind) => {
-                    let cfg = DistConfig {
-                        kind,
-                        world,
-                        anchor_len: None,
-                        passing_len: None,
-                        scorer: Scorer::QueryAware,
-                    };
-                    let p = make_plan(&parts, &cfg)?;
-                    if p.world != world {
-                        bail!("{method} at {len} tokens: the planner chose {} ranks ({})", p.world, p.notes.join("; "));
-                    }
-                    let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &cfg.scorer);
-                    let pairs = rank_pairs(Some(kind), rank, layout.anchor, layout.local + layout.probe, p.l_p);
-                    let backend = RankBackend::new(kind, self.comm.clone(), layout, cfg.scorer)?;
-                    (t, pos, Box::new(backend), pairs, json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}))
-                }
-            };
+                let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &cfg.scorer);
+                let pairs = rank_pairs(
+                    Some(kind),
+                    rank,
+                    layout.anchor,
+                    layout.local + layout.probe,
+                    p.l_p,
+                );
+                let backend = RankBackend::new(kind, self.comm.clone(), layout, cfg.scorer)?;
+                (
+                    t,
+                    pos,
+                    Box::new(backend),
+                    pairs,
+                    json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}),
+                )
+            }
+        };
         let active = kind.is_some() || rank == 0;
-        let flops = if active { prefill_flops(&self.model.cfg, tokens.len(), pairs) } else { 0.0 };
+        let flops = if active {
+            prefill_flops(&self.model.cfg, tokens.len(), pairs)
+        } else {
+            0.0
+        };
         let once = |profiled: bool| -> Result<(f64, Vec<f64>)> {
             profile::enable(profiled);
             self.comm.barrier()?;
@@ -144,19 +184,40 @@ impl PrefillBench<'_> {
             let t = Instant::now();
             if active {
                 let mut cache = Cache::new(&self.model.cfg);
-                self.model.forward(&tokens, &positions, Phase::Prefill, backend.as_ref(), &mut cache, &mut |_| {})?;
+                self.model.forward(
+                    &tokens,
+                    &positions,
+                    Phase::Prefill,
+                    backend.as_ref(),
+                    &mut cache,
+                    &mut |_| {},
+                )?;
             }
             dev.synchronize()?;
             let secs = t.elapsed().as_secs_f64();
             let b = profile::take();
             profile::enable(false);
-            Ok((secs, BUCKETS.iter().map(|k| b.get(k).copied().unwrap_or(0.0)).collect()))
+            Ok((
+                secs,
+                BUCKETS
+                    .iter()
+                    .map(|k| b.get(k).copied().unwrap_or(0.0))
+                    .collect(),
+            ))
         };
         let (secs, _) = once(false)?;
-        let breakdown = if self.breakdown { Some(once(true)?.1) } else { None };
+        let breakdown = if self.breakdown {
+            Some(once(true)?.1)
+        } else {
+            None
+        };
         // Every rank's numbers to rank 0: [secs, flops, buckets...].
         let mut mine = vec![secs, flops];
-        mine.extend(breakdown.clone().unwrap_or_else(|| vec![0.0; BUCKETS.len()]));
+        mine.extend(
+            breakdown
+                .clone()
+                .unwrap_or_else(|| vec![0.0; BUCKETS.len()]),
+        );
         let mine = Tensor::new(mine.iter().map(|x| *x as f32).collect::<Vec<_>>(), &dev)?;
         let all: Vec<Vec<f32>> = self
             .comm
@@ -164,7 +225,11 @@ impl PrefillBench<'_> {
             .iter()
             .map(|t| t.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        let ranks: Vec<usize> = if kind.is_some() { (0..all.len()).collect() } else { vec![0] };
+        let ranks: Vec<usize> = if kind.is_some() {
+            (0..all.len()).collect()
+        } else {
+            vec![0]
+        };
         let slowest = *ranks
             .iter()
             .max_by(|a, b| all[**a][0].total_cmp(&all[**b][0]))

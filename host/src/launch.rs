@@ -82,14 +82,18 @@ fn kill_all_and_exit(group: &Group, why: &str) -> ! {
 
 /// Joins (or, on a node's first process, launches) a group of `world` ranks.
 pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
-    if args.nnodes == 0 || world % args.nnodes != 0 {
+    if args.nnodes == 0 || !world.is_multiple_of(args.nnodes) {
         bail!(
             "--world-size {world} must be a multiple of --nnodes {}",
             args.nnodes
         );
     }
     if args.node_rank >= args.nnodes {
-        bail!("--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
+        bail!(
+            "--node-rank {} must be below --nnodes {}",
+            args.node_rank,
+            args.nnodes
+        );
     }
     let per_node = world / args.nnodes;
     let group = Arc::new(Group {
@@ -158,7 +162,8 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
                 Ok((mut s, _)) => {
                     s.set_nonblocking(false)?;
                     let mut b = [0u8; 8];
-                    s.read_exact(&mut b).context("rendezvous: reading a rank number")?;
+                    s.read_exact(&mut b)
+                        .context("rendezvous: reading a rank number")?;
                     let r = u64::from_le_bytes(b) as usize;
                     if r >= world || joined[r] {
                         bail!("rendezvous: unexpected rank {r} (world {world})");
@@ -169,11 +174,12 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() > deadline {
-                        let missing: Vec<usize> =
-                            (0..world).filter(|r| !joined[*r]).collect();
+                        let missing: Vec<usize> = (0..world).filter(|r| !joined[*r]).collect();
                         kill_all_and_exit(
                             &group,
-                            &format!("ranks {missing:?} did not join within {RENDEZVOUS_TIMEOUT:?}"),
+                            &format!(
+                                "ranks {missing:?} did not join within {RENDEZVOUS_TIMEOUT:?}"
+                            ),
                         );
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -177,20 +177,34 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
         }
         None => {
             if a.world_size > 1 {
-                bail!("--world-size {} needs --device cuda (one GPU per rank)", a.world_size);
+                bail!(
+                    "--world-size {} needs --device cuda (one GPU per rank)",
+                    a.world_size
+                );
             }
-            let comm: Arc<dyn apb_plugin::Communicator> =
-                apb_plugin::LocalGroup::new(1).remove(0);
+            let comm: Arc<dyn apb_plugin::Communicator> = apb_plugin::LocalGroup::new(1).remove(0);
             (device, comm)
         }
     };
     let root = comm.rank() == 0;
     let model = apb_loaders::random::random_model(&cfg, dtype, &device)?;
-    let peak = if device.is_cuda() { Some(gemm_peak(&device)?) } else { None };
-    let bench = PrefillBench { model: &model, comm: comm.clone(), breakdown: a.breakdown };
+    let peak = if device.is_cuda() {
+        Some(gemm_peak(&device)?)
+    } else {
+        None
+    };
+    let bench = PrefillBench {
+        model: &model,
+        comm: comm.clone(),
+        breakdown: a.breakdown,
+    };
     // Warm-up: loads kernels and fills allocator pools, per method.
     for m in &a.attention {
-        bench.run(8192.min(a.lengths.iter().copied().min().unwrap_or(8192)), m, a.world_size)?;
+        bench.run(
+            8192.min(a.lengths.iter().copied().min().unwrap_or(8192)),
+            m,
+            a.world_size,
+        )?;
     }
     let mut results = Vec::new();
     for &len in &a.lengths {
@@ -241,7 +255,7 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
 
 fn bench_attention(a: AttentionBenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    if ![64, 128].contains(&a.head_dim) || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+    if ![64, 128].contains(&a.head_dim) || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         bail!("--head-dim must be 64 or 128 and --heads a multiple of --kv-heads");
     }
     let (s, tflops) =

@@ -445,3 +445,89 @@ fn short_prompt_falls_back_to_fewer_ranks_and_says_so() {
     );
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
 }
+
+/// `apb bench prefill` on CPU with the tiny config: one result per length, the breakdown buckets
+/// add up to no more than the wall time, FLOPs are counted.
+#[test]
+fn bench_prefill_reports_results_and_breakdown() {
+    let cfg = tiny().join("config.json");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = apb(
+        &[
+            "bench",
+            "prefill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--lengths",
+            "300,600",
+            "--attention",
+            "dense",
+            "--world-size",
+            "1",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--breakdown",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, len) in results.iter().zip([300, 600]) {
+        assert_eq!(r["length"], len);
+        assert!(r["wall_s"].as_f64().unwrap() > 0.0);
+        assert!(r["slowest_rank_tflop"].as_f64().unwrap() > 0.0);
+        let parts: f64 = r["breakdown_s"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!(
+            parts > 0.0 && r["breakdown_s"]["attention"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn bench_prefill_bad_config_and_world_are_clear_errors() {
+    let out = apb(
+        &[
+            "bench",
+            "prefill",
+            "--config",
+            "no-such-model",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "no-such-model");
+    let cfg = tiny().join("config.json");
+    let out = apb(
+        &[
+            "bench",
+            "prefill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--world-size",
+            "2",
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "--device cuda");
+}

@@ -3,6 +3,7 @@
 # scripts/device-run.sh, which unpacks dist/ and sets the library path). Each stage writes
 # $OUT/<stage>.log; a summary goes to stdout.
 #   tests    kernel tests (GPU vs CPU reference), CUDA-vs-CPU generation smoke incl. 2-GPU NCCL ranks
+#   ktests   the kernel tests alone (one GPU)
 #   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
 #   kernel   our attention kernel alone vs PyTorch SDPA flash, and PyTorch dense prefill
 #   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs of the machine
@@ -24,16 +25,17 @@ stage() { # name timeout cmd...
 }
 for s in "$@"; do
   case $s in
-    tests)
+    tests|ktests)
       xz -dc dist/apb-kernels-tests.xz > /tmp/apb-bin/apb-kernels-tests && chmod +x /tmp/apb-bin/apb-kernels-tests
       stage kernel-tests 300 /tmp/apb-bin/apb-kernels-tests --test-threads 1 --nocapture
-      stage smoke 400 bash scripts/device-smoke.sh ;;
+      [ "$s" = ktests ] || stage smoke 400 bash scripts/device-smoke.sh ;;
     smollm2)
       cat /tmp/smol-parts/smollm2.gguf.xz.part-* | xz -dc > /tmp/smollm2.gguf || true
       stage smollm2 300 bash scripts/device-smollm2.sh /tmp/smollm2.gguf ;;
     kernel)
       stage attention-ours-d128 120 $APB bench attention --seq 32768 --head-dim 128
       stage attention-ours-d64 120 $APB bench attention --seq 32768 --head-dim 64
+      APB_FLASH_TILES=w8 stage attention-ours-w8-d128 120 $APB bench attention --seq 32768 --head-dim 128
       stage torch-peer 400 python3 bench/torch_peer.py --lengths 32768,65536,131072 ;;
     prefill)
       n=$(nvidia-smi -L | wc -l); methods=dense,ring,star,apb

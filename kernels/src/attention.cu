@@ -114,9 +114,12 @@ struct Params {
     float scale_log2;  // softmax scale · log2(e)
 };
 
-template <typename T, int D, int NW>
+// Each of the NW warps owns MT tiles of 16 query rows. MT = 1 keeps Q fragments in registers;
+// MT = 2 re-reads them from shared memory but loads each K/V fragment once for 32 rows, halving
+// shared-memory traffic per tensor-core op (what long prefills are bound by).
+template <typename T, int D, int NW, int MT>
 __device__ void flash_fwd(const Params& p) {
-    constexpr int BR = 16 * NW;
+    constexpr int BR = 16 * NW * MT;
     constexpr int NT = 32 * NW;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* sq_tile = reinterpret_cast<T*>(smem_raw);
@@ -157,19 +160,29 @@ __device__ void flash_fwd(const Params& p) {
     const int t0 = lo / BC;
     const int n_tiles = hi > lo ? (hi + BC - 1) / BC - t0 : 0;
 
-    // The two rows of each thread's accumulators: warp rows g and g+8.
+    // Each thread's accumulator rows: g and g+8 of each of its warp's MT row tiles.
     const int gq = lane / 4, tq = lane % 4;
-    int rowpos[2];
-    rowpos[0] = (r0 + warp * 16 + gq) % p.sq;
-    rowpos[1] = (r0 + warp * 16 + gq + 8) % p.sq;
+    const int wrow0 = warp * 16 * MT;
+    int rowpos[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        rowpos[m][0] = (r0 + wrow0 + m * 16 + gq) % p.sq;
+        rowpos[m][1] = (r0 + wrow0 + m * 16 + gq + 8) % p.sq;
+    }
 
-    float o_acc[D / 8][4];
+    float o_acc[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) o_acc[i][j] = 0.f;
-    float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};
-    float l_run[2] = {0.f, 0.f};
+        for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) o_acc[m][i][j] = 0.f;
+    float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        m_run[m][0] = m_run[m][1] = -CUDART_INF_F;
+        l_run[m][0] = l_run[m][1] = 0.f;
+    }
 
     if (n_tiles > 0) {
         load_tile<D, BR, NT>(sq_tile, q, r0, rows_total, tid);
@@ -180,15 +193,16 @@ __device__ void flash_fwd(const Params& p) {
         cp_async_wait<1>();
         __syncthreads();
     }
-    // Q fragments stay in registers for the whole loop.
-    uint32_t qf[D / 16][4];
-    if (n_tiles > 0) {
+    auto q_frag = [&](uint32_t* r, int m, int kk) {
+        int row = wrow0 + m * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
+        int chunk = 2 * kk + lane / 16;
+        ldsm_x4(r, smem_u32(sq_tile + swz<D>(row, chunk)));
+    };
+    // MT = 1: Q fragments stay in registers for the whole loop.
+    uint32_t qf[MT == 1 ? D / 16 : 1][4];
+    if (MT == 1 && n_tiles > 0) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            int row = warp * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-            int chunk = 2 * kk + lane / 16;
-            ldsm_x4(qf[kk], smem_u32(sq_tile + swz<D>(row, chunk)));
-        }
+        for (int kk = 0; kk < (MT == 1 ? D / 16 : 0); ++kk) q_frag(qf[kk], 0, kk);
     }
 
     for (int it = 0; it < n_tiles; ++it) {
@@ -206,22 +220,37 @@ __device__ void flash_fwd(const Params& p) {
         const T* ks = sk_tile + buf * BC * D;
         const T* vs = sv_tile + buf * BC * D;
 
-        // S = Q Kᵀ for 16 rows × 64 keys per warp.
-        float s[BC / 8][4];
+        // S = Q Kᵀ: per warp MT × 16 rows × 64 keys.
+        float s[MT][BC / 8][4];
 #pragma unroll
-        for (int i = 0; i < BC / 8; ++i)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
+            for (int i = 0; i < BC / 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) s[m][i][j] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                if (MT == 1) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) qa[m][j] = qf[MT == 1 ? kk : 0][j];
+                } else {
+                    q_frag(qa[m], m, kk);
+                }
+            }
 #pragma unroll
             for (int np = 0; np < BC / 16; ++np) {
                 uint32_t b[4];
                 int key = (2 * np + lane / 16) * 8 + lane % 8;
                 int chunk = 2 * kk + ((lane / 8) & 1);
                 ldsm_x4(b, smem_u32(ks + swz<D>(key, chunk)));
-                Ty<T>::mma(s[2 * np], qf[kk], b);
-                Ty<T>::mma(s[2 * np + 1], qf[kk], b + 2);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    Ty<T>::mma(s[m][2 * np], qa[m], b);
+                    Ty<T>::mma(s[m][2 * np + 1], qa[m], b + 2);
+                }
             }
         }
 
@@ -231,61 +260,71 @@ __device__ void flash_fwd(const Params& p) {
                                (minpos < p.anchor_rows && c0 < p.passing);
         if (need_mask) {
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
+            for (int m = 0; m < MT; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    int j = c0 + nt * 8 + 2 * tq + (e & 1);
-                    int pos = rowpos[e / 2];
-                    bool ok = j >= lo && j < hi && (!p.causal || j <= pos + off) &&
-                              !(pos < p.anchor_rows && j < p.passing);
-                    if (!ok) s[nt][e] = -CUDART_INF_F;
-                }
+                for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        int j = c0 + nt * 8 + 2 * tq + (e & 1);
+                        int pos = rowpos[m][e / 2];
+                        bool ok = j >= lo && j < hi && (!p.causal || j <= pos + off) &&
+                                  !(pos < p.anchor_rows && j < p.passing);
+                        if (!ok) s[m][nt][e] = -CUDART_INF_F;
+                    }
         }
 
         // Online softmax in base 2; each row's max is shared by the 4 threads of a quad.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = -CUDART_INF_F;
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
-                mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float m_new = fmaxf(m_run[h], mx * p.scale_log2);
-            const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
-            const float alpha = exp2f(m_run[h] - m_use);
-            m_run[h] = m_new;
-            float sum = 0.f;
+            for (int h = 0; h < 2; ++h) {
+                float mx = -CUDART_INF_F;
 #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt) {
-                s[nt][2 * h] = exp2f(s[nt][2 * h] * p.scale_log2 - m_use);
-                s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] * p.scale_log2 - m_use);
-                sum += s[nt][2 * h] + s[nt][2 * h + 1];
+                for (int nt = 0; nt < BC / 8; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[m][nt][2 * h], s[m][nt][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                const float m_new = fmaxf(m_run[m][h], mx * p.scale_log2);
+                const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+                const float alpha = exp2f(m_run[m][h] - m_use);
+                m_run[m][h] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BC / 8; ++nt) {
+                    s[m][nt][2 * h] = exp2f(s[m][nt][2 * h] * p.scale_log2 - m_use);
+                    s[m][nt][2 * h + 1] = exp2f(s[m][nt][2 * h + 1] * p.scale_log2 - m_use);
+                    sum += s[m][nt][2 * h] + s[m][nt][2 * h + 1];
+                }
+                l_run[m][h] = l_run[m][h] * alpha + sum;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    o_acc[m][dt][2 * h] *= alpha;
+                    o_acc[m][dt][2 * h + 1] *= alpha;
+                }
             }
-            l_run[h] = l_run[h] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                o_acc[dt][2 * h] *= alpha;
-                o_acc[dt][2 * h + 1] *= alpha;
-            }
-        }
 
         // O += P V; P goes from accumulators to A fragments without leaving registers.
 #pragma unroll
         for (int ks16 = 0; ks16 < BC / 16; ++ks16) {
-            uint32_t a[4];
-            a[0] = Ty<T>::pack(s[2 * ks16][0], s[2 * ks16][1]);
-            a[1] = Ty<T>::pack(s[2 * ks16][2], s[2 * ks16][3]);
-            a[2] = Ty<T>::pack(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]);
-            a[3] = Ty<T>::pack(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3]);
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                a[m][0] = Ty<T>::pack(s[m][2 * ks16][0], s[m][2 * ks16][1]);
+                a[m][1] = Ty<T>::pack(s[m][2 * ks16][2], s[m][2 * ks16][3]);
+                a[m][2] = Ty<T>::pack(s[m][2 * ks16 + 1][0], s[m][2 * ks16 + 1][1]);
+                a[m][3] = Ty<T>::pack(s[m][2 * ks16 + 1][2], s[m][2 * ks16 + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 uint32_t b[4];
                 int key = 16 * ks16 + (lane % 8) + ((lane / 8) & 1) * 8;
                 int chunk = 2 * dp + lane / 16;
                 ldsm_x4_t(b, smem_u32(vs + swz<D>(key, chunk)));
-                Ty<T>::mma(o_acc[2 * dp], a, b);
-                Ty<T>::mma(o_acc[2 * dp + 1], a, b + 2);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    Ty<T>::mma(o_acc[m][2 * dp], a[m], b);
+                    Ty<T>::mma(o_acc[m][2 * dp + 1], a[m], b + 2);
+                }
             }
         }
         __syncthreads();
@@ -293,49 +332,60 @@ __device__ void flash_fwd(const Params& p) {
 
     // Finish: full row sums across the quad, normalise, write.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float l = l_run[h];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
-        const int r = r0 + warp * 16 + gq + 8 * h;
-        if (r >= rows_total) continue;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const float lse = l > 0.f ? (m_run[h] + log2f(l)) * 0.69314718055994531f : -CUDART_INF_F;
-        const int64_t row = out_row0 + r;
-        if (p.n_splits == 1) {
-            T* o = static_cast<T*>(p.o) + row * D;
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                uint32_t v2 = Ty<T>::pack(o_acc[dt][2 * h] * inv, o_acc[dt][2 * h + 1] * inv);
-                *reinterpret_cast<uint32_t*>(o + dt * 8 + 2 * tq) = v2;
-            }
-            if (p.lse && tq == 0) p.lse[row] = lse;
-        } else {
-            const int64_t prow = (int64_t)split * p.b * p.n_kv * rows_total + row;
-            float* o = p.o_part + prow * D;
+        for (int h = 0; h < 2; ++h) {
+            float l = l_run[m][h];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            const int r = r0 + wrow0 + m * 16 + gq + 8 * h;
+            if (r >= rows_total) continue;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float lse =
+                l > 0.f ? (m_run[m][h] + log2f(l)) * 0.69314718055994531f : -CUDART_INF_F;
+            const int64_t row = out_row0 + r;
+            if (p.n_splits == 1) {
+                T* o = static_cast<T*>(p.o) + row * D;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<float2*>(o + dt * 8 + 2 * tq) =
-                    make_float2(o_acc[dt][2 * h] * inv, o_acc[dt][2 * h + 1] * inv);
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    uint32_t v2 =
+                        Ty<T>::pack(o_acc[m][dt][2 * h] * inv, o_acc[m][dt][2 * h + 1] * inv);
+                    *reinterpret_cast<uint32_t*>(o + dt * 8 + 2 * tq) = v2;
+                }
+                if (p.lse && tq == 0) p.lse[row] = lse;
+            } else {
+                const int64_t prow = (int64_t)split * p.b * p.n_kv * rows_total + row;
+                float* o = p.o_part + prow * D;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    *reinterpret_cast<float2*>(o + dt * 8 + 2 * tq) =
+                        make_float2(o_acc[m][dt][2 * h] * inv, o_acc[m][dt][2 * h + 1] * inv);
+                }
+                if (tq == 0) p.lse_part[prow] = lse;
             }
-            if (tq == 0) p.lse_part[prow] = lse;
         }
-    }
 }
 
 }  // namespace
 
-#define FLASH(NAME, T, D, NW) \
-    extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const Params p) { flash_fwd<T, D, NW>(p); }
+#define FLASH(NAME, T, D, NW, MT)                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const Params p) { \
+        flash_fwd<T, D, NW, MT>(p);                                                \
+    }
 
-FLASH(flash_fwd_bf16_d64_w4, __nv_bfloat16, 64, 4)
-FLASH(flash_fwd_bf16_d128_w4, __nv_bfloat16, 128, 4)
-FLASH(flash_fwd_f16_d64_w4, __half, 64, 4)
-FLASH(flash_fwd_f16_d128_w4, __half, 128, 4)
-FLASH(flash_fwd_bf16_d64_w8, __nv_bfloat16, 64, 8)
-FLASH(flash_fwd_bf16_d128_w8, __nv_bfloat16, 128, 8)
-FLASH(flash_fwd_f16_d64_w8, __half, 64, 8)
-FLASH(flash_fwd_f16_d128_w8, __half, 128, 8)
+// Short query blocks: 4 warps × 16 rows. Long prefills: 4 warps × 32 rows (MT = 2).
+FLASH(flash_fwd_bf16_d64_w4, __nv_bfloat16, 64, 4, 1)
+FLASH(flash_fwd_bf16_d128_w4, __nv_bfloat16, 128, 4, 1)
+FLASH(flash_fwd_f16_d64_w4, __half, 64, 4, 1)
+FLASH(flash_fwd_f16_d128_w4, __half, 128, 4, 1)
+FLASH(flash_fwd_bf16_d64_w8, __nv_bfloat16, 64, 8, 1)
+FLASH(flash_fwd_bf16_d128_w8, __nv_bfloat16, 128, 8, 1)
+FLASH(flash_fwd_f16_d64_w8, __half, 64, 8, 1)
+FLASH(flash_fwd_f16_d128_w8, __half, 128, 8, 1)
+FLASH(flash_fwd_bf16_d64_w4m2, __nv_bfloat16, 64, 4, 2)
+FLASH(flash_fwd_bf16_d128_w4m2, __nv_bfloat16, 128, 4, 2)
+FLASH(flash_fwd_f16_d64_w4m2, __half, 64, 4, 2)
+FLASH(flash_fwd_f16_d128_w4m2, __half, 128, 4, 2)
 
 // Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
 // out (rows, d) and out_lse (rows). Parts with LSE -inf weigh 0; a row no part saw comes out 0

@@ -182,9 +182,17 @@ mod cuda {
         let (v, vb, vh) = kv_view(v, d)?;
         let g = n_h / n_kv;
         let rows = g * sq;
-        // Large query blocks: 8 warps (128 rows); short ones: 4 warps, so fewer rows are padding.
-        let nw = if rows >= 1024 { 8 } else { 4 };
-        let br = 16 * nw;
+        // Short query blocks: 4 warps × 16 rows, so few rows are padding. Long ones: 4 warps × 32
+        // rows (K/V fragments reused across two row tiles); APB_FLASH_TILES=w8 picks 8 warps × 16
+        // rows instead (for comparisons).
+        let (nw, mt) = if rows < 1024 {
+            (4, 1)
+        } else if std::env::var("APB_FLASH_TILES").as_deref() == Ok("w8") {
+            (8, 1)
+        } else {
+            (4, 2)
+        };
+        let br = 16 * nw * mt;
         let m_blocks = rows.div_ceil(br);
         let blocks = m_blocks * n_kv * b;
         let sms = stream
@@ -254,7 +262,14 @@ mod cuda {
         let f = function(
             &dev,
             ATTENTION_PTX,
-            &format!("flash_fwd_{ty}_d{d}_w{nw}"),
+            &format!(
+                "flash_fwd_{ty}_d{d}_{}",
+                if mt == 2 {
+                    "w4m2".to_string()
+                } else {
+                    format!("w{nw}")
+                }
+            ),
             smem,
         )?;
         let cfg = LaunchConfig {

@@ -247,7 +247,8 @@ mod gpu {
             (1, 32, 8, 1, 5000, 128, false, 0, 0, DType::BF16),     // decode, split-KV
             (1, 32, 8, 3, 4099, 64, true, 0, 0, DType::F16),        // short query, split-KV
             (1, 8, 8, 40, 20, 128, true, 0, 0, DType::BF16), // sq > sk: first rows see nothing
-            (1, 16, 4, 1100, 1100, 128, true, 0, 0, DType::BF16), // 8-warp blocks
+            (1, 16, 4, 1100, 1100, 128, true, 0, 0, DType::BF16), // long: 2 row tiles per warp
+            (1, 8, 2, 700, 2000, 64, true, 300, 900, DType::F16), // long APB, straddling blocks
         ];
         for (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dt) in cases {
             let mk = |h, s| {

@@ -119,19 +119,10 @@ pub fn generate(
     params: &GenParams,
     on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<DistGeneration> {
-    let ctx_limit = model.cfg.max_position_embeddings;
-    let total = parts.context.len() + parts.query.len();
-    if total >= ctx_limit {
-        bail!("the prompt has {total} tokens but the model's context is {ctx_limit}; shorten the prompt");
-    }
-    let p = make_plan(parts, cfg)?;
-    let max_new = params.max_new_tokens.min(ctx_limit - total);
+    let (p, max_new, inputs) = prepare(model, parts, cfg, params)?;
     let comms = LocalGroup::new(p.world);
     let t0 = Instant::now();
     let on_text = std::sync::Mutex::new(on_text);
-    let inputs: Vec<_> = (0..p.world)
-        .map(|h| rank_inputs(parts, &p, cfg.kind, h, &cfg.scorer))
-        .collect();
     let results: Vec<Result<Generation>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .iter()
@@ -197,12 +188,43 @@ pub fn generate(
         return Err(errors.swap_remove(pos));
     }
     let generation = gen.ok_or_else(|| anyhow!("the last rank returned no result"))?;
-    Ok(DistGeneration {
+    Ok(finish(generation, p, &inputs, cfg))
+}
+
+type RankInputs = (Vec<u32>, Vec<u32>, RankLayout);
+
+/// What every rank agrees on before running: the plan, the new-token budget, each rank's inputs.
+fn prepare(
+    model: &Model,
+    parts: &PromptParts,
+    cfg: &DistConfig,
+    params: &GenParams,
+) -> Result<(Plan, usize, Vec<RankInputs>)> {
+    let ctx_limit = model.cfg.max_position_embeddings;
+    let total = parts.context.len() + parts.query.len();
+    if total >= ctx_limit {
+        bail!("the prompt has {total} tokens but the model's context is {ctx_limit}; shorten the prompt");
+    }
+    let p = make_plan(parts, cfg)?;
+    let max_new = params.max_new_tokens.min(ctx_limit - total);
+    let inputs = (0..p.world)
+        .map(|h| rank_inputs(parts, &p, cfg.kind, h, &cfg.scorer))
+        .collect();
+    Ok((p, max_new, inputs))
+}
+
+fn finish(
+    generation: Generation,
+    p: Plan,
+    inputs: &[RankInputs],
+    cfg: &DistConfig,
+) -> DistGeneration {
+    DistGeneration {
         generation,
         rank_prefill_tokens: inputs.iter().map(|(t, _, _)| t.len()).collect(),
         scorer: (cfg.kind == Kind::Apb).then(|| cfg.scorer.name().to_string()),
         plan: p,
-    })
+    }
 }
 
 /// This process's rank of a multi-process group (one GPU each, `comm` over NCCL): the same
@@ -218,12 +240,7 @@ pub fn generate_on_rank(
     emit_rank: usize,
     on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<DistGeneration> {
-    let ctx_limit = model.cfg.max_position_embeddings;
-    let total = parts.context.len() + parts.query.len();
-    if total >= ctx_limit {
-        bail!("the prompt has {total} tokens but the model's context is {ctx_limit}; shorten the prompt");
-    }
-    let p = make_plan(parts, cfg)?;
+    let (p, max_new, inputs) = prepare(model, parts, cfg, params)?;
     if p.world != comm.world_size() {
         bail!(
             "the planner chose {} ranks for this prompt but {} processes run: {}",
@@ -232,10 +249,6 @@ pub fn generate_on_rank(
             p.notes.join("; ")
         );
     }
-    let max_new = params.max_new_tokens.min(ctx_limit - total);
-    let inputs: Vec<_> = (0..p.world)
-        .map(|h| rank_inputs(parts, &p, cfg.kind, h, &cfg.scorer))
-        .collect();
     let (tokens, positions, layout) = &inputs[comm.rank()];
     let on_text = std::sync::Mutex::new(on_text);
     let generation = run_rank(
@@ -255,12 +268,7 @@ pub fn generate_on_rank(
         &on_text,
     )
     .inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", comm.rank())))?;
-    Ok(DistGeneration {
-        generation,
-        rank_prefill_tokens: inputs.iter().map(|(t, _, _)| t.len()).collect(),
-        scorer: (cfg.kind == Kind::Apb).then(|| cfg.scorer.name().to_string()),
-        plan: p,
-    })
+    Ok(finish(generation, p, &inputs, cfg))
 }
 
 #[allow(clippy::too_many_arguments)]

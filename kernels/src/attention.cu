@@ -46,6 +46,14 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
                  : "r"(addr));
 }
 
+// 2^x on the special-function unit: exp2f() adds denormal range fix-ups (a compare, a select and
+// two multiplies per call) that softmax does not need; ex2.approx(-inf) = 0 as masking requires.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <typename T>
 struct Ty;
 template <>
@@ -84,19 +92,39 @@ __device__ __forceinline__ int swz(int row, int chunk) {
     return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// ldmatrix addresses without one register per fragment: a lane reads row `row` (row & 7 fixed by
+// the lane) and 16-byte chunk 2·kk + csel. Since (2·kk + csel) ^ (row & 7) =
+// 8·(kk / 4) + ((csel ^ (row & 7)) ^ 2·(kk % 4)), four base addresses (one per kk % 4) plus
+// compile-time offsets cover every kk and every 16-row step, so unrolled loops use [reg + imm].
+template <int D>
+struct FragAddr {
+    uint32_t base[4];
+    __device__ __forceinline__ FragAddr(const void* tile, int row, int csel) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            base[j] = smem_u32(tile) + 2 * (row * D + (((csel ^ (row & 7)) ^ (2 * j)) << 3));
+    }
+    // Address of chunk pair kk, `rows` rows further down, `extra` bytes on (buffer offset).
+    __device__ __forceinline__ uint32_t at(int kk, int rows, uint32_t extra = 0) const {
+        return base[kk & 3] + extra + 2 * ((kk >> 2) * 64 + rows * D);
+    }
+};
+
 // Copies `rows` rows (starting at global row `row0`, `limit` rows exist) of a tile into smem;
-// missing rows are zero-filled.
+// missing rows are zero-filled (a zero-byte cp.async reads nothing, so their address is unused).
 template <int D, int ROWS, int NT, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row0, int64_t limit,
                                           int tid) {
     constexpr int C = D / 8;
+    static_assert(ROWS * C % NT == 0 && NT % C == 0, "tile chunks must split evenly over threads");
+    // Thread tid copies chunk tid % C of rows tid / C + k·NT/C: one pointer, compile-time steps.
+    const int r0 = tid / C, c = tid % C;
+    const T* src = g + (row0 + r0) * D + c * 8;
+    const uint32_t dst = smem_u32(smem + swz<D>(r0, c));  // (r0 + k·NT/C) & 7 == r0 & 7
 #pragma unroll
-    for (int i = tid; i < ROWS * C; i += NT) {
-        int r = i / C, c = i % C;
-        bool ok = row0 + r < limit;
-        const T* src = g + (ok ? (row0 + r) * D + c * 8 : 0);
-        cp_async16(smem_u32(smem + swz<D>(r, c)), src, ok);
-    }
+    for (int k = 0; k < ROWS * C / NT; ++k)
+        cp_async16(dst + 2 * k * (NT / C) * D, src + k * (NT / C) * D,
+                   row0 + r0 + k * (NT / C) < limit);
 }
 
 struct Params {
@@ -193,11 +221,12 @@ __device__ void flash_fwd(const Params& p) {
         cp_async_wait<1>();
         __syncthreads();
     }
-    auto q_frag = [&](uint32_t* r, int m, int kk) {
-        int row = wrow0 + m * 16 + (lane % 8) + ((lane / 8) & 1) * 8;
-        int chunk = 2 * kk + lane / 16;
-        ldsm_x4(r, smem_u32(sq_tile + swz<D>(row, chunk)));
-    };
+    // Fragment addresses: Q and V rows lane % 8 + 8·((lane / 8) & 1), chunk select lane / 16;
+    // K rows lane % 8 + 8·(lane / 16), chunk select (lane / 8) & 1.
+    const FragAddr<D> qa_addr(sq_tile, wrow0 + (lane % 8) + ((lane / 8) & 1) * 8, lane / 16);
+    const FragAddr<D> ka_addr(sk_tile, (lane % 8) + (lane / 16) * 8, (lane / 8) & 1);
+    const FragAddr<D> va_addr(sv_tile, (lane % 8) + ((lane / 8) & 1) * 8, lane / 16);
+    auto q_frag = [&](uint32_t* r, int m, int kk) { ldsm_x4(r, qa_addr.at(kk, m * 16)); };
     // MT = 1: Q fragments stay in registers for the whole loop.
     uint32_t qf[MT == 1 ? D / 16 : 1][4];
     if (MT == 1 && n_tiles > 0) {
@@ -217,8 +246,7 @@ __device__ void flash_fwd(const Params& p) {
             cp_async_wait<0>();
         }
         __syncthreads();
-        const T* ks = sk_tile + buf * BC * D;
-        const T* vs = sv_tile + buf * BC * D;
+        const uint32_t buf_off = buf * BC * D * 2;
 
         // S = Q Kᵀ: per warp MT × 16 rows × 64 keys.
         float s[MT][BC / 8][4];
@@ -243,9 +271,7 @@ __device__ void flash_fwd(const Params& p) {
 #pragma unroll
             for (int np = 0; np < BC / 16; ++np) {
                 uint32_t b[4];
-                int key = (2 * np + lane / 16) * 8 + lane % 8;
-                int chunk = 2 * kk + ((lane / 8) & 1);
-                ldsm_x4(b, smem_u32(ks + swz<D>(key, chunk)));
+                ldsm_x4(b, ka_addr.at(kk, 16 * np, buf_off));
 #pragma unroll
                 for (int m = 0; m < MT; ++m) {
                     Ty<T>::mma(s[m][2 * np], qa[m], b);
@@ -274,6 +300,7 @@ __device__ void flash_fwd(const Params& p) {
         }
 
         // Online softmax in base 2; each row's max is shared by the 4 threads of a quad.
+        uint32_t pa[MT][BC / 16][4];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -286,14 +313,16 @@ __device__ void flash_fwd(const Params& p) {
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
                 const float m_new = fmaxf(m_run[m][h], mx * p.scale_log2);
                 const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
-                const float alpha = exp2f(m_run[m][h] - m_use);
+                const float alpha = fast_exp2(m_run[m][h] - m_use);
                 m_run[m][h] = m_new;
                 float sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < BC / 8; ++nt) {
-                    s[m][nt][2 * h] = exp2f(s[m][nt][2 * h] * p.scale_log2 - m_use);
-                    s[m][nt][2 * h + 1] = exp2f(s[m][nt][2 * h + 1] * p.scale_log2 - m_use);
-                    sum += s[m][nt][2 * h] + s[m][nt][2 * h + 1];
+                    const float e0 = fast_exp2(s[m][nt][2 * h] * p.scale_log2 - m_use);
+                    const float e1 = fast_exp2(s[m][nt][2 * h + 1] * p.scale_log2 - m_use);
+                    sum += e0 + e1;
+                    // P straight into the A-fragment layout of the P·V product (half the registers).
+                    pa[m][nt / 2][(nt & 1) * 2 + h] = Ty<T>::pack(e0, e1);
                 }
                 l_run[m][h] = l_run[m][h] * alpha + sum;
 #pragma unroll
@@ -303,27 +332,17 @@ __device__ void flash_fwd(const Params& p) {
                 }
             }
 
-        // O += P V; P goes from accumulators to A fragments without leaving registers.
+        // O += P V; P never leaves registers.
 #pragma unroll
         for (int ks16 = 0; ks16 < BC / 16; ++ks16) {
-            uint32_t a[MT][4];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                a[m][0] = Ty<T>::pack(s[m][2 * ks16][0], s[m][2 * ks16][1]);
-                a[m][1] = Ty<T>::pack(s[m][2 * ks16][2], s[m][2 * ks16][3]);
-                a[m][2] = Ty<T>::pack(s[m][2 * ks16 + 1][0], s[m][2 * ks16 + 1][1]);
-                a[m][3] = Ty<T>::pack(s[m][2 * ks16 + 1][2], s[m][2 * ks16 + 1][3]);
-            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 uint32_t b[4];
-                int key = 16 * ks16 + (lane % 8) + ((lane / 8) & 1) * 8;
-                int chunk = 2 * dp + lane / 16;
-                ldsm_x4_t(b, smem_u32(vs + swz<D>(key, chunk)));
+                ldsm_x4_t(b, va_addr.at(dp, 16 * ks16, buf_off));
 #pragma unroll
                 for (int m = 0; m < MT; ++m) {
-                    Ty<T>::mma(o_acc[m][2 * dp], a[m], b);
-                    Ty<T>::mma(o_acc[m][2 * dp + 1], a[m], b + 2);
+                    Ty<T>::mma(o_acc[m][2 * dp], pa[m][ks16], b);
+                    Ty<T>::mma(o_acc[m][2 * dp + 1], pa[m][ks16], b + 2);
                 }
             }
         }

@@ -4,16 +4,26 @@
 //!
 //! Every rank must pass tensors of the same shape and dtype to `all_gather` (APB and ring blocks
 //! are padded to equal sizes for this). `broadcast` sends the shape first, so other ranks need not
-//! know it. A dead peer cannot be detected from inside a collective; the process launcher
-//! (`apb` host) kills the whole group when one rank exits, so nothing hangs.
+//! know it.
+//!
+//! A peer that stalls (alive, but never joins a collective) or dies leaves the others spinning in
+//! an NCCL kernel. [`NcclComm::watch`] bounds that: each collective records an event behind it,
+//! and a watchdog thread calls the host's handler when the oldest unfinished collective has been
+//! at the head of the stream for longer than the timeout, after aborting the communicator
+//! (`ncclCommAbort`) unless a call blocked on the host still holds it (the first collective
+//! connects the peers and blocks there; the handler's process exit ends that). The `apb` host
+//! also kills the group when a rank process exits.
 
 use crate::comm::Communicator;
 use crate::{Error, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaSlice};
 use cudarc::nccl::safe::{Comm, Id};
-use std::sync::Mutex;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The 128-byte NCCL unique id that rank 0 creates and the rendezvous hands to every rank.
 pub type UniqueId = [u8; 128];
@@ -24,19 +34,46 @@ pub fn unique_id() -> Result<UniqueId> {
 }
 
 pub struct NcclComm {
-    comm: Mutex<Option<Comm>>,
+    inner: Arc<Inner>,
     dev: CudaDevice,
     rank: usize,
     world: usize,
-    aborted: Mutex<Option<String>>,
 }
 
-// The NCCL communicator handle is used behind the mutex, one collective at a time.
-unsafe impl Send for NcclComm {}
-unsafe impl Sync for NcclComm {}
+/// What the watchdog thread shares with the rank.
+struct Inner {
+    comm: Mutex<Option<Comm>>,
+    aborted: Mutex<Option<String>>,
+    /// Collectives called and not yet seen finished, oldest first (only while watched); the
+    /// event comes once the call has enqueued its kernel (the first call on a communicator may
+    /// block on the host until every peer joins it).
+    pending: Mutex<VecDeque<(&'static str, Option<CudaEvent>)>>,
+    watched: AtomicBool,
+    stop: AtomicBool,
+}
+
+// The NCCL communicator handle is used behind the mutex, one call at a time; CUDA events may be
+// queried from any thread.
+unsafe impl Send for Inner {}
+unsafe impl Sync for Inner {}
 
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Comm(format!("NCCL {what}: {e:?}"))
+}
+
+impl Inner {
+    fn abort(&self, why: &str) {
+        if let Ok(mut a) = self.aborted.lock() {
+            a.get_or_insert_with(|| why.to_string());
+        }
+        // Dropping the communicator aborts it (ncclCommAbort), failing pending collectives.
+        if let Ok(mut c) = self.comm.try_lock() {
+            if let Some(c) = c.take() {
+                // cudarc panics if the abort itself reports an error; we are failing anyway.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
+            }
+        }
+    }
 }
 
 impl NcclComm {
@@ -51,26 +88,102 @@ impl NcclComm {
         let comm =
             Comm::from_rank(dev.cuda_stream(), rank, world, id).map_err(|e| nccl_err("init", e))?;
         Ok(Self {
-            comm: Mutex::new(Some(comm)),
+            inner: Arc::new(Inner {
+                comm: Mutex::new(Some(comm)),
+                aborted: Mutex::new(None),
+                pending: Mutex::new(VecDeque::new()),
+                watched: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+            }),
             dev: dev.clone(),
             rank,
             world,
-            aborted: Mutex::new(None),
         })
     }
 
-    fn with_comm<T>(&self, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
-        if let Some(why) = self.aborted.lock().ok().and_then(|a| a.clone()) {
+    /// Starts the stall watchdog: when a collective has not finished `timeout` after it became
+    /// the oldest unfinished one (after the previous one finished, or after it was enqueued), the
+    /// communicator is aborted and `on_stall` gets a message naming it. The handler decides what
+    /// happens to the process (the `apb` host stops every rank and exits non-zero).
+    pub fn watch(self, timeout: Duration, on_stall: impl FnOnce(String) + Send + 'static) -> Self {
+        self.inner.watched.store(true, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        let ctx = self.dev.cuda_stream().context().clone();
+        let rank = self.rank;
+        let poll = (timeout / 20).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        std::thread::spawn(move || {
+            let _ = ctx.bind_to_thread();
+            let mut head_since: Option<Instant> = None;
+            while !inner.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(poll);
+                let Ok(mut q) = inner.pending.lock() else {
+                    return;
+                };
+                while q
+                    .front()
+                    .is_some_and(|(_, ev)| ev.as_ref().is_some_and(|e| e.is_complete()))
+                {
+                    q.pop_front();
+                    head_since = None;
+                }
+                let Some(&(op, _)) = q.front() else {
+                    continue;
+                };
+                if head_since.get_or_insert_with(Instant::now).elapsed() > timeout {
+                    drop(q);
+                    let why = format!(
+                        "rank {rank}: NCCL {op} did not finish within {}s (a peer stalled or died)",
+                        timeout.as_secs_f64()
+                    );
+                    inner.abort(&why);
+                    on_stall(why);
+                    return;
+                }
+            }
+        });
+        self
+    }
+
+    fn with_comm<T>(&self, op: &'static str, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
+        if let Some(why) = self.inner.aborted.lock().ok().and_then(|a| a.clone()) {
             return Err(Error::Comm(format!("group aborted: {why}")));
         }
         let guard = self
+            .inner
             .comm
             .lock()
             .map_err(|_| Error::Comm("NCCL communicator poisoned".into()))?;
         let comm = guard
             .as_ref()
             .ok_or_else(|| Error::Comm("NCCL communicator aborted".into()))?;
-        f(comm)
+        let watched = self.inner.watched.load(Ordering::SeqCst);
+        if watched {
+            if let Ok(mut q) = self.inner.pending.lock() {
+                q.push_back((op, None));
+            }
+        }
+        let out = f(comm);
+        if watched {
+            let ev = self
+                .dev
+                .cuda_stream()
+                .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING));
+            if let Ok(mut q) = self.inner.pending.lock() {
+                // Our entry is the newest: calls are serialised by the communicator's mutex.
+                match (&out, ev) {
+                    (Ok(_), Ok(ev)) => {
+                        if let Some(last) = q.back_mut() {
+                            last.1 = Some(ev);
+                        }
+                    }
+                    (_, ev) => {
+                        q.pop_back();
+                        ev.map_err(|e| Error::Comm(format!("recording a CUDA event: {e:?}")))?;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// All-gathers `t` (contiguous, same shape on every rank) as `(world, ..t.shape)`.
@@ -88,7 +201,7 @@ impl NcclComm {
             ($ty:ty) => {{
                 let src = cs.as_cuda_slice::<$ty>()?.slice(off..off + n);
                 let mut dst: CudaSlice<$ty> = self.dev.alloc_zeros::<$ty>(n * self.world)?;
-                self.with_comm(|c| {
+                self.with_comm("all_gather", |c| {
                     c.all_gather(&src, &mut dst)
                         .map(|_| ())
                         .map_err(|e| nccl_err("all_gather", e))
@@ -165,12 +278,12 @@ impl Communicator for NcclComm {
         Ok(())
     }
     fn abort(&self, why: &str) {
-        if let Ok(mut a) = self.aborted.lock() {
-            a.get_or_insert_with(|| why.to_string());
-        }
-        // Dropping the communicator aborts it (ncclCommAbort), failing pending collectives.
-        if let Ok(mut c) = self.comm.try_lock() {
-            c.take();
-        }
+        self.inner.abort(why);
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
     }
 }

@@ -3,7 +3,8 @@
 //! ranks meet at a TCP rendezvous on the master (`--master-addr`/`--master-port`), where global
 //! rank 0 hands out the NCCL unique id. The connections stay open as a liveness check: when any
 //! rank exits with an error, its launcher (or rank 0) kills the group and exits non-zero, so a
-//! dead peer never leaves the others hanging inside a collective.
+//! dead peer never leaves the others hanging inside a collective; a live peer that stalls is
+//! caught by the NCCL watchdog (`--collective-timeout`), which makes its rank exit the same way.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
@@ -28,6 +29,10 @@ pub struct LaunchArgs {
     /// TCP port of the rendezvous on node 0.
     #[arg(long, default_value_t = 29511)]
     pub master_port: u16,
+    /// Seconds a collective may stay unfinished once it is the oldest one on a rank's stream (a
+    /// stalled or dead peer); then the rank aborts NCCL and the whole group exits with an error.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub collective_timeout: f64,
 }
 
 /// This process's place in the group.
@@ -36,6 +41,7 @@ pub struct RankCtx {
     pub local_rank: usize,
     pub world: usize,
     pub nccl_id: [u8; 128],
+    pub collective_timeout: Duration,
     group: Arc<Group>,
 }
 
@@ -93,6 +99,12 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
             "--node-rank {} must be below --nnodes {}",
             args.node_rank,
             args.nnodes
+        );
+    }
+    if !(args.collective_timeout.is_finite() && args.collective_timeout > 0.0) {
+        bail!(
+            "--collective-timeout must be a positive number of seconds, got {}",
+            args.collective_timeout
         );
     }
     let per_node = world / args.nnodes;
@@ -229,6 +241,7 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
         local_rank,
         world,
         nccl_id,
+        collective_timeout: Duration::from_secs_f64(args.collective_timeout),
         group,
     })
 }
@@ -243,14 +256,32 @@ fn new_id() -> Result<[u8; 128]> {
     bail!("ranks as processes need GPUs: build with --features cuda")
 }
 
-/// The NCCL communicator of this rank on `device`.
+/// The NCCL communicator of this rank on `device`, watched: a collective that stalls past
+/// `--collective-timeout` aborts NCCL and stops the group with an error.
 #[cfg(feature = "cuda")]
 pub fn communicator(
     ctx: &RankCtx,
     device: &candle_core::Device,
 ) -> Result<Arc<dyn apb_plugin::Communicator>> {
+    let group = ctx.group.clone();
     let c = apb_plugin::nccl::NcclComm::new(device, ctx.rank, ctx.world, ctx.nccl_id)
-        .map_err(|e| anyhow::anyhow!("rank {}: {e}", ctx.rank))?;
+        .map_err(|e| anyhow::anyhow!("rank {}: {e}", ctx.rank))?
+        .watch(ctx.collective_timeout, move |why| {
+            kill_all_and_exit(&group, &why)
+        });
+    // Fault injection for the device checks (scripts/device-smoke.sh): this rank stays alive but
+    // never reaches a collective, as a hung peer would, or dies as a crashed one would.
+    let me = Some(ctx.rank.to_string());
+    if std::env::var("APB_FAULT_STALL_RANK").ok() == me {
+        eprintln!("rank {}: APB_FAULT_STALL_RANK set, stalling", ctx.rank);
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    if std::env::var("APB_FAULT_EXIT_RANK").ok() == me {
+        eprintln!("rank {}: APB_FAULT_EXIT_RANK set, exiting", ctx.rank);
+        std::process::exit(3);
+    }
     Ok(Arc::new(c))
 }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 2] = ["attention", "select"];
+const SOURCES: [&str; 3] = ["attention", "layout", "select"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");

@@ -285,5 +285,10 @@ impl Communicator for NcclComm {
 impl Drop for NcclComm {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
+        // Release the communicator here, on the owner's thread while its CUDA context lives, not
+        // whenever the watchdog thread lets go of `inner` (its abort then fails and cudarc panics).
+        if let Ok(mut c) = self.inner.comm.lock() {
+            drop(c.take());
+        }
     }
 }

@@ -10,6 +10,8 @@
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
 
+/// Strided → contiguous at memory speed on CUDA (the transposes around attention).
+pub use apb_kernels::contiguous;
 pub use apb_kernels::Mask as MaskSpec;
 
 /// From this many query rows on, CPU attention uses the fused kernel ([`crate::cpu_flash`]);

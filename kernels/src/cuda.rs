@@ -14,6 +14,10 @@ pub(crate) const ATTENTION_PTX: (&str, &str) = (
     "attention",
     include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 );
+pub(crate) const LAYOUT_PTX: (&str, &str) = (
+    "layout",
+    include_str!(concat!(env!("OUT_DIR"), "/layout.ptx")),
+);
 pub(crate) const SELECT_PTX: (&str, &str) = (
     "select",
     include_str!(concat!(env!("OUT_DIR"), "/select.ptx")),

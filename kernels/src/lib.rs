@@ -4,16 +4,19 @@
 //! numbers, not models or ranks.
 //!
 //! - [`attention`]: fused FlashAttention-2 style attention with the APB mask (CUDA), LSE merge.
+//! - [`layout`]: strided → contiguous copies at memory speed (the transposes around attention).
 //! - [`select`]: retaining-score pooling, top-k positions, packing the passing block.
 
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod layout;
 pub mod select;
 
 #[cfg(feature = "cuda")]
 pub use attention::flash_attention;
 pub use attention::{flash_supported, lse_merge, reference_attention, Mask};
+pub use layout::contiguous;
 pub use select::{gather_kv, pool5_mask, topk_positions};
 
 #[cfg(test)]

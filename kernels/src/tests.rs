@@ -113,6 +113,19 @@ fn lse_merge_by_hand() {
     );
 }
 
+#[test]
+fn contiguous_matches_candle_on_cpu() {
+    let t = Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &Device::Cpu).unwrap();
+    let view = t.transpose(1, 2).unwrap();
+    let got = contiguous(&view).unwrap();
+    assert!(got.is_contiguous());
+    let want = view.contiguous().unwrap();
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::*;
@@ -154,6 +167,42 @@ mod gpu {
                 .to_vec2::<u32>()
                 .unwrap();
             assert_eq!(got, want, "rows {rows} seq {seq} [{lo},{hi}) k {k}");
+        }
+    }
+
+    #[test]
+    fn contiguous_cuda_matches_candle() {
+        let g = gpu();
+        let f = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            let t = Tensor::randn(0f32, 1.0, (2, 37, 6, 64), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+                .to_device(&g)
+                .unwrap();
+            let views = [
+                t.transpose(1, 2).unwrap(), // (b, s, h, d) -> (b, h, s, d)
+                t.narrow(1, 5, 20).unwrap().transpose(1, 2).unwrap(), // offset start
+                t.narrow(3, 0, 32).unwrap(), // rows of 64 bytes with a gap
+                t.reshape((74, 6, 64)).unwrap().transpose(0, 1).unwrap(), // 3 dims
+                t.narrow(3, 1, 5).unwrap(), // unaligned: candle's copy
+            ];
+            for (i, v) in views.iter().enumerate() {
+                let got = contiguous(v).unwrap();
+                assert!(
+                    got.is_contiguous() && got.dims() == v.dims(),
+                    "{dt:?} view {i}"
+                );
+                assert_eq!(f(&got), f(&v.contiguous().unwrap()), "{dt:?} view {i}");
+            }
         }
     }
 

@@ -89,8 +89,10 @@ impl Attention {
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let heads =
-            |t: &Tensor, n: usize| t.reshape((b, s, n, self.d))?.transpose(1, 2)?.contiguous();
+        // Token-major (b, s, n, d) → head-major (b, n, s, d), the layout the backends take.
+        let heads = |t: &Tensor, n: usize| {
+            apb_plugin::ops::contiguous(&t.reshape((b, s, n, self.d))?.transpose(1, 2)?)
+        };
         let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
             let (q_raw, k_raw, v_raw) = (
                 self.q_proj.forward(x)?,
@@ -113,7 +115,11 @@ impl Attention {
         };
         let y = backend.forward(phase, &input, cache)?;
         span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
-            let y = y.transpose(1, 2)?.reshape((b, s, self.n_h * self.d))?;
+            let y = apb_plugin::ops::contiguous(&y.transpose(1, 2)?)?.reshape((
+                b,
+                s,
+                self.n_h * self.d,
+            ))?;
             Ok(self.o_proj.forward(&y)?)
         })
     }

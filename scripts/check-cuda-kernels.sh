@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Compiles our CUDA kernels (kernels/src/*.cu) with nvcc from PyPI (scripts/cuda-env.sh) to PTX,
+# as the `cuda` build does, and through ptxas for sm_90, printing registers and spills per kernel.
+# Part of the CI test command: a CUDA C++ error fails CI although CI has no GPU. (The whole
+# `--features cuda` Rust build is not part of CI: candle's own kernels take ~10 min to compile on
+# 2 cores; scripts/pack-device.sh builds it before every device run.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/cuda-env.sh
+out=$(mktemp -d)
+for f in kernels/src/*.cu; do
+  n=$(basename "$f" .cu)
+  nvcc --ptx -O3 -arch=compute_80 -std=c++17 "$f" -o "$out/$n.ptx"
+  nvcc -cubin -O3 -arch=sm_90 -std=c++17 --resource-usage "$f" -o "$out/$n.cubin" 2>&1 \
+    | grep -E "Compiling entry|registers|spill" | paste - - - | sed -E "s/ptxas info *: //g; s/\s+/ /g; s/Function properties for [a-z0-9_]+//" \
+    | awk -v n="$n" '{print "  " n ": " $0}'
+done
+rm -rf "$out"
+echo "CUDA kernels compile (PTX compute_80, SASS sm_90)"

@@ -135,6 +135,16 @@ mod gpu {
         Device::new_cuda(0).expect("a CUDA device")
     }
 
+    /// All values of `t` as f32, in order (on the host).
+    fn flat_f32(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     /// Random scores with many exact ties (rounded to 1/8) and some -inf, like pooled scores.
     fn tied_scores(rows: usize, seq: usize) -> Tensor {
         let t = Tensor::randn(0f32, 4.0, (rows, seq), &Device::Cpu).unwrap();
@@ -173,14 +183,7 @@ mod gpu {
     #[test]
     fn contiguous_cuda_matches_candle() {
         let g = gpu();
-        let f = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let f = flat_f32;
         for dt in [DType::BF16, DType::F16, DType::F32] {
             let t = Tensor::randn(0f32, 1.0, (2, 37, 6, 64), &Device::Cpu)
                 .unwrap()
@@ -231,15 +234,7 @@ mod gpu {
                     .unwrap()
             };
             let got = gather_kv(&long(&k), &long(&v), &picks.to_device(&g).unwrap()).unwrap();
-            let f = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            assert_eq!(f(&got), f(&want), "{dt:?}");
+            assert_eq!(flat_f32(&got), flat_f32(&want), "{dt:?}");
         }
     }
 
@@ -329,19 +324,7 @@ mod gpu {
             let (o, lse) =
                 flash_attention(&q.to_device(&g).unwrap(), &long(&k), &long(&v), mask, true)
                     .unwrap();
-            let o = o
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let lse = lse
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let (o, lse) = (flat_f32(&o), flat_f32(&lse.unwrap()));
             let label = format!("b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
             assert!(o.iter().chain(&lse).all(|x| !x.is_nan()), "NaN: {label}");
             let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);

@@ -15,6 +15,17 @@ fn apb(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("run apb")
 }
 
+/// Runs `apb` expecting success (else fails with its stderr) and exactly one JSON object on stdout.
+fn apb_json(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = apb(args, env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("exactly one JSON object on stdout")
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -56,7 +67,7 @@ fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
 
 #[test]
 fn default_model_answers_paris_as_json() {
-    let out = apb(
+    let v = apb_json(
         &[
             "generate",
             "--prompt",
@@ -67,14 +78,6 @@ fn default_model_answers_paris_as_json() {
         ],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.trim()).expect("exactly one JSON object on stdout");
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(v["prompt_tokens"], 5);
     assert_eq!(v["generated_tokens"], 8);
@@ -329,7 +332,7 @@ fn apb_on_4_ranks_answers_a_6k_needle_and_reports_its_plan() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("doc.txt");
     std::fs::write(&f, needle_doc()).unwrap();
-    let out = apb(
+    let v = apb_json(
         &[
             "generate",
             "--attention",
@@ -347,12 +350,6 @@ fn apb_on_4_ranks_answers_a_6k_needle_and_reports_its_plan() {
         ],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert!(v["text"].as_str().unwrap().contains("73914"), "{v}");
     assert_eq!(v["attention"], "apb");
     assert_eq!(v["world_size"], 4);

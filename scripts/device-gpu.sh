@@ -6,7 +6,8 @@
 #   ktests   the kernel tests alone (one GPU)
 #   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
 #   kernel   our attention kernel alone vs PyTorch SDPA flash, and PyTorch dense prefill
-#   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs of the machine
+#   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs, 32K-128K, breakdown
+#   long     the same at 256K (all four) and 512K (ring / star / apb; dense alone takes ~4 min)
 # Usage: scripts/device-run.sh scripts/device-gpu.sh STAGE...
 set -u
 OUT="${OUT:-/tmp/apb-out}"
@@ -42,6 +43,13 @@ for s in "$@"; do
       [ "$n" -gt 1 ] || methods=dense  # one GPU: only dense is meaningful
       stage prefill 560 $APB bench prefill --config llama-3.1-8b --lengths 32768,65536,131072 \
         --attention $methods --world-size "$n" --breakdown --json "$OUT/prefill.json" ;;
+    long)
+      n=$(nvidia-smi -L | wc -l)
+      [ "$n" -gt 1 ] || { echo "long: needs several GPUs"; fail=1; continue; }
+      stage prefill-256k 400 $APB bench prefill --config llama-3.1-8b --lengths 262144 \
+        --attention dense,ring,star,apb --world-size "$n" --json "$OUT/prefill-256k.json"
+      stage prefill-512k 400 $APB bench prefill --config llama-3.1-8b --lengths 524288 \
+        --attention apb,star,ring --world-size "$n" --json "$OUT/prefill-512k.json" ;;
     *) echo "unknown stage $s"; fail=1 ;;
   esac
 done

@@ -86,27 +86,38 @@ fn kill_all_and_exit(group: &Group, why: &str) -> ! {
     std::process::exit(1);
 }
 
+impl LaunchArgs {
+    /// Checks the flags against `world` ranks; `processes`: whether ranks will be processes (GPUs).
+    pub fn validate(&self, world: usize, processes: bool) -> Result<()> {
+        if self.nnodes == 0 || !world.is_multiple_of(self.nnodes) {
+            bail!(
+                "--world-size {world} must be a multiple of --nnodes {}",
+                self.nnodes
+            );
+        }
+        if self.node_rank >= self.nnodes {
+            bail!(
+                "--node-rank {} must be below --nnodes {}",
+                self.node_rank,
+                self.nnodes
+            );
+        }
+        if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
+            bail!(
+                "--collective-timeout must be a positive number of seconds, got {}",
+                self.collective_timeout
+            );
+        }
+        if self.nnodes > 1 && !processes {
+            bail!("--nnodes > 1 needs one process per GPU: --device cuda and --world-size > 1");
+        }
+        Ok(())
+    }
+}
+
 /// Joins (or, on a node's first process, launches) a group of `world` ranks.
 pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
-    if args.nnodes == 0 || !world.is_multiple_of(args.nnodes) {
-        bail!(
-            "--world-size {world} must be a multiple of --nnodes {}",
-            args.nnodes
-        );
-    }
-    if args.node_rank >= args.nnodes {
-        bail!(
-            "--node-rank {} must be below --nnodes {}",
-            args.node_rank,
-            args.nnodes
-        );
-    }
-    if !(args.collective_timeout.is_finite() && args.collective_timeout > 0.0) {
-        bail!(
-            "--collective-timeout must be a positive number of seconds, got {}",
-            args.collective_timeout
-        );
-    }
+    args.validate(world, true)?;
     let per_node = world / args.nnodes;
     let group = Arc::new(Group {
         children: Mutex::new(Vec::new()),

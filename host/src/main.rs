@@ -164,7 +164,9 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let cfg = apb_loaders::random::config_by_name(&a.config)?;
-    let group = if device.is_cuda() && a.world_size > 1 {
+    let processes = device.is_cuda() && a.world_size > 1;
+    a.launch.validate(a.world_size, processes)?;
+    let group = if processes {
         Some(apb_host::launch::join(&a.launch, a.world_size)?)
     } else {
         None
@@ -318,7 +320,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let device = parse_device(&a.device)?;
     // On GPUs each rank is a process with its own GPU (threads share one device otherwise).
-    let group = if device.is_cuda() && kind.is_some() && a.world_size > 1 {
+    let processes = device.is_cuda() && kind.is_some() && a.world_size > 1;
+    a.launch.validate(a.world_size, processes)?;
+    let group = if processes {
         Some(apb_host::launch::join(&a.launch, a.world_size)?)
     } else {
         None

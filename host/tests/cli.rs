@@ -528,3 +528,35 @@ fn bench_prefill_bad_config_and_world_are_clear_errors() {
     );
     assert_clean_error(&out, "--device cuda");
 }
+
+/// Launch flags are checked up front, also where ranks are threads (CPU).
+#[test]
+fn bad_launch_flags_are_clear_errors() {
+    let m = tiny();
+    let base = [
+        "generate",
+        "-m",
+        m.to_str().unwrap(),
+        "--prompt",
+        "hello there",
+        "--device",
+        "cpu",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        apb(&args, &[])
+    };
+    assert_clean_error(
+        &with(&["--collective-timeout", "0"]),
+        "--collective-timeout",
+    );
+    assert_clean_error(
+        &with(&["--attention", "ring", "--world-size", "2", "--nnodes", "2"]),
+        "--nnodes",
+    );
+    assert_clean_error(
+        &with(&["--attention", "ring", "--world-size", "3", "--nnodes", "2"]),
+        "multiple of --nnodes",
+    );
+}

@@ -8,5 +8,6 @@ pub mod engine;
 pub mod launch;
 pub mod prompt;
 pub mod sampling;
+pub mod server;
 
 pub use engine::{Engine, GenParams, GenStats, Generation};

@@ -29,17 +29,31 @@ enum Cmd {
     Bench(BenchCmd),
     /// Generate text from a prompt (streams to stdout, or one JSON object with --json).
     Generate(GenerateArgs),
+    /// OpenAI-compatible HTTP server: POST /v1/chat/completions (JSON or "stream": true),
+    /// GET /v1/models, GET /health. One request at a time; ring / star / apb ranks are threads
+    /// on the one device and take single-turn requests (document, blank line, question).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    at: AttentionArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// max_tokens for requests that give none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
 }
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Model: a registered name (smollm2-135m-instruct), a .gguf file, a model directory
-    /// (config.json + safetensors + tokenizer.json) or an HF Hub id (org/name).
-    #[arg(short, long, default_value = DEFAULT_MODEL)]
-    model: String,
-    /// HF Hub revision (branch, tag or commit) when --model is a hub id.
-    #[arg(long)]
-    revision: Option<String>,
     /// Prompt text.
     #[arg(
         long,
@@ -68,6 +82,42 @@ struct GenerateArgs {
     /// Do not stop at end-of-sequence tokens (for benchmarks needing a fixed count).
     #[arg(long)]
     ignore_eos: bool,
+    /// The question (APB embeds it in every anchor). With --chat and no --question, the last
+    /// paragraph of the prompt (after its last blank line) is the question.
+    #[arg(long)]
+    question: Option<String>,
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    at: AttentionArgs,
+    /// Print one JSON object (text and timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    launch: apb_host::launch::LaunchArgs,
+}
+
+/// The model and where it runs (generate, serve).
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: a registered name (smollm2-135m-instruct), a .gguf file, a model directory
+    /// (config.json + safetensors + tokenizer.json) or an HF Hub id (org/name).
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// HF Hub revision (branch, tag or commit) when --model is a hub id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Run dtype: f32, bf16 or f16 (quantized GGUF weights are dequantized to it).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+/// Attention backend and ranks (generate, serve).
+#[derive(Args)]
+struct AttentionArgs {
     /// Attention backend: dense (exact, 1 rank), ring (exact, sequence-parallel), star (Star
     /// Attention: anchor, no passing), apb (anchor with the question + passing blocks).
     #[arg(long, default_value = "dense")]
@@ -75,10 +125,6 @@ struct GenerateArgs {
     /// Ranks (threads on CPU) that share the prompt (ring, star, apb).
     #[arg(long, default_value_t = 1)]
     world_size: usize,
-    /// The question (APB embeds it in every anchor). With --chat and no --question, the last
-    /// paragraph of the prompt (after its last blank line) is the question.
-    #[arg(long)]
-    question: Option<String>,
     /// Anchor length in tokens (default: planner, block/4 rounded to 128; star: the first block).
     #[arg(long)]
     anchor_len: Option<usize>,
@@ -89,17 +135,6 @@ struct GenerateArgs {
     /// without them APB uses the training-free query-aware scorer.
     #[arg(long)]
     heads: Option<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Run dtype: f32, bf16 or f16 (quantized GGUF weights are dequantized to it).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Print one JSON object (text and timings) instead of streaming.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    launch: apb_host::launch::LaunchArgs,
 }
 
 #[derive(Subcommand)]
@@ -289,14 +324,9 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
     })
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
-    if a.temperature < 0.0 || !a.temperature.is_finite() {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
-    }
-    let kind = match a.attention.as_str() {
+/// The backend named by `--attention`, checked against the other flags (None = dense).
+fn parse_kind(at: &AttentionArgs) -> Result<Option<Kind>> {
+    let kind = match at.attention.as_str() {
         "dense" => None,
         "ring" => Some(Kind::Ring),
         "star" => Some(Kind::Star),
@@ -306,24 +336,61 @@ fn generate(a: GenerateArgs) -> Result<()> {
             apb_plugin::BACKEND_NAMES.join(", ")
         ),
     };
-    if a.world_size == 0 {
+    if at.world_size == 0 {
         bail!("--world-size must be at least 1");
     }
-    if kind.is_none() && a.world_size > 1 {
+    if kind.is_none() && at.world_size > 1 {
         bail!(
             "--attention dense runs on one rank; use ring, star or apb with --world-size {}",
-            a.world_size
+            at.world_size
         );
     }
-    if kind.is_none() && a.heads.is_some() {
+    if kind.is_none() && at.heads.is_some() {
         bail!("--heads is only used by --attention apb");
     }
-    let device = parse_device(&a.device)?;
+    Ok(kind)
+}
+
+/// Ranks, lengths and scorer for a distributed backend (loads `--heads` if given).
+fn dist_config(
+    at: &AttentionArgs,
+    kind: Kind,
+    loaded: &apb_loaders::Loaded,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<DistConfig> {
+    let scorer = match &at.heads {
+        Some(spec) => Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
+            spec,
+            &loaded.model.cfg,
+            dtype,
+            device,
+        )?)),
+        None => Scorer::QueryAware,
+    };
+    Ok(DistConfig {
+        kind,
+        world: at.world_size,
+        anchor_len: at.anchor_len,
+        passing_len: at.passing_len,
+        scorer,
+    })
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        bail!("--temperature must be >= 0, got {}", a.temperature);
+    }
+    let kind = parse_kind(&a.at)?;
+    let device = parse_device(&a.m.device)?;
     // On GPUs each rank is a process with its own GPU (threads share one device otherwise).
-    let processes = device.is_cuda() && kind.is_some() && a.world_size > 1;
-    a.launch.validate(a.world_size, processes)?;
+    let processes = device.is_cuda() && kind.is_some() && a.at.world_size > 1;
+    a.launch.validate(a.at.world_size, processes)?;
     let group = if processes {
-        Some(apb_host::launch::join(&a.launch, a.world_size)?)
+        Some(apb_host::launch::join(&a.launch, a.at.world_size)?)
     } else {
         None
     };
@@ -331,16 +398,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         Some(g) => candle_core::Device::new_cuda(g.local_rank)?,
         None => device,
     };
-    let dtype = parse_dtype(&a.dtype)?;
+    let dtype = parse_dtype(&a.m.dtype)?;
     let prompt = read_prompt(&a)?;
-    let source = ModelSource::parse(&a.model, a.revision.as_deref())?;
+    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
     let loaded = load(&source, dtype, &device)?;
     let parts = prompt::build(&loaded.tok, &prompt, a.question.as_deref(), a.chat)?;
     if matches!(kind, Some(Kind::Apb) | Some(Kind::Star))
         && parts.question.is_empty()
-        && a.anchor_len != Some(0)
+        && a.at.anchor_len != Some(0)
     {
-        bail!("--attention {} needs the question: pass --question TEXT (or --chat with the question as the last paragraph)", a.attention);
+        bail!("--attention {} needs the question: pass --question TEXT (or --chat with the question as the last paragraph)", a.at.attention);
     }
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
@@ -365,22 +432,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             summary(&g, "dense", 1, &engine.loaded.name)
         }
         Some(kind) => {
-            let scorer = match &a.heads {
-                Some(spec) => Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
-                    spec,
-                    &loaded.model.cfg,
-                    dtype,
-                    &device,
-                )?)),
-                None => Scorer::QueryAware,
-            };
-            let cfg = DistConfig {
-                kind,
-                world: a.world_size,
-                anchor_len: a.anchor_len,
-                passing_len: a.passing_len,
-                scorer,
-            };
+            let cfg = dist_config(&a.at, kind, &loaded, dtype, &device)?;
             let d = match &group {
                 None => dist::generate(
                     &loaded.model,
@@ -424,12 +476,39 @@ fn generate(a: GenerateArgs) -> Result<()> {
         g.finish()?;
     }
     if json {
-        v["requested_world_size"] = a.world_size.into();
+        v["requested_world_size"] = a.at.world_size.into();
         println!("{v}");
     } else {
         println!();
     }
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let kind = parse_kind(&a.at)?;
+    if a.default_max_tokens == 0 {
+        bail!("--default-max-tokens must be at least 1");
+    }
+    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
+    let device = parse_device(&a.m.device)?;
+    let dtype = parse_dtype(&a.m.dtype)?;
+    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
+    let loaded = load(&source, dtype, &device)?;
+    let dist = match kind {
+        Some(kind) => Some(dist_config(&a.at, kind, &loaded, dtype, &device)?),
+        None => None,
+    };
+    let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
+    let cfg = apb_host::server::ServeConfig {
+        dist,
+        default_max_tokens: a.default_max_tokens,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(apb_host::server::serve(engine, cfg, addr))
 }
 
 /// The `--json` fields every backend reports.
@@ -473,6 +552,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => bench_prefill(a),
         Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
     };

@@ -12,7 +12,7 @@ use crate::{prompt, Engine, GenParams, Generation};
 use apb_loaders::ChatMessage;
 use apb_plugin::Kind;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// What the server runs every request with.
 pub struct ServeConfig {
@@ -54,6 +57,8 @@ pub async fn serve(engine: Engine, cfg: ServeConfig, addr: SocketAddr) -> anyhow
         .route("/health", get(|| async { "ok" }))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
+        // Long-context prompts are megabytes of text (axum's default cap is 2 MB).
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -293,14 +293,25 @@ fn run_rank(
     let emits = rank == emit_rank;
     let backend = RankBackend::new(cfg.kind, comm.clone(), layout.clone(), cfg.scorer.clone())?;
     let mut cache = Cache::new(&model.cfg);
+    // The emitting rank shows prefill progress (all ranks move layer by layer together).
+    let bar = emits
+        .then(|| crate::engine::prefill_bar(p.n, model.cfg.num_hidden_layers))
+        .flatten();
     model.forward(
         tokens,
         positions,
         Phase::Prefill,
         &backend,
         &mut cache,
-        &mut |_| {},
+        &mut |_| {
+            if let Some(b) = &bar {
+                b.inc(1)
+            }
+        },
     )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
 
     // Query segment at its true positions, then one token at a time.
     let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);

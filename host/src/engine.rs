@@ -147,6 +147,21 @@ impl Engine {
     }
 }
 
+/// A layer-by-layer prefill progress bar for prompts of at least [`PROGRESS_MIN_TOKENS`] tokens
+/// (indicatif draws it only when stderr is a terminal).
+pub(crate) fn prefill_bar(prompt_tokens: usize, layers: usize) -> Option<indicatif::ProgressBar> {
+    (prompt_tokens >= PROGRESS_MIN_TOKENS).then(|| {
+        let b = indicatif::ProgressBar::new(layers as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prefill {pos}/{len} layers {bar:30} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
 /// Single-rank generation with any backend (what [`Engine::generate`] runs).
 pub fn generate(
     model: &Model,
@@ -169,16 +184,7 @@ pub fn generate(
 
     let t0 = Instant::now();
     let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let bar = (prompt.len() >= PROGRESS_MIN_TOKENS).then(|| {
-        let b = indicatif::ProgressBar::new(model.cfg.num_hidden_layers as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "prefill {pos}/{len} layers {bar:30} {elapsed}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let bar = prefill_bar(prompt.len(), model.cfg.num_hidden_layers);
     let mut tick = |_: usize| {
         if let Some(b) = &bar {
             b.inc(1)

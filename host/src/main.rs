@@ -29,9 +29,11 @@ enum Cmd {
     Bench(BenchCmd),
     /// Generate text from a prompt (streams to stdout, or one JSON object with --json).
     Generate(GenerateArgs),
-    /// OpenAI-compatible HTTP server: POST /v1/chat/completions (JSON or "stream": true),
-    /// GET /v1/models, GET /health. One request at a time; ring / star / apb ranks are threads
-    /// on the one device and take single-turn requests (document, blank line, question).
+    /// OpenAI-compatible HTTP server (chat completions, streaming).
+    ///
+    /// POST /v1/chat/completions (JSON or "stream": true), GET /v1/models, GET /health. One
+    /// request at a time; ring / star / apb ranks are threads on the one device and take
+    /// single-turn requests (document, blank line, question).
     Serve(ServeArgs),
 }
 

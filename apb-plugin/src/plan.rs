@@ -73,7 +73,19 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             )));
         }
     }
-    let mut notes = Vec::new();
+    // One note for the whole fallback, however many rank counts were tried.
+    let mut first_misfit: Option<String> = None;
+    let note = |misfit: &Option<String>, world: usize| -> Vec<String> {
+        misfit
+            .iter()
+            .map(|m| {
+                format!(
+                    "{m}; using {world} rank{}",
+                    if world == 1 { "" } else { "s" }
+                )
+            })
+            .collect()
+    };
     let mut world = req.world;
     loop {
         let l_b = req.n.div_ceil(world);
@@ -103,11 +115,13 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 l_b: req.n,
                 l_a: 0,
                 l_p: 0,
-                notes,
+                notes: note(&first_misfit, 1),
             });
         }
         // Rank 0 selects among its tokens after the first l_a; the anchor is cut from the context.
+        // Every rank must hold at least one real context token (no block of padding only).
         let fits = l_a <= req.n
+            && (world - 1) * l_b < req.n
             && (!req.uses_passing || l_p <= l_b.saturating_sub(l_a))
             && (!req.uses_anchor || l_a == 0 || l_a >= req.anchor_min);
         if fits {
@@ -117,14 +131,15 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 l_b,
                 l_a,
                 l_p,
-                notes,
+                notes: note(&first_misfit, world),
             });
         }
-        notes.push(format!(
-            "{} context tokens are too few for {world} ranks (block {l_b}, anchor {l_a}, passing {l_p}); trying {}",
-            req.n,
-            world - 1
-        ));
+        first_misfit.get_or_insert_with(|| {
+            format!(
+                "{} context tokens are too few for {world} ranks (block {l_b}, anchor {l_a}, passing {l_p})",
+                req.n
+            )
+        });
         world -= 1;
     }
 }
@@ -164,6 +179,29 @@ mod tests {
         assert!(p.world < 4 && !p.notes.is_empty(), "{p:?}");
         let p = plan(&req(100, 4)).unwrap();
         assert_eq!(p.world, 1);
+    }
+
+    #[test]
+    fn no_rank_gets_only_padding_and_one_note() {
+        // Ring (no anchor, no passing) at many ranks on a short context: every block must start
+        // inside the context, and the fallback is one note, not one per rank count tried.
+        for (n, world) in [(10, 8), (61, 1000), (5000, 1000)] {
+            let r = PlanRequest {
+                n,
+                world,
+                ..Default::default()
+            };
+            let p = plan(&r).unwrap();
+            assert!((p.world - 1) * p.l_b < n, "{p:?}");
+            assert!(p.notes.len() <= 1, "{:?}", p.notes);
+            if p.world < world {
+                assert!(
+                    p.notes[0].contains(&format!("using {}", p.world)),
+                    "{:?}",
+                    p.notes
+                );
+            }
+        }
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! `cargo run --release -p apb-examples --example apb_ranks`
 
 use anyhow::Result;
-use apb_host::dist::{self, DistConfig};
-use apb_host::{prompt, GenParams};
+use apb_host::layout::Method;
+use apb_host::ranks::Group;
+use apb_host::{prompt, GenParams, Job, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
-use apb_plugin::{Kind, Scorer};
+use apb_plugin::Scorer;
 use candle_core::{DType, Device};
 
 fn main() -> Result<()> {
@@ -18,35 +19,31 @@ fn main() -> Result<()> {
     )?;
     let filler = "The river runs past the old mill and into the valley. ".repeat(300);
     let doc = format!("{filler}The special magic number is 73914. {filler}");
+    // Four rank threads sharing one copy of the weights.
+    let group = Group::threads(Runner::new(m, Scorer::QueryAware), 4)?;
     let parts = prompt::build(
-        &m.tok,
+        group.runner().tok(),
         &doc,
         Some("What is the special magic number?"),
         true,
     )?;
-    let cfg = DistConfig {
-        kind: Kind::Apb,
+    let context = parts.context.len();
+    let job = Job {
+        prompt: parts,
+        method: Method::Apb,
         world: 4,
         anchor_len: None,
         passing_len: None,
-        scorer: Scorer::QueryAware,
+        params: GenParams {
+            max_new_tokens: 12,
+            ..Default::default()
+        },
     };
-    let params = GenParams {
-        max_new_tokens: 12,
-        ..Default::default()
-    };
-    let d = dist::generate(&m.model, &m.tok, &parts, &cfg, &params, &mut |piece| {
-        print!("{piece}")
-    })?;
+    let never = Default::default();
+    let g = group.run(&job, &never, &mut |piece| print!("{piece}"))?;
     println!(
-        "\n[{} context tokens on {} ranks: block {}, anchor {}, passing {}; per-rank prefill rows {:?}; first token after {:.0} ms]",
-        parts.context.len(),
-        d.plan.world,
-        d.plan.l_b,
-        d.plan.l_a,
-        d.plan.l_p,
-        d.rank_prefill_tokens,
-        d.generation.stats.prefill_ms
+        "\n[{context} context tokens on {} ranks: block {}, anchor {}, passing {}; per-rank prefill rows {:?}; first token after {:.0} ms]",
+        g.plan.world, g.plan.l_b, g.plan.l_a, g.plan.l_p, g.rank_prefill_tokens, g.stats.prefill_ms
     );
-    Ok(())
+    group.shutdown()
 }

@@ -1,14 +1,18 @@
-//! The smallest use of the library: load the default model and generate greedily with `dense`.
+//! The smallest use of the library: load the default model and generate greedily with `dense`
+//! (one rank of the one rank program).
 //!
 //! `cargo run --release -p apb-examples --example generate -- "Your prompt"`
 
 use anyhow::Result;
-use apb_host::{Engine, GenParams};
+use apb_host::layout::Method;
+use apb_host::ranks::Group;
+use apb_host::{prompt, GenParams, Job, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
+use apb_plugin::Scorer;
 use candle_core::{DType, Device};
 
 fn main() -> Result<()> {
-    let prompt = std::env::args()
+    let text = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "The capital of France is".to_string());
     let loaded = load(
@@ -16,16 +20,23 @@ fn main() -> Result<()> {
         DType::F32,
         &Device::Cpu,
     )?;
-    let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
-    let ids = engine.prompt_ids(&prompt, false)?;
-    let params = GenParams {
-        max_new_tokens: 16,
-        ..Default::default()
+    let group = Group::threads(Runner::new(loaded, Scorer::QueryAware), 1)?;
+    let job = Job {
+        prompt: prompt::build(group.runner().tok(), &text, None, false)?,
+        method: Method::Dense,
+        world: 1,
+        anchor_len: None,
+        passing_len: None,
+        params: GenParams {
+            max_new_tokens: 16,
+            ..Default::default()
+        },
     };
-    let g = engine.generate(&ids, &params, &mut |piece| print!("{piece}"))?;
+    let never = Default::default();
+    let g = group.run(&job, &never, &mut |piece| print!("{piece}"))?;
     println!(
         "\n[{} prompt tokens, prefill {:.1} ms, {:.1} tok/s]",
         g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.decode_tokens_per_s
     );
-    Ok(())
+    group.shutdown()
 }

@@ -6,7 +6,7 @@
 //! and MFU against a bf16 GEMM peak measured in the same run, and (second, synchronised run) a
 //! per-part breakdown of the slowest rank.
 
-use crate::dist::{make_plan, rank_inputs, DistConfig};
+use crate::layout::{make_plan, rank_inputs, DistConfig};
 use crate::prompt::PromptParts;
 use anyhow::{bail, Result};
 use apb_loaders::{Cache, Config, Model};
@@ -143,8 +143,8 @@ impl PrefillBench<'_> {
                     world,
                     anchor_len: None,
                     passing_len: None,
-                    scorer: Scorer::QueryAware,
                 };
+                let scorer = Scorer::QueryAware;
                 let p = make_plan(&parts, &cfg)?;
                 if p.world != world {
                     bail!(
@@ -153,7 +153,7 @@ impl PrefillBench<'_> {
                         p.notes.join("; ")
                     );
                 }
-                let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &cfg.scorer);
+                let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &scorer);
                 let pairs = rank_pairs(
                     Some(kind),
                     rank,
@@ -161,7 +161,7 @@ impl PrefillBench<'_> {
                     layout.local + layout.probe,
                     p.l_p,
                 );
-                let backend = RankBackend::new(kind, self.comm.clone(), layout, cfg.scorer)?;
+                let backend = RankBackend::new(kind, self.comm.clone(), layout, scorer)?;
                 (
                     t,
                     pos,

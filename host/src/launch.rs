@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Where the ranks meet.
@@ -43,6 +43,8 @@ pub struct RankCtx {
     pub nccl_id: [u8; 128],
     pub collective_timeout: Duration,
     group: Arc<Group>,
+    /// Messages from rank 0 (worker ranks): job frames read off the rendezvous connection.
+    messages: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
 struct Group {
@@ -53,9 +55,32 @@ struct Group {
 
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Frame tags on the rendezvous connections: `DONE` (one byte, a rank finished normally) and
+/// `MESSAGE` (u64 LE length + bytes, rank 0 to the others: a job).
+const DONE: u8 = 1;
+const MESSAGE: u8 = 2;
+
 impl RankCtx {
     pub fn is_root(&self) -> bool {
         self.rank == 0
+    }
+
+    /// Rank 0: sends `bytes` to every other rank of the group.
+    pub fn send_to_workers(&self, bytes: &[u8]) -> Result<()> {
+        let mut frame = Vec::with_capacity(bytes.len() + 9);
+        frame.push(MESSAGE);
+        frame.extend((bytes.len() as u64).to_le_bytes());
+        frame.extend(bytes);
+        for s in self.group.peers.lock().expect("peers").iter_mut() {
+            s.write_all(&frame)
+                .context("sending a job to a rank process (has it exited?)")?;
+        }
+        Ok(())
+    }
+
+    /// Worker ranks: the next message from rank 0 (None once rank 0 finished).
+    pub fn next_message(&self) -> Option<Vec<u8>> {
+        self.messages.as_ref()?.recv().ok()
     }
 
     /// Normal end: tells the rendezvous this rank is done, then (launchers) waits for the
@@ -63,7 +88,7 @@ impl RankCtx {
     pub fn finish(self) -> Result<()> {
         self.group.finishing.store(true, Ordering::SeqCst);
         for s in self.group.peers.lock().expect("peers").iter_mut() {
-            let _ = s.write_all(&[1]);
+            let _ = s.write_all(&[DONE]);
         }
         let mut children = std::mem::take(&mut *self.group.children.lock().expect("children"));
         for c in children.iter_mut() {
@@ -76,8 +101,23 @@ impl RankCtx {
     }
 }
 
+/// Called once when the group fails, before its processes are stopped (the server answers the
+/// requests in flight and turns unhealthy); the exit follows after [`FAILURE_GRACE`].
+type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+static FAILURE_HOOK: OnceLock<FailureHook> = OnceLock::new();
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+/// Registers what this process does when its group fails, before exiting non-zero.
+pub fn on_group_failure(hook: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = FAILURE_HOOK.set(Box::new(hook));
+}
+
 fn kill_all_and_exit(group: &Group, why: &str) -> ! {
     eprintln!("error: {why}; stopping all ranks");
+    if let Some(hook) = FAILURE_HOOK.get() {
+        hook(why);
+        std::thread::sleep(FAILURE_GRACE);
+    }
     if let Ok(mut cs) = group.children.try_lock() {
         for c in cs.iter_mut() {
             let _ = c.kill();
@@ -229,7 +269,8 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
         group.peers.lock().expect("peers").push(s.try_clone()?);
         id
     };
-    // Liveness: a peer connection that closes without the "done" byte means that side died.
+    // Liveness: a peer connection that closes without the "done" byte means that side died. On
+    // worker ranks the same reader hands rank 0's messages to `next_message`.
     let peers: Vec<TcpStream> = group
         .peers
         .lock()
@@ -237,16 +278,37 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
         .iter()
         .map(|s| s.try_clone())
         .collect::<std::io::Result<_>>()?;
+    let (tx, rx) = mpsc::channel();
     for mut s in peers {
         let g = group.clone();
+        let tx = tx.clone();
         std::thread::spawn(move || {
-            let mut b = [0u8; 1];
-            let done = matches!(s.read(&mut b), Ok(1) if b[0] == 1);
+            let done = loop {
+                let mut tag = [0u8; 1];
+                match s.read_exact(&mut tag) {
+                    Ok(()) if tag[0] == DONE => break true,
+                    Ok(()) if tag[0] == MESSAGE => {
+                        let mut len = [0u8; 8];
+                        let mut body = Vec::new();
+                        let ok = s.read_exact(&mut len).is_ok() && {
+                            body.resize(u64::from_le_bytes(len) as usize, 0);
+                            s.read_exact(&mut body).is_ok()
+                        };
+                        if !ok {
+                            break false;
+                        }
+                        let _ = tx.send(body);
+                    }
+                    _ => break false,
+                }
+            };
+            drop(tx);
             if !done && !g.finishing.load(Ordering::SeqCst) {
                 kill_all_and_exit(&g, &format!("rank {rank} lost a peer of the group"));
             }
         });
     }
+    drop(tx);
     Ok(RankCtx {
         rank,
         local_rank,
@@ -254,6 +316,7 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
         nccl_id,
         collective_timeout: Duration::from_secs_f64(args.collective_timeout),
         group,
+        messages: (rank != 0).then_some(rx),
     })
 }
 

@@ -1,13 +1,16 @@
-//! The APB-rs engine: prompt → prefill → decode loop, sampling and streaming, over any
-//! [`apb_plugin::AttentionBackend`]. The `apb` binary (src/main.rs) is a thin CLI on top.
+//! The APB-rs engine: one per-rank generation program ([`runner`]) for every attention method,
+//! the ranks that run it ([`ranks`]: threads or one process per GPU), the prompt split APB needs
+//! ([`prompt`]), and the OpenAI-compatible server ([`server`]). The `apb` binary (src/main.rs)
+//! parses arguments and dispatches.
 
 pub mod bench;
 pub mod device;
-pub mod dist;
-pub mod engine;
 pub mod launch;
+pub mod layout;
 pub mod prompt;
+pub mod ranks;
+pub mod runner;
 pub mod sampling;
 pub mod server;
 
-pub use engine::{Engine, GenParams, GenStats, Generation};
+pub use runner::{Finish, GenParams, GenStats, Generation, Job, Runner};

@@ -1,10 +1,12 @@
 //! `apb`: long-context generation with pluggable attention backends.
 
 use anyhow::{bail, Context, Result};
-use apb_host::dist::{self, DistConfig};
-use apb_host::{device::parse_device, prompt, Engine, GenParams, Generation};
+use apb_host::layout::Method;
+use apb_host::ranks::{self, GroupSpec, RunError};
+use apb_host::runner::MAX_TEMPERATURE;
+use apb_host::{device::parse_device, prompt, GenParams, Generation, Job, Runner};
 use apb_loaders::{load, parse_dtype, registry::DEFAULT_MODEL, ModelSource};
-use apb_plugin::{Kind, Scorer};
+use apb_plugin::Scorer;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,6 +17,8 @@ use std::sync::Arc;
 #[command(
     name = "apb",
     version,
+    // `--max-new-tokens -5` is then a bad value, not an "unexpected argument".
+    allow_negative_numbers = true,
     about = "APB-rs: fast long-context prefill for llama-family models"
 )]
 struct Cli {
@@ -28,12 +32,16 @@ enum Cmd {
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Generate text from a prompt (streams to stdout, or one JSON object with --json).
+    #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
-    /// OpenAI-compatible HTTP server (chat completions, streaming).
+    /// OpenAI-compatible HTTP server (chat completions, completions, streaming, metrics).
     ///
-    /// POST /v1/chat/completions (JSON or "stream": true), GET /v1/models, GET /health. One
-    /// request at a time; ring / star / apb ranks are threads on the one device and take
-    /// single-turn requests (document, blank line, question).
+    /// POST /v1/chat/completions and /v1/completions (JSON or "stream": true), GET /v1/models,
+    /// GET /health, GET /metrics. Requests queue (FIFO, --max-queued) and run one at a time on
+    /// all ranks: threads on the CPU, one process per GPU with --device cuda --world-size N.
+    /// With apb / star the question is the last paragraph of the last user message, the whole
+    /// last user message in a multi-turn chat, or the "question" field.
+    #[command(allow_negative_numbers = true)]
     Serve(ServeArgs),
 }
 
@@ -43,7 +51,8 @@ struct ServeArgs {
     m: ModelArgs,
     #[command(flatten)]
     at: AttentionArgs,
-    /// Address to listen on.
+    /// Address to listen on: an IP, `localhost`, or `::1` (loopback by default; other
+    /// addresses expose the server to the network: set --api-key).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on (0: any free port; the chosen one is printed).
@@ -52,6 +61,31 @@ struct ServeArgs {
     /// max_tokens for requests that give none.
     #[arg(long, default_value_t = 256)]
     default_max_tokens: usize,
+    /// Requests that may wait for their turn; beyond it the server answers 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queued: usize,
+    /// Require `Authorization: Bearer KEY` on every /v1 route (also from APB_API_KEY).
+    #[arg(long, env = "APB_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model name(s) clients use in "model" (repeatable; the first is reported). Default: the
+    /// loaded model's name and the -m argument.
+    #[arg(long)]
+    served_model_name: Vec<String>,
+    /// Allow browsers on this origin to call the API (CORS; repeatable; `*` for any).
+    #[arg(long)]
+    cors_origin: Vec<String>,
+    /// Accept this Host header name too (repeatable). A loopback-bound server otherwise answers
+    /// only localhost / 127.0.0.1 / ::1 (DNS-rebinding protection).
+    #[arg(long)]
+    allowed_host: Vec<String>,
+    /// Largest request body in bytes (default: 32 bytes per context token + 1 MiB).
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    /// Seconds a client has to send its request headers, and its body.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    #[command(flatten)]
+    launch: apb_host::launch::LaunchArgs,
 }
 
 #[derive(Args)]
@@ -326,41 +360,29 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
     })
 }
 
-/// The backend named by `--attention`, checked against the other flags (None = dense).
-fn parse_kind(at: &AttentionArgs) -> Result<Option<Kind>> {
-    let kind = match at.attention.as_str() {
-        "dense" => None,
-        "ring" => Some(Kind::Ring),
-        "star" => Some(Kind::Star),
-        "apb" => Some(Kind::Apb),
-        other => bail!(
-            "unknown attention backend '{other}' (available: {})",
-            apb_plugin::BACKEND_NAMES.join(", ")
-        ),
-    };
+/// The method named by `--attention`, checked against the other flags.
+fn parse_method(at: &AttentionArgs) -> Result<Method> {
+    let method = Method::parse(&at.attention)?;
     if at.world_size == 0 {
         bail!("--world-size must be at least 1");
     }
-    if kind.is_none() && at.world_size > 1 {
+    if method == Method::Dense && at.world_size > 1 {
         bail!(
             "--attention dense runs on one rank; use ring, star or apb with --world-size {}",
             at.world_size
         );
     }
-    if kind.is_none() && at.heads.is_some() {
+    if method != Method::Apb && at.heads.is_some() {
         bail!("--heads is only used by --attention apb");
     }
-    Ok(kind)
+    Ok(method)
 }
 
-/// Ranks, lengths and scorer for a distributed backend (loads `--heads` if given).
-fn dist_config(
-    at: &AttentionArgs,
-    kind: Kind,
-    loaded: &apb_loaders::Loaded,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<DistConfig> {
+/// Loads the model (and `--heads`) on `device`: what every rank holds.
+fn load_runner(m: &ModelArgs, at: &AttentionArgs, device: &candle_core::Device) -> Result<Runner> {
+    let dtype = parse_dtype(&m.dtype)?;
+    let source = ModelSource::parse(&m.model, m.revision.as_deref())?;
+    let loaded = load(&source, dtype, device)?;
     let scorer = match &at.heads {
         Some(spec) => Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
             spec,
@@ -370,53 +392,51 @@ fn dist_config(
         )?)),
         None => Scorer::QueryAware,
     };
-    Ok(DistConfig {
-        kind,
-        world: at.world_size,
-        anchor_len: at.anchor_len,
-        passing_len: at.passing_len,
-        scorer,
-    })
+    Ok(Runner::new(loaded, scorer))
+}
+
+fn check_sampling(temperature: f64, top_p: f64, max_new_tokens: usize) -> Result<()> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {top_p}");
+    }
+    if !(temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&temperature)) {
+        bail!("--temperature must be in [0, {MAX_TEMPERATURE}], got {temperature}");
+    }
+    if max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
-    if a.temperature < 0.0 || !a.temperature.is_finite() {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
-    }
-    let kind = parse_kind(&a.at)?;
-    let device = parse_device(&a.m.device)?;
-    // On GPUs each rank is a process with its own GPU (threads share one device otherwise).
-    let processes = device.is_cuda() && kind.is_some() && a.at.world_size > 1;
-    a.launch.validate(a.at.world_size, processes)?;
-    let group = if processes {
-        Some(apb_host::launch::join(&a.launch, a.at.world_size)?)
-    } else {
-        None
-    };
-    let device = match &group {
-        Some(g) => candle_core::Device::new_cuda(g.local_rank)?,
-        None => device,
-    };
-    let dtype = parse_dtype(&a.m.dtype)?;
+    check_sampling(a.temperature, a.top_p, a.max_new_tokens)?;
+    let method = parse_method(&a.at)?;
+    // Read the prompt before starting ranks: a bad file fails fast, with no processes started.
     let prompt = read_prompt(&a)?;
-    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    let loaded = load(&source, dtype, &device)?;
-    let parts = prompt::build(&loaded.tok, &prompt, a.question.as_deref(), a.chat)?;
-    if matches!(kind, Some(Kind::Apb) | Some(Kind::Star))
-        && parts.question.is_empty()
-        && a.at.anchor_len != Some(0)
-    {
-        bail!("--attention {} needs the question: pass --question TEXT (or --chat with the question as the last paragraph)", a.at.attention);
-    }
-    let params = GenParams {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-        ignore_eos: a.ignore_eos,
+    let spec = GroupSpec {
+        world: a.at.world_size,
+        device: parse_device(&a.m.device)?,
+        launch: a.launch.clone(),
+    };
+    let Some(group) = ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))? else {
+        return Ok(()); // a GPU worker rank: it served rank 0's job
+    };
+    let runner = group.runner().clone();
+    let parts = prompt::build(runner.tok(), &prompt, a.question.as_deref(), a.chat)?;
+    let job = Job {
+        prompt: parts,
+        method,
+        world: a.at.world_size,
+        anchor_len: a.at.anchor_len,
+        passing_len: a.at.passing_len,
+        params: GenParams {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+            ignore_eos: a.ignore_eos,
+            stop: vec![],
+        },
     };
     let stdout = std::io::stdout();
     let json = a.json;
@@ -427,58 +447,37 @@ fn generate(a: GenerateArgs) -> Result<()> {
             let _ = out.flush();
         }
     };
-    let mut v = match kind {
-        None => {
-            let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
-            let g = engine.generate(&parts.all(), &params, &mut on_text)?;
-            summary(&g, "dense", 1, &engine.loaded.name)
-        }
-        Some(kind) => {
-            let cfg = dist_config(&a.at, kind, &loaded, dtype, &device)?;
-            let d = match &group {
-                None => dist::generate(
-                    &loaded.model,
-                    &loaded.tok,
-                    &parts,
-                    &cfg,
-                    &params,
-                    &mut on_text,
-                )?,
-                Some(g) => dist::generate_on_rank(
-                    &loaded.model,
-                    &loaded.tok,
-                    &parts,
-                    &cfg,
-                    &params,
-                    apb_host::launch::communicator(g, &device)?,
-                    0,
-                    &mut on_text,
-                )?,
-            };
-            for note in &d.plan.notes {
-                eprintln!("note: {note}");
-            }
-            let mut v = summary(&d.generation, kind.name(), d.plan.world, &loaded.name);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let g = match group.run(&job, &never, &mut on_text) {
+        Ok(g) => g,
+        Err(RunError::Input(m)) => bail!("{m}"),
+        Err(RunError::Failed(m)) => bail!("{m}"),
+    };
+    for note in &g.plan.notes {
+        eprintln!("note: {note}");
+    }
+    let processes = spec.processes();
+    group.shutdown()?;
+    if json {
+        let mut v = summary(&g, method.name(), g.plan.world, &runner.loaded.name);
+        if method != Method::Dense {
             let extra = serde_json::json!({
-                "anchor_len": d.plan.l_a,
-                "passing_len": d.plan.l_p,
-                "block_len": d.plan.l_b,
-                "scorer": d.scorer,
-                "rank_prefill_tokens": d.rank_prefill_tokens,
-                "plan_notes": d.plan.notes,
+                "anchor_len": g.plan.l_a,
+                "passing_len": g.plan.l_p,
+                "block_len": g.plan.l_b,
+                "scorer": (method == Method::Apb).then(|| runner.scorer.name()),
+                "rank_prefill_tokens": g.rank_prefill_tokens,
+                "plan_notes": g.plan.notes,
             });
             if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
                 v.extend(extra);
             }
-            v
         }
-    };
-    if let Some(g) = group {
-        v["processes"] = g.world.into();
-        g.finish()?;
-    }
-    if json {
+        if processes {
+            v["processes"] = a.at.world_size.into();
+        }
         v["requested_world_size"] = a.at.world_size.into();
+        v["finish_reason"] = serde_json::json!(g.finish);
         println!("{v}");
     } else {
         println!();
@@ -486,31 +485,73 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--host` as an address: an IP (v4 or v6, brackets allowed) or a name that resolves.
+fn listen_addr(host: &str, port: u16) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return Ok((ip, port).into());
+    }
+    (bare, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("--host {host} is not an address or a name that resolves"))
+}
+
 fn serve(a: ServeArgs) -> Result<()> {
-    let kind = parse_kind(&a.at)?;
+    let method = parse_method(&a.at)?;
     if a.default_max_tokens == 0 {
         bail!("--default-max-tokens must be at least 1");
     }
-    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
-        .parse()
-        .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
-    let device = parse_device(&a.m.device)?;
-    let dtype = parse_dtype(&a.m.dtype)?;
-    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    let loaded = load(&source, dtype, &device)?;
-    let dist = match kind {
-        Some(kind) => Some(dist_config(&a.at, kind, &loaded, dtype, &device)?),
-        None => None,
+    if a.max_queued == 0 {
+        bail!("--max-queued must be at least 1");
+    }
+    if a.read_timeout == 0 {
+        bail!("--read-timeout must be at least 1 second");
+    }
+    let spec = GroupSpec {
+        world: a.at.world_size,
+        device: parse_device(&a.m.device)?,
+        launch: a.launch.clone(),
     };
-    let engine = Engine::new(loaded, apb_plugin::backend_by_name("dense")?);
+    spec.launch.validate(spec.world, spec.processes())?;
+    if spec.processes() && std::env::var_os("APB_RANK").is_some() {
+        // A GPU worker rank started by rank 0: serve its jobs, no HTTP.
+        ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?;
+        return Ok(());
+    }
+    let addr = listen_addr(&a.host, a.port)?;
     let cfg = apb_host::server::ServeConfig {
-        dist,
+        method,
+        world: a.at.world_size,
+        anchor_len: a.at.anchor_len,
+        passing_len: a.at.passing_len,
         default_max_tokens: a.default_max_tokens,
+        max_queued: a.max_queued,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        served_model_names: a.served_model_name.clone(),
+        model_alias: Some(a.m.model.clone()),
+        cors_origins: a.cors_origin.clone(),
+        allowed_hosts: a.allowed_host.clone(),
+        max_body_bytes: a.max_body_bytes,
+        header_timeout: std::time::Duration::from_secs(a.read_timeout),
+        body_timeout: std::time::Duration::from_secs(a.read_timeout),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(apb_host::server::serve(engine, cfg, addr))
+        .build()?;
+    rt.block_on(async move {
+        // Bind first: the port answers (503, "loading") while the model loads.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        apb_host::server::serve(listener, cfg, move || {
+            ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?
+                .context("rank 0 did not start")
+        })
+        .await
+    })
 }
 
 /// The `--json` fields every backend reports.
@@ -547,11 +588,19 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs each request at info unless APB_LOG says otherwise; the rest, errors only.
+    let default = if matches!(cli.cmd, Cmd::Serve(_)) {
+        "info"
+    } else {
+        "error"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("APB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("APB_LOG"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Serve(a) => serve(a),

@@ -3,10 +3,11 @@
 
 use anyhow::{bail, Result};
 use apb_loaders::{ChatMessage, Tok};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PromptParts {
-    /// Chat-template prefix + document.
+    /// Chat-template prefix + document (may be empty: a one-token prompt is all query).
     pub context: Vec<u32>,
     /// Question + template suffix (assistant header): processed after prefill, at its true
     /// positions. Never empty.
@@ -23,9 +24,21 @@ impl PromptParts {
     pub fn all(&self) -> Vec<u32> {
         [self.context.as_slice(), self.query.as_slice()].concat()
     }
+
+    /// Prompt tokens in all.
+    pub fn len(&self) -> usize {
+        self.context.len() + self.query.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
-const MARK: &str = "\u{1}APB-USER-TURN\u{1}";
+/// Marks message `i`'s content in a rendered template (control characters no template emits).
+fn mark(i: usize) -> String {
+    format!("\u{1}APB-MSG-{i}\u{1}")
+}
 
 /// The documented rule for `--chat` without `--question`: the question is the last paragraph of
 /// the prompt (the text after its last blank line); the rest is the document.
@@ -35,41 +48,126 @@ pub fn split_question(text: &str) -> Option<(&str, &str)> {
     (!q.is_empty() && !doc.trim().is_empty()).then_some((doc, q))
 }
 
+/// The CLI's prompt: `text` as one user turn (`chat`) or raw text. Raw text without `question`
+/// has no question; a chat turn follows [`build_chat`]'s rule.
 pub fn build(tok: &Tok, text: &str, question: Option<&str>, chat: bool) -> Result<PromptParts> {
-    let (doc, question) = match question {
+    if chat {
+        build_chat(tok, &[ChatMessage::user(text)], question)
+    } else {
+        build_text(tok, text, question, false)
+    }
+}
+
+/// A raw prompt (no chat template; special tokens in it are parsed, as completions APIs do).
+/// The question is `question`, else with `split` the last paragraph, else none.
+pub fn build_text(
+    tok: &Tok,
+    text: &str,
+    question: Option<&str>,
+    split: bool,
+) -> Result<PromptParts> {
+    let (doc, q) = match question {
         Some(q) => (text, Some(q.trim())),
-        None if chat => match split_question(text) {
+        None if split => match split_question(text) {
             Some((d, q)) => (d, Some(q)),
             None => (text, None),
         },
         None => (text, None),
     };
-    let (prefix, suffix) = if chat {
-        let rendered = tok.apply_chat_template(&[ChatMessage::user(MARK)])?;
-        match rendered.split_once(MARK) {
-            Some((p, s)) => (p.to_string(), s.to_string()),
-            None => bail!("the chat template does not place the user message verbatim; cannot split the prompt"),
+    let context = encode_nonempty(tok, doc, false)?;
+    let query = match q {
+        Some(q) => tok.encode(&format!("\n{q}"))?,
+        None => vec![],
+    };
+    finish(tok, context, query, q, 0)
+}
+
+/// A chat, rendered with the model's template. Message contents are user text: encoded without
+/// special-token parsing. The question (what APB embeds in its anchors) is, in order: the
+/// `question` argument (appended to the last user turn); the last paragraph of the last user
+/// turn (after its last blank line); or, when earlier messages exist, the whole last user turn.
+/// Everything before the question is the context.
+pub fn build_chat(
+    tok: &Tok,
+    messages: &[ChatMessage],
+    question: Option<&str>,
+) -> Result<PromptParts> {
+    let Some(last) = messages.last() else {
+        bail!("no messages");
+    };
+    if last.role != "user" {
+        bail!("the last message must have role 'user'");
+    }
+    let marked: Vec<ChatMessage> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ChatMessage {
+            role: m.role.clone(),
+            content: mark(i),
+        })
+        .collect();
+    let rendered = tok.apply_chat_template(&marked)?;
+    // Template pieces before each message's content, in order; `rest` ends as the suffix.
+    let mut pieces = Vec::with_capacity(messages.len());
+    let mut rest = rendered.as_str();
+    for i in 0..messages.len() {
+        match rest.split_once(&mark(i)) {
+            Some((before, after)) => {
+                pieces.push(before);
+                rest = after;
+            }
+            None => bail!(
+                "the chat template does not place message {i} verbatim; cannot split the prompt"
+            ),
         }
-    } else {
-        (String::new(), String::new())
+    }
+    let (doc, q) = match question {
+        Some(q) => (last.content.as_str(), Some(q.trim())),
+        None => match split_question(&last.content) {
+            Some((d, q)) => (d, Some(q)),
+            None if messages.len() > 1 => ("", Some(last.content.trim())),
+            None => (last.content.as_str(), None),
+        },
     };
-    let prefix_ids = if prefix.is_empty() {
-        vec![]
-    } else {
-        tok.encode(&prefix)?
+    let mut context = Vec::new();
+    let mut prefix_len = 0;
+    for (i, m) in messages.iter().enumerate() {
+        context.extend(encode_nonempty(tok, pieces[i], false)?);
+        if i == 0 {
+            prefix_len = context.len();
+        }
+        let content = if i + 1 == messages.len() {
+            doc
+        } else {
+            m.content.as_str()
+        };
+        context.extend(encode_nonempty(tok, content, true)?);
+    }
+    let mut query = match q {
+        Some(q) if doc.is_empty() => tok.encode_plain(q)?,
+        Some(q) => tok.encode_plain(&format!("\n\n{q}"))?,
+        None => vec![],
     };
-    let mut context = prefix_ids.clone();
-    context.extend(tok.encode(doc)?);
-    let sep = if chat { "\n\n" } else { "\n" };
-    let tail = match question {
-        Some(q) => format!("{sep}{q}{suffix}"),
-        None => suffix,
-    };
-    let mut query = if tail.is_empty() {
-        vec![]
-    } else {
-        tok.encode(&tail)?
-    };
+    query.extend(encode_nonempty(tok, rest, false)?);
+    finish(tok, context, query, q, prefix_len)
+}
+
+/// Template text (trusted: special tokens parsed) or user text (`plain`).
+fn encode_nonempty(tok: &Tok, text: &str, plain: bool) -> Result<Vec<u32>> {
+    Ok(match (text.is_empty(), plain) {
+        (true, _) => vec![],
+        (false, true) => tok.encode_plain(text)?,
+        (false, false) => tok.encode(text)?,
+    })
+}
+
+fn finish(
+    tok: &Tok,
+    mut context: Vec<u32>,
+    mut query: Vec<u32>,
+    question: Option<&str>,
+    prefix_len: usize,
+) -> Result<PromptParts> {
     if query.is_empty() {
         // No question: the last prompt token starts the generation phase.
         match context.pop() {
@@ -77,18 +175,15 @@ pub fn build(tok: &Tok, text: &str, question: Option<&str>, chat: bool) -> Resul
             None => bail!("the prompt is empty"),
         }
     }
-    if context.is_empty() {
-        bail!("the prompt has no context before the question");
-    }
     let question = match question {
-        Some(q) => tok.encode(q)?,
-        None => vec![],
+        Some(q) if !q.is_empty() => tok.encode_plain(q)?,
+        _ => vec![],
     };
     Ok(PromptParts {
+        prefix_len: prefix_len.min(context.len()),
         context,
         query,
         question,
-        prefix_len: prefix_ids.len(),
     })
 }
 

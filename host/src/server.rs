@@ -1,113 +1,641 @@
-//! `apb serve`: an OpenAI-compatible HTTP server over the engine — `POST /v1/chat/completions`
-//! (JSON or server-sent-event streaming), `GET /v1/models`, `GET /health`.
+//! `apb serve`: an OpenAI-compatible HTTP server over a group of ranks.
 //!
-//! One model, loaded once. Requests run one at a time on a blocking thread (a long prefill
-//! occupies every rank). With `--attention ring|star|apb` the ranks are threads on the server's
-//! device, as in `apb generate` without GPUs per rank; such requests are single-turn (one user
-//! message: the document, a blank line, the question — or the question in the `question` field,
-//! an extension of the OpenAI schema), since APB needs to know which part is the question.
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent events),
+//! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//!
+//! Rank 0 serves HTTP; the other ranks (threads on the CPU, one process per GPU) run the same
+//! rank program on the jobs rank 0 relays ([`crate::ranks`]). Requests wait in one bounded FIFO
+//! queue (429 with `Retry-After` beyond it) and run one at a time on every rank; a client that
+//! goes away cancels its request, queued or running (every rank stops at the next token). A rank
+//! that fails answers the request in flight with 500 naming the cause, turns `/health`
+//! unhealthy, and stops the server with a non-zero exit, so a supervisor restarts it.
+//!
+//! Safety: bodies are bounded by a size derived from the model's context before any parsing,
+//! tokenization runs at most [`TOKENIZE_PERMITS`] at a time, `--api-key` guards every `/v1`
+//! route, POSTs must be `application/json` (no cross-site form posts), and a server bound to
+//! loopback answers only loopback `Host` names (no DNS rebinding).
 
-use crate::dist::{self, DistConfig};
-use crate::{prompt, Engine, GenParams, Generation};
-use apb_loaders::ChatMessage;
-use apb_plugin::Kind;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use crate::layout::Method;
+use crate::prompt::{self, PromptParts};
+use crate::ranks::{Group, RunError};
+use crate::runner::{prepare, Finish, GenParams, Generation, Job, MAX_TEMPERATURE};
+use apb_loaders::{ChatMessage, Loaded};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 
-/// Largest request body accepted.
-const MAX_BODY_BYTES: usize = 64 << 20;
+/// Requests tokenized at once (tokenizing a long document takes memory and a core).
+pub const TOKENIZE_PERMITS: usize = 2;
+/// Body bytes allowed per context token (plus [`BODY_SLACK`]): generous for any text (English
+/// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
+pub const BODY_BYTES_PER_TOKEN: usize = 32;
+const BODY_SLACK: usize = 1 << 20;
 
 /// What the server runs every request with.
+#[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// None: dense attention on one rank.
-    pub dist: Option<DistConfig>,
+    pub method: Method,
+    /// Ranks of the group.
+    pub world: usize,
+    pub anchor_len: Option<usize>,
+    pub passing_len: Option<usize>,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
+    /// Requests that may wait for their turn; more get 429.
+    pub max_queued: usize,
+    /// Bearer key required on `/v1` routes.
+    pub api_key: Option<String>,
+    /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
+    /// and `model_alias` (the `-m` spelling, e.g. `smollm2-135m-instruct`).
+    pub served_model_names: Vec<String>,
+    pub model_alias: Option<String>,
+    /// Origins allowed by CORS (`*` for any); none: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Extra `Host` names accepted when bound to loopback (or the only ones, when given and bound
+    /// elsewhere).
+    pub allowed_hosts: Vec<String>,
+    /// Body bound (default: derived from the model's context).
+    pub max_body_bytes: Option<usize>,
+    /// Time a client has to send its request headers, and its body.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+}
+
+/// A request waiting for the ranks.
+struct Queued {
+    job: Job,
+    cancel: Arc<AtomicBool>,
+    events: tmpsc::UnboundedSender<Ev>,
+    queued_at: Instant,
+}
+
+/// What the engine thread tells a request's handler.
+enum Ev {
+    Text(String),
+    Done(Box<Generation>),
+    Fail(ApiError),
+}
+
+/// The model, once loaded.
+struct Ready {
+    loaded: Arc<Loaded>,
+    queue: Mutex<Option<mpsc::SyncSender<Queued>>>,
+    model_names: Vec<String>,
+    max_body: usize,
 }
 
 struct Server {
-    engine: Engine,
     cfg: ServeConfig,
-    model_id: String,
-    /// One generation at a time.
-    busy: Mutex<()>,
+    ready: OnceLock<Ready>,
+    /// Set when a rank failed: the server answers 503 and stops.
+    fatal: Mutex<Option<String>>,
+    shutdown: Notify,
+    queue_depth: AtomicUsize,
+    running: AtomicBool,
+    tokenize: Semaphore,
+    created: u64,
+    allowed_hosts: Option<Vec<String>>,
+    metrics: Metrics,
 }
 
-/// Binds `addr`, prints `listening on http://ADDR` to stderr (port 0 picks a free one), serves
-/// until the process ends.
-pub async fn serve(engine: Engine, cfg: ServeConfig, addr: SocketAddr) -> anyhow::Result<()> {
-    let model_id = engine.loaded.name.clone();
-    let state = Arc::new(Server {
-        engine,
-        cfg,
-        model_id,
-        busy: Mutex::new(()),
-    });
-    let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat_completions))
-        // Long-context prompts are megabytes of text (axum's default cap is 2 MB).
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    eprintln!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
-    Ok(())
+struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    cancelled: IntCounterVec,
+    queue_depth: IntGauge,
+    prompt_tokens: IntCounterVec,
+    generated_tokens: IntCounterVec,
+    ttft: HistogramVec,
+    prefill_tps: HistogramVec,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("apb".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Requests answered, by endpoint and HTTP status",
+            ),
+            &["endpoint", "status"],
+        )?;
+        let cancelled = IntCounterVec::new(
+            Opts::new(
+                "cancelled_total",
+                "Requests whose client went away, by where they were (queued or running)",
+            ),
+            &["stage"],
+        )?;
+        let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the ranks")?;
+        let prompt_tokens = IntCounterVec::new(
+            Opts::new("prompt_tokens_total", "Prompt tokens of completed requests"),
+            &["method"],
+        )?;
+        let generated_tokens = IntCounterVec::new(
+            Opts::new("generated_tokens_total", "Generated tokens"),
+            &["method"],
+        )?;
+        let buckets = vec![
+            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ];
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "time_to_first_token_seconds",
+                "Time from arrival (queue wait included) to the first token",
+            )
+            .buckets(buckets),
+            &["method"],
+        )?;
+        let prefill_tps = HistogramVec::new(
+            HistogramOpts::new(
+                "prefill_tokens_per_second",
+                "Prompt tokens per prefill second",
+            )
+            .buckets(prometheus::exponential_buckets(100.0, 2.0, 16)?),
+            &["method"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(cancelled.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
+        registry.register(Box::new(generated_tokens.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(prefill_tps.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            cancelled,
+            queue_depth,
+            prompt_tokens,
+            generated_tokens,
+            ttft,
+            prefill_tps,
+        })
+    }
 }
 
 /// An OpenAI-style error: `{"error": {"message", "type", "code"}}` with an HTTP status.
-#[derive(Debug)]
-struct ApiError {
+#[derive(Debug, Clone)]
+pub struct ApiError {
     status: StatusCode,
     message: String,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn bad(message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            retry_after: None,
         }
     }
-    fn internal(e: impl std::fmt::Display) -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: e.to_string(),
-        }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
     }
     fn body(&self) -> Value {
-        let kind = if self.status.is_client_error() {
-            "invalid_request_error"
-        } else {
-            "server_error"
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
         };
-        json!({"error": {"message": self.message, "type": kind, "code": null}})
+        json!({"error": {"message": self.message, "type": kind, "param": null,
+                         "code": self.status.as_u16()}})
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
     }
 }
 
+/// Sets a request's cancel flag when dropped: the handler future or the event stream goes away
+/// with its client.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Serves on `listener` until SIGINT/SIGTERM (then finishes the requests in flight) or until a
+/// rank fails. `start_ranks` loads the model and starts the group on a background thread while
+/// the port already answers (`/health` says loading, requests get 503). Returns the process exit
+/// status: Ok after a clean stop, Err naming the failure otherwise.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: ServeConfig,
+    start_ranks: impl FnOnce() -> anyhow::Result<Group> + Send + 'static,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    let allowed_hosts = allowed_hosts(&local, &cfg.allowed_hosts);
+    let state = Arc::new(Server {
+        cfg,
+        ready: OnceLock::new(),
+        fatal: Mutex::new(None),
+        shutdown: Notify::new(),
+        queue_depth: AtomicUsize::new(0),
+        running: AtomicBool::new(false),
+        tokenize: Semaphore::new(TOKENIZE_PERMITS),
+        created: now_secs(),
+        allowed_hosts,
+        metrics: Metrics::new()?,
+    });
+    eprintln!("listening on http://{local}");
+
+    // Load and run the ranks on their own thread; the engine loop owns the group.
+    let (engine_done_tx, engine_done) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    {
+        let s = state.clone();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let r = start_ranks().and_then(|group| engine(&s, group));
+                if let Err(e) = &r {
+                    s.fail(&format!("{e:#}"));
+                }
+                let _ = engine_done_tx.send(r);
+            })?;
+    }
+    // A failing GPU rank process stops the group: answer first, then the launcher exits.
+    {
+        let s = state.clone();
+        crate::launch::on_group_failure(move |why| s.fail(why));
+    }
+
+    let app = router(state.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = {
+        let s = state.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => eprintln!("shutting down: finishing the requests in flight"),
+                _ = s.shutdown.notified() => {}
+            }
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(state.cfg.header_timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    // Requests in flight finish (a failed group answers them at once); then the queue closes
+    // and the engine thread stops the ranks.
+    let fatal = state.fatal_cause();
+    let grace = if fatal.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(24 * 3600)
+    };
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    if let Some(ready) = state.ready.get() {
+        ready.queue.lock().expect("queue").take();
+    }
+    let engine = match tokio::time::timeout(Duration::from_secs(10), engine_done).await {
+        Ok(Ok(r)) => r,
+        _ => Ok(()),
+    };
+    match state.fatal_cause() {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => engine,
+    }
+}
+
+impl Server {
+    fn fail(&self, why: &str) {
+        self.fatal
+            .lock()
+            .expect("fatal")
+            .get_or_insert_with(|| why.to_string());
+        self.shutdown.notify_one();
+        self.shutdown.notify_waiters();
+    }
+
+    fn fatal_cause(&self) -> Option<String> {
+        self.fatal.lock().expect("fatal").clone()
+    }
+}
+
+/// The engine loop: runs queued requests one at a time on the group, then stops its ranks.
+fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::sync_channel::<Queued>(s.cfg.max_queued);
+    let loaded = group.runner().loaded.clone();
+    let mut model_names = s.cfg.served_model_names.clone();
+    if model_names.is_empty() {
+        model_names.push(loaded.name.clone());
+        model_names.extend(
+            s.cfg
+                .model_alias
+                .iter()
+                .filter(|a| **a != loaded.name)
+                .cloned(),
+        );
+    }
+    let ctx = loaded.model.cfg.max_position_embeddings;
+    let max_body = s
+        .cfg
+        .max_body_bytes
+        .unwrap_or(ctx.saturating_mul(BODY_BYTES_PER_TOKEN) + BODY_SLACK);
+    let _ = s.ready.set(Ready {
+        loaded,
+        queue: Mutex::new(Some(tx)),
+        model_names,
+        max_body,
+    });
+    eprintln!(
+        "ready: {} with {} on {} rank{}",
+        s.ready
+            .get()
+            .map(|r| r.model_names[0].as_str())
+            .unwrap_or(""),
+        s.cfg.method.name(),
+        group.world(),
+        if group.world() == 1 { "" } else { "s" }
+    );
+    for q in rx {
+        s.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        s.metrics.queue_depth.dec();
+        if q.cancel.load(Ordering::SeqCst) {
+            // Its client left while it waited.
+            s.metrics.cancelled.with_label_values(&["queued"]).inc();
+            continue;
+        }
+        if let Some(why) = s.fatal_cause() {
+            let _ = q.events.send(Ev::Fail(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the server is stopping after a rank failure: {why}"),
+            )));
+            continue;
+        }
+        s.running.store(true, Ordering::SeqCst);
+        let events = q.events.clone();
+        let mut on_text = |t: &str| {
+            let _ = events.send(Ev::Text(t.to_string()));
+        };
+        let waited = q.queued_at.elapsed().as_secs_f64();
+        let res = group.run(&q.job, &q.cancel, &mut on_text);
+        s.running.store(false, Ordering::SeqCst);
+        let method = q.job.method.name();
+        match res {
+            Ok(g) => {
+                let m = &s.metrics;
+                if g.finish == Finish::Cancelled {
+                    m.cancelled.with_label_values(&["running"]).inc();
+                    tracing::info!(
+                        "request cancelled by its client after {} tokens",
+                        g.stats.generated_tokens
+                    );
+                }
+                m.prompt_tokens
+                    .with_label_values(&[method])
+                    .inc_by(g.stats.prompt_tokens as u64);
+                m.generated_tokens
+                    .with_label_values(&[method])
+                    .inc_by(g.stats.generated_tokens as u64);
+                m.ttft
+                    .with_label_values(&[method])
+                    .observe(waited + g.stats.prefill_ms / 1e3);
+                if g.stats.prefill_ms > 0.0 {
+                    m.prefill_tps
+                        .with_label_values(&[method])
+                        .observe(g.stats.prompt_tokens as f64 / (g.stats.prefill_ms / 1e3));
+                }
+                let _ = q.events.send(Ev::Done(Box::new(g)));
+            }
+            Err(RunError::Input(m)) => {
+                let _ = q.events.send(Ev::Fail(ApiError::bad(m)));
+            }
+            Err(RunError::Failed(why)) => {
+                let why = format!("a rank failed: {why}");
+                eprintln!("error: {why}; stopping the server");
+                let _ = q.events.send(Ev::Fail(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    why.clone(),
+                )));
+                s.fail(&why);
+            }
+        }
+    }
+    group.shutdown()
+}
+
+fn router(state: Arc<Server>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
+    let mut app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such route (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics)")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
+        );
+    if !state.cfg.cors_origins.is_empty() {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        let origin = if state.cfg.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(
+                state
+                    .cfg
+                    .cors_origins
+                    .iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok()),
+            )
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([HttpMethod::GET, HttpMethod::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app.with_state(state)
+}
+
+/// `Host` names a loopback-bound server answers (DNS rebinding: a web page's JavaScript reaching
+/// 127.0.0.1 through a hostile name would carry that name). None: any.
+fn allowed_hosts(local: &SocketAddr, extra: &[String]) -> Option<Vec<String>> {
+    if local.ip().is_loopback() {
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        hosts.extend(extra.iter().cloned());
+        Some(hosts)
+    } else if !extra.is_empty() {
+        Some(extra.to_vec())
+    } else {
+        None
+    }
+}
+
+/// The host part of a `Host` header (`name`, `name:port`, `[v6]:port`).
+fn host_name(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => h,
+    }
+}
+
+async fn check_host(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    if let Some(allowed) = &s.allowed_hosts {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_name)
+            .unwrap_or("");
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("Host '{host}' is not served here (DNS rebinding protection); allow it with --allowed-host"),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.cfg.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(s): State<Arc<Server>>) -> Response {
+    let depth = s.queue_depth.load(Ordering::SeqCst);
+    if let Some(why) = s.fatal_cause() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "error": why})),
+        )
+            .into_response();
+    }
+    if s.ready.get().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ok", "queue_depth": depth,
+                "running": s.running.load(Ordering::SeqCst),
+                "max_queued": s.cfg.max_queued}))
+    .into_response()
+}
+
+async fn metrics(State(s): State<Arc<Server>>) -> Response {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&s.metrics.registry.gather(), &mut buf) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
+}
+
+fn ready(s: &Server) -> Result<&Ready, ApiError> {
+    if let Some(why) = s.fatal_cause() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is stopping after a rank failure: {why}"),
+        ));
+    }
+    s.ready.get().ok_or_else(|| {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model is still loading",
+        );
+        e.retry_after = Some(5);
+        e
+    })
+}
+
+async fn models(State(s): State<Arc<Server>>) -> Response {
+    match ready(&s) {
+        Ok(r) => Json(json!({"object": "list", "data": [
+            {"id": r.model_names[0], "object": "model", "created": s.created, "owned_by": "apb-rs"}
+        ]}))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Sampling fields shared by both endpoints, and the OpenAI fields we refuse rather than ignore.
 #[derive(Deserialize)]
-struct ChatRequest {
+struct Common {
     model: Option<String>,
-    messages: Vec<Message>,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
     temperature: Option<f64>,
@@ -115,9 +643,60 @@ struct ChatRequest {
     seed: Option<u64>,
     #[serde(default)]
     stream: bool,
-    /// Extension: the question APB embeds in its anchors (default: the last paragraph of the
-    /// user message).
+    stream_options: Option<StreamOptions>,
+    stop: Option<Stop>,
+    n: Option<usize>,
+    /// Extension: the question APB and Star embed in their anchors.
     question: Option<String>,
+    /// Extension (as in vLLM): keep generating through end-of-sequence tokens.
+    #[serde(default)]
+    ignore_eos: bool,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<Value>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    echo: Option<bool>,
+    suffix: Option<Value>,
+    best_of: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: PromptField,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -159,106 +738,398 @@ impl Content {
     }
 }
 
-/// A validated request, ready to generate.
-struct Job {
-    prompt: Prompt,
-    params: GenParams,
-    stream: bool,
+/// Which endpoint a request came through (its response shapes differ).
+#[derive(Clone, Copy, PartialEq)]
+enum Endpoint {
+    Chat,
+    Completion,
 }
 
-enum Prompt {
-    Dense(Vec<u32>),
-    Dist(prompt::PromptParts),
-}
-
-async fn models(State(s): State<Arc<Server>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [
-        {"id": s.model_id, "object": "model", "created": 0, "owned_by": "apb-rs"}
-    ]}))
-}
-
-async fn chat_completions(State(s): State<Arc<Server>>, body: Bytes) -> Response {
-    // The request's own checks, then tokenization, off the async threads.
-    let s2 = s.clone();
-    let job = match tokio::task::spawn_blocking(move || prepare(&s2, &body)).await {
-        Ok(Ok(job)) => job,
-        Ok(Err(e)) => return e.into_response(),
-        Err(e) => return ApiError::internal(e).into_response(),
-    };
-    let id = format!(
-        "chatcmpl-{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if job.stream {
-        stream_response(s, job, id, created)
-    } else {
-        let s2 = s.clone();
-        let params = job.params.clone();
-        let out =
-            tokio::task::spawn_blocking(move || run(&s2, &job.prompt, &params, &mut |_| {})).await;
-        match out {
-            Ok(Ok(g)) => {
-                let finish = finish_reason(&g, &job.params);
-                Json(json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": s.model_id,
-                    "choices": [{"index": 0, "finish_reason": finish,
-                                 "message": {"role": "assistant", "content": g.text}}],
-                    "usage": usage(&g),
-                }))
-                .into_response()
-            }
-            Ok(Err(e)) => e.into_response(),
-            Err(e) => ApiError::internal(e).into_response(),
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completion => "completions",
         }
     }
 }
 
-fn stream_response(s: Arc<Server>, job: Job, id: String, created: u64) -> Response {
-    let (tx, rx) =
-        tokio::sync::mpsc::unbounded_channel::<Result<Event, std::convert::Infallible>>();
-    let chunk = {
-        let (id, model) = (id.clone(), s.model_id.clone());
-        move |delta: Value, finish: Option<&str>| {
-            let v = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            Ok(Event::default().data(v.to_string()))
-        }
-    };
-    tokio::task::spawn_blocking(move || {
-        let _ = tx.send(chunk(json!({"role": "assistant", "content": ""}), None));
-        let tx2 = tx.clone();
-        let c2 = chunk.clone();
-        let mut on_text = move |t: &str| {
-            // A client that went away only stops receiving; the generation runs to its end.
-            let _ = tx2.send(c2(json!({"content": t}), None));
-        };
-        match run(&s, &job.prompt, &job.params, &mut on_text) {
-            Ok(g) => {
-                let _ = tx.send(chunk(json!({}), Some(finish_reason(&g, &job.params))));
-            }
-            Err(e) => {
-                let _ = tx.send(Ok(Event::default().data(e.body().to_string())));
-            }
-        }
-        let _ = tx.send(Ok(Event::default().data("[DONE]")));
-    });
-    Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+/// A request checked and tokenized, ready to queue.
+struct Checked {
+    job: Job,
+    stream: bool,
+    include_usage: bool,
 }
 
-fn finish_reason(g: &Generation, p: &GenParams) -> &'static str {
-    if g.stats.generated_tokens >= p.max_new_tokens {
-        "length"
+async fn chat_completions(
+    State(s): State<Arc<Server>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(s, headers, body, Endpoint::Chat).await
+}
+
+async fn completions(State(s): State<Arc<Server>>, headers: HeaderMap, body: Body) -> Response {
+    handle(s, headers, body, Endpoint::Completion).await
+}
+
+async fn handle(s: Arc<Server>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
+    let r = match admit(&s, &headers, body, ep).await {
+        Ok(checked) => respond(s.clone(), checked, ep).await,
+        Err(e) => e.into_response(),
+    };
+    s.metrics
+        .requests
+        .with_label_values(&[ep.label(), r.status().as_str()])
+        .inc();
+    r
+}
+
+/// Content type, body bound and timeout, JSON, parameters, tokenization (bounded), plan.
+async fn admit(
+    s: &Arc<Server>,
+    headers: &HeaderMap,
+    body: Body,
+    ep: Endpoint,
+) -> Result<Checked, ApiError> {
+    let ready = ready(s)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be application/json, got '{ct}'"),
+        ));
+    }
+    let limit = ready.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is over {limit} bytes, more than the model's context of {} tokens can hold ({BODY_BYTES_PER_TOKEN} bytes a token); shorten the prompt",
+                ready.loaded.model.cfg.max_position_embeddings
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes =
+        match tokio::time::timeout(s.cfg.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {:?}",
+                        s.cfg.body_timeout
+                    ),
+                ))
+            }
+            Ok(Err(_)) => return Err(too_large()),
+            Ok(Ok(b)) => b,
+        };
+    let _permit = s
+        .tokenize
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping"))?;
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || check(&s2, &bytes, ep))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
+    let ready = ready(s)?;
+    let tok = &ready.loaded.tok;
+    let (common, parts) = match ep {
+        Endpoint::Chat => {
+            let req: ChatRequest = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
+            if req.messages.is_empty() {
+                return Err(ApiError::bad("'messages' is empty"));
+            }
+            let mut messages = Vec::with_capacity(req.messages.len());
+            for m in &req.messages {
+                let role = match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => {
+                        return Err(ApiError::bad(format!(
+                            "unsupported role '{other}' (system, developer, user, assistant)"
+                        )))
+                    }
+                };
+                messages.push(ChatMessage {
+                    role: role.into(),
+                    content: m.content.text()?,
+                });
+            }
+            check_common(s, ready, &req.common)?;
+            let parts = prompt::build_chat(tok, &messages, req.common.question.as_deref())
+                .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+            (req.common, parts)
+        }
+        Endpoint::Completion => {
+            let req: CompletionRequest = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
+            let text = match &req.prompt {
+                PromptField::One(t) => t.clone(),
+                PromptField::Many(v) if v.len() == 1 => v[0].clone(),
+                PromptField::Many(_) => {
+                    return Err(ApiError::bad(
+                        "'prompt' must be one string (batches of prompts are not supported)",
+                    ))
+                }
+            };
+            check_common(s, ready, &req.common)?;
+            let split = s.cfg.method.needs_question();
+            let parts = prompt::build_text(tok, &text, req.common.question.as_deref(), split)
+                .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+            (req.common, parts)
+        }
+    };
+    let params = GenParams {
+        max_new_tokens: common
+            .max_completion_tokens
+            .or(common.max_tokens)
+            .unwrap_or(s.cfg.default_max_tokens),
+        // Greedy unless asked (documented; OpenAI's default is 1).
+        temperature: common.temperature.unwrap_or(0.0),
+        top_p: common.top_p.unwrap_or(1.0),
+        // No seed: a fresh one per request (a fixed default would repeat the same sample).
+        seed: common.seed.unwrap_or_else(rand::random),
+        ignore_eos: common.ignore_eos,
+        stop: match common.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+    };
+    if params.stop.len() > 4 {
+        return Err(ApiError::bad("'stop' takes at most 4 strings"));
+    }
+    params.validate().map_err(ApiError::bad)?;
+    let job = job(s, parts, params);
+    prepare(&ready.loaded.model, &job).map_err(|e| ApiError::bad(e.0))?;
+    Ok(Checked {
+        job,
+        stream: common.stream,
+        include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
+    Job {
+        prompt,
+        method: s.cfg.method,
+        world: s.cfg.world,
+        anchor_len: s.cfg.anchor_len,
+        passing_len: s.cfg.passing_len,
+        params,
+    }
+}
+
+/// The model name and the parameters we do not implement (refused, never silently ignored).
+fn check_common(s: &Server, ready: &Ready, c: &Common) -> Result<(), ApiError> {
+    if let Some(m) = &c.model {
+        if !ready.model_names.iter().any(|n| n == m) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "model '{m}' is not served here; this server runs '{}'",
+                    ready.model_names.join("', '")
+                ),
+            ));
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) || c.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad(
+            "'n' and 'best_of' must be 1: one choice per request (send several requests instead)",
+        ));
+    }
+    if let Some(t) = c.temperature {
+        if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
+            return Err(ApiError::bad(format!(
+                "'temperature' must be in [0, {MAX_TEMPERATURE}], got {t}"
+            )));
+        }
+    }
+    let truthy = |v: &Option<Value>| {
+        v.as_ref()
+            .is_some_and(|v| !(v.is_null() || *v == json!(false) || *v == json!(0)))
+    };
+    let mut unsupported = Vec::new();
+    if truthy(&c.logprobs) || truthy(&c.top_logprobs) {
+        unsupported.push("logprobs");
+    }
+    if c.presence_penalty.is_some_and(|p| p != 0.0) {
+        unsupported.push("presence_penalty");
+    }
+    if c.frequency_penalty.is_some_and(|p| p != 0.0) {
+        unsupported.push("frequency_penalty");
+    }
+    if c.logit_bias
+        .as_ref()
+        .is_some_and(|v| !(v.is_null() || v.as_object().is_some_and(|o| o.is_empty())))
+    {
+        unsupported.push("logit_bias");
+    }
+    if c.response_format
+        .as_ref()
+        .is_some_and(|v| !(v.is_null() || v["type"] == "text"))
+    {
+        unsupported.push("response_format (only {\"type\": \"text\"})");
+    }
+    if truthy(&c.tools) || truthy(&c.functions) {
+        unsupported.push("tools");
+    }
+    if c.tool_choice
+        .as_ref()
+        .is_some_and(|v| !(v.is_null() || v == "none"))
+    {
+        unsupported.push("tool_choice");
+    }
+    if c.echo == Some(true) {
+        unsupported.push("echo");
+    }
+    if truthy(&c.suffix) {
+        unsupported.push("suffix");
+    }
+    if !unsupported.is_empty() {
+        return Err(ApiError::bad(format!(
+            "not supported by this server: {}",
+            unsupported.join(", ")
+        )));
+    }
+    let _ = s;
+    Ok(())
+}
+
+/// Queues the request and answers as JSON or as a stream.
+async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint) -> Response {
+    let (tx, rx) = tmpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let guard = CancelOnDrop(cancel.clone());
+    let method = c.job.method.name();
+    let queued = Queued {
+        job: c.job,
+        cancel,
+        events: tx,
+        queued_at: Instant::now(),
+    };
+    if let Err(e) = enqueue(&s, queued) {
+        return e.into_response();
+    }
+    let meta = Meta {
+        id: format!(
+            "{}-{:x}",
+            if ep == Endpoint::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            rand::random::<u64>()
+        ),
+        created: now_secs(),
+        model: s
+            .ready
+            .get()
+            .map(|r| r.model_names[0].clone())
+            .unwrap_or_default(),
+        method,
+        ep,
+    };
+    if c.stream {
+        stream(rx, guard, meta, c.include_usage)
     } else {
-        "stop"
+        whole(rx, guard, meta).await
+    }
+}
+
+fn enqueue(s: &Server, q: Queued) -> Result<(), ApiError> {
+    let ready = ready(s)?;
+    let guard = ready.queue.lock().expect("queue");
+    let Some(tx) = guard.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is stopping",
+        ));
+    };
+    s.queue_depth.fetch_add(1, Ordering::SeqCst);
+    s.metrics.queue_depth.inc();
+    tx.try_send(q).map_err(|e| {
+        s.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        s.metrics.queue_depth.dec();
+        match e {
+            mpsc::TrySendError::Full(_) => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "the queue is full ({} requests waiting); retry later",
+                        s.cfg.max_queued
+                    ),
+                );
+                e.retry_after = Some(1);
+                e
+            }
+            mpsc::TrySendError::Disconnected(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping")
+            }
+        }
+    })
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    method: &'static str,
+    ep: Endpoint,
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.ep, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    /// One choice: a message / delta (chat) or text (completions).
+    fn choice(&self, text: Option<&str>, chunk: bool, finish: Option<&str>) -> Value {
+        match (self.ep, chunk) {
+            (Endpoint::Chat, false) => json!({"index": 0, "finish_reason": finish,
+                "message": {"role": "assistant", "content": text.unwrap_or("")}}),
+            (Endpoint::Chat, true) => json!({"index": 0, "finish_reason": finish,
+                "delta": match text { Some(t) => json!({"content": t}), None => json!({}) }}),
+            (Endpoint::Completion, _) => json!({"index": 0, "finish_reason": finish,
+                "text": text.unwrap_or(""), "logprobs": null}),
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({"id": self.id, "object": self.object(chunk), "created": self.created,
+               "model": self.model, "choices": choices})
+    }
+}
+
+fn finish_reason(g: &Generation) -> &'static str {
+    match g.finish {
+        Finish::Length => "length",
+        Finish::Stop | Finish::Cancelled => "stop",
     }
 }
 
@@ -267,137 +1138,149 @@ fn usage(g: &Generation) -> Value {
            "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens})
 }
 
-/// Parses and checks a request and tokenizes its prompt.
-fn prepare(s: &Server, body: &[u8]) -> Result<Job, ApiError> {
-    let req: ChatRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
-    if let Some(m) = &req.model {
-        if m != &s.model_id {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "model '{m}' is not served here; this server runs '{}'",
-                    s.model_id
-                ),
-            });
-        }
-    }
-    if req.messages.is_empty() {
-        return Err(ApiError::bad("'messages' is empty"));
-    }
-    let temperature = req.temperature.unwrap_or(0.0);
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(ApiError::bad(format!(
-            "'temperature' must be >= 0, got {temperature}"
-        )));
-    }
-    let top_p = req.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad(format!(
-            "'top_p' must be in (0, 1], got {top_p}"
-        )));
-    }
-    let max_new_tokens = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(s.cfg.default_max_tokens);
-    if max_new_tokens == 0 {
-        return Err(ApiError::bad("'max_tokens' must be at least 1"));
-    }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-            return Err(ApiError::bad(format!(
-                "unsupported role '{}' (system, user, assistant)",
-                m.role
-            )));
-        }
-        messages.push((m.role.clone(), m.content.text()?));
-    }
-    let tok = &s.engine.loaded.tok;
-    let ctx = s.engine.loaded.model.cfg.max_position_embeddings;
-    let prompt = match &s.cfg.dist {
-        None => {
-            let msgs: Vec<ChatMessage> = messages
-                .iter()
-                .map(|(role, content)| ChatMessage {
-                    role: role.clone(),
-                    content: content.clone(),
-                })
-                .collect();
-            let text = tok
-                .apply_chat_template(&msgs)
-                .map_err(|e| ApiError::bad(format!("cannot render the chat template: {e:#}")))?;
-            let ids = tok.encode(&text).map_err(ApiError::internal)?;
-            check_context(ids.len(), ctx)?;
-            Prompt::Dense(ids)
-        }
-        Some(d) => {
-            let [(role, text)] = messages.as_slice() else {
-                return Err(ApiError::bad(format!(
-                    "--attention {} serves single-turn requests: one user message (document, blank line, question)",
-                    d.kind.name()
-                )));
-            };
-            if role != "user" {
-                return Err(ApiError::bad("the one message must have role 'user'"));
+/// Extension field: what ran (method, ranks, plan, time to first token).
+fn apb_info(g: &Generation, method: &str) -> Value {
+    json!({"method": method, "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
+           "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,
+           "anchor_len": g.plan.l_a, "passing_len": g.plan.l_p, "plan_notes": g.plan.notes})
+}
+
+async fn whole(mut rx: tmpsc::UnboundedReceiver<Ev>, guard: CancelOnDrop, meta: Meta) -> Response {
+    // `guard` lives in this future: a client that disconnects drops it and cancels the request.
+    let _guard = guard;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Ev::Text(_) => {}
+            Ev::Done(g) => {
+                let mut v = meta.envelope(
+                    false,
+                    json!([meta.choice(Some(&g.text), false, Some(finish_reason(&g)))]),
+                );
+                v["usage"] = usage(&g);
+                v["apb"] = apb_info(&g, meta.method);
+                return Json(v).into_response();
             }
-            let parts = prompt::build(tok, text, req.question.as_deref(), true)
-                .map_err(|e| ApiError::bad(format!("{e:#}")))?;
-            if matches!(d.kind, Kind::Apb | Kind::Star)
-                && parts.question.is_empty()
-                && d.anchor_len != Some(0)
-            {
-                return Err(ApiError::bad(format!(
-                    "--attention {} needs the question: end the user message with a blank line and the question, or pass \"question\"",
-                    d.kind.name()
-                )));
+            Ev::Fail(e) => return e.into_response(),
+        }
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server stopped before answering",
+    )
+    .into_response()
+}
+
+/// Server-sent events: chunks as text is decoded, a final chunk with `finish_reason`, optionally
+/// a usage chunk, then `[DONE]`; a failure mid-stream sends an error event, then `[DONE]`.
+fn stream(
+    rx: tmpsc::UnboundedReceiver<Ev>,
+    guard: CancelOnDrop,
+    meta: Meta,
+    include_usage: bool,
+) -> Response {
+    let first = if meta.ep == Endpoint::Chat {
+        Some(meta.envelope(
+            true,
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+        ))
+    } else {
+        None
+    };
+    struct St {
+        rx: tmpsc::UnboundedReceiver<Ev>,
+        _guard: CancelOnDrop,
+        meta: Meta,
+        pending: std::collections::VecDeque<String>,
+        done: bool,
+        include_usage: bool,
+    }
+    let st = St {
+        rx,
+        _guard: guard,
+        meta,
+        pending: first.map(|v| v.to_string()).into_iter().collect(),
+        done: false,
+        include_usage,
+    };
+    let events = futures_util::stream::unfold(st, |mut st: St| async move {
+        loop {
+            if let Some(data) = st.pending.pop_front() {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Event::default().data(data)),
+                    st,
+                ));
             }
-            check_context(parts.context.len() + parts.query.len(), ctx)?;
-            Prompt::Dist(parts)
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Ev::Text(t)) => {
+                    let v = st
+                        .meta
+                        .envelope(true, json!([st.meta.choice(Some(&t), true, None)]));
+                    st.pending.push_back(v.to_string());
+                }
+                Some(Ev::Done(g)) => {
+                    let mut v = st.meta.envelope(
+                        true,
+                        json!([st.meta.choice(None, true, Some(finish_reason(&g)))]),
+                    );
+                    v["apb"] = apb_info(&g, st.meta.method);
+                    st.pending.push_back(v.to_string());
+                    if st.include_usage {
+                        let mut u = st.meta.envelope(true, json!([]));
+                        u["usage"] = usage(&g);
+                        st.pending.push_back(u.to_string());
+                    }
+                    st.pending.push_back("[DONE]".into());
+                    st.done = true;
+                }
+                Some(Ev::Fail(e)) => {
+                    st.pending.push_back(e.body().to_string());
+                    st.pending.push_back("[DONE]".into());
+                    st.done = true;
+                }
+                None => {
+                    let e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the server stopped before finishing",
+                    );
+                    st.pending.push_back(e.body().to_string());
+                    st.pending.push_back("[DONE]".into());
+                    st.done = true;
+                }
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
     };
-    Ok(Job {
-        prompt,
-        params: GenParams {
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed: req.seed.unwrap_or(GenParams::default().seed),
-            ignore_eos: false,
-        },
-        stream: req.stream,
-    })
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }
 
-fn check_context(tokens: usize, ctx: usize) -> Result<(), ApiError> {
-    if tokens >= ctx {
-        return Err(ApiError::bad(format!(
-            "the prompt has {tokens} tokens but the model's context is {ctx}; shorten the prompt"
-        )));
-    }
-    Ok(())
-}
-
-/// Generates (one request at a time), streaming text pieces to `on_text`.
-fn run(
-    s: &Server,
-    prompt: &Prompt,
-    params: &GenParams,
-    on_text: &mut (dyn FnMut(&str) + Send),
-) -> Result<Generation, ApiError> {
-    let _one_at_a_time = s.busy.lock().unwrap_or_else(|p| p.into_inner());
-    match (prompt, &s.cfg.dist) {
-        (Prompt::Dense(ids), _) => s
-            .engine
-            .generate(ids, params, on_text)
-            .map_err(|e| ApiError::internal(format!("{e:#}"))),
-        (Prompt::Dist(parts), Some(d)) => {
-            let loaded = &s.engine.loaded;
-            dist::generate(&loaded.model, &loaded.tok, parts, d, params, on_text)
-                .map(|g| g.generation)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))
-        }
-        (Prompt::Dist(_), None) => Err(ApiError::internal("no distributed configuration")),
-    }
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

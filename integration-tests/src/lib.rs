@@ -151,3 +151,32 @@ pub fn haystack(n: usize, at: f64, needle: &str, seed: u64) -> String {
     s.insert((n as f64 * at) as usize, needle);
     s.join(" ")
 }
+
+/// Runs `job` through the one rank program on `job.world` thread ranks sharing `runner`'s
+/// weights (what `apb generate` does on the CPU). The result carries the last rank's logits.
+pub fn run_job(runner: &apb_host::Runner, job: &apb_host::Job) -> apb_host::Generation {
+    let group = apb_host::ranks::Group::threads(runner.clone(), job.world).expect("start ranks");
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let g = group
+        .run(job, &never, &mut |_| {})
+        .unwrap_or_else(|e| panic!("{} on {} ranks: {e}", job.method.name(), job.world));
+    group.shutdown().expect("stop ranks");
+    g
+}
+
+/// A job of `method` on `world` ranks with default layout lengths.
+pub fn job(
+    prompt: &apb_host::prompt::PromptParts,
+    method: apb_host::layout::Method,
+    world: usize,
+    params: &apb_host::GenParams,
+) -> apb_host::Job {
+    apb_host::Job {
+        prompt: prompt.clone(),
+        method,
+        world,
+        anchor_len: None,
+        passing_len: None,
+        params: params.clone(),
+    }
+}

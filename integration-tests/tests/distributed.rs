@@ -5,16 +5,17 @@
 //! identical. The degenerate APB setting (no anchor, everything passed) must reduce to dense for
 //! prefill *and* for the LSE-merged decode over caches split across ranks.
 
-use apb_host::dist::{self, DistConfig};
+use apb_host::layout::Method;
 use apb_host::prompt::PromptParts;
-use apb_host::{GenParams, Generation};
+use apb_host::{GenParams, Generation, Job, Runner};
 use apb_integration_tests::*;
-use apb_loaders::{load, Loaded, ModelSource};
-use apb_plugin::{Kind, Scorer};
+use apb_loaders::{load, ModelSource};
+use apb_plugin::Scorer;
 use candle_core::{DType, Device};
 
-fn tiny(name: &str) -> Loaded {
-    load(&ModelSource::Dir(fixture(name)), DType::F32, &Device::Cpu).unwrap()
+fn tiny(name: &str) -> Runner {
+    let m = load(&ModelSource::Dir(fixture(name)), DType::F32, &Device::Cpu).unwrap();
+    Runner::new(m, Scorer::QueryAware)
 }
 
 /// A request from the fixture's random ids: 61 context tokens (odd: padding on the last rank),
@@ -37,34 +38,24 @@ fn params() -> GenParams {
     }
 }
 
-fn dense(m: &Loaded, p: &PromptParts) -> Generation {
-    apb_host::engine::generate(
-        &m.model,
-        &m.tok,
-        &apb_plugin::Dense,
-        &p.all(),
-        &params(),
-        &mut |_| {},
-    )
-    .unwrap()
+fn dense(m: &Runner, p: &PromptParts) -> Generation {
+    run_job(m, &job(p, Method::Dense, 1, &params()))
 }
 
 fn run(
-    m: &Loaded,
+    m: &Runner,
     p: &PromptParts,
-    kind: Kind,
+    method: Method,
     world: usize,
     anchor: Option<usize>,
     passing: Option<usize>,
-) -> dist::DistGeneration {
-    let cfg = DistConfig {
-        kind,
-        world,
+) -> Generation {
+    let j = Job {
         anchor_len: anchor,
         passing_len: passing,
-        scorer: Scorer::QueryAware,
+        ..job(p, method, world, &params())
     };
-    dist::generate(&m.model, &m.tok, p, &cfg, &params(), &mut |_| {}).unwrap()
+    run_job(m, &j)
 }
 
 fn assert_same(label: &str, got: &Generation, want: &Generation) {
@@ -87,10 +78,10 @@ fn one_rank_ring_star_apb_equal_dense() {
         let m = tiny(name);
         let p = parts(name);
         let want = dense(&m, &p);
-        for kind in [Kind::Ring, Kind::Star, Kind::Apb] {
+        for kind in [Method::Ring, Method::Star, Method::Apb] {
             let d = run(&m, &p, kind, 1, None, None);
             assert_eq!(d.plan.world, 1);
-            assert_same(&format!("{name} {kind:?} H=1"), &d.generation, &want);
+            assert_same(&format!("{name} {kind:?} H=1"), &d, &want);
         }
     }
 }
@@ -102,9 +93,9 @@ fn ring_equals_dense_on_2_3_4_ranks() {
         let p = parts(name);
         let want = dense(&m, &p);
         for world in [2, 3, 4] {
-            let d = run(&m, &p, Kind::Ring, world, None, None);
+            let d = run(&m, &p, Method::Ring, world, None, None);
             assert_eq!(d.plan.world, world);
-            assert_same(&format!("{name} ring H={world}"), &d.generation, &want);
+            assert_same(&format!("{name} ring H={world}"), &d, &want);
         }
     }
 }
@@ -117,13 +108,9 @@ fn apb_passing_everything_without_anchor_equals_dense() {
         let want = dense(&m, &p);
         for world in [2, 3, 4] {
             let l_b = p.context.len().div_ceil(world);
-            let d = run(&m, &p, Kind::Apb, world, Some(0), Some(l_b));
+            let d = run(&m, &p, Method::Apb, world, Some(0), Some(l_b));
             assert_eq!((d.plan.world, d.plan.l_a, d.plan.l_p), (world, 0, l_b));
-            assert_same(
-                &format!("{name} apb(l_a=0, l_p=l_b) H={world}"),
-                &d.generation,
-                &want,
-            );
+            assert_same(&format!("{name} apb(l_a=0, l_p=l_b) H={world}"), &d, &want);
         }
     }
 }
@@ -134,7 +121,7 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
     // its plan, and give finite logits close in distribution to dense on this tiny input.
     let m = tiny("tiny-llama31");
     let p = parts("tiny-llama31");
-    let d = run(&m, &p, Kind::Apb, 2, Some(8), Some(10));
+    let d = run(&m, &p, Method::Apb, 2, Some(8), Some(10));
     assert_eq!(
         (d.plan.world, d.plan.l_b, d.plan.l_a, d.plan.l_p),
         (2, 31, 8, 10)
@@ -144,6 +131,6 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
         vec![31 + 4, 8 + 31],
         "rank 0 runs its block + question probe, rank 1 anchor + block"
     );
-    assert!(d.generation.first_logits.iter().all(|x| x.is_finite()));
-    assert_eq!(d.generation.tokens.len(), 8);
+    assert!(d.first_logits.iter().all(|x| x.is_finite()));
+    assert_eq!(d.tokens.len(), 8);
 }

@@ -1,19 +1,22 @@
 //! The real default model end to end on CPU ranks: a ≥4K-token needle-in-a-haystack prompt,
 //! answered by `dense` and by APB (training-free scorer) on 2 and 4 ranks.
 
-use apb_host::dist::{self, DistConfig};
-use apb_host::{prompt, GenParams};
+use apb_host::layout::Method;
+use apb_host::{prompt, GenParams, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
-use apb_plugin::{Dense, Kind, Scorer};
+use apb_plugin::Scorer;
 use candle_core::{DType, Device};
 
 #[test]
 fn apb_finds_the_needle_like_dense() {
-    let m = load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap();
+    let m = Runner::new(
+        load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap(),
+        Scorer::QueryAware,
+    );
     let doc = haystack(370, 0.45, "The special magic number is 73914.", 7);
     let parts = prompt::build(
-        &m.tok,
+        m.tok(),
         &doc,
         Some("What is the special magic number?"),
         true,
@@ -29,26 +32,13 @@ fn apb_finds_the_needle_like_dense() {
         ..Default::default()
     };
 
-    let dense =
-        apb_host::engine::generate(&m.model, &m.tok, &Dense, &parts.all(), &params, &mut |_| {})
-            .unwrap();
+    let dense = run_job(&m, &job(&parts, Method::Dense, 1, &params));
     assert!(dense.text.contains("73914"), "dense: {:?}", dense.text);
 
     for world in [2, 4] {
-        let cfg = DistConfig {
-            kind: Kind::Apb,
-            world,
-            anchor_len: None,
-            passing_len: None,
-            scorer: Scorer::QueryAware,
-        };
-        let d = dist::generate(&m.model, &m.tok, &parts, &cfg, &params, &mut |_| {}).unwrap();
+        let d = run_job(&m, &job(&parts, Method::Apb, world, &params));
         assert_eq!(d.plan.world, world);
         assert!(d.plan.l_a >= parts.prefix_len + parts.question.len() && d.plan.l_p > 0);
-        assert!(
-            d.generation.text.contains("73914"),
-            "apb H={world}: {:?}",
-            d.generation.text
-        );
+        assert!(d.text.contains("73914"), "apb H={world}: {:?}", d.text);
     }
 }

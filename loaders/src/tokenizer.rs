@@ -36,6 +36,9 @@ pub struct Tok {
     pub eos_token: Option<String>,
     /// Generation stops on any of these.
     pub stop_ids: BTreeSet<u32>,
+    /// The same tokenizer with special-token parsing off: user text that spells a control token
+    /// (`<|im_start|>`) is encoded as plain text, so it cannot forge chat turns.
+    plain: Tokenizer,
 }
 
 /// Special tokens that end a turn in the families we load.
@@ -62,7 +65,10 @@ impl Tok {
                 stop_ids.insert(id);
             }
         }
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
         Self {
+            plain,
             tokenizer,
             chat_template,
             bos_token: bos,
@@ -179,6 +185,15 @@ impl Tok {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer
+            .encode(text, false)
+            .map_err(|e| load_err!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes untrusted text (a user's message): special-token spellings stay plain text.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
             .encode(text, false)
             .map_err(|e| load_err!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())

@@ -1,0 +1,478 @@
+//! The one per-rank generation program, for every method (dense is its one-rank case): prefill
+//! of the rank's share, the question segment, decode with the backends' LSE merge, sampling, stop
+//! rules and streaming. `apb generate`, `apb serve` and the library all run requests through
+//! [`Runner::run`] on every rank (see `ranks.rs` for how ranks are started and fed jobs).
+//!
+//! Per decode step the ranks agree on two numbers with one all-gather: the token (chosen by the
+//! last rank, which holds the merged output) and whether any rank was told to cancel. Stop
+//! strings are checked on every rank from the same tokens, so all ranks stop at the same step.
+
+use crate::layout::{make_plan, rank_inputs, DistConfig, Method};
+use crate::prompt::PromptParts;
+use crate::sampling::Sampler;
+use anyhow::{anyhow, Context, Result};
+use apb_loaders::{Cache, Loaded, Model, Tok};
+use apb_plugin::{AttentionBackend, Communicator, Dense, Phase, Plan, RankBackend, Scorer};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Sampling and stop rules of one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenParams {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// Keep generating through EOS (benchmarks that need a fixed token count).
+    pub ignore_eos: bool,
+    /// Stop before the first occurrence of any of these strings (not included in the text).
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 299792458,
+            ignore_eos: false,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Largest accepted sampling temperature (OpenAI's range).
+pub const MAX_TEMPERATURE: f64 = 2.0;
+
+impl GenParams {
+    /// Checks the values a user can set; the message names the bad one.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.max_new_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if !(self.temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&self.temperature)) {
+            return Err(format!(
+                "temperature must be in [0, {MAX_TEMPERATURE}], got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// One request, as every rank receives it (serialized to the worker ranks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub prompt: PromptParts,
+    pub method: Method,
+    /// Requested ranks (the planner may use fewer for a short prompt).
+    pub world: usize,
+    pub anchor_len: Option<usize>,
+    pub passing_len: Option<usize>,
+    pub params: GenParams,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// EOS / end of turn, or a stop string.
+    Stop,
+    /// `max_new_tokens`, or the model's context, was reached.
+    Length,
+    /// A rank was told to cancel (the client went away).
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Time to the first token: the whole prompt (question segment included).
+    pub prefill_ms: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// What one rank's run produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    /// Logits (f32) that chose the first generated token (on the last rank; empty elsewhere):
+    /// what backends are compared on.
+    pub first_logits: Vec<f32>,
+    pub finish: Finish,
+    pub stats: GenStats,
+    /// The plan the ranks ran (world 1 for dense).
+    pub plan: Plan,
+    /// Rows each rank ran in prefill (anchor + local + probe).
+    pub rank_prefill_tokens: Vec<usize>,
+}
+
+/// A request that cannot run as given (bad input: the caller's fault, not a rank failure).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
+
+/// What every rank derives from a job before running it, identically.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub plan: Plan,
+    /// None: dense on one rank.
+    pub dist: Option<DistConfig>,
+    pub max_new: usize,
+}
+
+/// Checks `job` against the model and plans it: the one place for the context-length and
+/// question checks. Prompts too short for the requested ranks fall back to fewer (down to one
+/// rank, which runs dense), and the plan's notes say so.
+pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputError> {
+    let parts = &job.prompt;
+    let ctx = model.cfg.max_position_embeddings;
+    let total = parts.len();
+    if total >= ctx {
+        return Err(InputError(format!(
+            "the prompt has {total} tokens but the model's context is {ctx}; shorten the prompt"
+        )));
+    }
+    if job.world == 0 {
+        return Err(InputError("the world size must be at least 1".into()));
+    }
+    job.params.validate().map_err(InputError)?;
+    if job.method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
+        return Err(InputError(format!(
+            "--attention {} needs the question: end the prompt with a blank line and the question, or pass it separately",
+            job.method.name()
+        )));
+    }
+    let max_new = job.params.max_new_tokens.min(ctx - total);
+    let dense = |notes: Vec<String>| Plan {
+        world: 1,
+        n: parts.context.len(),
+        l_b: parts.context.len(),
+        l_a: 0,
+        l_p: 0,
+        notes,
+    };
+    let Some(kind) = job.method.kind() else {
+        return Ok(Prepared {
+            plan: dense(vec![]),
+            dist: None,
+            max_new,
+        });
+    };
+    if parts.context.is_empty() {
+        let note = "the prompt has no context before the question; ran dense on one rank";
+        return Ok(Prepared {
+            plan: dense(vec![note.into()]),
+            dist: None,
+            max_new,
+        });
+    }
+    let cfg = DistConfig {
+        kind,
+        world: job.world,
+        anchor_len: job.anchor_len,
+        passing_len: job.passing_len,
+    };
+    let plan = make_plan(parts, &cfg).map_err(|e| InputError(format!("{e:#}")))?;
+    Ok(Prepared {
+        // One rank still runs the method's backend (it must reduce to dense: tested).
+        dist: Some(DistConfig {
+            world: plan.world,
+            ..cfg
+        }),
+        plan,
+        max_new,
+    })
+}
+
+/// A rank's resident state: the model (weights shared by thread ranks) and the scorer APB uses.
+#[derive(Clone)]
+pub struct Runner {
+    pub loaded: Arc<Loaded>,
+    pub scorer: Scorer,
+}
+
+impl Runner {
+    pub fn new(loaded: Loaded, scorer: Scorer) -> Self {
+        Self {
+            loaded: Arc::new(loaded),
+            scorer,
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.loaded.model
+    }
+
+    pub fn tok(&self) -> &Tok {
+        &self.loaded.tok
+    }
+
+    /// Runs `job` as rank `comm.rank()` of `prep.plan.world` ranks (`comm` spans exactly those).
+    /// Rank 0 streams text to `on_text`; every rank returns its [`Generation`]. A rank whose
+    /// `cancel` is set makes all ranks stop at the next token.
+    pub fn run(
+        &self,
+        job: &Job,
+        prep: &Prepared,
+        comm: Arc<dyn Communicator>,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let (model, tok) = (self.model(), self.tok());
+        let (p, parts) = (&prep.plan, &job.prompt);
+        let (rank, world) = (comm.rank(), p.world);
+        if comm.world_size() != world {
+            return Err(anyhow!(
+                "rank {rank}: the plan has {world} ranks but the group {}",
+                comm.world_size()
+            ));
+        }
+        let last = rank + 1 == world;
+        let t0 = Instant::now();
+
+        // This rank's prefill rows, its backend, and the segment run after prefill.
+        let (tokens, positions, backend, after): (_, _, Box<dyn AttentionBackend>, &[u32]) =
+            match &prep.dist {
+                None => {
+                    let all = parts.all();
+                    let pos = (0..all.len() as u32).collect();
+                    (all, pos, Box::new(Dense), &[])
+                }
+                Some(d) => {
+                    let (t, pos, layout) = rank_inputs(parts, p, d.kind, rank, &self.scorer);
+                    let b = RankBackend::new(d.kind, comm.clone(), layout, self.scorer.clone())?;
+                    (t, pos, Box::new(b), &parts.query)
+                }
+            };
+        let rank_prefill_tokens = match &prep.dist {
+            None => vec![tokens.len()],
+            Some(d) => (0..world)
+                .map(|h| rank_inputs(parts, p, d.kind, h, &self.scorer).0.len())
+                .collect(),
+        };
+        let mut cache = Cache::new(&model.cfg);
+        let bar = (rank == 0)
+            .then(|| prefill_bar(parts.len(), model.cfg.num_hidden_layers))
+            .flatten();
+        let mut hidden = model
+            .forward(
+                &tokens,
+                &positions,
+                Phase::Prefill,
+                backend.as_ref(),
+                &mut cache,
+                &mut |_| {
+                    if let Some(b) = &bar {
+                        b.inc(1)
+                    }
+                },
+            )
+            .context("prefill")?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        // The next token's position: every prompt token comes before it.
+        let mut pos = parts.len() as u32;
+        if !after.is_empty() {
+            // The question segment at its true positions, against every rank's cache.
+            let q_pos: Vec<u32> = (p.n as u32..pos).collect();
+            hidden = model
+                .forward(
+                    after,
+                    &q_pos,
+                    Phase::Decode,
+                    backend.as_ref(),
+                    &mut cache,
+                    &mut |_| {},
+                )
+                .context("question segment")?;
+        }
+
+        let params = &job.params;
+        let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);
+        let mut out: Vec<u32> = Vec::new();
+        let mut stream = TextStream::new(params.stop.clone());
+        let mut first_logits = Vec::new();
+        let (mut prefill_ms, mut t1, mut steps) = (0.0, Instant::now(), 0usize);
+        let mut noop = |_: &str| {};
+        let finish = loop {
+            // The last rank chooses; every rank learns the token and any rank's cancel.
+            let mine = if last {
+                let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
+                let t = sampler.sample(&logits);
+                if first_logits.is_empty() {
+                    first_logits = logits;
+                }
+                t
+            } else {
+                0
+            };
+            let (next, cancelled) = agree(&*comm, model, mine, cancel.load(Ordering::Relaxed))?;
+            if out.is_empty() {
+                prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+                t1 = Instant::now();
+            }
+            if cancelled {
+                break Finish::Cancelled;
+            }
+            if !params.ignore_eos && tok.stop_ids.contains(&next) {
+                break Finish::Stop;
+            }
+            out.push(next);
+            let emit: &mut dyn FnMut(&str) = if rank == 0 { &mut *on_text } else { &mut noop };
+            if stream.push(tok, &out, emit)? {
+                break Finish::Stop;
+            }
+            if out.len() >= prep.max_new {
+                break Finish::Length;
+            }
+            hidden = model
+                .forward(
+                    &[next],
+                    &[pos],
+                    Phase::Decode,
+                    backend.as_ref(),
+                    &mut cache,
+                    &mut |_| {},
+                )
+                .context("decode")?;
+            pos += 1;
+            steps += 1;
+        };
+        let decode_s = t1.elapsed().as_secs_f64();
+        let emit: &mut dyn FnMut(&str) = if rank == 0 { on_text } else { &mut noop };
+        let text = stream.finish(tok, &out, emit)?;
+        let generated_tokens = out.len();
+        Ok(Generation {
+            text,
+            tokens: out,
+            first_logits,
+            finish,
+            stats: GenStats {
+                prompt_tokens: parts.len(),
+                generated_tokens,
+                prefill_ms,
+                decode_tokens_per_s: if steps > 0 && decode_s > 0.0 {
+                    steps as f64 / decode_s
+                } else {
+                    0.0
+                },
+            },
+            plan: p.clone(),
+            rank_prefill_tokens,
+        })
+    }
+}
+
+/// One step's agreement: the last rank's token and whether any rank cancels.
+fn agree(comm: &dyn Communicator, model: &Model, token: u32, cancel: bool) -> Result<(u32, bool)> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok((token, cancel));
+    }
+    // On the rank's device: NCCL gathers device memory.
+    let mine = Tensor::new(&[token, cancel as u32], model.device())?;
+    let all = comm.all_gather(&mine)?;
+    let mut any_cancel = false;
+    for t in &all {
+        any_cancel |= t.to_vec1::<u32>()?[1] != 0;
+    }
+    let next = all[world - 1].to_vec1::<u32>()?[0];
+    Ok((next, any_cancel))
+}
+
+/// Prompts at least this long get a prefill progress bar (on a terminal).
+const PROGRESS_MIN_TOKENS: usize = 2048;
+
+/// A layer-by-layer prefill progress bar for prompts of at least [`PROGRESS_MIN_TOKENS`] tokens
+/// (indicatif draws it only when stderr is a terminal).
+fn prefill_bar(prompt_tokens: usize, layers: usize) -> Option<indicatif::ProgressBar> {
+    (prompt_tokens >= PROGRESS_MIN_TOKENS).then(|| {
+        let b = indicatif::ProgressBar::new(layers as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prefill {pos}/{len} layers {bar:30} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
+/// Streams generated text in whole characters and applies stop strings: a piece is held back
+/// while the decoded tail is an incomplete UTF-8 sequence or could begin a stop string.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    printed: usize,
+    stop: Vec<String>,
+    /// Where the first stop string begins, once seen.
+    cut: Option<usize>,
+}
+
+impl TextStream {
+    pub fn new(stop: Vec<String>) -> Self {
+        Self {
+            stop,
+            ..Default::default()
+        }
+    }
+
+    /// Emits what `ids` decode to beyond what was already emitted; true when a stop string
+    /// appeared (the text ends before it).
+    pub fn push(&mut self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<bool> {
+        let text = tok.decode(ids)?;
+        if let Some(i) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.cut = Some(i);
+            if i > self.printed {
+                emit(&text[self.printed..i]);
+                self.printed = i;
+            }
+            return Ok(true);
+        }
+        if text.ends_with('\u{FFFD}') {
+            return Ok(false);
+        }
+        // Hold back a tail that could still become a stop string.
+        let mut safe = text.len();
+        for s in &self.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && text.ends_with(&s[..k]) {
+                    safe = safe.min(text.len() - k);
+                    break;
+                }
+            }
+        }
+        if safe > self.printed {
+            emit(&text[self.printed..safe]);
+            self.printed = safe;
+        }
+        Ok(false)
+    }
+
+    /// Emits the rest and returns the whole text (cut before a stop string).
+    pub fn finish(self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<String> {
+        let mut text = tok.decode(ids)?;
+        if let Some(i) = self.cut {
+            text.truncate(i);
+        }
+        if text.len() > self.printed {
+            emit(&text[self.printed..]);
+        }
+        Ok(text)
+    }
+}

@@ -15,6 +15,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
+/// Most ranks run as threads of one process: each holds a cache and exchanges K/V with all the
+/// others, so beyond this a CPU run only thrashes (1000 thread ranks took 16 GB and minutes).
+pub const MAX_THREAD_RANKS: usize = 64;
+
 /// How to start a group.
 pub struct GroupSpec {
     /// Ranks (1: a single rank, dense or a distributed method that falls back).
@@ -91,6 +95,12 @@ pub fn start(
         anyhow::bail!("--world-size must be at least 1");
     }
     spec.launch.validate(spec.world, spec.processes())?;
+    if !spec.processes() && spec.world > MAX_THREAD_RANKS {
+        anyhow::bail!(
+            "--world-size {} is too many ranks for threads of one process (at most {MAX_THREAD_RANKS}); GPU ranks run one process per GPU (--device cuda)",
+            spec.world
+        );
+    }
     if !spec.processes() {
         return Group::threads(load(&spec.device)?, spec.world).map(Some);
     }

@@ -560,3 +560,90 @@ fn bad_launch_flags_are_clear_errors() {
         "multiple of --nnodes",
     );
 }
+
+/// Defects found by trying the CLI as a new user: each must be a clean answer or a clear error.
+#[test]
+fn one_token_prompt_and_bad_numbers() {
+    // A one-token prompt generates (it used to fail with "no context before the question").
+    let v = apb_json(
+        &[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(v["prompt_tokens"], 1, "{v}");
+    assert_eq!(v["generated_tokens"], 3, "{v}");
+    assert_eq!(v["finish_reason"], "length", "{v}");
+
+    assert_clean_error(
+        &apb(
+            &["generate", "--prompt", "Hi", "--max-new-tokens", "0"],
+            &[],
+        ),
+        "--max-new-tokens must be at least 1",
+    );
+    assert_clean_error(
+        &apb(&["generate", "--prompt", "Hi", "--temperature", "5"], &[]),
+        "--temperature must be in [0, 2]",
+    );
+    // A negative number is a bad value of its flag, not an "unexpected argument".
+    let out = apb(
+        &["generate", "--prompt", "Hi", "--max-new-tokens", "-5"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("invalid value '-5'") && !err.contains("unexpected argument"),
+        "{err}"
+    );
+}
+
+#[test]
+fn many_ranks_on_short_and_long_prompts_never_panic() {
+    // ring / star at 8 ranks on a short prompt used to panic (a rank with only padding); APB at
+    // 1000 ranks printed 999 notes.
+    for attention in ["ring", "star", "apb"] {
+        let out = apb(
+            &[
+                "generate",
+                "--attention",
+                attention,
+                "--world-size",
+                "8",
+                "--chat",
+                "--prompt",
+                "Paris is the capital of France.\n\nWhat is the capital of France?",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{attention}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.matches("note:").count() <= 1, "{attention}: {err}");
+    }
+    // 1000 thread ranks: a clear error up front, not a panic (nor 16 GB of threads).
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "--attention",
+                "ring",
+                "--world-size",
+                "1000",
+                "--prompt",
+                &needle_doc(),
+            ],
+            &[],
+        ),
+        "at most 64",
+    );
+}

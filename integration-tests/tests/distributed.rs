@@ -134,3 +134,44 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
     assert!(d.first_logits.iter().all(|x| x.is_finite()));
     assert_eq!(d.tokens.len(), 8);
 }
+
+#[test]
+fn context_limit_ends_with_length_and_stop_strings_cut() {
+    // tiny-llama31's context is 512 positions: asking for 1000 new tokens stops at the context,
+    // and that is "length", not "stop".
+    let m = tiny("tiny-llama31");
+    let p = parts("tiny-llama31");
+    let long = GenParams {
+        max_new_tokens: 1000,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let g = run_job(&m, &job(&p, Method::Dense, 1, &long));
+    assert_eq!(g.finish, apb_host::Finish::Length);
+    assert_eq!(g.tokens.len(), 512 - p.len());
+    let g2 = run_job(&m, &job(&p, Method::Ring, 2, &long));
+    assert_eq!(g2.finish, apb_host::Finish::Length);
+    assert_eq!(
+        g2.tokens, g.tokens,
+        "ring over 2 ranks to the context limit"
+    );
+
+    // A stop string taken from the greedy text ends it there, on every rank alike.
+    let text = g.text.clone();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= 8)
+        .expect("some text");
+    let stop = text[cut..].chars().take(3).collect::<String>();
+    let first = text.find(&stop).unwrap();
+    let with_stop = GenParams {
+        stop: vec![stop.clone()],
+        ..long
+    };
+    for (method, world) in [(Method::Dense, 1), (Method::Ring, 3)] {
+        let s = run_job(&m, &job(&p, method, world, &with_stop));
+        assert_eq!(s.finish, apb_host::Finish::Stop, "{method:?}");
+        assert_eq!(s.text, text[..first], "{method:?} stop {stop:?}");
+    }
+}

@@ -19,7 +19,7 @@ stubs="$CUDA_HOME/lib/stubs"
 mkdir -p "$stubs"
 # One empty function per symbol is enough for the linker; the real libraries are loaded on the
 # GPU machine. Symbol names come from cudarc's own FFI declarations (`extern "C" { fn name(`).
-cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -n 1)
+cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -n 1 || true)
 if [ -z "$cudarc" ]; then
   (cd "$(dirname "${BASH_SOURCE[0]}")/.." && cargo fetch --locked >/dev/null)
   cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)

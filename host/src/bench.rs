@@ -79,6 +79,90 @@ fn rank_pairs(kind: Option<Kind>, h: usize, anchor: usize, local: usize, l_p: us
     }
 }
 
+/// What `apb bench prefill` sweeps.
+pub struct Sweep {
+    /// A preset name or a config.json path.
+    pub config: String,
+    pub dtype: String,
+    pub lengths: Vec<usize>,
+    pub methods: Vec<String>,
+    pub breakdown: bool,
+    /// Where rank 0 writes the results (stdout otherwise).
+    pub json: Option<std::path::PathBuf>,
+    /// The ranks (one process per GPU).
+    pub spec: crate::ranks::GroupSpec,
+}
+
+/// Every length × method, dense on rank 0's GPU and the others on all ranks, side by side: each
+/// rank runs this same program (SPMD) and rank 0 reports.
+pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
+    let dtype = apb_loaders::parse_dtype(&sw.dtype)?;
+    let cfg = apb_loaders::random::config_by_name(&sw.config)?;
+    let world = sw.spec.world;
+    let member = crate::ranks::join(&sw.spec)?;
+    let root = member.rank() == 0;
+    let model = apb_loaders::random::random_model(&cfg, dtype, &member.device)?;
+    let peak = if member.device.is_cuda() {
+        Some(gemm_peak(&member.device)?)
+    } else {
+        None
+    };
+    let bench = PrefillBench {
+        model: &model,
+        comm: member.comm.clone(),
+        breakdown: sw.breakdown,
+    };
+    // Warm-up: loads kernels and fills allocator pools, per method.
+    let warm = 8192.min(sw.lengths.iter().copied().min().unwrap_or(8192));
+    for m in &sw.methods {
+        bench.run(warm, m, world)?;
+    }
+    let mut results = Vec::new();
+    for &len in &sw.lengths {
+        let mut dense_s = None;
+        for m in &sw.methods {
+            let mut v = bench.run(len, m, world)?;
+            let wall = v["wall_s"].as_f64().unwrap_or(f64::NAN);
+            if m == "dense" {
+                dense_s = Some(wall);
+            }
+            if let Some(d) = dense_s {
+                v["speedup_vs_dense"] = (d / wall).into();
+            }
+            if let Some(p) = peak {
+                v["mfu"] = (v["slowest_rank_tflops"].as_f64().unwrap_or(0.0) / p).into();
+            }
+            if root {
+                eprintln!(
+                    "{len:>7} {m:>5}: {:.3} s  ({:.0} tok/s, {:.0} TFLOP/s slowest rank)",
+                    wall,
+                    v["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    v["slowest_rank_tflops"].as_f64().unwrap_or(0.0)
+                );
+            }
+            results.push(v);
+        }
+    }
+    if root {
+        let out = json!({
+            "config": sw.config,
+            "dtype": sw.dtype,
+            "world_size": world,
+            "gemm_peak_tflops": peak,
+            "breakdown_buckets": BUCKETS,
+            "results": results,
+        });
+        let text = serde_json::to_string_pretty(&out)?;
+        match &sw.json {
+            Some(p) => std::fs::write(p, text)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+            None => println!("{text}"),
+        }
+    }
+    drop(bench);
+    member.finish()
+}
+
 pub struct PrefillBench<'a> {
     pub model: &'a Model,
     pub comm: Arc<dyn Communicator>,

@@ -228,102 +228,23 @@ struct AttentionBenchArgs {
 }
 
 fn bench_prefill(a: PrefillArgs) -> Result<()> {
-    use apb_host::bench::{gemm_peak, PrefillBench};
     if !a.random_weights {
         bail!("apb bench prefill runs random weights only (--random-weights)");
     }
-    let device = parse_device(&a.device)?;
-    let dtype = parse_dtype(&a.dtype)?;
-    let cfg = apb_loaders::random::config_by_name(&a.config)?;
-    let processes = device.is_cuda() && a.world_size > 1;
-    a.launch.validate(a.world_size, processes)?;
-    let group = if processes {
-        Some(apb_host::launch::join(&a.launch, a.world_size)?)
-    } else {
-        None
+    let spec = GroupSpec {
+        world: a.world_size,
+        device: parse_device(&a.device)?,
+        launch: a.launch.clone(),
     };
-    let (device, comm) = match &group {
-        Some(g) => {
-            let dev = candle_core::Device::new_cuda(g.local_rank)?;
-            let comm = apb_host::launch::communicator(g, &dev)?;
-            (dev, comm)
-        }
-        None => {
-            if a.world_size > 1 {
-                bail!(
-                    "--world-size {} needs --device cuda (one GPU per rank)",
-                    a.world_size
-                );
-            }
-            let comm: Arc<dyn apb_plugin::Communicator> = apb_plugin::LocalGroup::new(1).remove(0);
-            (device, comm)
-        }
-    };
-    let root = comm.rank() == 0;
-    let model = apb_loaders::random::random_model(&cfg, dtype, &device)?;
-    let peak = if device.is_cuda() {
-        Some(gemm_peak(&device)?)
-    } else {
-        None
-    };
-    let bench = PrefillBench {
-        model: &model,
-        comm: comm.clone(),
+    apb_host::bench::prefill_sweep(&apb_host::bench::Sweep {
+        config: a.config,
+        dtype: a.dtype,
+        lengths: a.lengths,
+        methods: a.attention,
         breakdown: a.breakdown,
-    };
-    // Warm-up: loads kernels and fills allocator pools, per method.
-    for m in &a.attention {
-        bench.run(
-            8192.min(a.lengths.iter().copied().min().unwrap_or(8192)),
-            m,
-            a.world_size,
-        )?;
-    }
-    let mut results = Vec::new();
-    for &len in &a.lengths {
-        let mut dense_s = None;
-        for m in &a.attention {
-            let mut v = bench.run(len, m, a.world_size)?;
-            let wall = v["wall_s"].as_f64().unwrap_or(f64::NAN);
-            if m == "dense" {
-                dense_s = Some(wall);
-            }
-            if let Some(d) = dense_s {
-                v["speedup_vs_dense"] = (d / wall).into();
-            }
-            if let Some(p) = peak {
-                v["mfu"] = (v["slowest_rank_tflops"].as_f64().unwrap_or(0.0) / p).into();
-            }
-            if root {
-                eprintln!(
-                    "{len:>7} {m:>5}: {:.3} s  ({:.0} tok/s, {:.0} TFLOP/s slowest rank)",
-                    wall,
-                    v["tokens_per_s"].as_f64().unwrap_or(0.0),
-                    v["slowest_rank_tflops"].as_f64().unwrap_or(0.0)
-                );
-            }
-            results.push(v);
-        }
-    }
-    if root {
-        let out = serde_json::json!({
-            "config": a.config,
-            "dtype": a.dtype,
-            "world_size": a.world_size,
-            "gemm_peak_tflops": peak,
-            "breakdown_buckets": apb_host::bench::BUCKETS,
-            "results": results,
-        });
-        match &a.json {
-            Some(p) => std::fs::write(p, serde_json::to_string_pretty(&out)?)
-                .with_context(|| format!("cannot write {}", p.display()))?,
-            None => println!("{}", serde_json::to_string_pretty(&out)?),
-        }
-    }
-    if let Some(g) = group {
-        g.finish()?;
-    }
-    Ok(())
+        json: a.json,
+        spec,
+    })
 }
 
 fn bench_attention(a: AttentionBenchArgs) -> Result<()> {

@@ -104,16 +104,9 @@ pub fn start(
     if !spec.processes() {
         return Group::threads(load(&spec.device)?, spec.world).map(Some);
     }
-    let ctx = launch::join(&spec.launch, spec.world)?;
-    let device = Device::new_cuda(ctx.local_rank).map_err(|e| {
-        anyhow!(
-            "rank {}: cannot open cuda:{}: {e}",
-            ctx.rank,
-            ctx.local_rank
-        )
-    })?;
+    let Member { device, comm, ctx } = join(spec)?;
+    let ctx = ctx.expect("a process group has a rank context");
     let runner = load(&device)?;
-    let comm = launch::communicator(&ctx, &device)?;
     if ctx.rank == 0 {
         return Ok(Some(Group {
             runner,
@@ -124,6 +117,57 @@ pub fn start(
     process_worker(&ctx, &runner, comm)?;
     ctx.finish()?;
     Ok(None)
+}
+
+/// This process's place in a group that runs the same code on every rank (SPMD, as benchmarks
+/// do): its device and communicator.
+pub struct Member {
+    pub device: Device,
+    pub comm: Arc<dyn Communicator>,
+    ctx: Option<RankCtx>,
+}
+
+impl Member {
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Normal end: waits for the node's other rank processes and reports a failure among them.
+    pub fn finish(self) -> Result<()> {
+        drop(self.comm);
+        match self.ctx {
+            Some(ctx) => ctx.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Joins the group of `spec` as one member: a rank process with its own GPU (launching the node's
+/// other ranks from the first process), or, for one rank, this process alone.
+pub fn join(spec: &GroupSpec) -> Result<Member> {
+    spec.launch.validate(spec.world, spec.processes())?;
+    if !spec.processes() {
+        if spec.world > 1 {
+            anyhow::bail!(
+                "--world-size {} needs --device cuda here (one GPU per rank)",
+                spec.world
+            );
+        }
+        return Ok(Member {
+            device: spec.device.clone(),
+            comm: LocalGroup::new(1).remove(0),
+            ctx: None,
+        });
+    }
+    let ctx = launch::join(&spec.launch, spec.world)?;
+    let device = Device::new_cuda(ctx.local_rank)
+        .map_err(|e| anyhow!("rank {}: cannot open cuda:{}: {e}", ctx.rank, ctx.local_rank))?;
+    let comm = launch::communicator(&ctx, &device)?;
+    Ok(Member {
+        device,
+        comm,
+        ctx: Some(ctx),
+    })
 }
 
 /// A worker process's loop: run each job rank 0 sends; any failure ends the process with an

@@ -876,7 +876,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
                     content: m.content.text()?,
                 });
             }
-            check_common(s, ready, &req.common)?;
+            check_common(ready, &req.common)?;
             let parts = prompt::build_chat(tok, &messages, req.common.question.as_deref())
                 .map_err(|e| ApiError::bad(format!("{e:#}")))?;
             (req.common, parts)
@@ -893,7 +893,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
                     ))
                 }
             };
-            check_common(s, ready, &req.common)?;
+            check_common(ready, &req.common)?;
             let split = s.cfg.method.needs_question();
             let parts = prompt::build_text(tok, &text, req.common.question.as_deref(), split)
                 .map_err(|e| ApiError::bad(format!("{e:#}")))?;
@@ -942,7 +942,7 @@ fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
 }
 
 /// The model name and the parameters we do not implement (refused, never silently ignored).
-fn check_common(s: &Server, ready: &Ready, c: &Common) -> Result<(), ApiError> {
+fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
     if let Some(m) = &c.model {
         if !ready.model_names.iter().any(|n| n == m) {
             return Err(ApiError::new(
@@ -1013,7 +1013,6 @@ fn check_common(s: &Server, ready: &Ready, c: &Common) -> Result<(), ApiError> {
             unsupported.join(", ")
         )));
     }
-    let _ = s;
     Ok(())
 }
 

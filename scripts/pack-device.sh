@@ -3,6 +3,10 @@
 # runner into dist/ (git-ignored) for the GPU machine (device tool: carry ["dist"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The default model's real BPE tokenizer for scripts/device-serve.sh (random-weight 8B model dir);
+# built before the CUDA environment, which would change the CPU build's flags.
+mkdir -p dist
+cargo run -q --locked -p apb-examples --example export_tokenizer -- dist/tokenizer.json
 source scripts/cuda-env.sh
 cargo build --release --locked --features cuda -p apb-host --target-dir target/cuda
 mkdir -p dist
@@ -13,6 +17,4 @@ tests=$(cargo test --release --locked --features cuda -p apb-kernels --target-di
   | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable") and m.get("target",{}).get("name")=="apb_kernels"]' | tail -n 1)
 strip -o dist/apb-kernels-tests "$tests"
 xz -f -T2 -6 dist/apb-kernels-tests
-# The default model's real BPE tokenizer for scripts/device-serve.sh (random-weight 8B model dir).
-cargo run -q --locked -p apb-examples --example export_tokenizer -- dist/tokenizer.json
 ls -la dist

@@ -160,8 +160,13 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
         });
     }
     let ctx = launch::join(&spec.launch, spec.world)?;
-    let device = Device::new_cuda(ctx.local_rank)
-        .map_err(|e| anyhow!("rank {}: cannot open cuda:{}: {e}", ctx.rank, ctx.local_rank))?;
+    let device = Device::new_cuda(ctx.local_rank).map_err(|e| {
+        anyhow!(
+            "rank {}: cannot open cuda:{}: {e}",
+            ctx.rank,
+            ctx.local_rank
+        )
+    })?;
     let comm = launch::communicator(&ctx, &device)?;
     Ok(Member {
         device,

@@ -58,3 +58,62 @@ fn chat_template_renders_like_transformers() {
         "<|im_end|> stops generation"
     );
 }
+
+/// Long texts are encoded in parallel pieces (the server's time to first token): the ids must be
+/// exactly those of encoding the text whole, for the default model and the fixtures' tokenizers.
+#[test]
+fn parallel_encoding_equals_whole_text_encoding() {
+    let mut text = String::new();
+    let words = [
+        "the",
+        "river's",
+        "don't",
+        "Ünïcödé",
+        "naïve",
+        "42",
+        "3.14159",
+        "x=y+z;",
+        "\n\n",
+        "  double  space",
+        "tab\tbed",
+        "<|im_start|>",
+        "emoji 🎉",
+        "CamelCase",
+        "end.",
+        "über",
+        "日本語のテキスト",
+        "a",
+        "I",
+        "'ll",
+    ];
+    let mut x = 7u64;
+    while text.len() < 300_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(words[(x % words.len() as u64) as usize]);
+        text.push(if x % 11 == 0 { '\n' } else { ' ' });
+    }
+    let smol = load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        smol.tok.encodes_in_parallel(),
+        "SmolLM2's byte-level BPE splits"
+    );
+    let mut checked = 0;
+    let fixtures = ["tiny-llama31", "tiny-qwen2", "tiny-yi"]
+        .map(|n| load(&ModelSource::Dir(fixture(n)), DType::F32, &Device::Cpu).unwrap());
+    for (name, tok) in std::iter::once(("smollm2", &smol.tok)).chain(
+        ["tiny-llama31", "tiny-qwen2", "tiny-yi"]
+            .into_iter()
+            .zip(fixtures.iter().map(|l| &l.tok)),
+    ) {
+        let whole = tok.tokenizer.encode(text.as_str(), false).unwrap();
+        assert_eq!(
+            tok.encode(&text).unwrap(),
+            whole.get_ids(),
+            "{name}: parallel pieces differ from the whole text"
+        );
+        checked += tok.encodes_in_parallel() as usize;
+    }
+    assert!(checked >= 1);
+}

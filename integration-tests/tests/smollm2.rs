@@ -92,7 +92,7 @@ fn parallel_encoding_equals_whole_text_encoding() {
         x ^= x >> 7;
         x ^= x << 17;
         text.push_str(words[(x % words.len() as u64) as usize]);
-        text.push(if x % 11 == 0 { '\n' } else { ' ' });
+        text.push(if x.is_multiple_of(11) { '\n' } else { ' ' });
     }
     let smol = load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap();
     assert!(

@@ -6,13 +6,12 @@
 //! and MFU against a bf16 GEMM peak measured in the same run, and (second, synchronised run) a
 //! per-part breakdown of the slowest rank.
 
-use crate::layout::{make_plan, rank_inputs, DistConfig};
+use crate::layout::Method;
 use crate::prompt::PromptParts;
+use crate::runner::{prefill, prepare_within, rank_share, GenParams, Job};
 use anyhow::{bail, Result};
-use apb_loaders::{Cache, Config, Model};
-use apb_plugin::{
-    profile, AttentionBackend, Communicator, Dense, Kind, Phase, RankBackend, Scorer,
-};
+use apb_loaders::{Config, Model};
+use apb_plugin::{profile, Communicator, Kind, LocalGroup, Scorer};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -194,88 +193,63 @@ impl PrefillBench<'_> {
     /// One measurement: (slowest rank's seconds, per-rank seconds, slowest rank's breakdown,
     /// total FLOPs of the slowest rank, plan summary).
     pub fn run(&self, len: usize, method: &str, world: usize) -> Result<Value> {
-        let kind = match method {
-            "dense" => None,
-            "ring" => Some(Kind::Ring),
-            "star" => Some(Kind::Star),
-            "apb" => Some(Kind::Apb),
-            m => bail!("unknown attention method '{m}' (dense, ring, star, apb)"),
-        };
+        let method_ = Method::parse(method)?;
         let rank = self.comm.rank();
         let dev = self.model.device().clone();
-        let parts = self.parts(len);
-        let (tokens, positions, backend, pairs, plan): (
-            Vec<u32>,
-            Vec<u32>,
-            Box<dyn AttentionBackend>,
-            f64,
-            Value,
-        ) = match kind {
-            None => {
-                let pos: Vec<u32> = (0..len as u32).collect();
-                (
-                    parts.context.clone(),
-                    pos,
-                    Box::new(Dense),
-                    tri(len),
-                    json!({"world": 1}),
-                )
-            }
-            Some(kind) => {
-                let cfg = DistConfig {
-                    kind,
-                    world,
-                    anchor_len: None,
-                    passing_len: None,
-                };
-                let scorer = Scorer::QueryAware;
-                let p = make_plan(&parts, &cfg)?;
-                if p.world != world {
-                    bail!(
-                        "{method} at {len} tokens: the planner chose {} ranks ({})",
-                        p.world,
-                        p.notes.join("; ")
-                    );
-                }
-                let (t, pos, layout) = rank_inputs(&parts, &p, kind, rank, &scorer);
-                let pairs = rank_pairs(
-                    Some(kind),
-                    rank,
-                    layout.anchor,
-                    layout.local + layout.probe,
-                    p.l_p,
-                );
-                let backend = RankBackend::new(kind, self.comm.clone(), layout, scorer)?;
-                (
-                    t,
-                    pos,
-                    Box::new(backend),
-                    pairs,
-                    json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}),
-                )
-            }
+        let mut parts = self.parts(len);
+        if method_ == Method::Dense {
+            // Dense prefills the whole prompt: exactly `len` tokens.
+            let last = parts.context.pop().expect("len > 0");
+            parts.query = vec![last];
+            parts.question.clear();
+        }
+        let job = Job {
+            prompt: parts,
+            method: method_,
+            world: if method_ == Method::Dense { 1 } else { world },
+            anchor_len: None,
+            passing_len: None,
+            params: GenParams::default(),
         };
-        let active = kind.is_some() || rank == 0;
+        let prep = prepare_within(usize::MAX, &job).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if prep.plan.world != job.world {
+            bail!(
+                "{method} at {len} tokens: the planner chose {} ranks ({})",
+                prep.plan.world,
+                prep.plan.notes.join("; ")
+            );
+        }
+        let scorer = Scorer::QueryAware;
+        let (tokens, _, layout) = rank_share(&job, &prep, rank, &scorer);
+        let p = &prep.plan;
+        let (pairs, plan) = match &layout {
+            None => (tri(len), json!({"world": 1})),
+            Some(l) => (
+                rank_pairs(method_.kind(), rank, l.anchor, l.local + l.probe, p.l_p),
+                json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}),
+            ),
+        };
+        // Dense runs on rank 0 alone; the other ranks wait at the barriers.
+        let active = method_ != Method::Dense || rank == 0;
         let flops = if active {
             prefill_flops(&self.model.cfg, tokens.len(), pairs)
         } else {
             0.0
         };
+        let solo: Arc<dyn Communicator> = LocalGroup::new(1).remove(0);
         let once = |profiled: bool| -> Result<(f64, Vec<f64>)> {
             profile::enable(profiled);
             self.comm.barrier()?;
             dev.synchronize()?;
             let t = Instant::now();
             if active {
-                let mut cache = Cache::new(&self.model.cfg);
-                self.model.forward(
-                    &tokens,
-                    &positions,
-                    Phase::Prefill,
-                    backend.as_ref(),
-                    &mut cache,
-                    &mut |_| {},
-                )?;
+                // The rank program's own prefill stage.
+                let comm = if method_ == Method::Dense {
+                    solo.clone()
+                } else {
+                    self.comm.clone()
+                };
+                prefill(self.model, &scorer, &job, &prep, comm, &mut |_| {})?;
             }
             dev.synchronize()?;
             let secs = t.elapsed().as_secs_f64();
@@ -309,7 +283,7 @@ impl PrefillBench<'_> {
             .iter()
             .map(|t| t.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        let ranks: Vec<usize> = if kind.is_some() {
+        let ranks: Vec<usize> = if method_ != Method::Dense {
             (0..all.len()).collect()
         } else {
             vec![0]

@@ -78,6 +78,16 @@ impl RankCtx {
         Ok(())
     }
 
+    /// Rank 0 after a failure of the group: kills this node's other rank processes (never a
+    /// normal finish), so none is left holding a GPU; the launcher's watchdog then exits non-zero.
+    pub fn kill_group(&self) {
+        if let Ok(mut cs) = self.group.children.lock() {
+            for c in cs.iter_mut() {
+                let _ = c.kill();
+            }
+        }
+    }
+
     /// Worker ranks: the next message from rank 0 (None once rank 0 finished).
     pub fn next_message(&self) -> Option<Vec<u8>> {
         self.messages.as_ref()?.recv().ok()
@@ -185,7 +195,12 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
         let argv: Vec<String> = std::env::args().skip(1).collect();
         for lr in 1..per_node {
             let r = args.node_rank * per_node + lr;
-            let child = Command::new(&exe)
+            let mut cmd = Command::new(&exe);
+            // Their own process group: a terminal's Ctrl-C reaches the launcher alone, which then
+            // shuts the group down in order (a server finishes its requests first).
+            #[cfg(unix)]
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let child = cmd
                 .args(&argv)
                 .env("APB_RANK", r.to_string())
                 .stdin(Stdio::null())

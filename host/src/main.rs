@@ -437,8 +437,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         launch: a.launch.clone(),
     };
     spec.launch.validate(spec.world, spec.processes())?;
-    if spec.processes() && std::env::var_os("APB_RANK").is_some() {
-        // A GPU worker rank started by rank 0: serve its jobs, no HTTP.
+    if spec.processes() && (std::env::var_os("APB_RANK").is_some() || a.launch.node_rank > 0) {
+        // A GPU worker rank (started by rank 0, or another node's launcher): serves rank 0's jobs,
+        // no HTTP.
         ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?;
         return Ok(());
     }

@@ -66,19 +66,17 @@ pub fn build_text(
     question: Option<&str>,
     split: bool,
 ) -> Result<PromptParts> {
-    let (doc, q) = match question {
-        Some(q) => (text, Some(q.trim())),
-        None if split => match split_question(text) {
-            Some((d, q)) => (d, Some(q)),
-            None => (text, None),
+    let question = question.map(str::trim).filter(|q| !q.is_empty());
+    // The query keeps the text's own separator, so every method sees the same prompt.
+    let (doc, tail, q) = match question {
+        Some(q) => (text, format!("\n{q}"), Some(q)),
+        None => match split_question(text).filter(|_| split) {
+            Some((d, q)) => (d, text[d.len()..].to_string(), Some(q)),
+            None => (text, String::new(), None),
         },
-        None => (text, None),
     };
     let context = encode_nonempty(tok, doc, false)?;
-    let query = match q {
-        Some(q) => tok.encode(&format!("\n{q}"))?,
-        None => vec![],
-    };
+    let query = encode_nonempty(tok, &tail, false)?;
     finish(tok, context, query, q, 0)
 }
 
@@ -121,11 +119,15 @@ pub fn build_chat(
             ),
         }
     }
-    let (doc, q) = match question {
-        Some(q) => (last.content.as_str(), Some(q.trim())),
+    // Earlier user or assistant turns make it a conversation (a system message alone does not).
+    let conversation = messages[..messages.len() - 1]
+        .iter()
+        .any(|m| m.role != "system");
+    let (doc, q) = match question.map(str::trim).filter(|q| !q.is_empty()) {
+        Some(q) => (last.content.as_str(), Some(q)),
         None => match split_question(&last.content) {
             Some((d, q)) => (d, Some(q)),
-            None if messages.len() > 1 => ("", Some(last.content.trim())),
+            None if conversation => ("", Some(last.content.trim())),
             None => (last.content.as_str(), None),
         },
     };

@@ -335,14 +335,19 @@ impl Group {
                         .run(&one_rank, &prep, one, cancel, on_text)
                         .map_err(|e| RunError::Failed(format!("{e:#}")));
                 }
-                let bytes = serde_json::to_vec(&Message::Job(job.clone()))
-                    .map_err(|e| RunError::Failed(e.to_string()))?;
-                ctx.send_to_workers(&bytes)
-                    .map_err(|e| RunError::Failed(format!("{e:#}")))?;
-                self.runner
-                    .run(job, &prep, comm.clone(), cancel, on_text)
-                    .inspect_err(|e| comm.abort(&format!("rank 0 failed: {e:#}")))
-                    .map_err(|e| RunError::Failed(format!("{e:#}")))
+                let run = || -> Result<Generation> {
+                    let bytes = serde_json::to_vec(&Message::Job(job.clone()))?;
+                    ctx.send_to_workers(&bytes)?;
+                    self.runner.run(job, &prep, comm.clone(), cancel, on_text)
+                };
+                catch_unwind(AssertUnwindSafe(run))
+                    .unwrap_or_else(|p| Err(anyhow!("rank 0 panicked: {}", panic_text(&p))))
+                    .map_err(|e| {
+                        // The workers may sit in a collective: stop them, never leave one behind.
+                        comm.abort(&format!("rank 0 failed: {e:#}"));
+                        ctx.kill_group();
+                        RunError::Failed(format!("{e:#}"))
+                    })
             }
         }
     }

@@ -12,7 +12,9 @@ use crate::prompt::PromptParts;
 use crate::sampling::Sampler;
 use anyhow::{anyhow, Context, Result};
 use apb_loaders::{Cache, Loaded, Model, Tok};
-use apb_plugin::{AttentionBackend, Communicator, Dense, Phase, Plan, RankBackend, Scorer};
+use apb_plugin::{
+    AttentionBackend, Communicator, Dense, Phase, Plan, RankBackend, RankLayout, Scorer,
+};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,8 +141,13 @@ pub struct Prepared {
 /// question checks. Prompts too short for the requested ranks fall back to fewer (down to one
 /// rank, which runs dense), and the plan's notes say so.
 pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputError> {
+    prepare_within(model.cfg.max_position_embeddings, job)
+}
+
+/// [`prepare`] against a context of `ctx` positions (`apb bench prefill` times random weights
+/// past the config's context: positions are only numbers to it).
+pub fn prepare_within(ctx: usize, job: &Job) -> std::result::Result<Prepared, InputError> {
     let parts = &job.prompt;
-    let ctx = model.cfg.max_position_embeddings;
     let total = parts.len();
     if total >= ctx {
         return Err(InputError(format!(
@@ -244,48 +251,25 @@ impl Runner {
         }
         let last = rank + 1 == world;
         let t0 = Instant::now();
-
-        // This rank's prefill rows, its backend, and the segment run after prefill.
-        let (tokens, positions, backend, after): (_, _, Box<dyn AttentionBackend>, &[u32]) =
-            match &prep.dist {
-                None => {
-                    let all = parts.all();
-                    let pos = (0..all.len() as u32).collect();
-                    (all, pos, Box::new(Dense), &[])
-                }
-                Some(d) => {
-                    let (t, pos, layout) = rank_inputs(parts, p, d.kind, rank, &self.scorer);
-                    let b = RankBackend::new(d.kind, comm.clone(), layout, self.scorer.clone())?;
-                    (t, pos, Box::new(b), &parts.query)
-                }
-            };
-        let rank_prefill_tokens = match &prep.dist {
-            None => vec![tokens.len()],
-            Some(d) => (0..world)
-                .map(|h| rank_inputs(parts, p, d.kind, h, &self.scorer).0.len())
-                .collect(),
-        };
-        let mut cache = Cache::new(&model.cfg);
         let bar = (rank == 0)
             .then(|| prefill_bar(parts.len(), model.cfg.num_hidden_layers))
             .flatten();
-        let mut hidden = model
-            .forward(
-                &tokens,
-                &positions,
-                Phase::Prefill,
-                backend.as_ref(),
-                &mut cache,
-                &mut |_| {
-                    if let Some(b) = &bar {
-                        b.inc(1)
-                    }
-                },
-            )
-            .context("prefill")?;
+        let Prefilled {
+            mut cache,
+            backend,
+            hidden,
+            after,
+            rank_prefill_tokens,
+        } = prefill(model, &self.scorer, job, prep, comm.clone(), &mut |_| {
+            if let Some(b) = &bar {
+                b.inc(1)
+            }
+        })?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }
+        let after = &parts.query[parts.query.len() - after..];
+        let mut hidden = hidden;
         // The next token's position: every prompt token comes before it.
         let mut pos = parts.len() as u32;
         if !after.is_empty() {
@@ -334,9 +318,13 @@ impl Runner {
                 break Finish::Stop;
             }
             out.push(next);
-            let emit: &mut dyn FnMut(&str) = if rank == 0 { &mut *on_text } else { &mut noop };
-            if stream.push(tok, &out, emit)? {
-                break Finish::Stop;
+            // Rank 0 streams the text; stop strings are checked on every rank alike. Other ranks
+            // without stop strings need no text at all.
+            if rank == 0 || !params.stop.is_empty() {
+                let emit: &mut dyn FnMut(&str) = if rank == 0 { &mut *on_text } else { &mut noop };
+                if stream.push(tok, &out, emit)? {
+                    break Finish::Stop;
+                }
             }
             if out.len() >= prep.max_new {
                 break Finish::Length;
@@ -377,6 +365,87 @@ impl Runner {
             rank_prefill_tokens,
         })
     }
+}
+
+/// A rank after its prefill: the cache it keeps, its backend (it holds the rank's layout), the
+/// last hidden state, and how many query tokens still follow (0 for dense: it prefilled them).
+pub struct Prefilled {
+    pub cache: Cache,
+    pub backend: Box<dyn AttentionBackend>,
+    pub hidden: Tensor,
+    pub after: usize,
+    /// Rows each rank ran in prefill (anchor + local + probe).
+    pub rank_prefill_tokens: Vec<usize>,
+}
+
+/// This rank's prefill tokens, positions and, for sequence-parallel methods, its layout. Dense
+/// runs the whole prompt (question included) on its one rank.
+pub fn rank_share(
+    job: &Job,
+    prep: &Prepared,
+    rank: usize,
+    scorer: &Scorer,
+) -> (Vec<u32>, Vec<u32>, Option<RankLayout>) {
+    let parts = &job.prompt;
+    match &prep.dist {
+        None => {
+            let all = parts.all();
+            let pos = (0..all.len() as u32).collect();
+            (all, pos, None)
+        }
+        Some(d) => {
+            let (t, pos, layout) = rank_inputs(parts, &prep.plan, d.kind, rank, scorer);
+            (t, pos, Some(layout))
+        }
+    }
+}
+
+/// The prefill stage of the rank program (what `apb bench prefill` times): this rank's share
+/// through the model with the method's backend.
+pub fn prefill(
+    model: &Model,
+    scorer: &Scorer,
+    job: &Job,
+    prep: &Prepared,
+    comm: Arc<dyn Communicator>,
+    tick: &mut dyn FnMut(usize),
+) -> Result<Prefilled> {
+    let rank = comm.rank();
+    let (tokens, positions, layout) = rank_share(job, prep, rank, scorer);
+    let (backend, after): (Box<dyn AttentionBackend>, usize) = match (&prep.dist, layout) {
+        (Some(d), Some(layout)) => (
+            Box::new(RankBackend::new(d.kind, comm, layout, scorer.clone())?),
+            job.prompt.query.len(),
+        ),
+        _ => (Box::new(Dense), 0),
+    };
+    let rank_prefill_tokens = (0..prep.plan.world)
+        .map(|h| {
+            if h == rank {
+                tokens.len()
+            } else {
+                rank_share(job, prep, h, scorer).0.len()
+            }
+        })
+        .collect();
+    let mut cache = Cache::new(&model.cfg);
+    let hidden = model
+        .forward(
+            &tokens,
+            &positions,
+            Phase::Prefill,
+            backend.as_ref(),
+            &mut cache,
+            tick,
+        )
+        .context("prefill")?;
+    Ok(Prefilled {
+        cache,
+        backend,
+        hidden,
+        after,
+        rank_prefill_tokens,
+    })
 }
 
 /// One step's agreement: the last rank's token and whether any rank cancels.
@@ -437,6 +506,8 @@ impl TextStream {
     pub fn push(&mut self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<bool> {
         let text = tok.decode(ids)?;
         if let Some(i) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            // Never cut before what was already streamed (decoding is prefix-stable in practice).
+            let i = i.max(self.printed);
             self.cut = Some(i);
             if i > self.printed {
                 emit(&text[self.printed..i]);

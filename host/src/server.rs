@@ -33,14 +33,17 @@ use prometheus::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 
-/// Requests tokenized at once (tokenizing a long document takes memory and a core).
+/// Requests tokenized at once (tokenizing a long document takes memory and cores).
 pub const TOKENIZE_PERMITS: usize = 2;
+/// Request bodies read at once; further uploads wait (memory: this many times the body bound).
+pub const BODY_PERMITS: usize = 16;
 /// Body bytes allowed per context token (plus [`BODY_SLACK`]): generous for any text (English
 /// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
 pub const BODY_BYTES_PER_TOKEN: usize = 32;
@@ -94,9 +97,17 @@ enum Ev {
 /// The model, once loaded.
 struct Ready {
     loaded: Arc<Loaded>,
-    queue: Mutex<Option<mpsc::SyncSender<Queued>>>,
     model_names: Vec<String>,
     max_body: usize,
+}
+
+/// The FIFO of requests waiting for the ranks. Entries whose client left are dropped as soon as
+/// the queue is touched, so they never hold a place a live client could take.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Queued>,
+    /// No new entries (shutdown); the engine finishes what is queued.
+    closed: bool,
 }
 
 struct Server {
@@ -105,9 +116,14 @@ struct Server {
     /// Set when a rank failed: the server answers 503 and stops.
     fatal: Mutex<Option<String>>,
     shutdown: Notify,
-    queue_depth: AtomicUsize,
+    queue: Mutex<Queue>,
+    queued: Condvar,
+    /// The request running on the ranks: answered at once if the group fails under it.
+    current: Mutex<Option<tmpsc::UnboundedSender<Ev>>>,
     running: AtomicBool,
-    tokenize: Semaphore,
+    /// Bodies read at once (each at most the body bound): bounds the memory requests can take.
+    bodies: Arc<Semaphore>,
+    tokenize: Arc<Semaphore>,
     created: u64,
     allowed_hosts: Option<Vec<String>>,
     metrics: Metrics,
@@ -130,9 +146,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Requests answered, by endpoint and HTTP status",
+                "Requests answered, by endpoint, attention method and HTTP status",
             ),
-            &["endpoint", "status"],
+            &["endpoint", "method", "status"],
         )?;
         let cancelled = IntCounterVec::new(
             Opts::new(
@@ -216,8 +232,13 @@ impl ApiError {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        json!({"error": {"message": self.message, "type": kind, "param": null,
-                         "code": self.status.as_u16()}})
+        let code = match self.status.as_u16() {
+            401 => json!("invalid_api_key"),
+            404 if self.message.starts_with("model") => json!("model_not_found"),
+            429 => json!("rate_limit_exceeded"),
+            _ => Value::Null,
+        };
+        json!({"error": {"message": self.message, "type": kind, "param": null, "code": code}})
     }
 }
 
@@ -258,9 +279,12 @@ pub async fn serve(
         ready: OnceLock::new(),
         fatal: Mutex::new(None),
         shutdown: Notify::new(),
-        queue_depth: AtomicUsize::new(0),
+        queue: Mutex::new(Queue::default()),
+        queued: Condvar::new(),
+        current: Mutex::new(None),
         running: AtomicBool::new(false),
-        tokenize: Semaphore::new(TOKENIZE_PERMITS),
+        bodies: Arc::new(Semaphore::new(BODY_PERMITS)),
+        tokenize: Arc::new(Semaphore::new(TOKENIZE_PERMITS)),
         created: now_secs(),
         allowed_hosts,
         metrics: Metrics::new()?,
@@ -274,7 +298,10 @@ pub async fn serve(
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                let r = start_ranks().and_then(|group| engine(&s, group));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    start_ranks().and_then(|group| engine(&s, group))
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the engine thread panicked")));
                 if let Err(e) = &r {
                     s.fail(&format!("{e:#}"));
                 }
@@ -317,6 +344,12 @@ pub async fn serve(
         }
     }
     drop(listener);
+    // A second SIGINT/SIGTERM while requests finish stops at once.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("second signal: stopping now");
+        std::process::exit(1);
+    });
     // Requests in flight finish (a failed group answers them at once); then the queue closes
     // and the engine thread stops the ranks.
     let fatal = state.fatal_cause();
@@ -326,12 +359,11 @@ pub async fn serve(
         Duration::from_secs(24 * 3600)
     };
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-    if let Some(ready) = state.ready.get() {
-        ready.queue.lock().expect("queue").take();
-    }
-    let engine = match tokio::time::timeout(Duration::from_secs(10), engine_done).await {
+    state.queue.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+    state.queued.notify_all();
+    let engine = match tokio::time::timeout(Duration::from_secs(30), engine_done).await {
         Ok(Ok(r)) => r,
-        _ => Ok(()),
+        _ => Err(anyhow::anyhow!("the ranks did not stop within 30 s")),
     };
     match state.fatal_cause() {
         Some(why) => Err(anyhow::anyhow!("{why}")),
@@ -340,13 +372,79 @@ pub async fn serve(
 }
 
 impl Server {
+    /// The group failed: answer the request in flight (500) and every queued one (503), turn
+    /// `/health` unhealthy, and stop serving.
     fn fail(&self, why: &str) {
-        self.fatal
+        let why = self
+            .fatal
             .lock()
-            .expect("fatal")
-            .get_or_insert_with(|| why.to_string());
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| why.to_string())
+            .clone();
+        if let Some(tx) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = tx.send(Ev::Fail(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("a rank failed: {why}"),
+            )));
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for item in q.items.drain(..) {
+            let _ = item.events.send(Ev::Fail(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the server is stopping after a rank failure: {why}"),
+            )));
+        }
+        q.closed = true;
+        self.metrics.queue_depth.set(0);
+        drop(q);
+        self.queued.notify_all();
         self.shutdown.notify_one();
         self.shutdown.notify_waiters();
+    }
+
+    /// The next request to run (None: closed and empty), dropping those whose client left.
+    fn next_queued(&self) -> Option<Queued> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            self.drop_cancelled(&mut q);
+            if let Some(item) = q.items.pop_front() {
+                self.metrics.queue_depth.set(q.items.len() as i64);
+                return Some(item);
+            }
+            if q.closed {
+                return None;
+            }
+            q = self
+                .queued
+                .wait_timeout(q, Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn drop_cancelled(&self, q: &mut Queue) {
+        let before = q.items.len();
+        q.items.retain(|i| !i.cancel.load(Ordering::SeqCst));
+        let gone = before - q.items.len();
+        if gone > 0 {
+            // Their clients left while they waited.
+            self.metrics
+                .cancelled
+                .with_label_values(&["queued"])
+                .inc_by(gone as u64);
+            self.metrics.queue_depth.set(q.items.len() as i64);
+        }
+    }
+
+    fn queue_depth(&self) -> usize {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.drop_cancelled(&mut q);
+        q.items.len()
     }
 
     fn fatal_cause(&self) -> Option<String> {
@@ -356,7 +454,6 @@ impl Server {
 
 /// The engine loop: runs queued requests one at a time on the group, then stops its ranks.
 fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::sync_channel::<Queued>(s.cfg.max_queued);
     let loaded = group.runner().loaded.clone();
     let mut model_names = s.cfg.served_model_names.clone();
     if model_names.is_empty() {
@@ -376,7 +473,6 @@ fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
         .unwrap_or(ctx.saturating_mul(BODY_BYTES_PER_TOKEN) + BODY_SLACK);
     let _ = s.ready.set(Ready {
         loaded,
-        queue: Mutex::new(Some(tx)),
         model_names,
         max_body,
     });
@@ -390,14 +486,7 @@ fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
         group.world(),
         if group.world() == 1 { "" } else { "s" }
     );
-    for q in rx {
-        s.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        s.metrics.queue_depth.dec();
-        if q.cancel.load(Ordering::SeqCst) {
-            // Its client left while it waited.
-            s.metrics.cancelled.with_label_values(&["queued"]).inc();
-            continue;
-        }
+    while let Some(q) = s.next_queued() {
         if let Some(why) = s.fatal_cause() {
             let _ = q.events.send(Ev::Fail(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -406,13 +495,18 @@ fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
             continue;
         }
         s.running.store(true, Ordering::SeqCst);
+        *s.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(q.events.clone());
         let events = q.events.clone();
         let mut on_text = |t: &str| {
             let _ = events.send(Ev::Text(t.to_string()));
         };
         let waited = q.queued_at.elapsed().as_secs_f64();
-        let res = group.run(&q.job, &q.cancel, &mut on_text);
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group.run(&q.job, &q.cancel, &mut on_text)
+        }))
+        .unwrap_or_else(|_| Err(RunError::Failed("rank 0 panicked".into())));
         s.running.store(false, Ordering::SeqCst);
+        s.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         let method = q.job.method.name();
         match res {
             Ok(g) => {
@@ -460,6 +554,7 @@ fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
 fn router(state: Arc<Server>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
@@ -559,7 +654,9 @@ async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Re
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "));
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key);
         if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -576,7 +673,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn health(State(s): State<Arc<Server>>) -> Response {
-    let depth = s.queue_depth.load(Ordering::SeqCst);
+    let depth = s.queue_depth();
     if let Some(why) = s.fatal_cause() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -622,6 +719,27 @@ fn ready(s: &Server) -> Result<&Ready, ApiError> {
     })
 }
 
+async fn model(
+    State(s): State<Arc<Server>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match ready(&s) {
+        Ok(r) if r.model_names.contains(&id) => {
+            Json(json!({"id": id, "object": "model", "created": s.created, "owned_by": "apb-rs"}))
+                .into_response()
+        }
+        Ok(r) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model '{id}' is not served here; this server runs '{}'",
+                r.model_names[0]
+            ),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn models(State(s): State<Arc<Server>>) -> Response {
     match ready(&s) {
         Ok(r) => Json(json!({"object": "list", "data": [
@@ -663,6 +781,10 @@ struct Common {
     echo: Option<bool>,
     suffix: Option<Value>,
     best_of: Option<usize>,
+    /// vLLM-style sampling extras, refused unless neutral.
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -780,7 +902,7 @@ async fn handle(s: Arc<Server>, headers: HeaderMap, body: Body, ep: Endpoint) ->
     };
     s.metrics
         .requests
-        .with_label_values(&[ep.label(), r.status().as_str()])
+        .with_label_values(&[ep.label(), s.cfg.method.name(), r.status().as_str()])
         .inc();
     r
 }
@@ -824,29 +946,40 @@ async fn admit(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let bytes =
-        match tokio::time::timeout(s.cfg.body_timeout, axum::body::to_bytes(body, limit)).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request body did not arrive within {:?}",
-                        s.cfg.body_timeout
-                    ),
-                ))
-            }
-            Ok(Err(_)) => return Err(too_large()),
-            Ok(Ok(b)) => b,
-        };
-    let _permit = s
-        .tokenize
-        .acquire()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping"))?;
+    let stopping = |_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
+    // Held until the body is parsed and tokenized: at most BODY_PERMITS bodies in memory.
+    let body_permit = s.bodies.clone().acquire_owned().await.map_err(stopping)?;
+    let read = tokio::time::timeout(s.cfg.body_timeout, axum::body::to_bytes(body, limit)).await;
+    let bytes = match read {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {:?}",
+                    s.cfg.body_timeout
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            let over = format!("{e:?}").contains("LengthLimit");
+            return Err(if over {
+                too_large()
+            } else {
+                ApiError::bad(format!("could not read the request body: {e}"))
+            });
+        }
+        Ok(Ok(b)) => b,
+    };
+    // Owned permits move into the blocking task: a client that leaves mid-tokenization does not
+    // free its slot before the work ends.
+    let permit = s.tokenize.clone().acquire_owned().await.map_err(stopping)?;
     let s2 = s.clone();
-    tokio::task::spawn_blocking(move || check(&s2, &bytes, ep))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        let _held = (permit, body_permit);
+        check(&s2, &bytes, ep)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
@@ -954,6 +1087,11 @@ fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
             ));
         }
     }
+    if c.stream_options.is_some() && !c.stream {
+        return Err(ApiError::bad(
+            "'stream_options' is only allowed with \"stream\": true",
+        ));
+    }
     if c.n.is_some_and(|n| n != 1) || c.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::bad(
             "'n' and 'best_of' must be 1: one choice per request (send several requests instead)",
@@ -1000,6 +1138,15 @@ fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
         .is_some_and(|v| !(v.is_null() || v == "none"))
     {
         unsupported.push("tool_choice");
+    }
+    if c.top_k.is_some_and(|k| k > 0) {
+        unsupported.push("top_k");
+    }
+    if c.min_p.is_some_and(|p| p != 0.0) {
+        unsupported.push("min_p");
+    }
+    if c.repetition_penalty.is_some_and(|p| p != 1.0) {
+        unsupported.push("repetition_penalty");
     }
     if c.echo == Some(true) {
         unsupported.push("echo");
@@ -1057,37 +1204,32 @@ async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint) -> Response {
     }
 }
 
-fn enqueue(s: &Server, q: Queued) -> Result<(), ApiError> {
-    let ready = ready(s)?;
-    let guard = ready.queue.lock().expect("queue");
-    let Some(tx) = guard.as_ref() else {
+fn enqueue(s: &Server, item: Queued) -> Result<(), ApiError> {
+    ready(s)?;
+    let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+    if q.closed {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is stopping",
         ));
-    };
-    s.queue_depth.fetch_add(1, Ordering::SeqCst);
-    s.metrics.queue_depth.inc();
-    tx.try_send(q).map_err(|e| {
-        s.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        s.metrics.queue_depth.dec();
-        match e {
-            mpsc::TrySendError::Full(_) => {
-                let mut e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "the queue is full ({} requests waiting); retry later",
-                        s.cfg.max_queued
-                    ),
-                );
-                e.retry_after = Some(1);
-                e
-            }
-            mpsc::TrySendError::Disconnected(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping")
-            }
-        }
-    })
+    }
+    s.drop_cancelled(&mut q);
+    if q.items.len() >= s.cfg.max_queued {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the queue is full ({} requests waiting); retry later",
+                s.cfg.max_queued
+            ),
+        );
+        e.retry_after = Some(1);
+        return Err(e);
+    }
+    q.items.push_back(item);
+    s.metrics.queue_depth.set(q.items.len() as i64);
+    drop(q);
+    s.queued.notify_one();
+    Ok(())
 }
 
 struct Meta {
@@ -1251,9 +1393,15 @@ fn stream(
             }
         }
     });
-    Sse::new(events)
+    let mut r = Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    // Proxies must pass events through as they come.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,8 @@
 //! The `apb` binary end to end: the default model answers, and bad input gets a one-line error
 //! naming the problem, a non-zero exit and no panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -308,23 +310,9 @@ fn hub_offline_not_cached() {
     assert_clean_error(&out, "HF_HUB_OFFLINE");
 }
 
-/// A 6K-token needle document (the integration tests' haystack, written out here).
+/// The 6K-token needle document (520 sentences, the needle at sentence 312).
 fn needle_doc() -> String {
-    const FILL: &[&str] = &[
-        "The river runs past the old mill and into the valley.",
-        "Farmers bring apples and pears to the market every Saturday.",
-        "The library on the hill keeps maps from three centuries.",
-        "A cold wind came down from the mountains during the night.",
-        "Children play football in the park after school.",
-        "The bakery opens at six and sells out of bread by noon.",
-        "Birds gather on the bridge when the sun goes down.",
-        "The museum shows paintings of ships and harbours.",
-    ];
-    let mut s: Vec<&str> = (0..520)
-        .map(|i| FILL[(i * 7 + i / 3) % FILL.len()])
-        .collect();
-    s.insert(300, "The special magic number is 73914.");
-    s.join(" ")
+    common::needle_doc(520)
 }
 
 #[test]

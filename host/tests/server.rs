@@ -1,6 +1,9 @@
 //! `apb serve` end to end: the real server on the default model (SmolLM2), real HTTP clients
 //! (ureq, and raw TCP where a client must vanish mid-request).
 
+mod common;
+
+use common::needle_doc;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -177,25 +180,6 @@ fn sse_chunks(body: &str) -> Vec<Value> {
         .iter()
         .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
         .collect()
-}
-
-/// A needle document of about `sentences` × 12 tokens.
-fn needle_doc(sentences: usize) -> String {
-    const FILL: &[&str] = &[
-        "The river runs past the old mill and into the valley.",
-        "Farmers bring apples and pears to the market every Saturday.",
-        "The library on the hill keeps maps from three centuries.",
-        "A cold wind came down from the mountains during the night.",
-        "Children play football in the park after school.",
-        "The bakery opens at six and sells out of bread by noon.",
-        "Birds gather on the bridge when the sun goes down.",
-        "The museum shows paintings of ships and harbours.",
-    ];
-    let mut s: Vec<&str> = (0..sentences)
-        .map(|i| FILL[(i * 7 + i / 3) % FILL.len()])
-        .collect();
-    s.insert(sentences * 6 / 10, "The special magic number is 73914.");
-    s.join(" ")
 }
 
 #[test]
@@ -385,6 +369,8 @@ fn bad_requests_get_4xx_with_a_message() {
             json!([{"type": "function", "function": {"name": "f"}}]),
             "tools",
         ),
+        ("top_k", json!(40), "top_k"),
+        ("repetition_penalty", json!(1.2), "repetition_penalty"),
     ] {
         let mut req = ask("hi");
         req[field] = value;
@@ -514,8 +500,74 @@ fn api_key_guards_v1_routes() {
     );
     assert_eq!(code, 200, "{text}");
     assert_eq!(s.get("/v1/models").0, 401);
+    // The scheme is case-insensitive.
+    let (code, _, _) = s.post(
+        "/v1/chat/completions",
+        &body,
+        &[("Authorization", "bearer sekret")],
+    );
+    assert_eq!(code, 200);
     // Health and metrics stay open for probes.
     assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/metrics").0, 200);
+}
+
+#[test]
+fn cors_model_retrieval_and_stream_options() {
+    let s = Server::start(&["--cors-origin", "http://tool.example"]);
+    // A browser's preflight from the allowed origin is answered with CORS headers.
+    let r = Server::agent()
+        .request("OPTIONS", &format!("{}/v1/chat/completions", s.base))
+        .set("Origin", "http://tool.example")
+        .set("Access-Control-Request-Method", "POST")
+        .set(
+            "Access-Control-Request-Headers",
+            "content-type,authorization",
+        )
+        .call()
+        .expect("preflight");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://tool.example")
+    );
+    let r = Server::agent()
+        .get(&format!("{}/v1/models", s.base))
+        .set("Origin", "http://other.example")
+        .call()
+        .unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None);
+
+    // GET /v1/models/{id}: the served model, or 404.
+    let (code, body) = s.get("/v1/models/smollm2-135m-instruct");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["object"],
+        "model"
+    );
+    let (code, body) = s.get("/v1/models/gpt-4");
+    assert_eq!(code, 404, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "model_not_found"
+    );
+
+    // stream_options without stream is refused; streams are not cached by proxies.
+    let mut req = ask("hi");
+    req["stream_options"] = json!({"include_usage": true});
+    let (code, v) = s.chat(req.clone());
+    assert_eq!(code, 400, "{v}");
+    assert!(error_message(&v).contains("stream_options"), "{v}");
+    req["stream"] = json!(true);
+    let r = Server::agent()
+        .post(&format!("{}/v1/chat/completions", s.base))
+        .set("Content-Type", "application/json")
+        .send_string(&req.to_string())
+        .unwrap();
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
 }
 
 /// The server over 4 CPU ranks through the worker loop: a ≥4K-token needle, stream == JSON,
@@ -572,24 +624,13 @@ fn apb_server_on_4_ranks() {
     let short = needle_doc(90);
     let handles: Vec<_> = (0..16)
         .map(|i| {
-            let base = s.base.clone();
             let body = json!({"messages": [{"role": "user",
                 "content": format!("{short}\n\nWhat is the special magic number? ({i})")}],
                 "max_tokens": 4});
-            std::thread::spawn(move || {
-                Server::agent()
-                    .post(&format!("{base}/v1/chat/completions"))
-                    .set("Content-Type", "application/json")
-                    .send_string(&body.to_string())
-                    .map(|r| r.status())
-                    .unwrap_or_else(|e| match e {
-                        ureq::Error::Status(c, _) => c,
-                        e => panic!("{e}"),
-                    })
-            })
+            chat_in_background(&s, &body)
         })
         .collect();
-    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
     assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
 
     // A client that disconnects mid-stream cancels its generation on every rank: the next
@@ -598,14 +639,7 @@ fn apb_server_on_4_ranks() {
         "max_tokens": 3000, "ignore_eos": true, "stream": true});
     let before = s.metric("apb_cancelled_total", "running");
     {
-        let mut c = TcpStream::connect(&s.addr).unwrap();
-        let body = long.to_string();
-        write!(
-            c,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
+        let mut c = raw_chat(&s, &long);
         // Wait for a few content chunks, then vanish.
         let mut seen = String::new();
         let mut buf = [0u8; 4096];
@@ -630,14 +664,7 @@ fn apb_server_on_4_ranks() {
     {
         let mut body = long.clone();
         body["stream"] = json!(false);
-        let body = body.to_string();
-        let mut c = TcpStream::connect(&s.addr).unwrap();
-        write!(
-            c,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
+        let _gives_up = raw_chat(&s, &body);
         std::thread::sleep(Duration::from_secs(3));
     }
     let t = Instant::now();
@@ -652,56 +679,80 @@ fn apb_server_on_4_ranks() {
     assert!(s.metric("apb_requests_total", "status=\"200\"") >= 20.0);
 }
 
+/// POSTs `body` to the chat endpoint on another thread: the status (0 if the connection failed)
+/// and the body text.
+fn chat_in_background(s: &Server, body: &Value) -> std::thread::JoinHandle<(u16, String)> {
+    let url = format!("{}/v1/chat/completions", s.base);
+    let body = body.to_string();
+    std::thread::spawn(move || {
+        match Server::agent()
+            .post(&url)
+            .set("Content-Type", "application/json")
+            .send_string(&body)
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    })
+}
+
+fn health(s: &Server) -> Value {
+    serde_json::from_str(&s.get("/health").1).unwrap()
+}
+
+fn wait_for(s: &Server, what: &str, ok: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = health(s);
+        if ok(&h) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `body` to the chat endpoint on a raw connection (a client that can vanish).
+fn raw_chat(s: &Server, body: &Value) -> TcpStream {
+    let body = body.to_string();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    c
+}
+
 #[test]
 fn full_queue_answers_429_with_retry_after() {
     let s = Server::start(&["--max-queued", "1"]);
     let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 400, "ignore_eos": true});
-    let base = s.base.clone();
-    let body = long.to_string();
-    let running = std::thread::spawn(move || {
-        Server::agent()
-            .post(&format!("{base}/v1/chat/completions"))
-            .set("Content-Type", "application/json")
-            .send_string(&body)
-            .map(|r| r.status())
-            .unwrap_or(0)
-    });
-    // Wait until it runs, then fill the one queue slot and overflow it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h: Value = serde_json::from_str(&s.get("/health").1).unwrap();
-        if h["running"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never started: {h}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let base = s.base.clone();
-    let small = ask("hi").to_string();
-    let queued = std::thread::spawn(move || {
-        Server::agent()
-            .post(&format!("{base}/v1/chat/completions"))
-            .set("Content-Type", "application/json")
-            .send_string(&small)
-            .map(|r| r.status())
-            .unwrap_or(0)
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h: Value = serde_json::from_str(&s.get("/health").1).unwrap();
-        if h["queue_depth"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never queued: {h}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let running = chat_in_background(&s, &long);
+    wait_for(&s, "never started", |h| h["running"] == true);
+    // Fill the one queue slot with a client that will leave.
+    let leaving = raw_chat(&s, &ask("hi"));
+    wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
     let (code, retry, text) = s.post("/v1/chat/completions", &ask("hi").to_string(), &[]);
     assert_eq!(code, 429, "{text}");
     assert!(retry.is_some(), "Retry-After missing");
     assert!(text.contains("queue"), "{text}");
-    assert_eq!(running.join().unwrap(), 200);
-    assert_eq!(queued.join().unwrap(), 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+
+    // The queued client leaves: its place is free at once, and it is counted as cancelled.
+    drop(leaving);
+    wait_for(&s, "the gone client still holds its place", |h| {
+        h["queue_depth"] == 0
+    });
+    assert_eq!(s.metric("apb_cancelled_total", "stage=\"queued\""), 1.0);
+    let queued = chat_in_background(&s, &ask("hi"));
+    wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
+    assert_eq!(running.join().unwrap().0, 200);
+    assert_eq!(queued.join().unwrap().0, 200);
 }
 
 #[test]
@@ -729,32 +780,18 @@ fn a_failed_rank_fails_the_request_and_stops_the_server() {
 #[test]
 fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let mut s = Server::start(&[]);
-    let base = s.base.clone();
     let body = json!({"messages": [{"role": "user", "content": "Tell me a story."}],
-        "max_tokens": 60, "ignore_eos": true})
-    .to_string();
-    let inflight = std::thread::spawn(move || {
-        Server::agent()
-            .post(&format!("{base}/v1/chat/completions"))
-            .set("Content-Type", "application/json")
-            .send_string(&body)
-            .map(|r| r.into_json::<Value>().unwrap())
-            .map_err(|e| e.to_string())
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while serde_json::from_str::<Value>(&s.get("/health").1).unwrap()["running"] != true {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        "max_tokens": 60, "ignore_eos": true});
+    let inflight = chat_in_background(&s, &body);
+    wait_for(&s, "never started", |h| h["running"] == true);
     let ok = Command::new("kill")
         .args(["-TERM", &s.child.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
-    let v = inflight
-        .join()
-        .unwrap()
-        .expect("the request in flight is answered");
+    let (code, text) = inflight.join().unwrap();
+    assert_eq!(code, 200, "the request in flight is answered: {text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 60, "{v}");
     let st = s.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(st.success(), "{st}: {}", s.log.lock().unwrap());

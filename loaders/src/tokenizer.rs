@@ -48,23 +48,48 @@ pub struct Tok {
 const PARALLEL_MIN_BYTES: usize = 64 << 10;
 
 /// Whether cutting a text before a space that sits between two ASCII letters gives the same ids
-/// as encoding it whole: true for GPT-2-style byte-level BPE (Llama-3, Qwen-2.5, SmolLM2), whose
-/// pre-tokenizer always starts a new piece at " word" and whose merges never cross pieces, with
-/// no normalizer (or NFC) and no added token that contains whitespace. SentencePiece-style
-/// tokenizers (Metaspace) are not split.
+/// as encoding it whole. True for GPT-2-style byte-level BPE (Llama-3, Qwen-2.5, SmolLM2): a
+/// pre-tokenizer chain of only ByteLevel (with its GPT-2 regex), Digits, and Split on a regex with
+/// the GPT-style letter rule (`?\p{L}+`: " word" always starts a new piece), since BPE merges
+/// never cross pieces; no normalizer but NFC; no added token containing whitespace. Anything else
+/// (SentencePiece's Metaspace, custom splits) is encoded whole.
 fn splittable(t: &Tokenizer) -> bool {
-    let json = |v: Option<serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_default();
-    let pre = json(
-        t.get_pre_tokenizer()
-            .and_then(|p| serde_json::to_value(p).ok()),
-    );
-    let norm = json(
-        t.get_normalizer()
-            .and_then(|n| serde_json::to_value(n).ok()),
-    );
-    pre.contains("\"ByteLevel\"")
-        && !pre.contains("Metaspace")
-        && (norm.is_empty() || norm == "{\"type\":\"NFC\"}")
+    let Some(pre) = t
+        .get_pre_tokenizer()
+        .and_then(|p| serde_json::to_value(p).ok())
+    else {
+        return false;
+    };
+    let chain: Vec<serde_json::Value> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"].as_array().cloned().unwrap_or_default(),
+        _ => vec![pre],
+    };
+    let mut letters_split = false;
+    let mut byte_level = false;
+    for p in &chain {
+        match p["type"].as_str() {
+            Some("Digits") => {}
+            Some("Split") => {
+                let pattern = p["pattern"]["Regex"].as_str().unwrap_or("");
+                if !pattern.contains(r"?\p{L}+") {
+                    return false;
+                }
+                letters_split = true;
+            }
+            Some("ByteLevel") => {
+                if p["use_regex"] != serde_json::Value::Bool(true) && !letters_split {
+                    return false;
+                }
+                byte_level = true;
+            }
+            _ => return false,
+        }
+    }
+    let norm = t
+        .get_normalizer()
+        .and_then(|n| serde_json::to_value(n).ok());
+    byte_level
+        && norm.is_none_or(|n| n["type"] == "NFC")
         && !t
             .get_added_tokens_decoder()
             .values()
@@ -95,8 +120,18 @@ fn encode_with(t: &Tokenizer, text: &str, split: bool) -> Result<Vec<u32>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let cuts = if split && threads > 1 && text.len() >= PARALLEL_MIN_BYTES {
-        cut_points(text, threads)
+    let parts = if split && text.len() >= PARALLEL_MIN_BYTES {
+        threads
+    } else {
+        1
+    };
+    encode_pieces(t, text, parts)
+}
+
+/// Encodes `text` as about `parts` pieces (one thread each) cut by [`cut_points`].
+fn encode_pieces(t: &Tokenizer, text: &str, parts: usize) -> Result<Vec<u32>> {
+    let cuts = if parts > 1 {
+        cut_points(text, parts)
     } else {
         vec![]
     };
@@ -281,6 +316,17 @@ impl Tok {
     /// Whether long texts are encoded in parallel pieces.
     pub fn encodes_in_parallel(&self) -> bool {
         self.splittable
+    }
+
+    /// Test hook: `text` encoded in `parts` pieces, as [`Tok::encode`] (or, with `plain`,
+    /// [`Tok::encode_plain`]) does on a machine of that many threads.
+    #[doc(hidden)]
+    pub fn encode_in_pieces(&self, text: &str, parts: usize, plain: bool) -> Result<Vec<u32>> {
+        encode_pieces(
+            if plain { &self.plain } else { &self.tokenizer },
+            text,
+            parts,
+        )
     }
 
     /// Encodes untrusted text (a user's message): special-token spellings stay plain text.

@@ -431,6 +431,19 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.read_timeout == 0 {
         bail!("--read-timeout must be at least 1 second");
     }
+    if a.max_body_bytes == Some(0) {
+        bail!("--max-body-bytes must be at least 1");
+    }
+    // Argument errors before the port is bound (only loading the model comes after it).
+    parse_dtype(&a.m.dtype)?;
+    ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
+    if !a.m.device.starts_with("cuda") && a.at.world_size > ranks::MAX_THREAD_RANKS {
+        bail!(
+            "--world-size {} is too many ranks for threads of one process (at most {}); GPU ranks run one process per GPU (--device cuda)",
+            a.at.world_size,
+            ranks::MAX_THREAD_RANKS
+        );
+    }
     let spec = GroupSpec {
         world: a.at.world_size,
         device: parse_device(&a.m.device)?,
@@ -444,6 +457,11 @@ fn serve(a: ServeArgs) -> Result<()> {
         return Ok(());
     }
     let addr = listen_addr(&a.host, a.port)?;
+    if !addr.ip().is_loopback() && a.api_key.as_deref().unwrap_or("").is_empty() {
+        eprintln!(
+            "warning: listening on {addr} without --api-key: anyone who can reach it can use the model"
+        );
+    }
     let cfg = apb_host::server::ServeConfig {
         method,
         world: a.at.world_size,

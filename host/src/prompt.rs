@@ -45,7 +45,7 @@ fn mark(i: usize) -> String {
 pub fn split_question(text: &str) -> Option<(&str, &str)> {
     let (doc, q) = text.trim_end().rsplit_once("\n\n")?;
     let q = q.trim();
-    (!q.is_empty() && !doc.trim().is_empty()).then_some((doc, q))
+    (!q.is_empty()).then_some((doc, q))
 }
 
 /// The CLI's prompt: `text` as one user turn (`chat`) or raw text. Raw text without `question`

@@ -151,7 +151,8 @@ pub fn prepare_within(ctx: usize, job: &Job) -> std::result::Result<Prepared, In
     let total = parts.len();
     if total >= ctx {
         return Err(InputError(format!(
-            "the prompt has {total} tokens but the model's context is {ctx}; shorten the prompt"
+            "the prompt has {total} tokens but the model's context is {ctx} (at most {} prompt tokens leave room for a generated one); shorten the prompt",
+            ctx.saturating_sub(1)
         )));
     }
     if job.world == 0 {
@@ -160,7 +161,7 @@ pub fn prepare_within(ctx: usize, job: &Job) -> std::result::Result<Prepared, In
     job.params.validate().map_err(InputError)?;
     if job.method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
         return Err(InputError(format!(
-            "--attention {} needs the question: end the prompt with a blank line and the question, or pass it separately",
+            "--attention {} needs the question: end the prompt with a blank line and the question, or give it separately (--question, or a request's \"question\" field)",
             job.method.name()
         )));
     }

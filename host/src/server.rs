@@ -556,8 +556,7 @@ fn router(state: Arc<Server>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
+        .route("/v1/completions", post(completions));
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -568,6 +567,7 @@ fn router(state: Arc<Server>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
+        .layer(middleware::from_fn_with_state(state.clone(), check_key))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
@@ -649,7 +649,8 @@ async fn check_host(State(s): State<Arc<Server>>, req: Request, next: Next) -> R
 }
 
 async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.cfg.api_key {
+    let guarded = req.uri().path().starts_with("/v1");
+    if let (true, Some(key)) = (guarded, &s.cfg.api_key) {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -658,11 +659,18 @@ async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Re
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, key)| key);
         if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
-            return ApiError::new(
+            s.metrics
+                .requests
+                .with_label_values(&["any", s.cfg.method.name(), "401"])
+                .inc();
+            let mut r = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
             )
             .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
         }
     }
     next.run(req).await
@@ -732,7 +740,7 @@ async fn model(
             StatusCode::NOT_FOUND,
             format!(
                 "model '{id}' is not served here; this server runs '{}'",
-                r.model_names[0]
+                r.model_names.join("', '")
             ),
         )
         .into_response(),
@@ -931,12 +939,16 @@ async fn admit(
     }
     let limit = ready.max_body;
     let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is over {limit} bytes, more than the model's context of {} tokens can hold ({BODY_BYTES_PER_TOKEN} bytes a token); shorten the prompt",
+        let why = match s.cfg.max_body_bytes {
+            Some(_) => "the server's --max-body-bytes".to_string(),
+            None => format!(
+                "more than the model's context of {} tokens can hold ({BODY_BYTES_PER_TOKEN} bytes a token)",
                 ready.loaded.model.cfg.max_position_embeddings
             ),
+        };
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {limit} bytes, {why}; shorten the prompt"),
         )
     };
     let declared = headers

@@ -500,6 +500,15 @@ fn api_key_guards_v1_routes() {
     );
     assert_eq!(code, 200, "{text}");
     assert_eq!(s.get("/v1/models").0, 401);
+    // Every /v1 path, known or not, and the challenge names the scheme.
+    assert_eq!(s.get("/v1/nothing").0, 401);
+    match Server::agent().get(&format!("{}/v1/models", s.base)).call() {
+        Err(ureq::Error::Status(401, r)) => {
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"))
+        }
+        other => panic!("want 401, got {other:?}"),
+    }
+    assert!(s.metric("apb_requests_total", "status=\"401\"") >= 3.0);
     // The scheme is case-insensitive.
     let (code, _, _) = s.post(
         "/v1/chat/completions",
@@ -619,6 +628,15 @@ fn apb_server_on_4_ranks() {
             .contains("73914"),
         "{v}"
     );
+
+    // A single message without a question paragraph: APB cannot know the question.
+    let (code, v) = s.chat(ask("a message without a question paragraph"));
+    assert_eq!(code, 400, "{v}");
+    assert!(error_message(&v).contains("question"), "{v}");
+    // A question with no document before it runs (on one rank).
+    let (code, v) = s.chat(ask("\n\nWhat is the capital of France?"));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["apb"]["ranks"], 1, "{v}");
 
     // 16 at once: all answered, none lost.
     let short = needle_doc(90);

@@ -11,6 +11,9 @@ pub enum Error {
     Config(String),
     #[error("unknown attention backend '{name}' (available: {available})")]
     UnknownBackend { name: String, available: String },
+    /// The caller stopped the pass (its client went away).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -249,7 +249,7 @@ impl PrefillBench<'_> {
                 } else {
                     self.comm.clone()
                 };
-                prefill(self.model, &scorer, &job, &prep, comm, &mut |_| {})?;
+                prefill(self.model, &scorer, &job, &prep, comm, &mut |_| Ok(()))?;
             }
             dev.synchronize()?;
             let secs = t.elapsed().as_secs_f64();

@@ -255,20 +255,62 @@ impl Runner {
         let bar = (rank == 0)
             .then(|| prefill_bar(parts.len(), model.cfg.num_hidden_layers))
             .flatten();
+        // Between layers the ranks may stop a prefill nobody waits for any more: one rank checks
+        // its flag every layer; several agree every CANCEL_EVERY layers (one tiny all-gather).
+        let layers = model.cfg.num_hidden_layers;
+        let mut stopped_at = None;
+        let mut tick = |i: usize| -> apb_plugin::Result<()> {
+            if let Some(b) = &bar {
+                b.inc(1)
+            }
+            let check = world == 1 || (i % CANCEL_EVERY == CANCEL_EVERY - 1 && i + 1 < layers);
+            let stop = check
+                && if world == 1 {
+                    cancel.load(Ordering::Relaxed)
+                } else {
+                    agree(&*comm, model, 0, cancel.load(Ordering::Relaxed))
+                        .map_err(|e| apb_plugin::Error::Comm(format!("{e:#}")))?
+                        .1
+                };
+            if stop {
+                stopped_at = Some(i + 1);
+                return Err(apb_plugin::Error::Cancelled);
+            }
+            Ok(())
+        };
+        let pre = prefill(model, &self.scorer, job, prep, comm.clone(), &mut tick);
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
         let Prefilled {
             mut cache,
             backend,
             hidden,
             after,
             rank_prefill_tokens,
-        } = prefill(model, &self.scorer, job, prep, comm.clone(), &mut |_| {
-            if let Some(b) = &bar {
-                b.inc(1)
+        } = match (pre, stopped_at) {
+            (Ok(pre), _) => pre,
+            (Err(_), Some(layer)) => {
+                if rank == 0 {
+                    tracing::info!("cancelled during prefill, after layer {layer} of {layers}");
+                }
+                return Ok(Generation {
+                    text: String::new(),
+                    tokens: vec![],
+                    first_logits: vec![],
+                    finish: Finish::Cancelled,
+                    stats: GenStats {
+                        prompt_tokens: parts.len(),
+                        generated_tokens: 0,
+                        prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
+                        decode_tokens_per_s: 0.0,
+                    },
+                    plan: p.clone(),
+                    rank_prefill_tokens: vec![],
+                });
             }
-        })?;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
+            (Err(e), None) => return Err(e),
+        };
         let after = &parts.query[parts.query.len() - after..];
         let mut hidden = hidden;
         // The next token's position: every prompt token comes before it.
@@ -283,7 +325,7 @@ impl Runner {
                     Phase::Decode,
                     backend.as_ref(),
                     &mut cache,
-                    &mut |_| {},
+                    &mut |_| Ok(()),
                 )
                 .context("question segment")?;
         }
@@ -337,7 +379,7 @@ impl Runner {
                     Phase::Decode,
                     backend.as_ref(),
                     &mut cache,
-                    &mut |_| {},
+                    &mut |_| Ok(()),
                 )
                 .context("decode")?;
             pos += 1;
@@ -409,7 +451,7 @@ pub fn prefill(
     job: &Job,
     prep: &Prepared,
     comm: Arc<dyn Communicator>,
-    tick: &mut dyn FnMut(usize),
+    tick: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
 ) -> Result<Prefilled> {
     let rank = comm.rank();
     let (tokens, positions, layout) = rank_share(job, prep, rank, scorer);
@@ -465,6 +507,9 @@ fn agree(comm: &dyn Communicator, model: &Model, token: u32, cancel: bool) -> Re
     let next = all[world - 1].to_vec1::<u32>()?[0];
     Ok((next, any_cancel))
 }
+
+/// Ranks of a group agree whether to stop a prefill every this many layers.
+const CANCEL_EVERY: usize = 4;
 
 /// Prompts at least this long get a prefill progress bar (on a terminal).
 const PROGRESS_MIN_TOKENS: usize = 2048;

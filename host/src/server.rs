@@ -1405,8 +1405,10 @@ fn stream(
             }
         }
     });
+    // Frequent keep-alive comments: a client that left during a long prefill is noticed (the
+    // write fails) within seconds, which cancels its prefill.
     let mut r = Sse::new(events)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(2)))
         .into_response();
     // Proxies must pass events through as they come.
     r.headers_mut()

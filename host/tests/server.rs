@@ -823,3 +823,31 @@ fn host_localhost_and_ipv6_loopback_bind() {
         assert_eq!(code, 200, "{host}: {body}");
     }
 }
+
+/// A client that leaves during a long prefill stops it between layers (streaming: noticed at
+/// the next keep-alive; non-streaming: at once), instead of holding the ranks until it ends.
+#[test]
+fn a_client_that_leaves_during_prefill_stops_it() {
+    let s = Server::start(&[]);
+    let doc = needle_doc(620);
+    for stream in [false, true] {
+        let before = s.metric("apb_cancelled_total", "running");
+        let body = json!({"messages": [{"role": "user",
+            "content": format!("{doc}\n\nWhat is the special magic number?")}],
+            "max_tokens": 8, "stream": stream});
+        let c = raw_chat(&s, &body);
+        wait_for(&s, "never started", |h| h["running"] == true);
+        std::thread::sleep(Duration::from_millis(500));
+        drop(c);
+        wait_for(&s, "the abandoned prefill kept running", |h| {
+            h["running"] == false
+        });
+        let log = s.log.lock().unwrap().clone();
+        assert_eq!(
+            log.matches("cancelled during prefill").count(),
+            1 + stream as usize,
+            "stream={stream}: {log}"
+        );
+        assert_eq!(s.metric("apb_cancelled_total", "running"), before + 1.0);
+    }
+}

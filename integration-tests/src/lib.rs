@@ -52,7 +52,9 @@ pub fn all_logits(model: &Model, backend: &dyn AttentionBackend, ids: &[u32]) ->
     let mut cache = Cache::new(&model.cfg);
     let pos: Vec<u32> = (0..ids.len() as u32).collect();
     let h = model
-        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {})
+        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {
+            Ok(())
+        })
         .unwrap();
     model
         .logits(&h)
@@ -68,7 +70,9 @@ pub fn greedy(model: &Model, backend: &dyn AttentionBackend, ids: &[u32], n: usi
     let mut cache = Cache::new(&model.cfg);
     let pos: Vec<u32> = (0..ids.len() as u32).collect();
     let mut h = model
-        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {})
+        .forward(ids, &pos, Phase::Prefill, backend, &mut cache, &mut |_| {
+            Ok(())
+        })
         .unwrap();
     let mut out = Vec::new();
     for i in 0..n {
@@ -84,7 +88,7 @@ pub fn greedy(model: &Model, backend: &dyn AttentionBackend, ids: &[u32], n: usi
                     Phase::Decode,
                     backend,
                     &mut cache,
-                    &mut |_| {},
+                    &mut |_| Ok(()),
                 )
                 .unwrap();
         }

@@ -241,7 +241,8 @@ impl Model {
     }
 
     /// Runs `tokens` (at `positions`, one per token) through every layer and the final norm.
-    /// Returns hidden states `(1, seq, hidden)`. `on_layer` is called after each layer (progress).
+    /// Returns hidden states `(1, seq, hidden)`. `on_layer` is called after each layer (progress,
+    /// and a chance to stop: an error from it ends the pass with that error).
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -249,7 +250,7 @@ impl Model {
         phase: Phase,
         backend: &dyn AttentionBackend,
         cache: &mut Cache,
-        on_layer: &mut dyn FnMut(usize),
+        on_layer: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
     ) -> apb_plugin::Result<Tensor> {
         if tokens.len() != positions.len() || tokens.is_empty() {
             return Err(apb_plugin::Error::Shape(format!(
@@ -269,7 +270,7 @@ impl Model {
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x)?;
             x = (&x + span("ffn", x.device(), || block.mlp.forward(&h))?)?;
-            on_layer(i);
+            on_layer(i)?;
         }
         Ok(self.norm.forward(&x)?)
     }

@@ -1,6 +1,7 @@
 //! With the `cuda` feature, compiles each `src/*.cu` to PTX (compute_80: runs on A100 and H100/H200,
-//! JIT-compiled by the driver at first load) with nvcc (scripts/cuda-env.sh provides it).
-//! Without it, nothing: CPU builds need no CUDA toolkit.
+//! JIT-compiled by the driver at first load) with nvcc (scripts/cuda-env.sh provides it),
+//! and builds the cuDNN attention shim (see `cudnn_shim`). Without it, nothing: CPU builds need no
+//! CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,4 +36,28 @@ fn main() {
             });
         assert!(status.success(), "nvcc failed on kernels/src/{s}.cu");
     }
+    cudnn_shim();
+}
+
+/// cuDNN's fused attention behind a C ABI (src/cudnn_sdpa.cpp): host C++ against the header-only
+/// cuDNN frontend; libcudnn is opened at run time, so nothing cuDNN is linked.
+fn cudnn_shim() {
+    println!("cargo:rerun-if-changed=src/cudnn_sdpa.cpp");
+    println!("cargo:rerun-if-env-changed=APB_CUDNN_INCLUDE");
+    let inc = std::env::var("APB_CUDNN_INCLUDE")
+        .expect("APB_CUDNN_INCLUDE is not set: `source scripts/cuda-env.sh` first");
+    let cuda = std::env::var("CUDA_HOME")
+        .expect("CUDA_HOME is not set: `source scripts/cuda-env.sh` first");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(false)
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .define("CUDNN_FRONTEND_SKIP_JSON_LIB", None)
+        .include(inc)
+        .include(PathBuf::from(cuda).join("include"))
+        .file("src/cudnn_sdpa.cpp")
+        .compile("apb_cudnn_sdpa");
+    println!("cargo:rustc-link-lib=dl");
 }

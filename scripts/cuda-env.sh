@@ -6,11 +6,35 @@
 _apb_saved_opts=$(set +o)
 set -euo pipefail
 CUDA_PREFIX="${APB_CUDA_PREFIX:-$HOME/.cache/apb-cuda}"
-if [ ! -x "$CUDA_PREFIX/nvidia/cu13/bin/nvcc" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --target "$CUDA_PREFIX" \
+# nvrtc.h: the cuDNN frontend's headers include it.
+if [ ! -x "$CUDA_PREFIX/nvidia/cu13/bin/nvcc" ] || [ ! -f "$CUDA_PREFIX/nvidia/cu13/include/nvrtc.h" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$CUDA_PREFIX" --upgrade \
     nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 \
-    nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88
+    nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88 nvidia-cuda-nvrtc==13.0.88
 fi
+# cuDNN headers for the Hopper attention path (kernels/src/cudnn_sdpa.cpp): pinned, hash-checked
+# wheels; only their include/ folders are kept.
+cudnn_inc="$CUDA_PREFIX/cudnn/include"  # the frontend includes "../include/..."
+if [ ! -f "$cudnn_inc/cudnn_frontend.h" ] || [ ! -f "$cudnn_inc/cudnn.h" ]; then
+  wheels=$(mktemp -d)
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311 \
+    --require-hashes -r "$(dirname "${BASH_SOURCE[0]}")/cudnn-requirements.txt" -d "$wheels"
+  python3 - "$wheels" "$cudnn_inc" <<'PY'
+import pathlib, sys, zipfile
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for whl in src.glob("*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            for prefix in ("include/", "nvidia/cudnn/include/"):
+                if name.startswith(prefix) and not name.endswith("/"):
+                    out = dst / name[len(prefix):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(z.read(name))
+PY
+  rm -rf "$wheels"
+fi
+export APB_CUDNN_INCLUDE="$cudnn_inc"
 export CUDA_HOME="$CUDA_PREFIX/nvidia/cu13"
 export CUDA_PATH="$CUDA_HOME"
 export PATH="$CUDA_HOME/bin:$PATH"

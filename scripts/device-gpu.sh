@@ -5,7 +5,9 @@
 #   tests    kernel tests (GPU vs CPU reference), CUDA-vs-CPU generation smoke incl. 2-GPU NCCL ranks
 #   ktests   the kernel tests alone (one GPU)
 #   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
-#   kernel   our attention kernel alone vs PyTorch SDPA flash, and PyTorch dense prefill
+#   kernel   attention alone: ours (cuDNN on Hopper, and our mma.sync kernel) vs PyTorch SDPA
+#            flash / cuDNN / default, 8K-128K, d128 and d64
+#   dense    dense 1-GPU prefill 32K-128K: ours (both kernels) vs HF transformers default
 #   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs, 32K-128K, breakdown
 #   long     the same at 256K (all four) and 512K (ring / star / apb; dense alone takes ~4 min)
 # Usage: scripts/device-run.sh scripts/device-gpu.sh STAGE...
@@ -34,10 +36,19 @@ for s in "$@"; do
       cat /tmp/smol-parts/smollm2.gguf.xz.part-* | xz -dc > /tmp/smollm2.gguf || true
       stage smollm2 300 bash scripts/device-smollm2.sh /tmp/smollm2.gguf ;;
     kernel)
-      stage attention-ours-d128 120 $APB bench attention --seq 32768 --head-dim 128
-      stage attention-ours-d64 120 $APB bench attention --seq 32768 --head-dim 64
-      APB_FLASH_TILES=w8 stage attention-ours-w8-d128 120 $APB bench attention --seq 32768 --head-dim 128
-      stage torch-peer 400 python3 bench/torch_peer.py --lengths 32768,65536,131072 ;;
+      # Attention alone, 8K/32K/128K x d128/d64: ours as dispatched (cuDNN on Hopper), our own
+      # mma.sync kernel, and PyTorch SDPA flash / cuDNN / default, one after the other.
+      stage attention-ours 300 $APB bench attention
+      APB_ATTENTION=mma stage attention-mma 300 $APB bench attention
+      stage torch-attention 300 python3 bench/torch_peer.py --skip-prefill ;;
+    dense)
+      # Dense 1-GPU prefill of Llama-3.1-8B shapes: ours (as dispatched, then our own kernel) and
+      # HF transformers with its default attention.
+      stage dense-ours 300 $APB bench prefill --config llama-3.1-8b --lengths 32768,65536,131072 \
+        --attention dense --world-size 1 --breakdown --json "$OUT/dense-ours.json"
+      APB_ATTENTION=mma stage dense-mma 300 $APB bench prefill --config llama-3.1-8b \
+        --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-mma.json"
+      stage torch-prefill 400 python3 bench/torch_peer.py --skip-attention ;;
     prefill)
       n=$(nvidia-smi -L | wc -l); methods=dense,ring,star,apb
       [ "$n" -gt 1 ] || methods=dense  # one GPU: only dense is meaningful

@@ -90,6 +90,8 @@ pub struct Sweep {
     pub json: Option<std::path::PathBuf>,
     /// The ranks (one process per GPU).
     pub spec: crate::ranks::GroupSpec,
+    /// Run only this rank's share of each distributed method, on one GPU (see [`OneRankOfMany`]).
+    pub only_rank: Option<usize>,
 }
 
 /// Every length × method, dense on rank 0's GPU and the others on all ranks, side by side: each
@@ -98,7 +100,15 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
     let dtype = apb_loaders::parse_dtype(&sw.dtype)?;
     let cfg = apb_loaders::random::config_by_name(&sw.config)?;
     let world = sw.spec.world;
-    let member = crate::ranks::join(&sw.spec)?;
+    let member = match sw.only_rank {
+        Some(h) if h >= world => bail!("--only-rank {h} needs --world-size above {h}"),
+        Some(_) => crate::ranks::join(&crate::ranks::GroupSpec {
+            world: 1,
+            device: sw.spec.device.clone(),
+            launch: sw.spec.launch.clone(),
+        })?,
+        None => crate::ranks::join(&sw.spec)?,
+    };
     let root = member.rank() == 0;
     let model = apb_loaders::random::random_model(&cfg, dtype, &member.device)?;
     let peak = if member.device.is_cuda() {
@@ -110,6 +120,7 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
         model: &model,
         comm: member.comm.clone(),
         breakdown: sw.breakdown,
+        only_rank: sw.only_rank,
     };
     // Warm-up: loads kernels and fills allocator pools, per method.
     let warm = 8192.min(sw.lengths.iter().copied().min().unwrap_or(8192));
@@ -147,6 +158,7 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
             "config": sw.config,
             "dtype": sw.dtype,
             "world_size": world,
+            "only_rank": sw.only_rank,
             "gemm_peak_tflops": peak,
             "breakdown_buckets": BUCKETS,
             "results": results,
@@ -166,6 +178,38 @@ pub struct PrefillBench<'a> {
     pub model: &'a Model,
     pub comm: Arc<dyn Communicator>,
     pub breakdown: bool,
+    /// Distributed methods run only this rank's share, alone (`comm` has one rank).
+    pub only_rank: Option<usize>,
+}
+
+/// Stands in for the other ranks when one GPU runs rank `rank`'s share of a `world`-rank prefill
+/// (`apb bench prefill --only-rank`): every all-gather returns this rank's tensor once per rank, so
+/// the passing blocks have their planned size (their values do not change the work). The time
+/// excludes communication by construction, and says so in the results.
+struct OneRankOfMany {
+    rank: usize,
+    world: usize,
+}
+
+impl Communicator for OneRankOfMany {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_gather(&self, t: &Tensor) -> apb_plugin::Result<Vec<Tensor>> {
+        Ok(vec![t.clone(); self.world])
+    }
+    fn broadcast(&self, t: Option<&Tensor>, _root: usize) -> apb_plugin::Result<Tensor> {
+        t.cloned().ok_or_else(|| {
+            apb_plugin::Error::Shape("one-rank bench: broadcast needs a tensor".into())
+        })
+    }
+    fn barrier(&self) -> apb_plugin::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _why: &str) {}
 }
 
 impl PrefillBench<'_> {
@@ -194,7 +238,8 @@ impl PrefillBench<'_> {
     /// total FLOPs of the slowest rank, plan summary).
     pub fn run(&self, len: usize, method: &str, world: usize) -> Result<Value> {
         let method_ = Method::parse(method)?;
-        let rank = self.comm.rank();
+        let alone = self.only_rank.filter(|_| method_ != Method::Dense);
+        let rank = alone.unwrap_or(self.comm.rank());
         let dev = self.model.device().clone();
         let mut parts = self.parts(len);
         if method_ == Method::Dense {
@@ -244,8 +289,10 @@ impl PrefillBench<'_> {
             let t = Instant::now();
             if active {
                 // The rank program's own prefill stage.
-                let comm = if method_ == Method::Dense {
+                let comm: Arc<dyn Communicator> = if method_ == Method::Dense {
                     solo.clone()
+                } else if let Some(h) = alone {
+                    Arc::new(OneRankOfMany { rank: h, world })
                 } else {
                     self.comm.clone()
                 };
@@ -301,7 +348,8 @@ impl PrefillBench<'_> {
             "wall_s": wall,
             "tokens_per_s": len as f64 / wall,
             "per_rank_s": ranks.iter().map(|r| all[*r][0]).collect::<Vec<_>>(),
-            "slowest_rank": slowest,
+            "slowest_rank": alone.unwrap_or(slowest),
+            "one_gpu_share": alone.is_some(),
             "slowest_rank_tflop": f / 1e12,
             "slowest_rank_tflops": f / wall / 1e12,
             "plan": plan,
@@ -318,15 +366,23 @@ impl PrefillBench<'_> {
     }
 }
 
-/// Times our attention kernel alone: `(b=1, heads, seq, d)` causal bf16, `kv_heads` KV heads.
-/// Returns (seconds per call, TFLOP/s counting the causal half).
+/// One `apb bench attention` measurement.
+pub struct KernelTiming {
+    /// Which kernel ran: `cudnn` (Hopper path) or `mma` (ours).
+    pub kernel: &'static str,
+    pub seconds: f64,
+    /// Counting the causal half of the scores.
+    pub tflops: f64,
+}
+
+/// Times the fused attention alone: `(b=1, heads, seq, d)` causal bf16, `kv_heads` KV heads.
 pub fn attention_kernel(
     device: &Device,
     seq: usize,
     heads: usize,
     kv_heads: usize,
     d: usize,
-) -> Result<(f64, f64)> {
+) -> Result<KernelTiming> {
     let q = Tensor::randn(0f32, 1.0, (1, heads, seq, d), device)?.to_dtype(DType::BF16)?;
     let k = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
     let v = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
@@ -335,13 +391,36 @@ pub fn attention_kernel(
         run()?;
     }
     device.synchronize()?;
-    let iters = 10;
+    // About a second of work per measurement.
+    let flops = 4.0 * d as f64 * heads as f64 * tri(seq);
+    let iters = (2e14 / flops).clamp(3.0, 50.0) as usize;
     let t = Instant::now();
     for _ in 0..iters {
         run()?;
     }
     device.synchronize()?;
     let s = t.elapsed().as_secs_f64() / iters as f64;
-    let flops = 4.0 * d as f64 * heads as f64 * tri(seq);
-    Ok((s, flops / s / 1e12))
+    Ok(KernelTiming {
+        kernel: kernel_name(device, seq),
+        seconds: s,
+        tflops: flops / s / 1e12,
+    })
+}
+
+/// The kernel the dispatcher picks for a prefill block of `rows` on `device`.
+pub fn kernel_name(device: &Device, rows: usize) -> &'static str {
+    #[cfg(feature = "cuda")]
+    {
+        use apb_kernels::attention::cudnn;
+        let hopper = cudnn::usable(device).unwrap_or(false);
+        if device.is_cuda() {
+            return match cudnn::choice() {
+                cudnn::Choice::Mma => "mma",
+                _ if hopper && rows >= cudnn::MIN_ROWS => "cudnn",
+                _ => "mma",
+            };
+        }
+    }
+    let _ = (device, rows);
+    "cpu"
 }

@@ -178,7 +178,8 @@ enum BenchCmd {
     /// Prefill wall time of dense (1 GPU) vs ring / star / apb (--world-size GPUs, one process
     /// each), side by side, on a model of real shapes with random weights.
     Prefill(PrefillArgs),
-    /// Our fused attention kernel alone (causal, bf16) at one shape: time and TFLOP/s.
+    /// Our fused attention alone (causal, bf16, GQA) per length and head dim: time and TFLOP/s,
+    /// one JSON line each. APB_ATTENTION=mma times our own kernel instead of cuDNN's on Hopper.
     Attention(AttentionBenchArgs),
 }
 
@@ -209,20 +210,27 @@ struct PrefillArgs {
     /// Write all results as JSON here (rank 0).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only rank H's share of ring / star / apb (of --world-size ranks) on this one GPU, the
+    /// other ranks' passing blocks standing in at their planned size: the slowest rank's compute
+    /// time and MFU without several GPUs (communication excluded).
+    #[arg(long, value_name = "H")]
+    only_rank: Option<usize>,
     #[command(flatten)]
     launch: apb_host::launch::LaunchArgs,
 }
 
 #[derive(Args)]
 struct AttentionBenchArgs {
-    #[arg(long, default_value_t = 32768)]
-    seq: usize,
+    /// Sequence lengths (queries = keys), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768,131072")]
+    lengths: Vec<usize>,
     #[arg(long, default_value_t = 32)]
     heads: usize,
     #[arg(long, default_value_t = 8)]
     kv_heads: usize,
-    #[arg(long, default_value_t = 128)]
-    head_dim: usize,
+    /// Head dimensions (64 and/or 128), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,64")]
+    head_dims: Vec<usize>,
     #[arg(long, default_value = "cuda")]
     device: String,
 }
@@ -244,21 +252,29 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
         breakdown: a.breakdown,
         json: a.json,
         spec,
+        only_rank: a.only_rank,
     })
 }
 
 fn bench_attention(a: AttentionBenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    if ![64, 128].contains(&a.head_dim) || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-        bail!("--head-dim must be 64 or 128 and --heads a multiple of --kv-heads");
+    if a.head_dims.iter().any(|d| ![64, 128].contains(d))
+        || a.kv_heads == 0
+        || !a.heads.is_multiple_of(a.kv_heads)
+    {
+        bail!("--head-dims must be 64 or 128 and --heads a multiple of --kv-heads");
     }
-    let (s, tflops) =
-        apb_host::bench::attention_kernel(&device, a.seq, a.heads, a.kv_heads, a.head_dim)?;
-    println!(
-        "{}",
-        serde_json::json!({"seq": a.seq, "heads": a.heads, "kv_heads": a.kv_heads,
-            "head_dim": a.head_dim, "causal": true, "seconds": s, "tflops": tflops})
-    );
+    for &d in &a.head_dims {
+        for &seq in &a.lengths {
+            let r = apb_host::bench::attention_kernel(&device, seq, a.heads, a.kv_heads, d)?;
+            println!(
+                "{}",
+                serde_json::json!({"seq": seq, "heads": a.heads, "kv_heads": a.kv_heads,
+                    "head_dim": d, "causal": true, "dtype": "bf16", "kernel": r.kernel,
+                    "seconds": r.seconds, "tflops": r.tflops})
+            );
+        }
+    }
     Ok(())
 }
 

@@ -272,14 +272,19 @@ mod gpu {
         }
     }
 
-    /// The fused kernel against the f64 reference (same bf16/f16-rounded inputs), for causal,
-    /// full and APB masks, GQA, odd lengths, straddling row blocks, decode (split-KV) and strided
-    /// cache views. Bounds: relative L2 error of the output ≤ 1e-2 (bf16) / 2e-3 (f16), every
-    /// element within 0.05 (values are O(1)), LSE within 1e-3 + 1e-3·|ref|; rows that see
-    /// nothing are exactly 0 with LSE -inf; NaN never passes.
+    /// Both GPU kernels (ours, `mma.sync`, everywhere; cuDNN's on sm_90 where its mask rule
+    /// covers the case) against the f64 reference (same bf16/f16-rounded inputs), for causal, full
+    /// and APB masks, GQA, odd lengths, straddling row blocks, batch 2, decode (split-KV), strided
+    /// cache views and token-major query views. Bounds: relative L2 error of the output ≤ 1e-2
+    /// (bf16) / 2e-3 (f16), every element within 0.05 (values are O(1)), LSE within
+    /// 1e-3 + 1e-3·|ref|; rows that see nothing are exactly 0 with LSE -inf; NaN never passes.
+    /// Outputs are compared in full, so a row a kernel leaves unwritten (0) fails.
     #[test]
     fn flash_matches_reference() {
         let g = gpu();
+        let hopper = crate::attention::cudnn::loaded();
+        let sm90 = crate::attention::cudnn::usable(&g).unwrap();
+        println!("cuDNN: {hopper:?}, sm_90 path usable: {sm90}");
         // (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dtype)
         let cases = [
             (1, 2, 2, 37, 37, 64, true, 0, 0, DType::BF16),
@@ -293,7 +298,11 @@ mod gpu {
             (1, 8, 8, 40, 20, 128, true, 0, 0, DType::BF16), // sq > sk: first rows see nothing
             (1, 16, 4, 1100, 1100, 128, true, 0, 0, DType::BF16), // long: 2 row tiles per warp
             (1, 8, 2, 700, 2000, 64, true, 300, 900, DType::F16), // long APB, straddling blocks
+            (2, 4, 2, 701, 701, 128, true, 0, 0, DType::F16), // batch 2, odd, causal
+            (1, 8, 1, 513, 2049, 128, false, 0, 0, DType::BF16), // MQA, non-causal, odd
+            (1, 8, 2, 640, 1400, 128, true, 128, 760, DType::BF16), // APB, GQA 4
         ];
+        let mut ran_cudnn = 0;
         for (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dt) in cases {
             let mk = |h, s| {
                 Tensor::randn(0f32, 1.0, (b, h, s, d), &Device::Cpu)
@@ -312,7 +321,8 @@ mod gpu {
                 (!causal || j as i64 <= i as i64 + off) && !(i < anchor_rows && j < passing)
             })
             .unwrap();
-            // K/V as views into a longer cache buffer (strided heads).
+            // K/V as views into a longer cache buffer (strided heads); Q token-major as the
+            // projections lay it out (strided rows).
             let long = |t: &Tensor| {
                 Tensor::cat(&[t, t], 2)
                     .unwrap()
@@ -321,42 +331,103 @@ mod gpu {
                     .narrow(2, 0, sk)
                     .unwrap()
             };
-            let (o, lse) =
-                flash_attention(&q.to_device(&g).unwrap(), &long(&k), &long(&v), mask, true)
-                    .unwrap();
-            let (o, lse) = (flat_f32(&o), flat_f32(&lse.unwrap()));
-            let label = format!("b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
-            assert!(o.iter().chain(&lse).all(|x| !x.is_nan()), "NaN: {label}");
-            let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
-            for (a, w) in o.iter().zip(&want) {
-                num += (*a as f64 - w).powi(2);
-                den += w * w;
-                worst = worst.max((*a as f64 - w).abs());
+            let qg = q
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_device(&g)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let (kg, vg) = (long(&k), long(&v));
+            let mut kernels = vec!["mma"];
+            if sm90 && crate::attention::cudnn::covers(mask, sq, sk) {
+                kernels.push("cudnn");
             }
-            let rel = (num / den.max(1e-30)).sqrt();
-            let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
-            assert!(
-                rel <= bound && worst <= 0.05,
-                "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
-            );
-            for (r, (a, w)) in lse.iter().zip(&want_lse).enumerate() {
-                if w.is_infinite() {
-                    assert!(
-                        *a == f32::NEG_INFINITY,
-                        "{label}: row {r} sees nothing, LSE {a}"
-                    );
-                    assert!(
-                        o[r * d..(r + 1) * d].iter().all(|x| *x == 0.0),
-                        "{label}: row {r} not 0"
-                    );
+            for kernel in kernels {
+                let (o, lse) = if kernel == "mma" {
+                    crate::attention::mma::flash(&qg, &kg, &vg, mask, true).unwrap()
                 } else {
-                    assert!(
-                        (*a as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),
-                        "{label}: row {r} LSE {a} vs {w}"
-                    );
+                    ran_cudnn += 1;
+                    crate::attention::cudnn::run(&qg, &kg, &vg, mask, true, true)
+                        .unwrap()
+                        .expect("forced")
+                };
+                assert_eq!(o.dims(), &[b, n_h, sq, d]);
+                let (o, lse) = (flat_f32(&o), flat_f32(&lse.unwrap()));
+                let label = format!("{kernel}: b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
+                assert!(o.iter().chain(&lse).all(|x| !x.is_nan()), "NaN: {label}");
+                let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+                for (a, w) in o.iter().zip(&want) {
+                    num += (*a as f64 - w).powi(2);
+                    den += w * w;
+                    worst = worst.max((*a as f64 - w).abs());
                 }
+                let rel = (num / den.max(1e-30)).sqrt();
+                let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+                assert!(
+                    rel <= bound && worst <= 0.05,
+                    "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
+                );
+                for (r, (a, w)) in lse.iter().zip(&want_lse).enumerate() {
+                    if w.is_infinite() {
+                        assert!(
+                            *a == f32::NEG_INFINITY,
+                            "{label}: row {r} sees nothing, LSE {a}"
+                        );
+                        assert!(
+                            o[r * d..(r + 1) * d].iter().all(|x| *x == 0.0),
+                            "{label}: row {r} not 0"
+                        );
+                    } else {
+                        assert!(
+                            (*a as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),
+                            "{label}: row {r} LSE {a} vs {w}"
+                        );
+                    }
+                }
+                println!("ok {label}: rel-L2 {rel:.2e}, max abs {worst:.2e}");
             }
-            println!("ok {label}: rel-L2 {rel:.2e}, max abs {worst:.2e}");
+        }
+        // On Hopper the cuDNN path must have run (the device scripts run on H100/H200).
+        if sm90 {
+            assert!(ran_cudnn >= 8, "cuDNN ran on only {ran_cudnn} cases");
+        }
+    }
+
+    /// The dispatcher picks cuDNN on sm_90 for long prefill blocks and our kernel for decode, and
+    /// both agree with each other through the public entry point.
+    #[test]
+    fn dispatch_prefers_cudnn_on_hopper() {
+        let g = gpu();
+        let mk = |h, s| {
+            Tensor::randn(0f32, 1.0, (1, h, s, 128), &g)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let (q, k, v) = (mk(32, 512), mk(8, 512), mk(8, 512));
+        let (o, _) = flash_attention(&q, &k, &v, Mask::causal(), false).unwrap();
+        let (o_mma, _) = crate::attention::mma::flash(&q, &k, &v, Mask::causal(), false).unwrap();
+        let diff = (o.to_dtype(DType::F32).unwrap() - o_mma.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 0.02, "dispatcher vs mma: max diff {diff}");
+        // The cuDNN path returns a token-major buffer as a head-major view; ours is contiguous.
+        let hopper = crate::attention::cudnn::usable(&g).unwrap();
+        assert_eq!(
+            !o.is_contiguous(),
+            hopper,
+            "cuDNN path on sm_90 with cuDNN: {hopper}"
+        );
+        if hopper {
+            assert!(o.transpose(1, 2).unwrap().is_contiguous());
         }
     }
 }

@@ -1,0 +1,209 @@
+//! Our FlashAttention-2 style kernel (`mma.sync`, attention.cu): runs on sm_80 and newer, every
+//! mask, and splits the keys across blocks for short queries (decode).
+
+use super::Mask;
+use crate::cuda::{alloc, cuda_device, function, ptr, ByValue, Pod, ATTENTION_PTX};
+use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{DType, Result, Tensor};
+
+const BC: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Params {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    o_part: u64,
+    lse_part: u64,
+    k_bstride: i64,
+    k_hstride: i64,
+    v_bstride: i64,
+    v_hstride: i64,
+    b: i32,
+    n_kv: i32,
+    g: i32,
+    sq: i32,
+    sk: i32,
+    causal: i32,
+    anchor_rows: i32,
+    passing: i32,
+    n_splits: i32,
+    split_len: i32,
+    scale_log2: f32,
+}
+unsafe impl Pod for Params {}
+
+/// `t` with contiguous rows of `d` elements: (batch stride, head stride), copying if needed.
+fn kv_view(t: &Tensor, d: usize) -> Result<(Tensor, i64, i64)> {
+    let st = t.stride();
+    if st[3] == 1 && st[2] == d {
+        Ok((t.clone(), st[0] as i64, st[1] as i64))
+    } else {
+        let t = t.contiguous()?;
+        let st = t.stride().to_vec();
+        Ok((t, st[0] as i64, st[1] as i64))
+    }
+}
+
+/// Operands already checked by [`super::flash_attention`].
+pub(crate) fn flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, n_h, sq, d) = q.dims4()?;
+    let (_, n_kv, sk, _) = k.dims4()?;
+    let dev = cuda_device(q)?;
+    let stream = dev.cuda_stream();
+    let q = q.contiguous()?;
+    let (k, kb, kh) = kv_view(k, d)?;
+    let (v, vb, vh) = kv_view(v, d)?;
+    let g = n_h / n_kv;
+    let rows = g * sq;
+    // Short query blocks: 4 warps × 16 rows, so few rows are padding. Long ones: 4 warps × 32
+    // rows (K/V fragments reused across two row tiles); APB_FLASH_TILES=w8 picks 8 warps × 16
+    // rows instead (for comparisons).
+    let (nw, mt) = if rows < 1024 {
+        (4, 1)
+    } else if std::env::var("APB_FLASH_TILES").as_deref() == Ok("w8") {
+        (8, 1)
+    } else {
+        (4, 2)
+    };
+    let br = 16 * nw * mt;
+    let m_blocks = rows.div_ceil(br);
+    let blocks = m_blocks * n_kv * b;
+    let sms = stream
+        .context()
+        .attribute(
+            candle_core::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(crate::cuda::err)? as usize;
+    // Split the keys when the grid would leave most SMs idle (decode, short queries).
+    let tiles = sk.div_ceil(BC);
+    let n_splits = if blocks * 2 < sms && tiles > 4 {
+        (2 * sms / blocks).clamp(1, tiles.div_ceil(4)).min(64)
+    } else {
+        1
+    };
+    let split_len = tiles.div_ceil(n_splits) * BC;
+    let n_splits = sk.div_ceil(split_len).max(1);
+    // One split writes the output directly; several write f32 parts merged below.
+    let (direct, parts) = if n_splits == 1 {
+        let o = alloc(&dev, (b, n_h, sq, d), q.dtype(), &stream)?;
+        let lse = if want_lse {
+            Some(alloc(&dev, (b, n_h, sq), DType::F32, &stream)?)
+        } else {
+            None
+        };
+        (Some((o, lse)), None)
+    } else {
+        let parts = (
+            alloc(&dev, (n_splits, b * n_h * sq, d), DType::F32, &stream)?,
+            alloc(&dev, (n_splits, b * n_h * sq), DType::F32, &stream)?,
+        );
+        (None, Some(parts))
+    };
+    let params = Params {
+        q: ptr(&q, &stream)?,
+        k: ptr(&k, &stream)?,
+        v: ptr(&v, &stream)?,
+        o: direct.as_ref().map_or(0, |d| d.0 .1),
+        lse: direct
+            .as_ref()
+            .and_then(|d| d.1.as_ref())
+            .map_or(0, |l| l.1),
+        o_part: parts.as_ref().map_or(0, |p| p.0 .1),
+        lse_part: parts.as_ref().map_or(0, |p| p.1 .1),
+        k_bstride: kb,
+        k_hstride: kh,
+        v_bstride: vb,
+        v_hstride: vh,
+        b: b as i32,
+        n_kv: n_kv as i32,
+        g: g as i32,
+        sq: sq as i32,
+        sk: sk as i32,
+        causal: mask.causal as i32,
+        anchor_rows: mask.anchor_rows.min(sq) as i32,
+        passing: mask.passing_keys.min(sk) as i32,
+        n_splits: n_splits as i32,
+        split_len: split_len as i32,
+        scale_log2: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
+    };
+    let ty = if q.dtype() == DType::BF16 {
+        "bf16"
+    } else {
+        "f16"
+    };
+    let smem = (br + 4 * BC) * d * 2;
+    let f = function(
+        &dev,
+        ATTENTION_PTX,
+        &format!(
+            "flash_fwd_{ty}_d{d}_{}",
+            if mt == 2 {
+                "w4m2".to_string()
+            } else {
+                format!("w{nw}")
+            }
+        ),
+        smem,
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (m_blocks as u32, n_kv as u32, (b * n_splits) as u32),
+        block_dim: (32 * nw as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let arg = ByValue(params);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&arg);
+    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+    let Some(((op, _), (lp, _))) = parts else {
+        let (o, lse) = direct.expect("one split writes directly");
+        return Ok((o.0, lse.map(|l| l.0)));
+    };
+    let (out, out_lse) = lse_merge(&op, &lp, n_splits, b * n_h * sq, d)?;
+    let out = out.reshape((b, n_h, sq, d))?.to_dtype(q.dtype())?;
+    let out_lse = out_lse.reshape((b, n_h, sq))?;
+    Ok((out, want_lse.then_some(out_lse)))
+}
+
+pub(super) fn lse_merge(
+    o: &Tensor,
+    lse: &Tensor,
+    parts: usize,
+    rows: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(o)?;
+    let stream = dev.cuda_stream();
+    let (out, out_ptr) = alloc(&dev, (rows, d), DType::F32, &stream)?;
+    let (out_lse, lse_ptr) = alloc(&dev, rows, DType::F32, &stream)?;
+    if rows == 0 {
+        return Ok((out, out_lse));
+    }
+    let f = function(&dev, ATTENTION_PTX, "lse_merge_f32", 0)?;
+    let (po, pl) = (ptr(o, &stream)?, ptr(lse, &stream)?);
+    let (parts, rows64, d32) = (parts as i32, rows as i64, d as i32);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&po)
+        .arg(&pl)
+        .arg(&out_ptr)
+        .arg(&lse_ptr)
+        .arg(&parts)
+        .arg(&rows64)
+        .arg(&d32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (d.clamp(32, 128) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+    Ok((out, out_lse))
+}

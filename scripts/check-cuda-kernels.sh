@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles our CUDA kernels (kernels/src/*.cu) with nvcc from PyPI (scripts/cuda-env.sh) to PTX,
-# as the `cuda` build does, and through ptxas for sm_90, printing registers and spills per kernel.
+# as the `cuda` build does, and through ptxas for sm_90, printing registers and spills per kernel;
+# and the cuDNN attention shim (kernels/src/cudnn_sdpa.cpp) with g++.
 # Part of the CI test command: a CUDA C++ error fails CI although CI has no GPU. (The whole
 # `--features cuda` Rust build is not part of CI: candle's own kernels take ~10 min to compile on
 # 2 cores; scripts/pack-device.sh builds it before every device run.)
@@ -15,5 +16,8 @@ for f in kernels/src/*.cu; do
     | grep -E "Compiling entry|registers|spill" | paste - - - | sed -E "s/ptxas info *: //g; s/\s+/ /g; s/Function properties for [a-z0-9_]+//" \
     | awk -v n="$n" '{print "  " n ": " $0}'
 done
+# The cuDNN attention shim (host C++ against the pinned cuDNN frontend headers), as build.rs does.
+g++ -std=c++17 -O1 -c -DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING -DCUDNN_FRONTEND_SKIP_JSON_LIB \
+  -I "$APB_CUDNN_INCLUDE" -I "$CUDA_HOME/include" kernels/src/cudnn_sdpa.cpp -o "$out/cudnn_sdpa.o"
 rm -rf "$out"
-echo "CUDA kernels compile (PTX compute_80, SASS sm_90)"
+echo "CUDA kernels compile (PTX compute_80, SASS sm_90), cuDNN shim compiles"

@@ -8,6 +8,7 @@
 #   kernel   attention alone: ours (cuDNN on Hopper, and our mma.sync kernel) vs PyTorch SDPA
 #            flash / cuDNN / default, 8K-128K, d128 and d64
 #   dense    dense 1-GPU prefill 32K-128K: ours (both kernels) vs HF transformers default
+#   apbrank  one GPU: rank 3's share of a 4-rank 128K apb / star / ring prefill (--only-rank 3)
 #   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs, 32K-128K, breakdown
 #   long     the same at 256K (all four) and 512K (ring / star / apb; dense alone takes ~4 min)
 # Usage: scripts/device-run.sh scripts/device-gpu.sh STAGE...
@@ -49,6 +50,14 @@ for s in "$@"; do
       APB_ATTENTION=mma stage dense-mma 300 $APB bench prefill --config llama-3.1-8b \
         --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-mma.json"
       stage torch-prefill 400 python3 bench/torch_peer.py --skip-attention ;;
+    apbrank)
+      # Rank 3's share of a 4-rank 128K prefill on this one GPU (apb bench prefill --only-rank):
+      # as dispatched, and with our mma.sync kernel (comparable with the 4-GPU per-rank times).
+      stage apb-rank3 300 $APB bench prefill --config llama-3.1-8b --lengths 131072 \
+        --attention apb,star,ring --world-size 4 --only-rank 3 --breakdown --json "$OUT/apb-rank3.json"
+      APB_ATTENTION=mma stage apb-rank3-mma 300 $APB bench prefill --config llama-3.1-8b \
+        --lengths 131072 --attention apb --world-size 4 --only-rank 3 --breakdown \
+        --json "$OUT/apb-rank3-mma.json" ;;
     prefill)
       n=$(nvidia-smi -L | wc -l); methods=dense,ring,star,apb
       [ "$n" -gt 1 ] || methods=dense  # one GPU: only dense is meaningful

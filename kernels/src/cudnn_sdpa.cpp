@@ -103,7 +103,10 @@ std::shared_ptr<fe::graph::Graph> build(const ApbSdpa &p, cudnnHandle_t handle, 
     auto v = tensor("V", 3, p.hkv, p.sk, p.v_stride);
     auto attrs = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(p.lse != nullptr).set_attn_scale(
         p.scale);
-    if (p.causal) attrs.set_causal_mask_bottom_right(true);
+    // Square blocks: top-left and bottom-right causal are the same mask; top-left is the form
+    // PyTorch asks for, so both get the same engine.
+    if (p.causal && p.sq == p.sk) attrs.set_causal_mask(true);
+    if (p.causal && p.sq != p.sk) attrs.set_causal_mask_bottom_right(true);
     auto [o, stats] = g->sdpa(q, k, v, attrs);
     o->set_output(true).set_uid(4).set_dim({p.b, p.hq, p.sq, p.d}).set_stride(
         {p.o_stride[0], p.o_stride[1], p.o_stride[2], p.o_stride[3]});

@@ -163,8 +163,10 @@ pub(crate) fn run(
         .bind_to_thread()
         .map_err(crate::cuda::err)?;
     // Token-major output, returned as a head-major view: the transpose before o_proj is free.
-    let (o_tok, _) = alloc(&dev, (b, sq, n_h, d), q.dtype(), &stream)?;
-    let o = o_tok.transpose(1, 2)?;
+    // (Measured on H100: cuDNN runs equally fast with a head-major output.)
+    let o = alloc(&dev, (b, sq, n_h, d), q.dtype(), &stream)?
+        .0
+        .transpose(1, 2)?;
     let mut lses = Vec::new();
     let mut call = |rows: (usize, usize), keys: (usize, usize)| -> Result<()> {
         let (r0, nr) = rows;

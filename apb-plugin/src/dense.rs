@@ -1,6 +1,6 @@
 //! `dense`: exact causal attention on one rank. The baseline every other backend reduces to.
 
-use crate::{ops, AttentionBackend, AttnInput, LayerKv, MaskSpec, Phase, Result};
+use crate::{attention, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result};
 use candle_core::Tensor;
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -19,7 +19,7 @@ impl AttentionBackend for Dense {
         // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
         // prompt pass and every decode step.
         let (out, _lse) = crate::profile::span("attention", x.q.device(), || {
-            ops::attention(x.q, &k, &v, MaskSpec::causal(), false)
+            attention(x.q, &k, &v, Mask::causal(), false)
         })?;
         Ok(out)
     }

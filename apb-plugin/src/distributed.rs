@@ -8,9 +8,9 @@
 //! log-sum-exp; only the last rank appends the new tokens' KV.
 
 use crate::comm::Communicator;
-use crate::ops::{attention, MaskSpec};
 use crate::profile::span;
 use crate::scorer::{select_top, Scorer};
+use crate::{attention, Mask};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};
 use candle_core::{DType, Tensor, D};
 use std::sync::Arc;
@@ -113,7 +113,7 @@ impl RankBackend {
         let out = match self.kind {
             Kind::Star => {
                 span("attention", x.q.device(), || {
-                    attention(x.q, x.k, x.v, MaskSpec::causal(), false)
+                    attention(x.q, x.k, x.v, Mask::causal(), false)
                 })?
                 .0
             }
@@ -148,7 +148,7 @@ impl RankBackend {
                 let all = span("communication", dev, || self.comm.all_gather(&packed))?;
                 if rank == 0 || l.l_p == 0 {
                     span("attention", dev, || {
-                        attention(x.q, x.k, x.v, MaskSpec::causal(), false)
+                        attention(x.q, x.k, x.v, Mask::causal(), false)
                     })?
                     .0
                 } else {
@@ -159,7 +159,7 @@ impl RankBackend {
                     let v =
                         Tensor::cat(&[&passing.narrow(3, d, d)?.to_dtype(x.v.dtype())?, x.v], 2)?;
                     span("attention", dev, || {
-                        attention(x.q, &k, &v, MaskSpec::apb(l.anchor, rank * l.l_p), false)
+                        attention(x.q, &k, &v, Mask::apb(l.anchor, rank * l.l_p), false)
                     })?
                     .0
                 }
@@ -176,11 +176,11 @@ impl RankBackend {
             let (k, v) = cache
                 .kv()?
                 .ok_or_else(|| Error::Shape("empty cache after append".into()))?;
-            attention(x.q, &k, &v, MaskSpec::causal(), true)?
+            attention(x.q, &k, &v, Mask::causal(), true)?
         } else {
             match cache.kv()? {
                 // Every new token follows all of a non-last rank's context: no mask.
-                Some((k, v)) => attention(x.q, &k, &v, MaskSpec::full(), true)?,
+                Some((k, v)) => attention(x.q, &k, &v, Mask::full(), true)?,
                 None => {
                     let (b, h, s, _) = x.q.dims4()?;
                     (
@@ -223,9 +223,9 @@ fn ring_prefill(comm: &dyn Communicator, x: &AttnInput<'_>) -> Result<Tensor> {
     for (src, kv) in blocks.iter().enumerate().take(rank + 1) {
         let (k, v) = (kv.narrow(3, 0, d)?, kv.narrow(3, d, d)?);
         let mask = if src == rank {
-            MaskSpec::causal()
+            Mask::causal()
         } else {
-            MaskSpec::full()
+            Mask::full()
         };
         let (o, l) = span("attention", dev, || attention(x.q, &k, &v, mask, true))?;
         outs.push(o.to_dtype(DType::F32)?);

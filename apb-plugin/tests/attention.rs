@@ -1,10 +1,10 @@
-//! `ops::attention` and the `dense` backend against a plain f64 reference with an explicit boolean
+//! `attention` and the `dense` backend against a plain f64 reference with an explicit boolean
 //! mask, on fresh random inputs (GQA, odd lengths, chunk boundaries, APB masks).
 //!
 //! Tolerance: f32 results within 2e-5 absolute of the f64 reference (outputs are convex
 //! combinations of values in [-1, 1]; LSE within 2e-5 + 1e-5·|lse|).
 
-use apb_plugin::ops::{attention, reference_attention, MaskSpec};
+use apb_plugin::{attention, reference_attention, Mask};
 use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -22,22 +22,13 @@ fn flat(t: &Tensor) -> Vec<f32> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(
-    seed: u64,
-    b: usize,
-    n_h: usize,
-    n_kv: usize,
-    sq: usize,
-    sk: usize,
-    d: usize,
-    spec: MaskSpec,
-) {
+fn check(seed: u64, b: usize, n_h: usize, n_kv: usize, sq: usize, sk: usize, d: usize, spec: Mask) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let q = rand_t(&mut rng, (b, n_h, sq, d));
     let k = rand_t(&mut rng, (b, n_kv, sk, d));
     let v = rand_t(&mut rng, (b, n_kv, sk, d));
     let (out, lse) = attention(&q, &k, &v, spec, true).unwrap();
-    // The boolean mask, written out independently of MaskSpec::key_range.
+    // The boolean mask, written out independently of Mask::key_range.
     let off = sk as i64 - sq as i64;
     let mask = |i: usize, j: usize| {
         let causal_ok = !spec.causal || (j as i64) <= i as i64 + off;
@@ -68,24 +59,24 @@ fn check(
 
 #[test]
 fn causal_gqa_odd_lengths() {
-    check(1, 1, 6, 2, 37, 37, 16, MaskSpec::causal());
-    check(2, 2, 4, 4, 1, 53, 8, MaskSpec::causal()); // decode row
-    check(3, 1, 8, 2, 300, 301, 16, MaskSpec::causal()); // crosses the 256-row chunk
-    check(4, 1, 3, 1, 5, 19, 32, MaskSpec::causal()); // bottom-right: 5 new rows over 19 keys
+    check(1, 1, 6, 2, 37, 37, 16, Mask::causal());
+    check(2, 2, 4, 4, 1, 53, 8, Mask::causal()); // decode row
+    check(3, 1, 8, 2, 300, 301, 16, Mask::causal()); // crosses the 256-row chunk
+    check(4, 1, 3, 1, 5, 19, 32, Mask::causal()); // bottom-right: 5 new rows over 19 keys
 }
 
 #[test]
 fn full_and_fully_masked_rows() {
-    check(5, 1, 4, 2, 17, 29, 16, MaskSpec::full());
+    check(5, 1, 4, 2, 17, 29, 16, Mask::full());
     // sq > sk with causal: the first rows see nothing (output 0, lse -inf).
-    check(6, 1, 2, 1, 9, 4, 8, MaskSpec::causal());
+    check(6, 1, 2, 1, 9, 4, 8, Mask::causal());
 }
 
 #[test]
 fn apb_mask_anchor_rows_skip_passing_keys() {
     // keys = [passing 24 | anchor 16 | local 40], queries = [anchor 16 | local 40]
-    check(7, 1, 6, 3, 56, 80, 16, MaskSpec::apb(16, 24));
-    check(8, 1, 4, 2, 300, 428, 8, MaskSpec::apb(130, 128));
+    check(7, 1, 6, 3, 56, 80, 16, Mask::apb(16, 24));
+    check(8, 1, 4, 2, 300, 428, 8, Mask::apb(130, 128));
 }
 
 #[test]
@@ -96,7 +87,7 @@ fn dense_backend_decode_equals_one_pass() {
     let q = rand_t(&mut rng, (1, n_h, n, d));
     let k = rand_t(&mut rng, (1, n_kv, n, d));
     let v = rand_t(&mut rng, (1, n_kv, n, d));
-    let (want, _) = attention(&q, &k, &v, MaskSpec::causal(), false).unwrap();
+    let (want, _) = attention(&q, &k, &v, Mask::causal(), false).unwrap();
     let raw = Tensor::zeros((1, 1, 1), DType::F32, &Device::Cpu).unwrap();
     let mut cache = LayerKv::new();
     let mut outs = Vec::new();

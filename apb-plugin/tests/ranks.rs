@@ -2,8 +2,8 @@
 //! the log-sum-exp merge against one attention over the whole cache, and failure handling of the
 //! communicator. Tolerance 2e-5 absolute (outputs are convex combinations of values in [-2, 2]).
 
-use apb_plugin::ops::{attention, reference_attention, MaskSpec};
 use apb_plugin::scorer::select_top;
+use apb_plugin::{attention, reference_attention, Mask};
 use apb_plugin::{
     merge_lse, AttentionBackend, AttnInput, Communicator, Kind, LayerKv, LocalGroup, Phase,
     RankBackend, RankLayout, Scorer,
@@ -168,7 +168,7 @@ fn lse_merge_over_split_cache_equals_one_attention() {
     let q = rand_t(&mut rng, &[1, n_h, sq, d]);
     let k = rand_t(&mut rng, &[1, n_kv, 50, d]);
     let v = rand_t(&mut rng, &[1, n_kv, 50, d]);
-    let (want, want_lse) = attention(&q, &k, &v, MaskSpec::full(), true).unwrap();
+    let (want, want_lse) = attention(&q, &k, &v, Mask::full(), true).unwrap();
     // Parts of 17, 0 (a rank with nothing: LSE -inf) and 33 keys.
     let mut outs = Vec::new();
     let mut lses = Vec::new();
@@ -177,7 +177,7 @@ fn lse_merge_over_split_cache_equals_one_attention() {
             &q,
             &k.narrow(2, a, n).unwrap(),
             &v.narrow(2, a, n).unwrap(),
-            MaskSpec::full(),
+            Mask::full(),
             true,
         )
         .unwrap();

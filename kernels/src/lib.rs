@@ -3,7 +3,8 @@
 //! implementations exist, so CPU builds need no CUDA toolkit. Kernels know tensors and mask
 //! numbers, not models or ranks.
 //!
-//! - [`attention`]: fused FlashAttention-2 style attention with the APB mask (CUDA), LSE merge.
+//! - [`attention`]: attention with the APB mask, one dispatcher over cuDNN (Hopper), our
+//!   FlashAttention-2 kernel (CUDA), a tiled CPU kernel and a chunked f32 path; LSE merge.
 //! - [`layout`]: strided → contiguous copies at memory speed (the transposes around attention).
 //! - [`select`]: retaining-score pooling, top-k positions, packing the passing block.
 
@@ -13,9 +14,7 @@ mod cuda;
 pub mod layout;
 pub mod select;
 
-#[cfg(feature = "cuda")]
-pub use attention::flash_attention;
-pub use attention::{flash_supported, lse_merge, reference_attention, Mask};
+pub use attention::{attention, flash_supported, lse_merge, reference_attention, Mask};
 pub use layout::contiguous;
 pub use select::{gather_kv, pool5_mask, topk_positions};
 

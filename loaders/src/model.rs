@@ -91,7 +91,7 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         // Token-major (b, s, n, d) → head-major (b, n, s, d), the layout the backends take.
         let heads = |t: &Tensor, n: usize| {
-            apb_plugin::ops::contiguous(&t.reshape((b, s, n, self.d))?.transpose(1, 2)?)
+            apb_plugin::contiguous(&t.reshape((b, s, n, self.d))?.transpose(1, 2)?)
         };
         let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
             let (q_raw, k_raw, v_raw) = (
@@ -115,11 +115,8 @@ impl Attention {
         };
         let y = backend.forward(phase, &input, cache)?;
         span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
-            let y = apb_plugin::ops::contiguous(&y.transpose(1, 2)?)?.reshape((
-                b,
-                s,
-                self.n_h * self.d,
-            ))?;
+            let y =
+                apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((b, s, self.n_h * self.d))?;
             Ok(self.o_proj.forward(&y)?)
         })
     }

@@ -117,7 +117,7 @@ pub(crate) fn covers(mask: Mask, sq: usize, sk: usize) -> bool {
 
 /// Attention by cuDNN, or `None` where this path does not apply (not sm_90, cuDNN missing, short
 /// queries, masks it does not [`covers`]); if `forced`, those are errors instead (and short queries
-/// run here). Operands as in [`super::flash_attention`], already checked.
+/// run here). Operands as in [`super::attention`], already checked.
 pub(crate) fn run(
     q: &Tensor,
     k: &Tensor,

@@ -48,7 +48,7 @@ fn kv_view(t: &Tensor, d: usize) -> Result<(Tensor, i64, i64)> {
     }
 }
 
-/// Operands already checked by [`super::flash_attention`].
+/// Operands already checked by [`super::attention`].
 pub(crate) fn flash(
     q: &Tensor,
     k: &Tensor,

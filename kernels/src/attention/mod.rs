@@ -1,8 +1,28 @@
-//! Fused attention (`flash_attention`, CUDA) and the f32 log-sum-exp merge of partial results
-//! (`lse_merge`, CPU and CUDA). The mask is numbers, never a matrix: bottom-right causal plus APB's
-//! anchor rule (see [`Mask`]).
+//! Attention, in one place: the mask type ([`Mask`]), the one entry point ([`attention`]) that
+//! checks shapes and dispatches, the log-sum-exp merge of partial results ([`lse_merge`]), and the
+//! f64 reference every path is tested against ([`reference_attention`]).
+//!
+//! Paths, by device and shape:
+//! - CUDA, bf16/f16, head_dim 64/128 ([`flash_supported`]): on sm_90 cuDNN's fused kernel
+//!   ([`cudnn`]) for prefill blocks, else our FlashAttention-2 kernel (`mma.rs`, attention.cu),
+//!   which also runs decode with split keys.
+//! - CPU prefill (≥ 16 query rows): the tiled CPU kernel (`cpu_flash.rs`).
+//! - Anything else (decode on the CPU, other dtypes): chunked f32 (`chunked.rs`).
+//!
+//! The mask is numbers, never a matrix: bottom-right causal (query row `i` of `sq` sees key `j` of
+//! `sk` iff `j <= i + sk - sq`) plus APB's rule that the first `anchor_rows` rows skip the first
+//! `passing_keys` keys.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
+
+mod chunked;
+mod cpu_flash;
+mod reference;
+pub use reference::reference_attention;
+
+/// From this many query rows on, CPU attention uses the tiled kernel; decode steps use the
+/// chunked path, which reads strided cache views without copying them.
+const CPU_FUSED_MIN_ROWS: usize = 16;
 
 /// Which keys each query row may see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,7 +74,7 @@ impl Mask {
     }
 }
 
-/// Whether [`flash_attention`] runs these operands: CUDA, bf16/f16, head_dim 64 or 128.
+/// Whether [`attention`] runs these operands fused on the GPU: CUDA, bf16/f16, head_dim 64 or 128.
 pub fn flash_supported(q: &Tensor) -> bool {
     q.device().is_cuda()
         && matches!(q.dtype(), DType::BF16 | DType::F16)
@@ -87,109 +107,47 @@ pub fn lse_merge(o: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((o.broadcast_mul(&w)?.sum(0)?, out_lse))
 }
 
-/// `softmax(q kᵀ/√d) v` under `mask`, fused on the GPU (CUDA only; check [`flash_supported`]):
-/// cuDNN's kernel on Hopper where it applies ([`cudnn`]), else our FlashAttention-2 style kernel. `q` `(b, n_h, sq, d)`, `k`/`v` `(b, n_kv, sk, d)` (views with contiguous
-/// rows need no copy). Returns the output in `q`'s dtype and, if `want_lse`, the LSE `(b, n_h, sq)`
-/// f32 (the output may be a strided view). Short query blocks (decode) split the keys across blocks
-/// and merge by LSE.
-#[cfg(feature = "cuda")]
-pub fn flash_attention(
+/// `softmax(q kᵀ / √d) v` under `mask`.
+///
+/// `q`: `(b, n_h, sq, d)`; `k`, `v`: `(b, n_kv, sk, d)` with `n_h % n_kv == 0` (views with
+/// strided rows are fine). Returns the output `(b, n_h, sq, d)` in `q`'s dtype (possibly a strided
+/// view) and, if `want_lse`, the natural-log log-sum-exp of the scaled scores `(b, n_h, sq)` in f32.
+/// A row that sees no key gets output 0 and LSE `-inf`.
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Mask,
     want_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (b, n_h, _, d) = q.dims4()?;
+    let (b, n_h, sq, d) = q.dims4()?;
     let (bk, n_kv, sk, dk) = k.dims4()?;
     if bk != b || dk != d || v.dims4()? != (b, n_kv, sk, d) || n_kv == 0 || n_h % n_kv != 0 {
         candle_core::bail!(
-            "flash_attention: q {:?}, k {:?}, v {:?}",
+            "attention shapes: q {:?}, k {:?}, v {:?}",
             q.dims(),
             k.dims(),
             v.dims()
         );
     }
-    if !flash_supported(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!(
-            "flash_attention runs bf16/f16 with head_dim 64/128 on CUDA, got {:?} d={d} on {:?}",
-            q.dtype(),
-            q.device()
-        );
-    }
-    let choice = cudnn::choice();
-    if choice != cudnn::Choice::Mma {
-        if let Some(out) = cudnn::run(q, k, v, mask, want_lse, choice == cudnn::Choice::Cudnn)? {
-            return Ok(out);
+    #[cfg(feature = "cuda")]
+    if flash_supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        let choice = cudnn::choice();
+        if choice != cudnn::Choice::Mma {
+            if let Some(out) = cudnn::run(q, k, v, mask, want_lse, choice == cudnn::Choice::Cudnn)?
+            {
+                return Ok(out);
+            }
         }
+        return mma::flash(q, k, v, mask, want_lse);
     }
-    mma::flash(q, k, v, mask, want_lse)
+    if q.device().is_cpu() && sq >= CPU_FUSED_MIN_ROWS {
+        return cpu_flash::attention_tensors(q, k, v, mask, want_lse);
+    }
+    chunked::attention(q, k, v, mask, want_lse)
 }
 
 #[cfg(feature = "cuda")]
 pub mod cudnn;
 #[cfg(feature = "cuda")]
 pub(crate) mod mma;
-
-/// Plain reference with an explicit boolean mask, in f64, for tests: `mask(i, j)` says whether
-/// query row `i` sees key `j`. Inputs as in [`attention`]. Returns `(out, lse)` flattened in the
-/// layouts `(b, n_h, sq, d)` and `(b, n_h, sq)`.
-pub fn reference_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: impl Fn(usize, usize) -> bool,
-) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-    let flat = |t: &Tensor| -> Result<Vec<f64>> {
-        t.to_dtype(DType::F64)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f64>()
-    };
-    let (qv, kv, vv) = (flat(q)?, flat(k)?, flat(v)?);
-    let (b, n_h, sq, d) = q.dims4()?;
-    let (n_kv, sk) = (k.dim(1)?, k.dim(2)?);
-    let g = n_h / n_kv;
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f64; b * n_h * sq * d];
-    let mut lse = vec![f64::NEG_INFINITY; b * n_h * sq];
-    for bi in 0..b {
-        for h in 0..n_h {
-            let kh = bi * n_kv + h / g;
-            for i in 0..sq {
-                let row = (bi * n_h + h) * sq + i;
-                let qi = &qv[row * d..(row + 1) * d];
-                let s: Vec<Option<f64>> = (0..sk)
-                    .map(|j| {
-                        mask(i, j).then(|| {
-                            qi.iter()
-                                .zip(&kv[(kh * sk + j) * d..])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
-                                * scale
-                        })
-                    })
-                    .collect();
-                let m = s
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if m == f64::NEG_INFINITY {
-                    continue;
-                }
-                let z: f64 = s.iter().flatten().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
-                    if let Some(sj) = sj {
-                        let p = (sj - m).exp() / z;
-                        for x in 0..d {
-                            out[row * d + x] += p * vv[(kh * sk + j) * d + x];
-                        }
-                    }
-                }
-                lse[row] = m + z.ln();
-            }
-        }
-    }
-    Ok((out, lse))
-}

@@ -1,76 +1,29 @@
-//! Exact attention on any device, computed in f32: the reference that backends and kernels are
-//! checked against, and the CPU engine's attention.
-//!
-//! The mask is described, never materialised: bottom-right causal alignment (query row `i` of
-//! `sq` sees key `j` of `sk` iff `j <= i + sk - sq`), plus APB's rule that the first
-//! `anchor_rows` query rows skip the first `passing_keys` keys. Queries are processed in chunks so
-//! memory stays `O(chunk · sk)`; GQA is handled by folding each KV group's query heads into rows,
-//! so K and V are never repeated.
+//! Chunked f32 attention (any device) and the CPU math shared with [`super::cpu_flash`]: a
+//! vectorisable `exp`, row max / exp-sum, masked softmax. Queries are processed in chunks so
+//! memory stays `O(chunk · sk)`; GQA folds each KV group's query heads into rows, so K and V are
+//! never repeated.
 
-use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
-
-/// Strided → contiguous at memory speed on CUDA (the transposes around attention).
-pub use apb_kernels::contiguous;
-pub use apb_kernels::Mask as MaskSpec;
-
-/// From this many query rows on, CPU attention uses the fused kernel ([`crate::cpu_flash`]);
-/// decode steps use the chunked path, which reads strided cache views without copying them.
-const FUSED_MIN_ROWS: usize = 16;
+use super::Mask;
+use candle_core::{DType, Result, Tensor, D};
 
 /// Query rows per chunk: bounds the score buffer to `heads · CHUNK · sk` floats.
 const CHUNK: usize = 256;
 
-/// `softmax(q kᵀ / √d) v` under `mask`.
-///
-/// `q`: `(b, n_h, sq, d)`; `k`, `v`: `(b, n_kv, sk, d)` with `n_h % n_kv == 0`. Returns the
-/// output `(b, n_h, sq, d)` in `q`'s dtype and, if `want_lse`, the natural-log log-sum-exp of the
-/// scaled scores `(b, n_h, sq)` in f32. A row that sees no key gets output 0 and LSE `-inf`.
-pub fn attention(
+/// Attention computed in f32 on any device, `CHUNK` query rows at a time (scores materialised
+/// per chunk): decode steps on the CPU (strided cache views read without copies) and GPU operands
+/// the fused kernels do not take. Operands checked by [`super::attention`].
+pub(super) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: MaskSpec,
+    mask: Mask,
     want_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (b, n_h, sq, d) = q.dims4()?;
-    let (bk, n_kv, sk, dk) = k.dims4()?;
-    if bk != b || dk != d || v.dims4()? != (b, n_kv, sk, d) || n_kv == 0 || n_h % n_kv != 0 {
-        return Err(Error::Shape(format!(
-            "q {:?}, k {:?}, v {:?}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )));
-    }
-    #[cfg(feature = "cuda")]
-    if apb_kernels::flash_supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
-        return Ok(apb_kernels::flash_attention(q, k, v, mask, want_lse)?);
-    }
+    let (_, n_kv, sk, _) = k.dims4()?;
     let g = n_h / n_kv;
     let scale = 1.0 / (d as f64).sqrt();
     let out_dtype = q.dtype();
-    if q.device().is_cpu() && sq >= FUSED_MIN_ROWS {
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let dims = crate::cpu_flash::Dims {
-            b,
-            n_h,
-            n_kv,
-            sq,
-            sk,
-            d,
-        };
-        let (o, l) = crate::cpu_flash::attention(&flat(q)?, &flat(k)?, &flat(v)?, &dims, mask);
-        let out = Tensor::from_vec(o, (b, n_h, sq, d), q.device())?.to_dtype(out_dtype)?;
-        let lse = if want_lse {
-            Some(Tensor::from_vec(l, (b, n_h, sq), q.device())?)
-        } else {
-            None
-        };
-        return Ok((out, lse));
-    }
     let q = q.to_dtype(DType::F32)?;
     // No `.contiguous()`: cache views are strided along the sequence and matmul reads them as they
     // are; copying a long cache per layer per decode step would dominate decode time.
@@ -282,8 +235,6 @@ where
         }
     });
 }
-
-pub use apb_kernels::reference_attention;
 
 #[cfg(test)]
 mod tests {

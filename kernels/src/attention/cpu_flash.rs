@@ -1,16 +1,18 @@
 //! Fused attention for CPU prefill (f32): FlashAttention's tiling on the CPU. Each task owns a
 //! block of query rows of one head and walks its visible key tiles with an online softmax, so the
 //! `(rows × keys)` score matrix never exists; tile products go through `gemm` (single-threaded
-//! per tile, tasks spread over the cores). Same masks and results as [`crate::ops::attention`].
+//! per tile, tasks spread over the cores). Same masks and results as [`super::attention`].
 
-use crate::ops::MaskSpec;
+use super::chunked::{exp_sum, fast_exp, row_max};
+use super::Mask;
+use candle_core::{DType, Result, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const BQ: usize = 64;
 const BK: usize = 256;
 
 /// Shapes of one call.
-pub struct Dims {
+pub(super) struct Dims {
     pub b: usize,
     pub n_h: usize,
     pub n_kv: usize,
@@ -19,14 +21,44 @@ pub struct Dims {
     pub d: usize,
 }
 
+/// [`attention`] on CPU tensors (copied to contiguous f32), returning tensors in `q`'s dtype.
+pub(super) fn attention_tensors(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, n_h, sq, d) = q.dims4()?;
+    let (_, n_kv, sk, _) = k.dims4()?;
+    let flat =
+        |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+    let dims = Dims {
+        b,
+        n_h,
+        n_kv,
+        sq,
+        sk,
+        d,
+    };
+    let (o, l) = attention(&flat(q)?, &flat(k)?, &flat(v)?, &dims, mask);
+    let out = Tensor::from_vec(o, (b, n_h, sq, d), q.device())?.to_dtype(q.dtype())?;
+    let lse = if want_lse {
+        Some(Tensor::from_vec(l, (b, n_h, sq), q.device())?)
+    } else {
+        None
+    };
+    Ok((out, lse))
+}
+
 /// `q`: `(b, n_h, sq, d)`, `k`/`v`: `(b, n_kv, sk, d)`, all contiguous. Returns output
 /// `(b, n_h, sq, d)` and LSE `(b, n_h, sq)`.
-pub fn attention(
+pub(super) fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     dm: &Dims,
-    mask: MaskSpec,
+    mask: Mask,
 ) -> (Vec<f32>, Vec<f32>) {
     let Dims {
         b,
@@ -112,14 +144,14 @@ pub fn attention(
                                 row.fill(0.0);
                                 continue;
                             }
-                            let tile_max = crate::ops::row_max(&row[a..z]);
+                            let tile_max = row_max(&row[a..z]);
                             let m_new = if tile_max > m[r] { tile_max } else { m[r] };
-                            let corr = crate::ops::fast_exp(m[r] - m_new);
+                            let corr = fast_exp(m[r] - m_new);
                             if corr != 1.0 {
                                 l[r] *= corr;
                                 acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
                             }
-                            l[r] += crate::ops::exp_sum(&mut row[a..z], m_new);
+                            l[r] += exp_sum(&mut row[a..z], m_new);
                             row[..a].fill(0.0);
                             row[z..].fill(0.0);
                             m[r] = m_new;

@@ -37,6 +37,42 @@ fn main() {
         assert!(status.success(), "nvcc failed on kernels/src/{s}.cu");
     }
     cudnn_shim();
+    flashinfer_sm90();
+}
+
+/// FlashInfer's Hopper prefill (src/flashinfer_sm90.cu): SASS for sm_90a only, from the header-only
+/// sources scripts/cuda-env.sh fetched; about 90 s on 2 cores. Linked with the CUDA runtime.
+fn flashinfer_sm90() {
+    println!("cargo:rerun-if-changed=src/flashinfer_sm90.cu");
+    println!("cargo:rerun-if-env-changed=APB_FLASHINFER");
+    let fi = PathBuf::from(
+        std::env::var("APB_FLASHINFER")
+            .expect("APB_FLASHINFER is not set: `source scripts/cuda-env.sh` first"),
+    );
+    let mut b = cc::Build::new();
+    b.cuda(true)
+        .cudart("shared")
+        .warnings(false)
+        .flag("-std=c++17")
+        .flag("-O3")
+        .flag("-DNDEBUG")
+        .flag("-gencode=arch=compute_90a,code=sm_90a")
+        .flag("--expt-relaxed-constexpr")
+        .flag("--expt-extended-lambda")
+        .flag("-use_fast_math")
+        .flag("-static-global-template-stub=false")
+        .flag("-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED")
+        .flag("-DFLASHINFER_ENABLE_F16")
+        .flag("-DFLASHINFER_ENABLE_BF16");
+    // FlashInfer's own CCCL before the toolkit's, as its JIT does.
+    for inc in ["cccl/cub", "cccl/libcudacxx/include", "cccl/thrust"] {
+        b.flag(format!("-I{}", fi.join(inc).display()));
+    }
+    for inc in ["include", "cutlass/include", "cutlass/tools/util/include"] {
+        b.flag("-isystem").flag(fi.join(inc).display().to_string());
+    }
+    b.file("src/flashinfer_sm90.cu")
+        .compile("apb_flashinfer_sm90");
 }
 
 /// cuDNN's fused attention behind a C ABI (src/cudnn_sdpa.cpp): host C++ against the header-only

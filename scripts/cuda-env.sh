@@ -35,6 +35,29 @@ PY
   rm -rf "$wheels"
 fi
 export APB_CUDNN_INCLUDE="$cudnn_inc"
+# FlashInfer's header-only Hopper prefill (kernels/src/flashinfer_sm90.cu): pinned, hash-checked
+# wheel; only its include/, cutlass/ and cccl/ folders are kept.
+fi_data="$CUDA_PREFIX/flashinfer"
+if [ ! -f "$fi_data/include/flashinfer/attention/hopper/prefill_sm90.cuh" ]; then
+  wheels=$(mktemp -d)
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --require-hashes -r "$(dirname "${BASH_SOURCE[0]}")/flashinfer-requirements.txt" -d "$wheels"
+  python3 - "$wheels" "$fi_data" <<'PY'
+import pathlib, sys, zipfile
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for whl in src.glob("*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            for part in ("include/", "cutlass/", "cccl/"):
+                prefix = "flashinfer/data/" + part
+                if name.startswith(prefix) and not name.endswith("/"):
+                    out = dst / part / name[len(prefix):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(z.read(name))
+PY
+  rm -rf "$wheels"
+fi
+export APB_FLASHINFER="$fi_data"
 export CUDA_HOME="$CUDA_PREFIX/nvidia/cu13"
 export CUDA_PATH="$CUDA_HOME"
 export PATH="$CUDA_HOME/bin:$PATH"

@@ -20,7 +20,7 @@ pub mod scorer;
 
 /// Attention (one dispatcher, one mask type) and the layout copy around it live in the kernels
 /// crate; re-exported so backends and hosts need one import.
-pub use apb_kernels::{attention, contiguous, lse_merge, reference_attention, Mask};
+pub use apb_kernels::{attention, contiguous, lse_merge, reference_attention, rope_split, Mask};
 pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
 pub use comm::{Communicator, LocalComm, LocalGroup};

@@ -368,7 +368,7 @@ impl PrefillBench<'_> {
 
 /// One `apb bench attention` measurement.
 pub struct KernelTiming {
-    /// Which kernel ran: `cudnn` (Hopper path) or `mma` (ours).
+    /// Which kernel ran: `flashinfer` / `cudnn` (Hopper) or `mma` (ours).
     pub kernel: &'static str,
     pub seconds: f64,
     /// Counting the causal half of the scores.
@@ -410,16 +410,12 @@ pub fn attention_kernel(
 /// The kernel the dispatcher picks for a prefill block of `rows` on `device`.
 pub fn kernel_name(device: &Device, rows: usize) -> &'static str {
     #[cfg(feature = "cuda")]
-    {
-        use apb_kernels::attention::cudnn;
-        let hopper = cudnn::usable(device).unwrap_or(false);
-        if device.is_cuda() {
-            return match cudnn::choice() {
-                cudnn::Choice::Mma => "mma",
-                _ if hopper && rows >= cudnn::MIN_ROWS => "cudnn",
-                _ => "mma",
-            };
-        }
+    if device.is_cuda() {
+        use apb_kernels::attention::hopper;
+        return match hopper::kernel_for(device).ok().flatten() {
+            Some(k) if rows >= hopper::MIN_ROWS => k.name(),
+            _ => "mma",
+        };
     }
     let _ = (device, rows);
     "cpu"

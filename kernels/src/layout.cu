@@ -15,3 +15,51 @@ extern "C" __global__ void copy_rows_16b(const char* __restrict__ src, uint4* __
         dst[c] = *reinterpret_cast<const uint4*>(src + i0 * s0 + i1 * s1 + i2 * s2 + k * 16);
     }
 }
+
+// Splits a fused q|k|v projection (token-major rows of (n_h + 2 n_kv) heads × d) into head-major
+// q (b, n_h, s, d), k, v (b, n_kv, s, d), applying RoPE (rotate-half form, cos/sin (s, d/2)) to q
+// and k on the way: one read and one write of the projections instead of split + transpose + rope.
+// Block: d/2 threads × 8 head slots; grid: (b·s, ceil(slots/8)). Math in f32.
+template <typename T>
+__device__ void rope_split(const T* __restrict__ qkv, const T* __restrict__ cos,
+                           const T* __restrict__ sin, T* __restrict__ q, T* __restrict__ k,
+                           T* __restrict__ v, int s, int n_h, int n_kv, int d) {
+    const int slots = n_h + 2 * n_kv;
+    const int slot = blockIdx.y * blockDim.y + threadIdx.y;
+    if (slot >= slots) return;
+    const int64_t row = blockIdx.x;  // b·s + t
+    const int t = (int)(row % s);
+    const int64_t bi = row / s;
+    const int half = d / 2, i = threadIdx.x;
+    const T* src = qkv + row * (int64_t)slots * d + (int64_t)slot * d;
+    float x1 = (float)src[i], x2 = (float)src[i + half];
+    T* dst;
+    bool rotate = true;
+    if (slot < n_h) {
+        dst = q + ((bi * n_h + slot) * s + t) * (int64_t)d;
+    } else if (slot < n_h + n_kv) {
+        dst = k + ((bi * n_kv + (slot - n_h)) * s + t) * (int64_t)d;
+    } else {
+        dst = v + ((bi * n_kv + (slot - n_h - n_kv)) * s + t) * (int64_t)d;
+        rotate = false;
+    }
+    if (rotate) {
+        const float c = (float)cos[(int64_t)t * half + i], sn = (float)sin[(int64_t)t * half + i];
+        dst[i] = (T)(x1 * c - x2 * sn);
+        dst[i + half] = (T)(x2 * c + x1 * sn);
+    } else {
+        dst[i] = src[i];
+        dst[i + half] = src[i + half];
+    }
+}
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define ROPE_SPLIT(NAME, T)                                                                       \
+    extern "C" __global__ void NAME(const T* qkv, const T* cos, const T* sin, T* q, T* k, T* v, \
+                                    int s, int n_h, int n_kv, int d) {                           \
+        rope_split<T>(qkv, cos, sin, q, k, v, s, n_h, n_kv, d);                                   \
+    }
+ROPE_SPLIT(rope_split_bf16, __nv_bfloat16)
+ROPE_SPLIT(rope_split_f16, __half)
+ROPE_SPLIT(rope_split_f32, float)

@@ -81,3 +81,100 @@ fn cuda_copy_rows(t: &Tensor) -> Result<Option<Tensor>> {
     unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
     Ok(Some(out))
 }
+
+/// Splits a fused projection `qkv` `(b, s, (n_h + 2·n_kv)·d)` into head-major `q` `(b, n_h, s, d)`
+/// and `k`, `v` `(b, n_kv, s, d)`, all contiguous, with RoPE (rotate-half form; `cos`/`sin`
+/// `(s, d/2)`) applied to `q` and `k`. On CUDA one kernel reads the projections once and writes
+/// each output once; elsewhere (and as the kernel's reference) split, transpose and candle-nn's
+/// `rope`.
+pub fn rope_split(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    n_h: usize,
+    n_kv: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s, w) = qkv.dims3()?;
+    let slots = n_h + 2 * n_kv;
+    if slots == 0 || w % slots != 0 || !(w / slots).is_multiple_of(2) {
+        candle_core::bail!("rope_split: width {w} is not {slots} heads of an even size");
+    }
+    let d = w / slots;
+    if cos.dims2()? != (s, d / 2) || sin.dims2()? != (s, d / 2) {
+        candle_core::bail!(
+            "rope_split: cos {:?} / sin {:?}, want ({s}, {})",
+            cos.dims(),
+            sin.dims(),
+            d / 2
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() && qkv.is_contiguous() && d <= 256 {
+        return cuda_rope_split(qkv, cos, sin, (b, s, n_h, n_kv, d));
+    }
+    let heads = |off: usize, n: usize| -> Result<Tensor> {
+        contiguous(
+            &qkv.narrow(2, off * d, n * d)?
+                .reshape((b, s, n, d))?
+                .transpose(1, 2)?,
+        )
+    };
+    let q = candle_nn::rotary_emb::rope(&heads(0, n_h)?, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope(&heads(n_h, n_kv)?, cos, sin)?;
+    let v = heads(n_h + n_kv, n_kv)?;
+    Ok((q, k, v))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_rope_split(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, s, n_h, n_kv, d): (usize, usize, usize, usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    use crate::cuda::{alloc, cuda_device, function, ptr, LAYOUT_PTX};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::DType;
+    let name = match qkv.dtype() {
+        DType::BF16 => "rope_split_bf16",
+        DType::F16 => "rope_split_f16",
+        DType::F32 => "rope_split_f32",
+        dt => candle_core::bail!("rope_split: unsupported dtype {dt:?}"),
+    };
+    let dev = cuda_device(qkv)?;
+    let stream = dev.cuda_stream();
+    let cos = cos.to_dtype(qkv.dtype())?.contiguous()?;
+    let sin = sin.to_dtype(qkv.dtype())?.contiguous()?;
+    let (q, qp) = alloc(&dev, (b, n_h, s, d), qkv.dtype(), &stream)?;
+    let (k, kp) = alloc(&dev, (b, n_kv, s, d), qkv.dtype(), &stream)?;
+    let (v, vp) = alloc(&dev, (b, n_kv, s, d), qkv.dtype(), &stream)?;
+    if b * s == 0 {
+        return Ok((q, k, v));
+    }
+    let f = function(&dev, LAYOUT_PTX, name, 0)?;
+    let (src, cp, sp) = (ptr(qkv, &stream)?, ptr(&cos, &stream)?, ptr(&sin, &stream)?);
+    let (s32, nh32, nkv32, d32) = (s as i32, n_h as i32, n_kv as i32, d as i32);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&src)
+        .arg(&cp)
+        .arg(&sp)
+        .arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&s32)
+        .arg(&nh32)
+        .arg(&nkv32)
+        .arg(&d32);
+    const SLOTS_PER_BLOCK: usize = 8;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (b * s) as u32,
+            (n_h + 2 * n_kv).div_ceil(SLOTS_PER_BLOCK) as u32,
+            1,
+        ),
+        block_dim: ((d / 2) as u32, SLOTS_PER_BLOCK as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+    Ok((q, k, v))
+}

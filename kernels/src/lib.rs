@@ -5,7 +5,8 @@
 //!
 //! - [`attention`]: attention with the APB mask, one dispatcher over cuDNN (Hopper), our
 //!   FlashAttention-2 kernel (CUDA), a tiled CPU kernel and a chunked f32 path; LSE merge.
-//! - [`layout`]: strided → contiguous copies at memory speed (the transposes around attention).
+//! - [`layout`]: strided → contiguous copies at memory speed (the transposes around attention),
+//!   and the fused q|k|v split + RoPE + head-major layout.
 //! - [`select`]: retaining-score pooling, top-k positions, packing the passing block.
 
 pub mod attention;
@@ -15,7 +16,7 @@ pub mod layout;
 pub mod select;
 
 pub use attention::{attention, flash_supported, lse_merge, reference_attention, Mask};
-pub use layout::contiguous;
+pub use layout::{contiguous, rope_split};
 pub use select::{gather_kv, pool5_mask, topk_positions};
 
 #[cfg(test)]

@@ -272,8 +272,57 @@ mod gpu {
         }
     }
 
-    /// Both GPU kernels (ours, `mma.sync`, everywhere; cuDNN's on sm_90 where its mask rule
-    /// covers the case) against the f64 reference (same bf16/f16-rounded inputs), for causal, full
+    /// The fused q|k|v split + RoPE kernel against its CPU path (split, transpose, candle-nn
+    /// rope) on fresh random projections and real rotation angles: f32 within 1e-5, bf16/f16
+    /// within 2 units of the last place (1.6e-2 / 2e-3 relative to the value's magnitude + 1e-3).
+    #[test]
+    fn rope_split_cuda_matches_cpu() {
+        let g = gpu();
+        for (b, s, n_h, n_kv, d) in [(1, 1, 1, 1, 64), (2, 37, 4, 2, 64), (1, 300, 32, 8, 128)] {
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let qkv = Tensor::randn(0f32, 1.0, (b, s, (n_h + 2 * n_kv) * d), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let ang: Vec<f32> = (0..s * d / 2)
+                    .map(|i| {
+                        (i / (d / 2)) as f32
+                            * 10000f32.powf(-((i % (d / 2)) as f32) / (d / 2) as f32)
+                    })
+                    .collect();
+                let ang = Tensor::from_vec(ang, (s, d / 2), &Device::Cpu).unwrap();
+                let (cos, sin) = (
+                    ang.cos().unwrap().to_dtype(dt).unwrap(),
+                    ang.sin().unwrap().to_dtype(dt).unwrap(),
+                );
+                let want = rope_split(&qkv, &cos, &sin, n_h, n_kv).unwrap();
+                let to = |t: &Tensor| t.to_device(&g).unwrap();
+                let got = rope_split(&to(&qkv), &to(&cos), &to(&sin), n_h, n_kv).unwrap();
+                let tol = match dt {
+                    DType::F32 => 1e-5,
+                    DType::BF16 => 1.6e-2,
+                    _ => 2e-3,
+                };
+                for (name, w, o) in [
+                    ("q", &want.0, &got.0),
+                    ("k", &want.1, &got.1),
+                    ("v", &want.2, &got.2),
+                ] {
+                    assert_eq!(w.dims(), o.dims(), "{name}");
+                    assert!(o.is_contiguous());
+                    for (x, y) in flat_f32(w).iter().zip(flat_f32(o)) {
+                        assert!(
+                            (x - y).abs() <= tol * (x.abs() + 1e-3 / tol),
+                            "{name} b{b} s{s} h{n_h}/{n_kv} d{d} {dt:?}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every GPU kernel (ours, `mma.sync`, everywhere; FlashInfer's and cuDNN's on sm_90 where the
+    /// mask cuts into pieces they run) against the f64 reference (same bf16/f16-rounded inputs), for causal, full
     /// and APB masks, GQA, odd lengths, straddling row blocks, batch 2, decode (split-KV), strided
     /// cache views and token-major query views. Bounds: relative L2 error of the output ≤ 1e-2
     /// (bf16) / 2e-3 (f16), every element within 0.05 (values are O(1)), LSE within
@@ -282,9 +331,20 @@ mod gpu {
     #[test]
     fn flash_matches_reference() {
         let g = gpu();
-        let hopper = crate::attention::cudnn::loaded();
-        let sm90 = crate::attention::cudnn::usable(&g).unwrap();
-        println!("cuDNN: {hopper:?}, sm_90 path usable: {sm90}");
+        use crate::attention::hopper::{self, Kernel};
+        let sm90 = hopper::kernel_for(&g).unwrap().is_some();
+        let fused: Vec<Kernel> = if sm90 {
+            hopper::AUTO_ORDER
+                .into_iter()
+                .filter(|k| k.available().is_ok())
+                .collect()
+        } else {
+            vec![]
+        };
+        for k in hopper::AUTO_ORDER {
+            println!("{}: {:?}", k.name(), k.available());
+        }
+        println!("sm_90 path: {sm90}, Hopper kernels tested: {fused:?}");
         // (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dtype)
         let cases = [
             (1, 2, 2, 37, 37, 64, true, 0, 0, DType::BF16),
@@ -302,7 +362,7 @@ mod gpu {
             (1, 8, 1, 513, 2049, 128, false, 0, 0, DType::BF16), // MQA, non-causal, odd
             (1, 8, 2, 640, 1400, 128, true, 128, 760, DType::BF16), // APB, GQA 4
         ];
-        let mut ran_cudnn = 0;
+        let mut ran_fused = 0;
         for (b, n_h, n_kv, sq, sk, d, causal, anchor_rows, passing, dt) in cases {
             let mk = |h, s| {
                 Tensor::randn(0f32, 1.0, (b, h, s, d), &Device::Cpu)
@@ -341,19 +401,20 @@ mod gpu {
                 .transpose(1, 2)
                 .unwrap();
             let (kg, vg) = (long(&k), long(&v));
-            let mut kernels = vec!["mma"];
-            if sm90 && crate::attention::cudnn::covers(mask, sq, sk) {
-                kernels.push("cudnn");
+            let mut kernels = vec![Kernel::Mma];
+            if hopper::pieces(mask, sq, sk).is_some() {
+                kernels.extend(&fused);
             }
             for kernel in kernels {
-                let (o, lse) = if kernel == "mma" {
+                let (o, lse) = if kernel == Kernel::Mma {
                     crate::attention::mma::flash(&qg, &kg, &vg, mask, true).unwrap()
                 } else {
-                    ran_cudnn += 1;
-                    crate::attention::cudnn::run(&qg, &kg, &vg, mask, true, true)
+                    ran_fused += 1;
+                    hopper::run(kernel, &qg, &kg, &vg, mask, true, true)
                         .unwrap()
                         .expect("forced")
                 };
+                let kernel = kernel.name();
                 assert_eq!(o.dims(), &[b, n_h, sq, d]);
                 let (o, lse) = (flat_f32(&o), flat_f32(&lse.unwrap()));
                 let label = format!("{kernel}: b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
@@ -390,16 +451,20 @@ mod gpu {
                 println!("ok {label}: rel-L2 {rel:.2e}, max abs {worst:.2e}");
             }
         }
-        // On Hopper the cuDNN path must have run (the device scripts run on H100/H200).
+        // On Hopper both fused kernels must have run (the device scripts run on H100/H200).
         if sm90 {
-            assert!(ran_cudnn >= 8, "cuDNN ran on only {ran_cudnn} cases");
+            assert_eq!(fused.len(), 2, "a Hopper kernel is unavailable");
+            assert!(
+                ran_fused >= 20,
+                "fused kernels ran on only {ran_fused} cases"
+            );
         }
     }
 
-    /// The dispatcher picks cuDNN on sm_90 for long prefill blocks and our kernel for decode, and
-    /// both agree with each other through the public entry point.
+    /// The dispatcher picks a fused Hopper kernel on sm_90 for long prefill blocks, and it agrees
+    /// with ours through the public entry point.
     #[test]
-    fn dispatch_prefers_cudnn_on_hopper() {
+    fn dispatch_prefers_hopper_kernel_on_sm90() {
         let g = gpu();
         let mk = |h, s| {
             Tensor::randn(0f32, 1.0, (1, h, s, 128), &g)
@@ -419,8 +484,8 @@ mod gpu {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 0.02, "dispatcher vs mma: max diff {diff}");
-        // The cuDNN path returns a token-major buffer as a head-major view; ours is contiguous.
-        let hopper = crate::attention::cudnn::usable(&g).unwrap();
+        // The Hopper path returns a token-major buffer as a head-major view; ours is contiguous.
+        let hopper = crate::attention::hopper::kernel_for(&g).unwrap().is_some();
         assert_eq!(
             !o.is_contiguous(),
             hopper,

@@ -49,9 +49,8 @@ impl Rope {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked: one GEMM for all three projections.
+    qkv_proj: Linear,
     o_proj: Linear,
     n_h: usize,
     n_kv: usize,
@@ -66,10 +65,20 @@ impl Attention {
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
         );
+        let parts = [
+            linear(vb, "q_proj", n_h * d, h, cfg.qkv_bias)?,
+            linear(vb, "k_proj", n_kv * d, h, cfg.qkv_bias)?,
+            linear(vb, "v_proj", n_kv * d, h, cfg.qkv_bias)?,
+        ];
+        let w = Tensor::cat(&parts.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+        let b = if cfg.qkv_bias {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: linear(vb, "q_proj", n_h * d, h, cfg.qkv_bias)?,
-            k_proj: linear(vb, "k_proj", n_kv * d, h, cfg.qkv_bias)?,
-            v_proj: linear(vb, "v_proj", n_kv * d, h, cfg.qkv_bias)?,
+            qkv_proj: Linear::new(w, b),
             o_proj: linear(vb, "o_proj", h, n_h * d, false)?,
             n_h,
             n_kv,
@@ -89,19 +98,17 @@ impl Attention {
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        // Token-major (b, s, n, d) → head-major (b, n, s, d), the layout the backends take.
-        let heads = |t: &Tensor, n: usize| {
-            apb_plugin::contiguous(&t.reshape((b, s, n, self.d))?.transpose(1, 2)?)
-        };
+        let (nq, nkv) = (self.n_h * self.d, self.n_kv * self.d);
         let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
+            let qkv = self.qkv_proj.forward(x)?;
+            // Token-major projections → head-major (b, n, s, d) q/k/v with RoPE, in one pass.
+            let (q, k, v) = apb_plugin::rope_split(&qkv, cos, sin, self.n_h, self.n_kv)?;
+            // Pre-RoPE projections for retaining heads: views of the fused output.
             let (q_raw, k_raw, v_raw) = (
-                self.q_proj.forward(x)?,
-                self.k_proj.forward(x)?,
-                self.v_proj.forward(x)?,
+                qkv.narrow(2, 0, nq)?,
+                qkv.narrow(2, nq, nkv)?,
+                qkv.narrow(2, nq + nkv, nkv)?,
             );
-            let q = candle_nn::rotary_emb::rope(&heads(&q_raw, self.n_h)?, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope(&heads(&k_raw, self.n_kv)?, cos, sin)?;
-            let v = heads(&v_raw, self.n_kv)?;
             Ok((q_raw, k_raw, v_raw, q, k, v))
         })?;
         let input = AttnInput {

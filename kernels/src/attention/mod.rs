@@ -3,9 +3,9 @@
 //! f64 reference every path is tested against ([`reference_attention`]).
 //!
 //! Paths, by device and shape:
-//! - CUDA, bf16/f16, head_dim 64/128 ([`flash_supported`]): on sm_90 cuDNN's fused kernel
-//!   ([`cudnn`]) for prefill blocks, else our FlashAttention-2 kernel (`mma.rs`, attention.cu),
-//!   which also runs decode with split keys.
+//! - CUDA, bf16/f16, head_dim 64/128 ([`flash_supported`]): on sm_90 a fused Hopper kernel for
+//!   prefill blocks ([`hopper`]: FlashInfer's FA3-style prefill or cuDNN's SDPA), else our
+//!   FlashAttention-2 kernel (`mma.rs`, attention.cu), which also runs decode with split keys.
 //! - CPU prefill (≥ 16 query rows): the tiled CPU kernel (`cpu_flash.rs`).
 //! - Anything else (decode on the CPU, other dtypes): chunked f32 (`chunked.rs`).
 //!
@@ -132,10 +132,17 @@ pub fn attention(
     }
     #[cfg(feature = "cuda")]
     if flash_supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
-        let choice = cudnn::choice();
-        if choice != cudnn::Choice::Mma {
-            if let Some(out) = cudnn::run(q, k, v, mask, want_lse, choice == cudnn::Choice::Cudnn)?
-            {
+        use hopper::Kernel;
+        let forced = hopper::choice();
+        let kernels: &[Kernel] = match forced {
+            Kernel::Mma => &[],
+            Kernel::Auto => &hopper::AUTO_ORDER,
+            Kernel::FlashInfer => &[Kernel::FlashInfer],
+            Kernel::Cudnn => &[Kernel::Cudnn],
+        };
+        for &kernel in kernels {
+            let force = forced != Kernel::Auto;
+            if let Some(out) = hopper::run(kernel, q, k, v, mask, want_lse, force)? {
                 return Ok(out);
             }
         }
@@ -148,6 +155,10 @@ pub fn attention(
 }
 
 #[cfg(feature = "cuda")]
-pub mod cudnn;
+mod cudnn;
+#[cfg(feature = "cuda")]
+mod flashinfer;
+#[cfg(feature = "cuda")]
+pub mod hopper;
 #[cfg(feature = "cuda")]
 pub(crate) mod mma;

@@ -5,7 +5,7 @@
 #   tests    kernel tests (GPU vs CPU reference), CUDA-vs-CPU generation smoke incl. 2-GPU NCCL ranks
 #   ktests   the kernel tests alone (one GPU)
 #   smollm2  SmolLM2 GGUF (dist/smollm2.gguf.xz.part-*, possibly carried over several calls): APB on 2 GPUs vs CPU
-#   kernel   attention alone: ours (cuDNN on Hopper, and our mma.sync kernel) vs PyTorch SDPA
+#   kernel   attention alone: ours (FlashInfer, cuDNN, our mma.sync kernel) vs PyTorch SDPA
 #            flash / cuDNN / default, 8K-128K, d128 and d64
 #   dense    dense 1-GPU prefill 32K-128K: ours (both kernels) vs HF transformers default
 #   apbrank  one GPU: rank 3's share of a 4-rank 128K apb / star / ring prefill (--only-rank 3)
@@ -37,16 +37,20 @@ for s in "$@"; do
       cat /tmp/smol-parts/smollm2.gguf.xz.part-* | xz -dc > /tmp/smollm2.gguf || true
       stage smollm2 300 bash scripts/device-smollm2.sh /tmp/smollm2.gguf ;;
     kernel)
-      # Attention alone, 8K/32K/128K x d128/d64: ours as dispatched (cuDNN on Hopper), our own
-      # mma.sync kernel, and PyTorch SDPA flash / cuDNN / default, one after the other.
+      # Attention alone, 8K/32K/128K x d128/d64: ours as dispatched (FlashInfer's kernel on
+      # Hopper), with cuDNN's, with our own mma.sync kernel, and PyTorch SDPA flash / cuDNN /
+      # default, one after the other.
       stage attention-ours 300 $APB bench attention
+      APB_ATTENTION=cudnn stage attention-cudnn 300 $APB bench attention
       APB_ATTENTION=mma stage attention-mma 300 $APB bench attention
       stage torch-attention 300 python3 bench/torch_peer.py --skip-prefill ;;
     dense)
-      # Dense 1-GPU prefill of Llama-3.1-8B shapes: ours (as dispatched, then our own kernel) and
-      # HF transformers with its default attention.
+      # Dense 1-GPU prefill of Llama-3.1-8B shapes: ours (as dispatched, with cuDNN's kernel, with
+      # our own) and HF transformers with its default attention.
       stage dense-ours 300 $APB bench prefill --config llama-3.1-8b --lengths 32768,65536,131072 \
         --attention dense --world-size 1 --breakdown --json "$OUT/dense-ours.json"
+      APB_ATTENTION=cudnn stage dense-cudnn 300 $APB bench prefill --config llama-3.1-8b \
+        --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-cudnn.json"
       APB_ATTENTION=mma stage dense-mma 300 $APB bench prefill --config llama-3.1-8b \
         --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-mma.json"
       stage torch-prefill 400 python3 bench/torch_peer.py --skip-attention ;;

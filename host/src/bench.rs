@@ -401,22 +401,22 @@ pub fn attention_kernel(
     device.synchronize()?;
     let s = t.elapsed().as_secs_f64() / iters as f64;
     Ok(KernelTiming {
-        kernel: kernel_name(device, seq),
+        kernel: kernel_name(device, seq, d),
         seconds: s,
         tflops: flops / s / 1e12,
     })
 }
 
-/// The kernel the dispatcher picks for a prefill block of `rows` on `device`.
-pub fn kernel_name(device: &Device, rows: usize) -> &'static str {
+/// The kernel the dispatcher picks for a prefill block of `rows` × `head_dim` on `device`.
+pub fn kernel_name(device: &Device, rows: usize, head_dim: usize) -> &'static str {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         use apb_kernels::attention::hopper;
-        return match hopper::kernel_for(device).ok().flatten() {
+        return match hopper::kernel_for(device, head_dim).ok().flatten() {
             Some(k) if rows >= hopper::MIN_ROWS => k.name(),
             _ => "mma",
         };
     }
-    let _ = (device, rows);
+    let _ = (device, rows, head_dim);
     "cpu"
 }

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 pub const MIN_ROWS: usize = 128;
 
 /// The attention kernel `APB_ATTENTION` asks for: `auto` (default: on sm_90 the first of
-/// [`AUTO_ORDER`] that is available, else ours), or one kernel for comparisons: `mma` (ours
+/// [`auto_order`] that is available, else ours), or one kernel for comparisons: `mma` (ours
 /// everywhere), `flashinfer` or `cudnn` (which fail rather than fall back).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kernel {
@@ -29,8 +29,16 @@ pub enum Kernel {
     Cudnn,
 }
 
-/// Hopper kernels in the order `auto` tries them (fastest first, measured: see the README).
-pub const AUTO_ORDER: [Kernel; 2] = [Kernel::FlashInfer, Kernel::Cudnn];
+/// Hopper kernels in the order `auto` tries them for `head_dim`, fastest first as measured on
+/// H100 (bench/results/gpu-h100-attention-2026-11-25.md): FlashInfer's at d128 (1.06× cuDNN at
+/// 32K), cuDNN's at d64 (FlashInfer's d64 tiles lose up to 30 % at 8K).
+pub fn auto_order(head_dim: usize) -> [Kernel; 2] {
+    if head_dim == 64 {
+        [Kernel::Cudnn, Kernel::FlashInfer]
+    } else {
+        [Kernel::FlashInfer, Kernel::Cudnn]
+    }
+}
 
 impl Kernel {
     pub fn name(self) -> &'static str {
@@ -72,8 +80,9 @@ pub fn choice() -> Kernel {
     })
 }
 
-/// The Hopper kernel that runs prefill blocks on `device`, if any (sm_90 and one available).
-pub fn kernel_for(device: &candle_core::Device) -> Result<Option<Kernel>> {
+/// The Hopper kernel that runs prefill blocks of `head_dim` on `device`, if any (sm_90 and one
+/// available).
+pub fn kernel_for(device: &candle_core::Device, head_dim: usize) -> Result<Option<Kernel>> {
     let candle_core::Device::Cuda(dev) = device else {
         return Ok(None);
     };
@@ -82,7 +91,9 @@ pub fn kernel_for(device: &candle_core::Device) -> Result<Option<Kernel>> {
     }
     Ok(match choice() {
         Kernel::Mma => None,
-        Kernel::Auto => AUTO_ORDER.into_iter().find(|k| k.available().is_ok()),
+        Kernel::Auto => auto_order(head_dim)
+            .into_iter()
+            .find(|k| k.available().is_ok()),
         k => k.available().is_ok().then_some(k),
     })
 }

@@ -134,13 +134,12 @@ pub fn attention(
     if flash_supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
         use hopper::Kernel;
         let forced = hopper::choice();
-        let kernels: &[Kernel] = match forced {
-            Kernel::Mma => &[],
-            Kernel::Auto => &hopper::AUTO_ORDER,
-            Kernel::FlashInfer => &[Kernel::FlashInfer],
-            Kernel::Cudnn => &[Kernel::Cudnn],
+        let kernels: Vec<Kernel> = match forced {
+            Kernel::Mma => vec![],
+            Kernel::Auto => hopper::auto_order(d).to_vec(),
+            k => vec![k],
         };
-        for &kernel in kernels {
+        for kernel in kernels {
             let force = forced != Kernel::Auto;
             if let Some(out) = hopper::run(kernel, q, k, v, mask, want_lse, force)? {
                 return Ok(out);

@@ -77,4 +77,6 @@ for s in "$@"; do
     *) echo "unknown stage $s"; fail=1 ;;
   esac
 done
+# The device tool brings back at most 8 files: everything in one archive.
+tar -C "$OUT" -czf /tmp/apb-results.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/apb-results.tgz "$OUT/results.tgz"
 exit $fail

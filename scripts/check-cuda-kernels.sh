@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles our CUDA kernels (kernels/src/*.cu) with nvcc from PyPI (scripts/cuda-env.sh) to PTX,
 # as the `cuda` build does, and through ptxas for sm_90, printing registers and spills per kernel;
-# and the cuDNN attention shim (kernels/src/cudnn_sdpa.cpp) with g++.
+# the cuDNN attention shim (kernels/src/cudnn_sdpa.cpp) with g++, and the FlashInfer wrapper
+# (kernels/src/flashinfer_sm90.cu) for sm_90a.
 # Part of the CI test command: a CUDA C++ error fails CI although CI has no GPU. (The whole
 # `--features cuda` Rust build is not part of CI: candle's own kernels take ~10 min to compile on
 # 2 cores; scripts/pack-device.sh builds it before every device run.)
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cuda-env.sh
 out=$(mktemp -d)
-for f in kernels/src/*.cu; do
+for f in kernels/src/{attention,layout,select}.cu; do
   n=$(basename "$f" .cu)
   nvcc --ptx -O3 -arch=compute_80 -std=c++17 "$f" -o "$out/$n.ptx"
   nvcc -cubin -O3 -arch=sm_90 -std=c++17 --resource-usage "$f" -o "$out/$n.cubin" 2>&1 \
@@ -19,5 +20,13 @@ done
 # The cuDNN attention shim (host C++ against the pinned cuDNN frontend headers), as build.rs does.
 g++ -std=c++17 -O1 -c -DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING -DCUDNN_FRONTEND_SKIP_JSON_LIB \
   -I "$APB_CUDNN_INCLUDE" -I "$CUDA_HOME/include" kernels/src/cudnn_sdpa.cpp -o "$out/cudnn_sdpa.o"
+# FlashInfer's Hopper prefill wrapper (sm_90a SASS, ~90 s), with the flags kernels/build.rs uses.
+fi="$APB_FLASHINFER"
+nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+  --expt-extended-lambda -use_fast_math -static-global-template-stub=false \
+  -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DFLASHINFER_ENABLE_F16 -DFLASHINFER_ENABLE_BF16 \
+  -I"$fi/cccl/cub" -I"$fi/cccl/libcudacxx/include" -I"$fi/cccl/thrust" \
+  -isystem "$fi/include" -isystem "$fi/cutlass/include" -isystem "$fi/cutlass/tools/util/include" \
+  -c kernels/src/flashinfer_sm90.cu -o "$out/flashinfer_sm90.o"
 rm -rf "$out"
-echo "CUDA kernels compile (PTX compute_80, SASS sm_90), cuDNN shim compiles"
+echo "CUDA kernels compile (PTX compute_80, SASS sm_90), cuDNN shim and FlashInfer wrapper compile"

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod eval;
 pub mod launch;
 pub mod layout;
 pub mod prompt;
@@ -12,5 +13,7 @@ pub mod ranks;
 pub mod runner;
 pub mod sampling;
 pub mod server;
+pub mod tasks;
+pub mod train;
 
 pub use runner::{Finish, GenParams, GenStats, Generation, Job, Runner};

@@ -31,6 +31,12 @@ enum Cmd {
     /// Benchmarks: prefill across attention methods, or our attention kernel alone.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train retaining heads (Locret MLPs) for a model on labels from the model itself, for
+    /// `--attention apb --heads OUT`.
+    TrainHeads(TrainArgs),
+    /// Score methods on generated long-context tasks (RULER-style: needles, multi-key/value/query,
+    /// two-hop links, variable tracking, common words), every method on the same prompts.
+    Eval(EvalArgs),
     /// Generate text from a prompt (streams to stdout, or one JSON object with --json).
     #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
@@ -131,6 +137,196 @@ struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     launch: apb_host::launch::LaunchArgs,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Training data: JSONL files of {"prompt", "answer"} or {"messages": [..., assistant]}.
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Also generate this many long-context QA records (needles, multi-hop links, aggregation)
+    /// over noise and the prose on this machine: training without a dataset.
+    #[arg(long, default_value_t = 0)]
+    synthetic: usize,
+    /// Document length of the synthetic records, in tokens (about).
+    #[arg(long, default_value_t = 2048)]
+    synthetic_tokens: usize,
+    /// Where to write the heads (safetensors, loadable with --heads).
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps (one record each, cycling); default: one pass over the records.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Longest prompt in tokens (longer ones keep their end).
+    #[arg(long, default_value_t = 10240)]
+    max_len: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Warm-up steps; default: 10 % of the steps.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Hidden width of each head (Locret uses 1024 on 8B models).
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    /// Weight of the smoothness term.
+    #[arg(long, default_value_t = 0.0025)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint (heads + optimiser) written every --save-every steps and resumed from if it
+    /// exists; default: OUT with the extension .ckpt.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// dtype of the saved heads.
+    #[arg(long, default_value = "bf16")]
+    save_dtype: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Tasks, comma-separated (niah_noise, niah_prose, multikey, multivalue, multiquery, two_hop,
+    /// vartrack, common_words).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "niah_noise,niah_prose,multikey,multivalue,multiquery,two_hop,vartrack,common_words"
+    )]
+    tasks: Vec<String>,
+    /// Prompt lengths in tokens (about), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096")]
+    lengths: Vec<usize>,
+    /// Cases per task and length.
+    #[arg(long, default_value_t = 5)]
+    cases: usize,
+    /// Methods, comma-separated: dense, ring, star, apb (training-free scorer), apb-heads (the
+    /// retaining heads of --heads).
+    #[arg(long, value_delimiter = ',', default_value = "dense,star,apb")]
+    attention: Vec<String>,
+    /// Ranks (threads) of ring / star / apb.
+    #[arg(long, default_value_t = 4)]
+    world_size: usize,
+    /// Retaining heads for apb-heads (file, directory or HF Hub id).
+    #[arg(long)]
+    heads: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// First case seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Results, one JSON row per case and method; an existing file is resumed.
+    #[arg(long)]
+    json: PathBuf,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    if a.cases == 0 || a.lengths.is_empty() || a.world_size == 0 {
+        bail!("--cases, --lengths and --world-size must be positive");
+    }
+    let device = parse_device(&a.m.device)?;
+    let dtype = parse_dtype(&a.m.dtype)?;
+    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
+    let base = Runner::new(load(&source, dtype, &device)?, Scorer::QueryAware);
+    let mut arms = Vec::new();
+    for name in &a.attention {
+        let (method, runner) = match name.as_str() {
+            "apb-heads" => {
+                let spec = a.heads.as_deref().context("apb-heads needs --heads")?;
+                let heads =
+                    apb_loaders::heads::load_heads(spec, &base.model().cfg, dtype, &device)?;
+                let mut r = base.clone();
+                r.scorer = Scorer::Heads(Arc::new(heads));
+                (Method::Apb, r)
+            }
+            m => (Method::parse(m)?, base.clone()),
+        };
+        let world = if method == Method::Dense {
+            1
+        } else {
+            a.world_size
+        };
+        arms.push(apb_host::eval::Arm {
+            label: name.clone(),
+            method,
+            world,
+            runner,
+        });
+    }
+    let table = apb_host::eval::run(
+        &arms,
+        &apb_host::eval::EvalConfig {
+            tasks: a.tasks,
+            lengths: a.lengths,
+            cases: a.cases,
+            seed: a.seed,
+            max_new_tokens: a.max_new_tokens,
+            out: a.json,
+        },
+    )?;
+    println!("{table}");
+    Ok(())
+}
+
+fn train_heads(a: TrainArgs) -> Result<()> {
+    if a.data.is_empty() && a.synthetic == 0 {
+        bail!("give training data (--data FILE.jsonl ...) or --synthetic N");
+    }
+    if a.hidden == 0 || a.max_len < 16 || !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--hidden must be positive, --max-len at least 16 and --lr a positive number");
+    }
+    let device = parse_device(&a.m.device)?;
+    let dtype = parse_dtype(&a.m.dtype)?;
+    let save_dtype = parse_dtype(&a.save_dtype)?;
+    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
+    let loaded = load(&source, dtype, &device)?;
+    let mut records = apb_host::train::read_jsonl(&loaded.tok, &a.data, a.max_len)?;
+    records.extend(apb_host::train::synthetic(
+        &loaded.tok,
+        a.synthetic,
+        a.synthetic_tokens,
+        a.seed,
+        a.max_len,
+    )?);
+    let steps = a.steps.unwrap_or(records.len());
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let cfg = apb_host::train::TrainConfig {
+        records,
+        checkpoint: a
+            .checkpoint
+            .clone()
+            .unwrap_or_else(|| a.out.with_extension("ckpt")),
+        out: a.out.clone(),
+        steps,
+        lr: a.lr,
+        warmup: a.warmup.unwrap_or(steps / 10),
+        hidden: a.hidden,
+        alpha: a.alpha,
+        seed: a.seed,
+        save_every: a.save_every,
+        save_dtype,
+    };
+    eprintln!(
+        "training {} steps on {} records of {} ({}), heads of width {}",
+        steps,
+        cfg.records.len(),
+        loaded.name,
+        a.m.device,
+        a.hidden
+    );
+    let (loss, overlap) = apb_host::train::train(&loaded.model, &cfg)?;
+    eprintln!(
+        "wrote {} (last loss {loss:.4}, top-10% overlap {:.1}%)",
+        a.out.display(),
+        100.0 * overlap
+    );
+    Ok(())
 }
 
 /// The model and where it runs (generate, serve).
@@ -561,6 +757,8 @@ fn main() -> ExitCode {
         .init();
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::TrainHeads(a) => train_heads(a),
+        Cmd::Eval(a) => eval(a),
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => bench_prefill(a),
         Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),

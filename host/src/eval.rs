@@ -1,0 +1,262 @@
+//! `apb eval`: the RULER-style suite of [`crate::tasks`] through several methods, every method on
+//! the same prompts, scored by each task's string match; a table per task and length, and the
+//! average. Results go to a JSONL file one case at a time, so an interrupted run resumes.
+
+use crate::layout::Method;
+use crate::prompt;
+use crate::ranks::Group;
+use crate::runner::{GenParams, Job, Runner};
+use crate::tasks::{self, Case};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+/// One method of the comparison: a label, the method, its ranks and its rank program (whose
+/// scorer decides APB's selection).
+pub struct Arm {
+    pub label: String,
+    pub method: Method,
+    pub world: usize,
+    pub runner: Runner,
+}
+
+/// One scored case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub method: String,
+    pub task: String,
+    pub length: usize,
+    pub seed: u64,
+    pub prompt_tokens: usize,
+    pub score: f64,
+    pub reply: String,
+    pub answers: Vec<String>,
+}
+
+pub struct EvalConfig {
+    pub tasks: Vec<String>,
+    /// Target prompt lengths in tokens.
+    pub lengths: Vec<usize>,
+    /// Cases per task and length.
+    pub cases: usize,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// JSONL of rows: appended to, and read back to skip cases already scored.
+    pub out: PathBuf,
+}
+
+/// The document text for a case of about `tokens` tokens: generated long, then cut at a sentence
+/// boundary to fit (measured with the model's tokenizer).
+fn case_for(
+    tok: &apb_loaders::Tok,
+    task: &str,
+    seed: u64,
+    tokens: usize,
+    prose: &[String],
+) -> Result<Case> {
+    let mut chars = tokens * 4;
+    for _ in 0..4 {
+        let c = tasks::generate(task, seed, chars, prose)?;
+        let n = tok.encode_plain(&c.document)?.len();
+        if n <= tokens || chars < 200 {
+            return Ok(c);
+        }
+        chars = (chars as f64 * tokens as f64 / n as f64 * 0.97) as usize;
+    }
+    tasks::generate(task, seed, chars, prose)
+}
+
+/// Runs every case × arm not yet in `cfg.out`, then prints and returns the summary table.
+pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
+    let tok = arms.first().context("no methods to evaluate")?.runner.tok();
+    let prose = if cfg.tasks.iter().any(|t| t == "niah_prose") {
+        tasks::prose_corpus()?
+    } else {
+        Vec::new()
+    };
+    for t in &cfg.tasks {
+        if !tasks::TASKS.contains(&t.as_str()) {
+            bail!("unknown task '{t}' (tasks: {})", tasks::TASKS.join(", "));
+        }
+    }
+    let mut done: HashSet<(String, String, usize, u64)> = HashSet::new();
+    let mut rows: Vec<Row> = Vec::new();
+    if cfg.out.exists() {
+        for (n, line) in std::fs::read_to_string(&cfg.out)?.lines().enumerate() {
+            let r: Row = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a result row", cfg.out.display(), n + 1))?;
+            done.insert((r.method.clone(), r.task.clone(), r.length, r.seed));
+            rows.push(r);
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.out)
+        .with_context(|| format!("cannot write {}", cfg.out.display()))?;
+    let total = cfg.tasks.len() * cfg.lengths.len() * cfg.cases * arms.len();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .expect("template"),
+    );
+    bar.set_position(done.len().min(total) as u64);
+    let groups: Vec<Group> = arms
+        .iter()
+        .map(|a| Group::threads(a.runner.clone(), a.world))
+        .collect::<Result<_>>()?;
+    let params = GenParams {
+        max_new_tokens: cfg.max_new_tokens,
+        ..Default::default()
+    };
+    let never = AtomicBool::new(false);
+    for &length in &cfg.lengths {
+        for task in &cfg.tasks {
+            for i in 0..cfg.cases {
+                let seed = cfg.seed + i as u64;
+                if arms
+                    .iter()
+                    .all(|a| done.contains(&(a.label.clone(), task.clone(), length, seed)))
+                {
+                    continue;
+                }
+                let case = case_for(tok, task, seed, length, &prose)?;
+                let parts = prompt::build(tok, &case.document, Some(&case.question), true)?;
+                for (arm, group) in arms.iter().zip(&groups) {
+                    let key = (arm.label.clone(), task.clone(), length, seed);
+                    if done.contains(&key) {
+                        continue;
+                    }
+                    let job = Job {
+                        prompt: parts.clone(),
+                        method: arm.method,
+                        world: arm.world,
+                        anchor_len: None,
+                        passing_len: None,
+                        params: params.clone(),
+                    };
+                    let g = group
+                        .run(&job, &never, &mut |_| {})
+                        .map_err(|e| anyhow::anyhow!("{} on {task} seed {seed}: {e}", arm.label))?;
+                    let row = Row {
+                        method: arm.label.clone(),
+                        task: task.clone(),
+                        length,
+                        seed,
+                        prompt_tokens: parts.len(),
+                        score: case.score(&g.text),
+                        reply: g.text,
+                        answers: case.answers.clone(),
+                    };
+                    writeln!(file, "{}", serde_json::to_string(&row)?)?;
+                    file.flush()?;
+                    bar.inc(1);
+                    if bar.is_hidden() {
+                        eprintln!(
+                            "{} {task} {length} seed {seed}: {:.2}",
+                            arm.label, row.score
+                        );
+                    }
+                    done.insert(key);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    bar.finish();
+    for g in groups {
+        g.shutdown()?;
+    }
+    let labels: Vec<String> = arms.iter().map(|a| a.label.clone()).collect();
+    Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks))
+}
+
+/// Markdown: one row per task and length, one column per method (mean score in %, cases), and
+/// the average over tasks per length.
+pub fn table(rows: &[Row], methods: &[String], lengths: &[usize], tasks: &[String]) -> String {
+    let mut acc: BTreeMap<(String, usize, String), (f64, usize)> = BTreeMap::new();
+    for r in rows {
+        let e = acc
+            .entry((r.task.clone(), r.length, r.method.clone()))
+            .or_default();
+        e.0 += r.score;
+        e.1 += 1;
+    }
+    let mut out = format!(
+        "| task | length | {} |\n|---|---:|{}\n",
+        methods.join(" | "),
+        "---:|".repeat(methods.len())
+    );
+    for &l in lengths {
+        let mut avg = vec![(0.0, 0usize); methods.len()];
+        for t in tasks {
+            let cells: Vec<String> = methods
+                .iter()
+                .enumerate()
+                .map(|(i, m)| match acc.get(&(t.clone(), l, m.clone())) {
+                    Some(&(s, n)) if n > 0 => {
+                        avg[i].0 += s / n as f64;
+                        avg[i].1 += 1;
+                        format!("{:.1} ({n})", 100.0 * s / n as f64)
+                    }
+                    _ => "—".into(),
+                })
+                .collect();
+            out += &format!("| {t} | {l} | {} |\n", cells.join(" | "));
+        }
+        let cells: Vec<String> = avg
+            .iter()
+            .map(|(s, n)| {
+                if *n > 0 {
+                    format!("**{:.1}**", 100.0 * s / *n as f64)
+                } else {
+                    "—".into()
+                }
+            })
+            .collect();
+        out += &format!("| **average** | {l} | {} |\n", cells.join(" | "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_averages_tasks_per_method() {
+        let row = |m: &str, t: &str, s: f64| Row {
+            method: m.into(),
+            task: t.into(),
+            length: 4096,
+            seed: 0,
+            prompt_tokens: 4000,
+            score: s,
+            reply: String::new(),
+            answers: vec![],
+        };
+        let rows = vec![
+            row("dense", "a", 1.0),
+            row("dense", "a", 0.0),
+            row("dense", "b", 1.0),
+            row("apb", "a", 0.0),
+            row("apb", "b", 0.5),
+        ];
+        let t = table(
+            &rows,
+            &["dense".into(), "apb".into()],
+            &[4096],
+            &["a".into(), "b".into()],
+        );
+        assert!(t.contains("| a | 4096 | 50.0 (2) | 0.0 (1) |"), "{t}");
+        assert!(t.contains("| b | 4096 | 100.0 (1) | 50.0 (1) |"), "{t}");
+        assert!(
+            t.contains("| **average** | 4096 | **75.0** | **25.0** |"),
+            "{t}"
+        );
+    }
+}

@@ -635,3 +635,121 @@ fn many_ranks_on_short_and_long_prompts_never_panic() {
         "at most 64",
     );
 }
+
+#[test]
+fn train_heads_then_eval_with_them_on_the_default_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let heads = dir.path().join("heads.safetensors");
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"The code is 4417. Repeat the code.\", \"answer\": \"4417\"}\n",
+    )
+    .unwrap();
+    let h = heads.to_str().unwrap();
+    let out = apb(
+        &[
+            "train-heads",
+            "--data",
+            data.to_str().unwrap(),
+            "--synthetic",
+            "1",
+            "--synthetic-tokens",
+            "200",
+            "--steps",
+            "3",
+            "--hidden",
+            "8",
+            "--out",
+            h,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(heads.is_file() && heads.with_extension("ckpt").is_file());
+    let rows = dir.path().join("eval.jsonl");
+    let out = apb(
+        &[
+            "eval",
+            "--tasks",
+            "niah_noise,multikey",
+            "--lengths",
+            "300",
+            "--cases",
+            "1",
+            "--attention",
+            "dense,apb-heads",
+            "--world-size",
+            "2",
+            "--heads",
+            h,
+            "--max-new-tokens",
+            "8",
+            "--json",
+            rows.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("| task | length | dense | apb-heads |"),
+        "{table}"
+    );
+    assert!(table.contains("| **average** | 300 |"), "{table}");
+    let text = std::fs::read_to_string(&rows).unwrap();
+    assert_eq!(text.lines().count(), 4, "2 tasks × 2 methods: {text}");
+    // A rerun finds every case done and only prints the table.
+    let again = apb(
+        &[
+            "eval",
+            "--tasks",
+            "niah_noise,multikey",
+            "--lengths",
+            "300",
+            "--cases",
+            "1",
+            "--attention",
+            "dense,apb-heads",
+            "--world-size",
+            "2",
+            "--heads",
+            h,
+            "--json",
+            rows.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(&rows).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn train_heads_and_eval_refuse_bad_arguments() {
+    let out = apb(&["train-heads", "--out", "/tmp/x.safetensors"], &[]);
+    assert_clean_error(&out, "--synthetic");
+    let out = apb(
+        &["eval", "--tasks", "nope", "--json", "/tmp/apb-eval-x.jsonl"],
+        &[],
+    );
+    assert_clean_error(&out, "unknown task 'nope'");
+    let out = apb(
+        &[
+            "eval",
+            "--attention",
+            "apb-heads",
+            "--json",
+            "/tmp/apb-eval-y.jsonl",
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "apb-heads needs --heads");
+}

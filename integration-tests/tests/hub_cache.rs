@@ -15,14 +15,27 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// Writes `src`'s files into an HF cache under `hub/` as `repo_id` at [`COMMIT`], `refs/main`.
 fn build_cache(hub: &Path, repo_id: &str, src: &Path) {
+    build_cache_files(
+        hub,
+        repo_id,
+        &[
+            (src.join("config.json"), "config.json"),
+            (src.join("model.safetensors"), "model.safetensors"),
+            (src.join("tokenizer.json"), "tokenizer.json"),
+        ],
+    );
+}
+
+/// Writes `files` (source path, name in the repo) as `repo_id` at [`COMMIT`], `refs/main`.
+fn build_cache_files(hub: &Path, repo_id: &str, files: &[(std::path::PathBuf, &str)]) {
     let repo = hub.join(format!("models--{}", repo_id.replace('/', "--")));
     let snap = repo.join("snapshots").join(COMMIT);
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        let bytes = std::fs::read(src.join(f)).unwrap();
+    for (src, f) in files {
+        let bytes = std::fs::read(src).unwrap();
         // Blob names are content hashes in real caches; any unique name works for readers.
         let blob = format!("blob-{}-{}", f.replace('.', "-"), bytes.len());
         std::fs::write(repo.join("blobs").join(&blob), &bytes).unwrap();
@@ -88,4 +101,46 @@ fn loads_from_hf_cache_offline() {
         greedy(&loaded.model, &Dense, &ids, 12),
         u32s(&exp["greedy"])
     );
+
+    // Retaining heads by hub id (`--heads org/name`), offline: the thunlp layout (a PyTorch
+    // `pytorch_model.bin`) and a safetensors repo give the same heads.
+    let heads_dir = fixture("heads");
+    build_cache_files(
+        &hub,
+        "apb-test/heads-bin",
+        &[(heads_dir.join("heads.pt"), "pytorch_model.bin")],
+    );
+    build_cache_files(
+        &hub,
+        "apb-test/heads-st",
+        &[(heads_dir.join("heads.safetensors"), "model.safetensors")],
+    );
+    let cfg = &loaded.model.cfg;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (1, 9, 128), &Device::Cpu).unwrap();
+    let score = |spec: &str| {
+        let h = apb_loaders::heads::load_heads(spec, cfg, DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let (nq, nkv) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        h.score(
+            1,
+            &x.narrow(2, 0, nq).unwrap(),
+            &x.narrow(2, nq, nkv).unwrap(),
+            &x.narrow(2, nq + nkv, nkv).unwrap(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+    };
+    assert_eq!(score("apb-test/heads-bin"), score("apb-test/heads-st"));
+    let err =
+        apb_loaders::heads::load_heads("apb-test/absent-heads", cfg, DType::F32, &Device::Cpu)
+            .err()
+            .expect("absent heads repo must fail")
+            .to_string();
+    assert!(err.contains("apb-test/absent-heads"), "{err}");
 }

@@ -75,9 +75,23 @@ impl Rng {
 const NOISE: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 
-/// Prose for haystacks: the README files of the crates in cargo's registry cache (present on
-/// any machine that built this workspace), markdown code blocks removed, in a fixed order.
+/// Prose for haystacks: the README files of this workspace's locked dependencies (Cargo.lock,
+/// built in) in cargo's registry cache, present on any machine that fetched the workspace;
+/// markdown code blocks, headings, tables and short lines removed; sorted by crate. The same text
+/// on every such machine.
 pub fn prose_corpus() -> Result<Vec<String>> {
+    let locked: std::collections::HashSet<String> = include_str!("../../Cargo.lock")
+        .split("[[package]]")
+        .filter(|p| p.contains("source = \"registry+"))
+        .filter_map(|p| {
+            let field = |k: &str| {
+                p.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().trim_matches('"').to_string())
+            };
+            Some(format!("{}-{}", field("name = ")?, field("version = ")?))
+        })
+        .collect();
     let home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
@@ -85,6 +99,9 @@ pub fn prose_corpus() -> Result<Vec<String>> {
     let mut files = Vec::new();
     for reg in std::fs::read_dir(home.join("registry/src"))?.flatten() {
         for krate in std::fs::read_dir(reg.path())?.flatten() {
+            if !locked.contains(krate.file_name().to_string_lossy().as_ref()) {
+                continue;
+            }
             let p = krate.path().join("README.md");
             if p.is_file() {
                 files.push(p);
@@ -110,7 +127,11 @@ pub fn prose_corpus() -> Result<Vec<String>> {
         }
     }
     if out.len() < 200 {
-        bail!("the prose corpus (README files under {}/registry/src) has {} lines; run `cargo fetch` first", home.display(), out.len());
+        bail!(
+            "the prose corpus (README files of the locked crates under {}/registry/src) has {} lines; run `cargo fetch --locked` first",
+            home.display(),
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -247,12 +268,10 @@ mod tests {
 
     #[test]
     fn cases_are_deterministic_and_scored_by_string_match() {
+        let prose = prose_corpus().unwrap();
         for t in TASKS {
-            if t == "niah_prose" {
-                continue;
-            }
-            let a = generate(t, 7, 2000, &[]).unwrap();
-            let b = generate(t, 7, 2000, &[]).unwrap();
+            let a = generate(t, 7, 2000, &prose).unwrap();
+            let b = generate(t, 7, 2000, &prose).unwrap();
             assert_eq!(a.document, b.document, "{t}");
             assert!(a.document.len() >= 2000, "{t}");
             let perfect = a.answers.join(", ");
@@ -265,6 +284,13 @@ mod tests {
                 }
             }
         }
+        let prose = prose_corpus().unwrap();
+        let p = generate("niah_prose", 3, 5000, &prose).unwrap();
+        assert!(p.document.contains(&p.answers[0]));
+        assert_eq!(
+            p.document,
+            generate("niah_prose", 3, 5000, &prose).unwrap().document
+        );
         let c = generate("multivalue", 1, 1000, &[]).unwrap();
         assert!((c.score(&c.answers[0]) - 1.0 / 3.0).abs() < 1e-9);
         assert!(generate("nope", 1, 100, &[]).is_err());

@@ -18,7 +18,8 @@ fn key(i: usize, fc: &str) -> String {
     format!("model.layers.{i}.self_attn.{fc}.weight")
 }
 
-/// Loads heads for `cfg` from a file, a directory holding one, or an HF Hub id.
+/// Loads heads for `cfg` from a registered model name (the heads shipped for it), a file, a
+/// directory holding one, or an HF Hub id.
 pub fn load_heads(
     spec: &str,
     cfg: &Config,
@@ -78,6 +79,18 @@ const CANDIDATES: &[&str] = &[
 ];
 
 fn resolve(spec: &str) -> Result<PathBuf> {
+    if let Some(p) = crate::registry::shipped_heads(spec) {
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(LoadError::file(
+                &p,
+                format!(
+                    "the heads shipped for {spec} are not there (the repository's heads/ folder)"
+                ),
+            ))
+        };
+    }
     let p = Path::new(spec);
     if p.is_file() {
         return Ok(p.to_path_buf());

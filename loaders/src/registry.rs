@@ -37,3 +37,13 @@ pub fn named(name: &str) -> Option<(PathBuf, &'static str)> {
 pub fn names() -> Vec<&'static str> {
     NAMED.iter().map(|(n, _, _)| *n).collect()
 }
+
+/// Retaining heads trained by this project for a registered model (`--heads NAME`): in the
+/// repository's `heads/` folder (heads/README.md says how they were made).
+pub fn shipped_heads(name: &str) -> Option<PathBuf> {
+    NAMED.iter().find(|(n, _, _)| *n == name).map(|(n, _, _)| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../heads")
+            .join(format!("{n}.safetensors"))
+    })
+}

@@ -139,8 +139,7 @@ fn loads_from_hf_cache_offline() {
     assert_eq!(score("apb-test/heads-bin"), score("apb-test/heads-st"));
     let err =
         apb_loaders::heads::load_heads("apb-test/absent-heads", cfg, DType::F32, &Device::Cpu)
-            .err()
-            .expect("absent heads repo must fail")
+            .expect_err("absent heads repo must fail")
             .to_string();
     assert!(err.contains("apb-test/absent-heads"), "{err}");
 }

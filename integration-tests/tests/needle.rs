@@ -1,5 +1,6 @@
 //! The real default model end to end on CPU ranks: a ≥4K-token needle-in-a-haystack prompt,
-//! answered by `dense` and by APB (training-free scorer) on 2 and 4 ranks.
+//! answered by `dense` and by APB (training-free scorer) on 2 and 4 ranks, and by APB with the
+//! retaining heads shipped for the model (`--heads smollm2-135m-instruct`) on 4 ranks.
 
 use apb_host::layout::Method;
 use apb_host::{prompt, GenParams, Runner};
@@ -41,4 +42,16 @@ fn apb_finds_the_needle_like_dense() {
         assert!(d.plan.l_a >= parts.prefix_len + parts.question.len() && d.plan.l_p > 0);
         assert!(d.text.contains("73914"), "apb H={world}: {:?}", d.text);
     }
+
+    let heads = apb_loaders::heads::load_heads(
+        "smollm2-135m-instruct",
+        &m.model().cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut trained = m.clone();
+    trained.scorer = Scorer::Heads(std::sync::Arc::new(heads));
+    let d = run_job(&trained, &job(&parts, Method::Apb, 4, &params));
+    assert!(d.text.contains("73914"), "apb + heads H=4: {:?}", d.text);
 }

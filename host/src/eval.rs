@@ -115,8 +115,9 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
     };
     let never = AtomicBool::new(false);
     for &length in &cfg.lengths {
-        for task in &cfg.tasks {
-            for i in 0..cfg.cases {
+        // Case-major: an interrupted run has every task at the same number of cases.
+        for i in 0..cfg.cases {
+            for task in &cfg.tasks {
                 let seed = cfg.seed + i as u64;
                 if arms
                     .iter()

@@ -153,11 +153,11 @@ impl Heads {
         for (i, (a, b)) in self.fc1.iter().zip(&self.fc2).enumerate() {
             map.insert(
                 format!("model.layers.{i}.self_attn.fc1.weight"),
-                a.as_tensor().to_dtype(dtype)?,
+                a.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?,
             );
             map.insert(
                 format!("model.layers.{i}.self_attn.fc2.weight"),
-                b.as_tensor().to_dtype(dtype)?,
+                b.as_tensor().to_dtype(dtype)?.to_device(&Device::Cpu)?,
             );
         }
         candle_core::safetensors::save(&map, path)
@@ -287,8 +287,8 @@ impl AdamW {
     fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut map = HashMap::new();
         for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
-            map.insert(format!("opt.m.{i}"), m.clone());
-            map.insert(format!("opt.v.{i}"), v.clone());
+            map.insert(format!("opt.m.{i}"), m.to_device(&Device::Cpu)?);
+            map.insert(format!("opt.v.{i}"), v.to_device(&Device::Cpu)?);
         }
         map.insert(
             "opt.step".into(),
@@ -302,8 +302,8 @@ impl AdamW {
 pub fn save_checkpoint(path: &Path, heads: &Heads, opt: &AdamW) -> Result<()> {
     let mut map = opt.state()?;
     for (i, (a, b)) in heads.fc1.iter().zip(&heads.fc2).enumerate() {
-        map.insert(format!("fc1.{i}"), a.as_tensor().clone());
-        map.insert(format!("fc2.{i}"), b.as_tensor().clone());
+        map.insert(format!("fc1.{i}"), a.as_tensor().to_device(&Device::Cpu)?);
+        map.insert(format!("fc2.{i}"), b.as_tensor().to_device(&Device::Cpu)?);
     }
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&map, &tmp)?;
@@ -336,7 +336,9 @@ pub fn load_checkpoint(path: &Path, heads: &Heads, opt: &mut AdamW, dev: &Device
         opt.m[i] = get(format!("opt.m.{i}"))?;
         opt.v[i] = get(format!("opt.v.{i}"))?;
     }
-    opt.step = get("opt.step".into())?.to_vec1::<u32>()?[0] as usize;
+    opt.step = get("opt.step".into())?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<u32>()?[0] as usize;
     Ok(())
 }
 

@@ -12,49 +12,7 @@ set -euo pipefail
 APB=${APB:-/tmp/apb-bin/apb}
 W=${W:-$PWD/.cache/llama8b-random}
 mkdir -p "$W"
-python3 - "$W" <<'PY'
-# Random weights written straight to a safetensors file, one tensor at a time (no extra packages).
-import json, os, struct, sys, torch
-w = sys.argv[1]
-if os.path.exists(f"{w}/model.safetensors"):
-    sys.exit(0)
-cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-       "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-       "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-       "max_position_embeddings": 131072, "tie_word_embeddings": False,
-       "bos_token_id": 1, "eos_token_id": 2,
-       "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
-json.dump(cfg, open(f"{w}/config.json", "w"))
-h, i, v, d = 4096, 14336, 128256, 128
-shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
-for l in range(32):
-    p = f"model.layers.{l}."
-    shapes.update({p + "self_attn.q_proj.weight": (32 * d, h), p + "self_attn.k_proj.weight": (8 * d, h),
-                   p + "self_attn.v_proj.weight": (8 * d, h), p + "self_attn.o_proj.weight": (h, 32 * d),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)})
-header, off = {}, 0
-for name, shape in shapes.items():
-    n = 2
-    for s in shape:
-        n *= s
-    header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-    off += n
-hb = json.dumps(header).encode()
-hb += b" " * (-len(hb) % 8)
-g = torch.Generator(device="cuda").manual_seed(0)
-with open(f"{w}/model.safetensors.tmp", "wb") as f:
-    f.write(struct.pack("<Q", len(hb)) + hb)
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16).cpu()
-        f.write(t.view(torch.int16).numpy().tobytes())
-os.rename(f"{w}/model.safetensors.tmp", f"{w}/model.safetensors")
-PY
+python3 scripts/random_llama.py llama-3.1-8b "$W"
 cp dist/tokenizer.json "$W/tokenizer.json"
 doc="$W/doc-32k.txt"
 python3 - "$doc" <<'PY'

@@ -10,7 +10,7 @@ use crate::tasks::{self, Case};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
@@ -34,6 +34,9 @@ pub struct Row {
     pub score: f64,
     pub reply: String,
     pub answers: Vec<String>,
+    /// The settings the row was made with (model, heads, ranks, tokens): a resumed run must match.
+    #[serde(default)]
+    pub setup: String,
 }
 
 pub struct EvalConfig {
@@ -46,6 +49,9 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// JSONL of rows: appended to, and read back to skip cases already scored.
     pub out: PathBuf,
+    /// Model, heads, ranks and generation settings, stored in every row; rows made with other
+    /// settings are refused on resume.
+    pub setup: String,
 }
 
 /// The document text for a case of about `tokens` tokens: generated long, then cut at a sentence
@@ -88,6 +94,15 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
         for (n, line) in std::fs::read_to_string(&cfg.out)?.lines().enumerate() {
             let r: Row = serde_json::from_str(line)
                 .with_context(|| format!("{}:{}: not a result row", cfg.out.display(), n + 1))?;
+            if r.setup != cfg.setup {
+                bail!(
+                    "{}:{}: made with other settings ({}; now {}): use another --json",
+                    cfg.out.display(),
+                    n + 1,
+                    r.setup,
+                    cfg.setup
+                );
+            }
             done.insert((r.method.clone(), r.task.clone(), r.length, r.seed));
             rows.push(r);
         }
@@ -118,7 +133,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
         // Case-major: an interrupted run has every task at the same number of cases.
         for i in 0..cfg.cases {
             for task in &cfg.tasks {
-                let seed = cfg.seed + i as u64;
+                let seed = cfg.seed.wrapping_add(i as u64);
                 if arms
                     .iter()
                     .all(|a| done.contains(&(a.label.clone(), task.clone(), length, seed)))
@@ -152,8 +167,9 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         score: case.score(&g.text),
                         reply: g.text,
                         answers: case.answers.clone(),
+                        setup: cfg.setup.clone(),
                     };
-                    writeln!(file, "{}", serde_json::to_string(&row)?)?;
+                    file.write_all(format!("{}\n", serde_json::to_string(&row)?).as_bytes())?;
                     file.flush()?;
                     bar.inc(1);
                     if bar.is_hidden() {
@@ -173,6 +189,11 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
         g.shutdown()?;
     }
     let labels: Vec<String> = arms.iter().map(|a| a.label.clone()).collect();
+    // This run's cases only (a file may hold more seeds from an earlier, longer run).
+    let seeds: HashSet<u64> = (0..cfg.cases as u64)
+        .map(|i| cfg.seed.wrapping_add(i))
+        .collect();
+    rows.retain(|r| seeds.contains(&r.seed));
     Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks))
 }
 
@@ -239,6 +260,7 @@ mod tests {
             score: s,
             reply: String::new(),
             answers: vec![],
+            setup: String::new(),
         };
         let rows = vec![
             row("dense", "a", 1.0),

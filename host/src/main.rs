@@ -216,8 +216,9 @@ struct EvalArgs {
     heads: Option<String>,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
-    /// First case seed.
-    #[arg(long, default_value_t = 0)]
+    /// First case seed. The default keeps clear of `apb train-heads --synthetic` (seeds from 0),
+    /// so heads are never scored on cases they were trained on.
+    #[arg(long, default_value_t = 1_000_000)]
     seed: u64,
     /// Results, one JSON row per case and method; an existing file is resumed.
     #[arg(long)]
@@ -266,6 +267,14 @@ fn eval(a: EvalArgs) -> Result<()> {
             seed: a.seed,
             max_new_tokens: a.max_new_tokens,
             out: a.json,
+            setup: format!(
+                "model {}, heads {}, world {}, max_new_tokens {}, dtype {}",
+                a.m.model,
+                a.heads.as_deref().unwrap_or("-"),
+                a.world_size,
+                a.max_new_tokens,
+                a.m.dtype
+            ),
         },
     )?;
     println!("{table}");
@@ -295,6 +304,18 @@ fn train_heads(a: TrainArgs) -> Result<()> {
     let steps = a.steps.unwrap_or(records.len());
     if steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    let out_dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "--out {}: the folder {} does not exist",
+            a.out.display(),
+            out_dir.display()
+        );
     }
     let cfg = apb_host::train::TrainConfig {
         records,

@@ -306,7 +306,8 @@ pub fn save_checkpoint(path: &Path, heads: &Heads, opt: &AdamW) -> Result<()> {
         map.insert(format!("fc2.{i}"), b.as_tensor().to_device(&Device::Cpu)?);
     }
     let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&map, &tmp)?;
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -388,14 +389,20 @@ pub fn read_jsonl(
                     n + 1
                 );
             };
-            out.push(chat_record(tok, &messages, &answer, max_len)?);
+            out.push(
+                chat_record(tok, &messages, &answer, max_len)
+                    .with_context(|| format!("{}:{}", f.display(), n + 1))?,
+            );
         }
     }
     Ok(out)
 }
 
-/// The model's chat template around `messages` (generation prompt included), then `answer`;
-/// the prompt is cut from the front to `max_len` tokens.
+/// Answer tokens kept per record.
+const MAX_ANSWER_TOKENS: usize = 512;
+
+/// The model's chat template around `messages` (generation prompt included), then `answer` (its
+/// first [`MAX_ANSWER_TOKENS`]); the prompt is cut from the front to `max_len` tokens.
 pub fn chat_record(
     tok: &apb_loaders::Tok,
     messages: &[apb_loaders::ChatMessage],
@@ -407,7 +414,12 @@ pub fn chat_record(
     if prompt.len() > max_len {
         prompt.drain(..prompt.len() - max_len);
     }
-    let answer = tok.encode_plain(answer)?;
+    let mut answer = tok.encode_plain(answer)?;
+    if answer.is_empty() {
+        bail!("the answer is empty");
+    }
+    // Labels take the max over answer queries: a few hundred tokens say all they can.
+    answer.truncate(MAX_ANSWER_TOKENS);
     Ok(Record { prompt, answer })
 }
 
@@ -428,7 +440,12 @@ pub fn synthetic(
         .collect();
     (0..n)
         .map(|i| {
-            let c = tasks::generate(names[i % names.len()], seed + i as u64, tokens * 4, &prose)?;
+            let c = tasks::generate(
+                names[i % names.len()],
+                seed.wrapping_add(i as u64),
+                tokens.saturating_mul(4),
+                &prose,
+            )?;
             // The question before the document too (Locret-Q): under APB the anchor carries the
             // question, so the keys a rank scores have seen it.
             let msg = apb_loaders::ChatMessage::user(&format!(
@@ -475,7 +492,15 @@ pub fn train(model: &Model, cfg: &TrainConfig) -> Result<(f64, f64)> {
     let mut opt = AdamW::new(&heads, cfg.lr, cfg.warmup, cfg.steps)?;
     if cfg.checkpoint.exists() {
         load_checkpoint(&cfg.checkpoint, &heads, &mut opt, &dev)?;
-        tracing::info!(
+        if opt.step >= cfg.steps {
+            bail!(
+                "the checkpoint {} is already at step {} of --steps {}: raise --steps to train on, or delete it to start over",
+                cfg.checkpoint.display(),
+                opt.step,
+                cfg.steps
+            );
+        }
+        eprintln!(
             "resuming from {} at step {}",
             cfg.checkpoint.display(),
             opt.step

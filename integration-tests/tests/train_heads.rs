@@ -29,6 +29,7 @@ fn record(prompt: usize, answer: usize) -> Record {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
+    println!("record seed {t}");
     let mut x = t | 1;
     let mut next = move || {
         x ^= x << 13;
@@ -172,8 +173,15 @@ fn steps_lower_the_loss_and_checkpoints_resume() {
         let (l, _) = train::loss(&resumed, &ex, 0.0025).unwrap();
         o3.step(&resumed, &l).unwrap();
     }
-    for (a, b) in straight.fc1.iter().zip(&resumed.fc1) {
-        let diff = (a.as_tensor() - b.as_tensor())
+    let all = |h: &Heads| {
+        h.fc1
+            .iter()
+            .chain(&h.fc2)
+            .map(|v| v.as_tensor().clone())
+            .collect::<Vec<_>>()
+    };
+    for (a, b) in all(&straight).iter().zip(all(&resumed)) {
+        let diff = (a - &b)
             .unwrap()
             .abs()
             .unwrap()

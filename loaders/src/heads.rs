@@ -79,19 +79,21 @@ const CANDIDATES: &[&str] = &[
 ];
 
 fn resolve(spec: &str) -> Result<PathBuf> {
-    if let Some(p) = crate::registry::shipped_heads(spec) {
-        return if p.is_file() {
-            Ok(p)
+    let p = Path::new(spec);
+    // A registered model name: the heads shipped for it (a local file or folder of that name
+    // comes first).
+    if let Some(shipped) = crate::registry::shipped_heads(spec).filter(|_| !p.exists()) {
+        return if shipped.is_file() {
+            Ok(shipped)
         } else {
             Err(LoadError::file(
-                &p,
+                &shipped,
                 format!(
-                    "the heads shipped for {spec} are not there (the repository's heads/ folder)"
+                    "the heads shipped for {spec} are not there (they live in the repository's heads/ folder; pass their path instead)"
                 ),
             ))
         };
     }
-    let p = Path::new(spec);
     if p.is_file() {
         return Ok(p.to_path_buf());
     }

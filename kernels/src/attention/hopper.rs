@@ -76,7 +76,13 @@ pub fn choice() -> Kernel {
         Ok("mma") => Kernel::Mma,
         Ok("cudnn") => Kernel::Cudnn,
         Ok("flashinfer") => Kernel::FlashInfer,
-        _ => Kernel::Auto,
+        Ok("auto") | Err(_) => Kernel::Auto,
+        Ok(other) => {
+            eprintln!(
+                "warning: APB_ATTENTION={other:?} is not one of auto, mma, flashinfer, cudnn; using auto"
+            );
+            Kernel::Auto
+        }
     })
 }
 
@@ -98,13 +104,27 @@ pub fn kernel_for(device: &candle_core::Device, head_dim: usize) -> Result<Optio
     })
 }
 
-fn is_hopper(dev: &CudaDevice) -> Result<bool> {
+/// Compute capability 9.x.
+pub fn is_hopper(dev: &CudaDevice) -> Result<bool> {
     let major = dev
         .cuda_stream()
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
         .map_err(crate::cuda::err)?;
     Ok(major == 9)
+}
+
+/// Tells once per kernel that it failed and was skipped.
+fn warn_once(kernel: Kernel, e: &candle_core::Error) {
+    static WARNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut w = WARNED.lock().expect("warned");
+    if !w.contains(&kernel.name()) {
+        w.push(kernel.name());
+        eprintln!(
+            "warning: {} attention failed ({e}); using the next kernel",
+            kernel.name()
+        );
+    }
 }
 
 /// One call of a fused kernel: a block of query rows over a block of keys, no mask or
@@ -210,7 +230,14 @@ pub fn run(
             lse: lse.as_ref(),
             causal: mask.causal,
         };
-        kernel.run_piece(&piece, &dev)?;
+        if let Err(e) = kernel.run_piece(&piece, &dev) {
+            if forced {
+                return Err(e);
+            }
+            // Auto: a kernel that refuses this shape at run time gives way to the next one.
+            warn_once(kernel, &e);
+            return Ok(None);
+        }
         if let Some((l, _)) = lse {
             lses.push(l);
         }

@@ -723,13 +723,43 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
             "2",
             "--heads",
             h,
+            "--max-new-tokens",
+            "8",
             "--json",
             rows.to_str().unwrap(),
         ],
         &[],
     );
-    assert!(again.status.success());
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&rows).unwrap().lines().count(), 4);
+    // Other settings on the same file are refused, not mixed in.
+    let other = apb(
+        &[
+            "eval",
+            "--tasks",
+            "niah_noise",
+            "--lengths",
+            "300",
+            "--cases",
+            "1",
+            "--attention",
+            "dense",
+            "--world-size",
+            "2",
+            "--heads",
+            h,
+            "--max-new-tokens",
+            "9",
+            "--json",
+            rows.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&other, "made with other settings");
 }
 
 #[test]

@@ -1,28 +1,28 @@
-//! Sequence-parallel backends, side by side with one signature: `ring` (exact), `star` (Star
-//! Attention: anchor, no passing) and `apb` (anchor with the question + passing blocks chosen by a
-//! scorer). One instance per rank per request; ranks talk only through a [`Communicator`].
+//! The backend every sequence-parallel [`Method`] runs on each rank. One instance per rank per
+//! request; ranks talk only through a [`Communicator`].
 //!
-//! Prefill: rank `h` runs `[anchor | local | probe]` rows (see [`RankLayout`]); the cache keeps
-//! the local block only (padding trimmed). Decode (the question segment and generated tokens):
-//! every rank runs the new tokens, attends its own cache, and the outputs are merged by
-//! log-sum-exp; only the last rank appends the new tokens' KV.
+//! Prefill: rank `h` runs `[anchor | local | probe]` rows (see [`RankLayout`]) through the
+//! method's attention; the cache keeps the local rows only (padding trimmed). Decode (the question
+//! segment and generated tokens), the same for every method: every rank runs the new tokens,
+//! attends its own cache (all of it precedes them), and the outputs are merged by log-sum-exp;
+//! only the last rank appends the new tokens' KV.
 
 use crate::comm::Communicator;
-use crate::profile::span;
-use crate::scorer::{select_top, Scorer};
+use crate::method::{Method, RankCtx};
+use crate::scorer::Scorer;
 use crate::{attention, Mask};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
 /// Where this rank's prefill rows come from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RankLayout {
-    /// Anchor rows at the front (0 on rank 0 and for `ring`).
+    /// Anchor rows at the front (Star and APB on ranks > 0).
     pub anchor: usize,
-    /// Local block rows, padding included.
+    /// Local rows (the rank's share of the context), padding included.
     pub local: usize,
-    /// Padding rows at the end of the local block (last rank).
+    /// Padding rows at the end of the local rows.
     pub pad: usize,
     /// Extra rows after the local block whose KV is dropped (rank 0's question probe).
     pub probe: usize,
@@ -40,26 +40,9 @@ impl RankLayout {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Ring,
-    Star,
-    Apb,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Ring => "ring",
-            Kind::Star => "star",
-            Kind::Apb => "apb",
-        }
-    }
-}
-
 /// One rank's backend for one request.
 pub struct RankBackend {
-    kind: Kind,
+    method: Method,
     comm: Arc<dyn Communicator>,
     layout: RankLayout,
     scorer: Scorer,
@@ -67,7 +50,7 @@ pub struct RankBackend {
 
 impl RankBackend {
     pub fn new(
-        kind: Kind,
+        method: Method,
         comm: Arc<dyn Communicator>,
         layout: RankLayout,
         scorer: Scorer,
@@ -78,7 +61,7 @@ impl RankBackend {
             )));
         }
         Ok(Self {
-            kind,
+            method,
             comm,
             layout,
             scorer,
@@ -109,62 +92,12 @@ impl RankBackend {
 
     fn prefill(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
         self.check_rows(x.q)?;
-        let rank = self.comm.rank();
-        let out = match self.kind {
-            Kind::Star => {
-                span("attention", x.q.device(), || {
-                    attention(x.q, x.k, x.v, Mask::causal(), false)
-                })?
-                .0
-            }
-            Kind::Ring => ring_prefill(self.comm.as_ref(), x)?,
-            Kind::Apb => {
-                let l = &self.layout;
-                let n_kv = x.k.dim(1)?;
-                let dev = x.q.device();
-                let scores = span("retaining_heads", dev, || {
-                    self.scorer.score(
-                        x.layer,
-                        x.q_raw,
-                        x.k_raw,
-                        x.v_raw,
-                        n_kv,
-                        l.question_rows.clone(),
-                    )
-                })?;
-                let picks = span("topk", dev, || {
-                    select_top(&scores, l.exclude_front..l.anchor + l.local - l.pad, l.l_p)
-                })?;
-                if rank + 1 < self.comm.world_size()
-                    && l.anchor + l.local - l.pad - l.exclude_front < l.l_p
-                {
-                    return Err(Error::Config(format!(
-                        "rank {rank} has fewer candidates than l_p = {}",
-                        l.l_p
-                    )));
-                }
-                // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-                let packed = span("topk", dev, || apb_kernels::gather_kv(x.k, x.v, &picks))?;
-                let all = span("communication", dev, || self.comm.all_gather(&packed))?;
-                if rank == 0 || l.l_p == 0 {
-                    span("attention", dev, || {
-                        attention(x.q, x.k, x.v, Mask::causal(), false)
-                    })?
-                    .0
-                } else {
-                    let passing = Tensor::cat(&all[..rank], 2)?;
-                    let d = x.k.dim(3)?;
-                    let k =
-                        Tensor::cat(&[&passing.narrow(3, 0, d)?.to_dtype(x.k.dtype())?, x.k], 2)?;
-                    let v =
-                        Tensor::cat(&[&passing.narrow(3, d, d)?.to_dtype(x.v.dtype())?, x.v], 2)?;
-                    span("attention", dev, || {
-                        attention(x.q, &k, &v, Mask::apb(l.anchor, rank * l.l_p), false)
-                    })?
-                    .0
-                }
-            }
+        let ctx = RankCtx {
+            comm: self.comm.as_ref(),
+            layout: &self.layout,
+            scorer: &self.scorer,
         };
+        let out = self.method.imp().prefill(&ctx, x)?;
         self.keep_local(x, cache)?;
         Ok(out)
     }
@@ -199,7 +132,7 @@ impl RankBackend {
 
 impl AttentionBackend for RankBackend {
     fn name(&self) -> &str {
-        self.kind.name()
+        self.method.name()
     }
     fn forward(&self, phase: Phase, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
         match phase {
@@ -207,31 +140,6 @@ impl AttentionBackend for RankBackend {
             Phase::Decode => self.decode(x, cache),
         }
     }
-}
-
-/// Exact sequence parallelism: every rank's K/V block reaches every later rank (here by one
-/// all-gather), each rank attends its queries to the blocks before it (no mask) and its own
-/// (causal), merging block results by log-sum-exp as ring attention does.
-fn ring_prefill(comm: &dyn Communicator, x: &AttnInput<'_>) -> Result<Tensor> {
-    let rank = comm.rank();
-    let d = x.k.dim(3)?;
-    let dev = x.q.device();
-    let kv = Tensor::cat(&[x.k, x.v], D::Minus1)?;
-    let blocks = span("communication", dev, || comm.all_gather(&kv))?;
-    let mut outs = Vec::with_capacity(rank + 1);
-    let mut lses = Vec::with_capacity(rank + 1);
-    for (src, kv) in blocks.iter().enumerate().take(rank + 1) {
-        let (k, v) = (kv.narrow(3, 0, d)?, kv.narrow(3, d, d)?);
-        let mask = if src == rank {
-            Mask::causal()
-        } else {
-            Mask::full()
-        };
-        let (o, l) = span("attention", dev, || attention(x.q, &k, &v, mask, true))?;
-        outs.push(o.to_dtype(DType::F32)?);
-        lses.push(l.ok_or_else(|| Error::Shape("no LSE".into()))?);
-    }
-    Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
 }
 
 /// Log-sum-exp merge of partial attention results (f32): `outs[i]` `(b, h, s, d)`,

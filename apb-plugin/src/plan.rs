@@ -25,6 +25,31 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// One rank holding the whole context (dense, or a fallback).
+    pub fn one_rank(n: usize, notes: Vec<String>) -> Self {
+        Plan {
+            world: 1,
+            n,
+            l_b: n,
+            l_a: 0,
+            l_p: 0,
+            notes,
+        }
+    }
+
+    /// The one note of a fallback to `world` ranks (none when nothing misfit).
+    pub fn fallback_note(misfit: Option<String>, world: usize) -> Vec<String> {
+        misfit
+            .map(|m| {
+                format!(
+                    "{m}; using {world} rank{}",
+                    if world == 1 { "" } else { "s" }
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// Padding at the end of the last rank's block.
     pub fn pad(&self) -> usize {
         self.world * self.l_b - self.n
@@ -75,17 +100,6 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
     }
     // One note for the whole fallback, however many rank counts were tried.
     let mut first_misfit: Option<String> = None;
-    let note = |misfit: &Option<String>, world: usize| -> Vec<String> {
-        misfit
-            .iter()
-            .map(|m| {
-                format!(
-                    "{m}; using {world} rank{}",
-                    if world == 1 { "" } else { "s" }
-                )
-            })
-            .collect()
-    };
     let mut world = req.world;
     loop {
         let l_b = req.n.div_ceil(world);
@@ -109,14 +123,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
             req.passing_len.unwrap_or_else(|| round_tile(l_b / 8))
         };
         if world == 1 {
-            return Ok(Plan {
-                world: 1,
-                n: req.n,
-                l_b: req.n,
-                l_a: 0,
-                l_p: 0,
-                notes: note(&first_misfit, 1),
-            });
+            return Ok(Plan::one_rank(req.n, Plan::fallback_note(first_misfit, 1)));
         }
         // Rank 0 selects among its tokens after the first l_a; the anchor is cut from the context.
         // Every rank must hold at least one real context token (no block of padding only).
@@ -131,7 +138,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
                 l_b,
                 l_a,
                 l_p,
-                notes: note(&first_misfit, world),
+                notes: Plan::fallback_note(first_misfit, world),
             });
         }
         first_misfit.get_or_insert_with(|| {

@@ -5,7 +5,7 @@
 use apb_plugin::scorer::select_top;
 use apb_plugin::{attention, reference_attention, Mask};
 use apb_plugin::{
-    merge_lse, AttentionBackend, AttnInput, Communicator, Kind, LayerKv, LocalGroup, Phase,
+    merge_lse, AttentionBackend, AttnInput, Communicator, LayerKv, LocalGroup, Method, Phase,
     RankBackend, RankLayout, Scorer,
 };
 use candle_core::{Device, Tensor};
@@ -69,7 +69,7 @@ fn apb_rank_attention_matches_boolean_mask_reference() {
             .map(|(c, r)| {
                 let c: Arc<dyn Communicator> = c.clone();
                 s.spawn(move || {
-                    let b = RankBackend::new(Kind::Apb, c, r.layout.clone(), Scorer::QueryAware)
+                    let b = RankBackend::new(Method::APB, c, r.layout.clone(), Scorer::QueryAware)
                         .unwrap();
                     let x = AttnInput {
                         layer: 0,

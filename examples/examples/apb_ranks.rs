@@ -4,8 +4,8 @@
 //! `cargo run --release -p apb-examples --example apb_ranks`
 
 use anyhow::Result;
-use apb_host::layout::Method;
 use apb_host::ranks::Group;
+use apb_host::Method;
 use apb_host::{prompt, GenParams, Job, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
@@ -30,7 +30,7 @@ fn main() -> Result<()> {
     let context = parts.context.len();
     let job = Job {
         prompt: parts,
-        method: Method::Apb,
+        method: Method::APB,
         world: 4,
         anchor_len: None,
         passing_len: None,

@@ -4,8 +4,8 @@
 //! `cargo run --release -p apb-examples --example generate -- "Your prompt"`
 
 use anyhow::Result;
-use apb_host::layout::Method;
 use apb_host::ranks::Group;
+use apb_host::Method;
 use apb_host::{prompt, GenParams, Job, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
@@ -23,7 +23,7 @@ fn main() -> Result<()> {
     let group = Group::threads(Runner::new(loaded, Scorer::QueryAware), 1)?;
     let job = Job {
         prompt: prompt::build(group.runner().tok(), &text, None, false)?,
-        method: Method::Dense,
+        method: Method::DENSE,
         world: 1,
         anchor_len: None,
         passing_len: None,

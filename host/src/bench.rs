@@ -6,12 +6,12 @@
 //! and MFU against a bf16 GEMM peak measured in the same run, and (second, synchronised run) a
 //! per-part breakdown of the slowest rank.
 
-use crate::layout::Method;
 use crate::prompt::PromptParts;
 use crate::runner::{prefill, prepare_within, rank_share, GenParams, Job};
 use anyhow::{bail, Result};
 use apb_loaders::{Config, Model};
-use apb_plugin::{profile, Communicator, Kind, LocalGroup, Scorer};
+use apb_plugin::Method;
+use apb_plugin::{profile, Communicator, LocalGroup, Scorer};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -65,17 +65,9 @@ pub fn prefill_flops(cfg: &Config, rows: usize, pairs: f64) -> f64 {
     cfg.num_hidden_layers as f64 * (2.0 * rows as f64 * linear + 4.0 * d * n_h * pairs)
 }
 
+/// Causal pairs of `n` rows over themselves.
 fn tri(n: usize) -> f64 {
     n as f64 * (n as f64 + 1.0) / 2.0
-}
-
-/// Visible (query, key) pairs of rank `h`'s prefill.
-fn rank_pairs(kind: Option<Kind>, h: usize, anchor: usize, local: usize, l_p: usize) -> f64 {
-    match kind {
-        None | Some(Kind::Star) => tri(anchor + local),
-        Some(Kind::Ring) => (h * local * local) as f64 + tri(local),
-        Some(Kind::Apb) => tri(anchor) + (local * (h * l_p + anchor)) as f64 + tri(local),
-    }
 }
 
 /// What `apb bench prefill` sweeps.
@@ -238,11 +230,11 @@ impl PrefillBench<'_> {
     /// total FLOPs of the slowest rank, plan summary).
     pub fn run(&self, len: usize, method: &str, world: usize) -> Result<Value> {
         let method_ = Method::parse(method)?;
-        let alone = self.only_rank.filter(|_| method_ != Method::Dense);
+        let alone = self.only_rank.filter(|_| method_ != Method::DENSE);
         let rank = alone.unwrap_or(self.comm.rank());
         let dev = self.model.device().clone();
         let mut parts = self.parts(len);
-        if method_ == Method::Dense {
+        if method_ == Method::DENSE {
             // Dense prefills the whole prompt: exactly `len` tokens.
             let last = parts.context.pop().expect("len > 0");
             parts.query = vec![last];
@@ -251,12 +243,14 @@ impl PrefillBench<'_> {
         let job = Job {
             prompt: parts,
             method: method_,
-            world: if method_ == Method::Dense { 1 } else { world },
+            world: if method_ == Method::DENSE { 1 } else { world },
             anchor_len: None,
             passing_len: None,
             params: GenParams::default(),
         };
-        let prep = prepare_within(usize::MAX, &job).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg = &self.model.cfg;
+        let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let prep = prepare_within(usize::MAX, heads, &job).map_err(|e| anyhow::anyhow!("{e}"))?;
         if prep.plan.world != job.world {
             bail!(
                 "{method} at {len} tokens: the planner chose {} ranks ({})",
@@ -265,17 +259,19 @@ impl PrefillBench<'_> {
             );
         }
         let scorer = Scorer::QueryAware;
-        let (tokens, _, layout) = rank_share(&job, &prep, rank, &scorer);
         let p = &prep.plan;
-        let (pairs, plan) = match &layout {
-            None => (tri(len), json!({"world": 1})),
-            Some(l) => (
-                rank_pairs(method_.kind(), rank, l.anchor, l.local + l.probe, p.l_p),
-                json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p}),
-            ),
-        };
+        // Attended (query, key) pairs of every rank (the method's own count).
+        let rank_pairs: Vec<f64> = (0..p.world)
+            .map(|h| {
+                let r = rank_share(&job, &prep, h, &scorer);
+                method_.imp().pairs(p, &r.layout, h)
+            })
+            .collect();
+        let tokens = rank_share(&job, &prep, rank, &scorer).tokens;
+        let pairs = rank_pairs[rank];
+        let plan = json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p});
         // Dense runs on rank 0 alone; the other ranks wait at the barriers.
-        let active = method_ != Method::Dense || rank == 0;
+        let active = method_ != Method::DENSE || rank == 0;
         let flops = if active {
             prefill_flops(&self.model.cfg, tokens.len(), pairs)
         } else {
@@ -289,7 +285,7 @@ impl PrefillBench<'_> {
             let t = Instant::now();
             if active {
                 // The rank program's own prefill stage.
-                let comm: Arc<dyn Communicator> = if method_ == Method::Dense {
+                let comm: Arc<dyn Communicator> = if method_ == Method::DENSE {
                     solo.clone()
                 } else if let Some(h) = alone {
                     Arc::new(OneRankOfMany { rank: h, world })
@@ -330,7 +326,7 @@ impl PrefillBench<'_> {
             .iter()
             .map(|t| t.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        let ranks: Vec<usize> = if method_ != Method::Dense {
+        let ranks: Vec<usize> = if method_ != Method::DENSE {
             (0..all.len()).collect()
         } else {
             vec![0]
@@ -348,6 +344,9 @@ impl PrefillBench<'_> {
             "wall_s": wall,
             "tokens_per_s": len as f64 / wall,
             "per_rank_s": ranks.iter().map(|r| all[*r][0]).collect::<Vec<_>>(),
+            "per_rank_pairs": rank_pairs,
+            "pairs_max_over_min": rank_pairs.iter().cloned().fold(0.0, f64::max)
+                / rank_pairs.iter().cloned().fold(f64::MAX, f64::min),
             "slowest_rank": alone.unwrap_or(slowest),
             "one_gpu_share": alone.is_some(),
             "slowest_rank_tflop": f / 1e12,

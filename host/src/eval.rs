@@ -2,12 +2,12 @@
 //! the same prompts, scored by each task's string match; a table per task and length, and the
 //! average. Results go to a JSONL file one case at a time, so an interrupted run resumes.
 
-use crate::layout::Method;
 use crate::prompt;
 use crate::ranks::Group;
 use crate::runner::{GenParams, Job, Runner};
 use crate::tasks::{self, Case};
 use anyhow::{bail, Context, Result};
+use apb_plugin::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;

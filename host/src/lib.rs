@@ -7,7 +7,6 @@ pub mod bench;
 pub mod device;
 pub mod eval;
 pub mod launch;
-pub mod layout;
 pub mod prompt;
 pub mod ranks;
 pub mod runner;
@@ -16,4 +15,5 @@ pub mod server;
 pub mod tasks;
 pub mod train;
 
+pub use apb_plugin::Method;
 pub use runner::{Finish, GenParams, GenStats, Generation, Job, Runner};

@@ -1,9 +1,9 @@
 //! `apb`: long-context generation with pluggable attention backends.
 
 use anyhow::{bail, Context, Result};
-use apb_host::layout::Method;
 use apb_host::ranks::{self, GroupSpec, RunError};
 use apb_host::runner::MAX_TEMPERATURE;
+use apb_host::Method;
 use apb_host::{device::parse_device, prompt, GenParams, Generation, Job, Runner};
 use apb_loaders::{load, parse_dtype, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
@@ -201,11 +201,11 @@ struct EvalArgs {
     /// Cases per task and length.
     #[arg(long, default_value_t = 5)]
     cases: usize,
-    /// Methods, comma-separated: dense, ring, star, apb (training-free scorer), apb-heads (the
-    /// retaining heads of --heads).
+    /// Methods, comma-separated: dense, ring, zigzag, ulysses, star, apb (training-free scorer),
+    /// apb-heads (the retaining heads of --heads).
     #[arg(long, value_delimiter = ',', default_value = "dense,star,apb")]
     attention: Vec<String>,
-    /// Ranks (threads) of ring / star / apb.
+    /// Ranks (threads) of the sequence-parallel methods.
     #[arg(long, default_value_t = 4)]
     world_size: usize,
     /// Retaining heads for apb-heads (file, directory or HF Hub id).
@@ -239,11 +239,11 @@ fn eval(a: EvalArgs) -> Result<()> {
                     apb_loaders::heads::load_heads(spec, &base.model().cfg, dtype, &device)?;
                 let mut r = base.clone();
                 r.scorer = Scorer::Heads(Arc::new(heads));
-                (Method::Apb, r)
+                (Method::APB, r)
             }
             m => (Method::parse(m)?, base.clone()),
         };
-        let world = if method == Method::Dense {
+        let world = if method == Method::DENSE {
             1
         } else {
             a.world_size
@@ -372,11 +372,13 @@ struct ModelArgs {
 /// Attention backend and ranks (generate, serve).
 #[derive(Args)]
 struct AttentionArgs {
-    /// Attention backend: dense (exact, 1 rank), ring (exact, sequence-parallel), star (Star
-    /// Attention: anchor, no passing), apb (anchor with the question + passing blocks).
+    /// Attention method: dense (exact, 1 rank); exact over ranks: zigzag (balanced ring, any rank
+    /// count), ulysses (all-to-all of heads; the KV heads must divide by the ranks), ring (simple,
+    /// unbalanced); approximate: star (anchor, no passing), apb (anchor with the question +
+    /// passing blocks).
     #[arg(long, default_value = "dense")]
     attention: String,
-    /// Ranks (threads on CPU) that share the prompt (ring, star, apb).
+    /// Ranks (threads on CPU) that share the prompt (every method but dense).
     #[arg(long, default_value_t = 1)]
     world_size: usize,
     /// Anchor length in tokens (default: planner, block/4 rounded to 128; star: the first block).
@@ -393,8 +395,9 @@ struct AttentionArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Prefill wall time of dense (1 GPU) vs ring / star / apb (--world-size GPUs, one process
-    /// each), side by side, on a model of real shapes with random weights.
+    /// Prefill wall time of dense (1 GPU) vs the sequence-parallel methods (--world-size GPUs,
+    /// one process each), side by side, on a model of real shapes with random weights; per-rank
+    /// time and attended pairs.
     Prefill(PrefillArgs),
     /// Our fused attention alone (causal, bf16, GQA) per length and head dim: time and TFLOP/s,
     /// one JSON line each. APB_ATTENTION=mma times our own kernel instead of cuDNN's on Hopper.
@@ -412,10 +415,14 @@ struct PrefillArgs {
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
     lengths: Vec<usize>,
-    /// Methods to compare, comma-separated (dense runs on one GPU).
-    #[arg(long, value_delimiter = ',', default_value = "dense,ring,star,apb")]
+    /// Methods to compare, comma-separated: dense (one GPU), zigzag, ulysses, ring, star, apb.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dense,zigzag,ring,star,apb"
+    )]
     attention: Vec<String>,
-    /// GPUs (ranks) for ring / star / apb.
+    /// GPUs (ranks) for the sequence-parallel methods.
     #[arg(long, default_value_t = 4)]
     world_size: usize,
     /// Also run each case once more with device synchronisation per part for a time breakdown.
@@ -428,8 +435,8 @@ struct PrefillArgs {
     /// Write all results as JSON here (rank 0).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only rank H's share of ring / star / apb (of --world-size ranks) on this one GPU, the
-    /// other ranks' passing blocks standing in at their planned size: the slowest rank's compute
+    /// Run only rank H's share of a sequence-parallel method (of --world-size ranks) on this one
+    /// GPU, the other ranks' blocks standing in at their planned size: the slowest rank's compute
     /// time and MFU without several GPUs (communication excluded).
     #[arg(long, value_name = "H")]
     only_rank: Option<usize>,
@@ -521,13 +528,13 @@ fn parse_method(at: &AttentionArgs) -> Result<Method> {
     if at.world_size == 0 {
         bail!("--world-size must be at least 1");
     }
-    if method == Method::Dense && at.world_size > 1 {
+    if method == Method::DENSE && at.world_size > 1 {
         bail!(
-            "--attention dense runs on one rank; use ring, star or apb with --world-size {}",
+            "--attention dense runs on one rank; use zigzag or ulysses (exact), or apb, with --world-size {}",
             at.world_size
         );
     }
-    if method != Method::Apb && at.heads.is_some() {
+    if method != Method::APB && at.heads.is_some() {
         bail!("--heads is only used by --attention apb");
     }
     Ok(method)
@@ -615,12 +622,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
     group.shutdown()?;
     if json {
         let mut v = summary(&g, method.name(), g.plan.world, &runner.loaded.name);
-        if method != Method::Dense {
+        if method != Method::DENSE {
             let extra = serde_json::json!({
                 "anchor_len": g.plan.l_a,
                 "passing_len": g.plan.l_p,
                 "block_len": g.plan.l_b,
-                "scorer": (method == Method::Apb).then(|| runner.scorer.name()),
+                "scorer": (method == Method::APB).then(|| runner.scorer.name()),
                 "rank_prefill_tokens": g.rank_prefill_tokens,
                 "plan_notes": g.plan.notes,
             });

@@ -3,37 +3,9 @@
 
 use anyhow::{bail, Result};
 use apb_loaders::{ChatMessage, Tok};
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PromptParts {
-    /// Chat-template prefix + document (may be empty: a one-token prompt is all query).
-    pub context: Vec<u32>,
-    /// Question + template suffix (assistant header): processed after prefill, at its true
-    /// positions. Never empty.
-    pub query: Vec<u32>,
-    /// The clean question tokens (no template), empty when unknown.
-    pub question: Vec<u32>,
-    /// Tokens of the chat-template prefix at the start of `context` (where the anchor embeds
-    /// the question), detected by rendering the template around a marker.
-    pub prefix_len: usize,
-}
-
-impl PromptParts {
-    /// The whole prompt, as the dense backend runs it.
-    pub fn all(&self) -> Vec<u32> {
-        [self.context.as_slice(), self.query.as_slice()].concat()
-    }
-
-    /// Prompt tokens in all.
-    pub fn len(&self) -> usize {
-        self.context.len() + self.query.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+/// The split itself is the methods' input type.
+pub use apb_plugin::PromptParts;
 
 /// Marks message `i`'s content in a rendered template (control characters no template emits).
 fn mark(i: usize) -> String {

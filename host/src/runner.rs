@@ -7,13 +7,12 @@
 //! last rank, which holds the merged output) and whether any rank was told to cancel. Stop
 //! strings are checked on every rank from the same tokens, so all ranks stop at the same step.
 
-use crate::layout::{make_plan, rank_inputs, DistConfig, Method};
 use crate::prompt::PromptParts;
 use crate::sampling::Sampler;
 use anyhow::{anyhow, Context, Result};
 use apb_loaders::{Cache, Loaded, Model, Tok};
 use apb_plugin::{
-    AttentionBackend, Communicator, Dense, Phase, Plan, RankBackend, RankLayout, Scorer,
+    AttentionBackend, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
 };
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -131,22 +130,33 @@ pub struct InputError(pub String);
 /// What every rank derives from a job before running it, identically.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    /// The method that runs: the job's, or dense when nothing is left to spread.
+    pub method: Method,
     pub plan: Plan,
-    /// None: dense on one rank.
-    pub dist: Option<DistConfig>,
     pub max_new: usize,
 }
 
 /// Checks `job` against the model and plans it: the one place for the context-length and
 /// question checks. Prompts too short for the requested ranks fall back to fewer (down to one
-/// rank, which runs dense), and the plan's notes say so.
+/// rank, which still runs the job's method: it must reduce to dense, and is tested to), and the
+/// plan's notes say so.
 pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputError> {
-    prepare_within(model.cfg.max_position_embeddings, job)
+    let c = &model.cfg;
+    prepare_within(
+        c.max_position_embeddings,
+        (c.num_attention_heads, c.num_key_value_heads),
+        job,
+    )
 }
 
-/// [`prepare`] against a context of `ctx` positions (`apb bench prefill` times random weights
-/// past the config's context: positions are only numbers to it).
-pub fn prepare_within(ctx: usize, job: &Job) -> std::result::Result<Prepared, InputError> {
+/// [`prepare`] against a context of `ctx` positions and a model of `heads` (query, KV) heads
+/// (`apb bench prefill` times random weights past the config's context: positions are only
+/// numbers to it).
+pub fn prepare_within(
+    ctx: usize,
+    heads: (usize, usize),
+    job: &Job,
+) -> std::result::Result<Prepared, InputError> {
     let parts = &job.prompt;
     let total = parts.len();
     if total >= ctx {
@@ -159,49 +169,34 @@ pub fn prepare_within(ctx: usize, job: &Job) -> std::result::Result<Prepared, In
         return Err(InputError("the world size must be at least 1".into()));
     }
     job.params.validate().map_err(InputError)?;
-    if job.method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
+    let method = job.method.imp();
+    if method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
         return Err(InputError(format!(
             "--attention {} needs the question: end the prompt with a blank line and the question, or give it separately (--question, or a request's \"question\" field)",
             job.method.name()
         )));
     }
     let max_new = job.params.max_new_tokens.min(ctx - total);
-    let dense = |notes: Vec<String>| Plan {
-        world: 1,
-        n: parts.context.len(),
-        l_b: parts.context.len(),
-        l_a: 0,
-        l_p: 0,
-        notes,
-    };
-    let Some(kind) = job.method.kind() else {
-        return Ok(Prepared {
-            plan: dense(vec![]),
-            dist: None,
-            max_new,
-        });
-    };
-    if parts.context.is_empty() {
+    if !job.method.is_dense() && parts.context.is_empty() {
         let note = "the prompt has no context before the question; ran dense on one rank";
         return Ok(Prepared {
-            plan: dense(vec![note.into()]),
-            dist: None,
+            method: Method::DENSE,
+            plan: Plan::one_rank(0, vec![note.into()]),
             max_new,
         });
     }
-    let cfg = DistConfig {
-        kind,
+    let args = PlanArgs {
         world: job.world,
         anchor_len: job.anchor_len,
         passing_len: job.passing_len,
+        n_heads: heads.0,
+        n_kv_heads: heads.1,
     };
-    let plan = make_plan(parts, &cfg).map_err(|e| InputError(format!("{e:#}")))?;
+    let plan = method
+        .plan(parts, &args)
+        .map_err(|e| InputError(format!("{e:#}")))?;
     Ok(Prepared {
-        // One rank still runs the method's backend (it must reduce to dense: tested).
-        dist: Some(DistConfig {
-            world: plan.world,
-            ..cfg
-        }),
+        method: job.method,
         plan,
         max_new,
     })
@@ -421,26 +416,11 @@ pub struct Prefilled {
     pub rank_prefill_tokens: Vec<usize>,
 }
 
-/// This rank's prefill tokens, positions and, for sequence-parallel methods, its layout. Dense
-/// runs the whole prompt (question included) on its one rank.
-pub fn rank_share(
-    job: &Job,
-    prep: &Prepared,
-    rank: usize,
-    scorer: &Scorer,
-) -> (Vec<u32>, Vec<u32>, Option<RankLayout>) {
-    let parts = &job.prompt;
-    match &prep.dist {
-        None => {
-            let all = parts.all();
-            let pos = (0..all.len() as u32).collect();
-            (all, pos, None)
-        }
-        Some(d) => {
-            let (t, pos, layout) = rank_inputs(parts, &prep.plan, d.kind, rank, scorer);
-            (t, pos, Some(layout))
-        }
-    }
+/// This rank's prefill share under the prepared plan.
+pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> RankInputs {
+    prep.method
+        .imp()
+        .rank_inputs(&job.prompt, &prep.plan, rank, scorer)
 }
 
 /// The prefill stage of the rank program (what `apb bench prefill` times): this rank's share
@@ -454,20 +434,19 @@ pub fn prefill(
     tick: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
 ) -> Result<Prefilled> {
     let rank = comm.rank();
-    let (tokens, positions, layout) = rank_share(job, prep, rank, scorer);
-    let (backend, after): (Box<dyn AttentionBackend>, usize) = match (&prep.dist, layout) {
-        (Some(d), Some(layout)) => (
-            Box::new(RankBackend::new(d.kind, comm, layout, scorer.clone())?),
-            job.prompt.query.len(),
-        ),
-        _ => (Box::new(Dense), 0),
-    };
+    let RankInputs {
+        tokens,
+        positions,
+        layout,
+        after,
+    } = rank_share(job, prep, rank, scorer);
+    let backend = prep.method.backend(comm, layout, scorer.clone())?;
     let rank_prefill_tokens = (0..prep.plan.world)
         .map(|h| {
             if h == rank {
                 tokens.len()
             } else {
-                rank_share(job, prep, h, scorer).0.len()
+                rank_share(job, prep, h, scorer).tokens.len()
             }
         })
         .collect();

@@ -15,11 +15,11 @@
 //! route, POSTs must be `application/json` (no cross-site form posts), and a server bound to
 //! loopback answers only loopback `Host` names (no DNS rebinding).
 
-use crate::layout::Method;
 use crate::prompt::{self, PromptParts};
 use crate::ranks::{Group, RunError};
 use crate::runner::{prepare, Finish, GenParams, Generation, Job, MAX_TEMPERATURE};
 use apb_loaders::{ChatMessage, Loaded};
+use apb_plugin::Method;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
@@ -1039,7 +1039,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
                 }
             };
             check_common(ready, &req.common)?;
-            let split = s.cfg.method.needs_question();
+            let split = s.cfg.method.imp().needs_question();
             let parts = prompt::build_text(tok, &text, req.common.question.as_deref(), split)
                 .map_err(|e| ApiError::bad(format!("{e:#}")))?;
             (req.common, parts)

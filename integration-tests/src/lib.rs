@@ -171,7 +171,7 @@ pub fn run_job(runner: &apb_host::Runner, job: &apb_host::Job) -> apb_host::Gene
 /// A job of `method` on `world` ranks with default layout lengths.
 pub fn job(
     prompt: &apb_host::prompt::PromptParts,
-    method: apb_host::layout::Method,
+    method: apb_host::Method,
     world: usize,
     params: &apb_host::GenParams,
 ) -> apb_host::Job {

@@ -5,8 +5,8 @@
 //! identical. The degenerate APB setting (no anchor, everything passed) must reduce to dense for
 //! prefill *and* for the LSE-merged decode over caches split across ranks.
 
-use apb_host::layout::Method;
 use apb_host::prompt::PromptParts;
+use apb_host::Method;
 use apb_host::{GenParams, Generation, Job, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
@@ -39,7 +39,7 @@ fn params() -> GenParams {
 }
 
 fn dense(m: &Runner, p: &PromptParts) -> Generation {
-    run_job(m, &job(p, Method::Dense, 1, &params()))
+    run_job(m, &job(p, Method::DENSE, 1, &params()))
 }
 
 fn run(
@@ -73,12 +73,12 @@ fn assert_same(label: &str, got: &Generation, want: &Generation) {
 }
 
 #[test]
-fn one_rank_ring_star_apb_equal_dense() {
+fn one_rank_of_every_method_equals_dense() {
     for name in ["tiny-llama31", "tiny-qwen2"] {
         let m = tiny(name);
         let p = parts(name);
         let want = dense(&m, &p);
-        for kind in [Method::Ring, Method::Star, Method::Apb] {
+        for kind in Method::ALL.into_iter().filter(|m| !m.is_dense()) {
             let d = run(&m, &p, kind, 1, None, None);
             assert_eq!(d.plan.world, 1);
             assert_same(&format!("{name} {kind:?} H=1"), &d, &want);
@@ -93,9 +93,46 @@ fn ring_equals_dense_on_2_3_4_ranks() {
         let p = parts(name);
         let want = dense(&m, &p);
         for world in [2, 3, 4] {
-            let d = run(&m, &p, Method::Ring, world, None, None);
+            let d = run(&m, &p, Method::RING, world, None, None);
             assert_eq!(d.plan.world, world);
             assert_same(&format!("{name} ring H={world}"), &d, &want);
+        }
+    }
+}
+
+#[test]
+fn zigzag_equals_dense_on_2_3_4_ranks() {
+    // 61 context tokens: chunks of 16 / 11 / 8, so rank 0's last chunk is padded (3 / 5 / 3).
+    for name in ["tiny-llama31", "tiny-yi", "tiny-qwen2"] {
+        let m = tiny(name);
+        let p = parts(name);
+        let want = dense(&m, &p);
+        for world in [2, 3, 4] {
+            let d = run(&m, &p, Method::ZIGZAG, world, None, None);
+            assert_eq!(d.plan.world, world);
+            assert!(d.plan.pad() > 0, "{:?}", d.plan);
+            assert_same(&format!("{name} zigzag H={world}"), &d, &want);
+            // Balanced: every rank runs the same number of rows.
+            assert!(d.rank_prefill_tokens.iter().all(|&r| r == d.plan.l_b));
+        }
+    }
+}
+
+#[test]
+fn ulysses_equals_dense_where_heads_divide() {
+    // The fixtures have 2 KV heads: 2 ranks split them (61 tokens: block 31, one padding row);
+    // 3 and 4 ranks are refused with the alternatives named.
+    for name in ["tiny-llama31", "tiny-yi", "tiny-qwen2"] {
+        let m = tiny(name);
+        let p = parts(name);
+        let want = dense(&m, &p);
+        let d = run(&m, &p, Method::ULYSSES, 2, None, None);
+        assert_eq!((d.plan.world, d.plan.pad()), (2, 1));
+        assert_same(&format!("{name} ulysses H=2"), &d, &want);
+        for world in [3, 4] {
+            let j = job(&p, Method::ULYSSES, world, &params());
+            let e = apb_host::runner::prepare(m.model(), &j).unwrap_err().0;
+            assert!(e.contains("2 KV heads") && e.contains("zigzag"), "{e}");
         }
     }
 }
@@ -108,7 +145,7 @@ fn apb_passing_everything_without_anchor_equals_dense() {
         let want = dense(&m, &p);
         for world in [2, 3, 4] {
             let l_b = p.context.len().div_ceil(world);
-            let d = run(&m, &p, Method::Apb, world, Some(0), Some(l_b));
+            let d = run(&m, &p, Method::APB, world, Some(0), Some(l_b));
             assert_eq!((d.plan.world, d.plan.l_a, d.plan.l_p), (world, 0, l_b));
             assert_same(&format!("{name} apb(l_a=0, l_p=l_b) H={world}"), &d, &want);
         }
@@ -121,7 +158,7 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
     // its plan, and give finite logits close in distribution to dense on this tiny input.
     let m = tiny("tiny-llama31");
     let p = parts("tiny-llama31");
-    let d = run(&m, &p, Method::Apb, 2, Some(8), Some(10));
+    let d = run(&m, &p, Method::APB, 2, Some(8), Some(10));
     assert_eq!(
         (d.plan.world, d.plan.l_b, d.plan.l_a, d.plan.l_p),
         (2, 31, 8, 10)
@@ -146,10 +183,10 @@ fn context_limit_ends_with_length_and_stop_strings_cut() {
         ignore_eos: true,
         ..Default::default()
     };
-    let g = run_job(&m, &job(&p, Method::Dense, 1, &long));
+    let g = run_job(&m, &job(&p, Method::DENSE, 1, &long));
     assert_eq!(g.finish, apb_host::Finish::Length);
     assert_eq!(g.tokens.len(), 512 - p.len());
-    let g2 = run_job(&m, &job(&p, Method::Ring, 2, &long));
+    let g2 = run_job(&m, &job(&p, Method::RING, 2, &long));
     assert_eq!(g2.finish, apb_host::Finish::Length);
     assert_eq!(
         g2.tokens, g.tokens,
@@ -169,7 +206,7 @@ fn context_limit_ends_with_length_and_stop_strings_cut() {
         stop: vec![stop.clone()],
         ..long
     };
-    for (method, world) in [(Method::Dense, 1), (Method::Ring, 3)] {
+    for (method, world) in [(Method::DENSE, 1), (Method::RING, 3)] {
         let s = run_job(&m, &job(&p, method, world, &with_stop));
         assert_eq!(s.finish, apb_host::Finish::Stop, "{method:?}");
         assert_eq!(s.text, text[..first], "{method:?} stop {stop:?}");

@@ -2,7 +2,7 @@
 //! answered by `dense` and by APB (training-free scorer) on 2 and 4 ranks, and by APB with the
 //! retaining heads shipped for the model (`--heads smollm2-135m-instruct`) on 4 ranks.
 
-use apb_host::layout::Method;
+use apb_host::Method;
 use apb_host::{prompt, GenParams, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
@@ -33,11 +33,11 @@ fn apb_finds_the_needle_like_dense() {
         ..Default::default()
     };
 
-    let dense = run_job(&m, &job(&parts, Method::Dense, 1, &params));
+    let dense = run_job(&m, &job(&parts, Method::DENSE, 1, &params));
     assert!(dense.text.contains("73914"), "dense: {:?}", dense.text);
 
     for world in [2, 4] {
-        let d = run_job(&m, &job(&parts, Method::Apb, world, &params));
+        let d = run_job(&m, &job(&parts, Method::APB, world, &params));
         assert_eq!(d.plan.world, world);
         assert!(d.plan.l_a >= parts.prefix_len + parts.question.len() && d.plan.l_p > 0);
         assert!(d.text.contains("73914"), "apb H={world}: {:?}", d.text);
@@ -52,6 +52,6 @@ fn apb_finds_the_needle_like_dense() {
     .unwrap();
     let mut trained = m.clone();
     trained.scorer = Scorer::Heads(std::sync::Arc::new(heads));
-    let d = run_job(&trained, &job(&parts, Method::Apb, 4, &params));
+    let d = run_job(&trained, &job(&parts, Method::APB, 4, &params));
     assert!(d.text.contains("73914"), "apb + heads H=4: {:?}", d.text);
 }

@@ -3,9 +3,9 @@
 //! heads reload through the loader (`--heads`) and change APB's output; a checkpoint resumes to
 //! the same heads as an uninterrupted run.
 
-use apb_host::layout::Method;
 use apb_host::prompt::PromptParts;
 use apb_host::train::{self, Heads, Record};
+use apb_host::Method;
 use apb_host::{GenParams, Job, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, Cache, ModelSource};
@@ -253,7 +253,7 @@ fn saved_heads_reload_and_change_apb_selection() {
     let j = Job {
         anchor_len: Some(4),
         passing_len: Some(3),
-        ..job(&p, Method::Apb, 3, &params)
+        ..job(&p, Method::APB, 3, &params)
     };
     let free = run_job(&r, &j);
     let mut with_heads = r.clone();

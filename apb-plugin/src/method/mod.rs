@@ -1,0 +1,331 @@
+//! Attention methods: how a prompt is run over `world` ranks. Each method owns, in its own file
+//! and behind one trait ([`SeqMethod`]): its name, whether it needs the question, its plan, each
+//! rank's tokens / positions / [`RankLayout`], its prefill attention and its attention work
+//! (attended query–key pairs, for FLOP counts). Decode after prefill is common to all
+//! sequence-parallel methods (`distributed.rs`: every rank attends its cache, outputs merged by
+//! log-sum-exp).
+//!
+//! Adding a method: a file here and a line in [`Method::ALL`].
+//!
+//! | method | exact | per rank |
+//! |---|---|---|
+//! | `dense` | yes | the whole prompt on one rank |
+//! | `ring` | yes | contiguous block; all earlier blocks' K/V by one all-gather (last rank does 2H−1× the first's work) |
+//! | `zigzag` | yes | chunks h and 2H−1−h; K/V passed around the ring; balanced causal work |
+//! | `ulysses` | yes | all-to-all to H/world heads over the whole sequence and back; KV heads must divide by the ranks |
+//! | `star` | no | anchor (first block) + local block |
+//! | `apb` | no | anchor with the question + passing blocks chosen by a scorer + local block |
+
+mod apb;
+mod dense;
+mod ring;
+mod star;
+mod ulysses;
+mod zigzag;
+
+use crate::comm::Communicator;
+use crate::distributed::{RankBackend, RankLayout};
+use crate::plan::Plan;
+use crate::scorer::Scorer;
+use crate::{AttentionBackend, AttnInput, Error, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A request's prompt, split the way the methods need it: the context (prefilled across ranks),
+/// the trailing query segment (run by every rank after prefill), and the clean question
+/// (embedded in APB's anchors).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PromptParts {
+    /// Chat-template prefix + document (may be empty: a one-token prompt is all query).
+    pub context: Vec<u32>,
+    /// Question + template suffix (assistant header): processed after prefill, at its true
+    /// positions. Never empty.
+    pub query: Vec<u32>,
+    /// The clean question tokens (no template), empty when unknown.
+    pub question: Vec<u32>,
+    /// Tokens of the chat-template prefix at the start of `context` (where the anchor embeds
+    /// the question).
+    pub prefix_len: usize,
+}
+
+impl PromptParts {
+    /// The whole prompt, as the dense method runs it.
+    pub fn all(&self) -> Vec<u32> {
+        [self.context.as_slice(), self.query.as_slice()].concat()
+    }
+
+    /// Prompt tokens in all.
+    pub fn len(&self) -> usize {
+        self.context.len() + self.query.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a plan is made from besides the prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PlanArgs {
+    /// Requested ranks (a short prompt may get fewer).
+    pub world: usize,
+    pub anchor_len: Option<usize>,
+    pub passing_len: Option<usize>,
+    /// The model's query and KV heads (Ulysses splits heads over ranks).
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+}
+
+/// One rank's prefill share.
+#[derive(Debug, Clone, Default)]
+pub struct RankInputs {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub layout: RankLayout,
+    /// Query tokens still to run after prefill, on every rank (0 for dense: it prefills them).
+    pub after: usize,
+}
+
+/// What a rank's prefill attention works with besides the layer's q/k/v.
+pub struct RankCtx<'a> {
+    pub comm: &'a dyn Communicator,
+    pub layout: &'a RankLayout,
+    pub scorer: &'a Scorer,
+}
+
+/// One attention method (see the module docs). Implementations are unit structs in this folder.
+pub trait SeqMethod: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Whether the result equals dense attention (up to rounding).
+    fn exact(&self) -> bool;
+    /// Whether the method needs the question separated from the document (APB and Star put it
+    /// in their anchors).
+    fn needs_question(&self) -> bool {
+        false
+    }
+    /// The layout over ranks; prompts too short for `args.world` ranks get fewer, with a note.
+    fn plan(&self, parts: &PromptParts, args: &PlanArgs) -> Result<Plan>;
+    /// Rank `h`'s prefill tokens, positions and layout under `plan`.
+    fn rank_inputs(
+        &self,
+        parts: &PromptParts,
+        plan: &Plan,
+        h: usize,
+        scorer: &Scorer,
+    ) -> RankInputs;
+    /// The attention of one layer over this rank's prefill rows.
+    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor>;
+    /// (query, key) pairs rank `h`'s prefill attends, summed over query heads and divided by
+    /// their number (so FLOPs = 4·d·n_heads·pairs per layer, whatever the heads split).
+    fn pairs(&self, plan: &Plan, layout: &RankLayout, h: usize) -> f64;
+    /// The backend a rank runs for this method (dense overrides it: it caches everything).
+    fn backend(
+        &self,
+        method: Method,
+        comm: Arc<dyn Communicator>,
+        layout: RankLayout,
+        scorer: Scorer,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        Ok(Box::new(RankBackend::new(method, comm, layout, scorer)?))
+    }
+}
+
+/// A method by name: a small copyable handle (what jobs carry and serialize, as the name).
+#[derive(Clone, Copy)]
+pub struct Method(&'static dyn SeqMethod);
+
+impl Method {
+    pub const DENSE: Method = Method(&dense::Dense);
+    pub const RING: Method = Method(&ring::Ring);
+    pub const ZIGZAG: Method = Method(&zigzag::Zigzag);
+    pub const ULYSSES: Method = Method(&ulysses::Ulysses);
+    pub const STAR: Method = Method(&star::Star);
+    pub const APB: Method = Method(&apb::Apb);
+
+    /// Every method, in the order help texts list them.
+    pub const ALL: [Method; 6] = [
+        Self::DENSE,
+        Self::RING,
+        Self::ZIGZAG,
+        Self::ULYSSES,
+        Self::STAR,
+        Self::APB,
+    ];
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|m| m.name()).collect()
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| Error::UnknownBackend {
+                name: name.to_string(),
+                available: Self::names().join(", "),
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+
+    pub fn is_dense(self) -> bool {
+        self == Self::DENSE
+    }
+
+    /// The method's implementation (plan, rank inputs, attention, work).
+    pub fn imp(self) -> &'static dyn SeqMethod {
+        self.0
+    }
+
+    /// The backend rank `comm.rank()` runs.
+    pub fn backend(
+        self,
+        comm: Arc<dyn Communicator>,
+        layout: RankLayout,
+        scorer: Scorer,
+    ) -> Result<Box<dyn AttentionBackend>> {
+        self.0.backend(self, comm, layout, scorer)
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Method {}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Method::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Causal pairs of `n` rows over themselves.
+pub(crate) fn tri(n: usize) -> f64 {
+    n as f64 * (n as f64 + 1.0) / 2.0
+}
+
+/// Rank `h`'s contiguous block `plan.block(h)` of the context, padded with token 0 at position 0
+/// to the block length (the plan pads the last block): ring's and Ulysses' inputs, and the tail of
+/// Star's and APB's.
+pub(crate) fn block_inputs(parts: &PromptParts, plan: &Plan, h: usize) -> RankInputs {
+    let (start, end) = plan.block(h);
+    let real_end = end.min(plan.n);
+    let pad = end - real_end;
+    let mut tokens = parts.context[start..real_end].to_vec();
+    tokens.extend(std::iter::repeat_n(0u32, pad));
+    let mut positions: Vec<u32> = (start as u32..real_end as u32).collect();
+    positions.extend(std::iter::repeat_n(0u32, pad));
+    RankInputs {
+        tokens,
+        positions,
+        layout: RankLayout {
+            local: end - start,
+            pad,
+            ..Default::default()
+        },
+        after: parts.query.len(),
+    }
+}
+
+/// The plan of a method with contiguous blocks and no anchor or passing (ring, Ulysses).
+pub(crate) fn block_plan(parts: &PromptParts, world: usize) -> Result<Plan> {
+    crate::plan::plan(&crate::plan::PlanRequest {
+        n: parts.context.len(),
+        world,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn parts(n: usize, question: usize) -> PromptParts {
+        PromptParts {
+            context: (1..=n as u32).collect(),
+            query: vec![7, 8, 9],
+            question: (1000..1000 + question as u32).collect(),
+            prefix_len: 2,
+        }
+    }
+
+    /// Causal (query, key) pairs a rank's real rows attend, counted from its positions alone.
+    pub(super) fn causal_pairs_from_positions(r: &RankInputs) -> f64 {
+        let l = &r.layout;
+        let real = l.anchor..l.anchor + l.local - l.pad;
+        r.positions[real].iter().map(|&p| p as f64 + 1.0).sum()
+    }
+
+    #[test]
+    fn names_parse_and_serialize() {
+        for m in Method::ALL {
+            assert_eq!(Method::parse(m.name()).unwrap(), m);
+            let j = serde_json::to_string(&m).unwrap();
+            assert_eq!(j, format!("\"{}\"", m.name()));
+            assert_eq!(serde_json::from_str::<Method>(&j).unwrap(), m);
+        }
+        let e = Method::parse("zig-zag").unwrap_err().to_string();
+        assert!(e.contains("zigzag") && e.contains("ulysses"), "{e}");
+        assert!(serde_json::from_str::<Method>("\"nope\"").is_err());
+    }
+
+    #[test]
+    fn every_method_covers_the_context_once() {
+        // Each context position is some rank's real local row exactly once, in every method.
+        for m in Method::ALL {
+            for (n, world) in [(1000, 4), (997, 3), (64, 2), (5, 4)] {
+                let p = parts(n, 3);
+                let args = PlanArgs {
+                    world,
+                    n_heads: 6,
+                    n_kv_heads: 3,
+                    ..Default::default()
+                };
+                let world = if m == Method::ULYSSES { 3 } else { world };
+                let plan = m.imp().plan(&p, &PlanArgs { world, ..args }).unwrap();
+                let mut seen = vec![0usize; if m.is_dense() { p.len() } else { n }];
+                for h in 0..plan.world {
+                    let r = m.imp().rank_inputs(&p, &plan, h, &Scorer::QueryAware);
+                    assert_eq!(r.tokens.len(), r.positions.len());
+                    assert_eq!(r.tokens.len(), r.layout.rows(), "{m} h{h}");
+                    let l = &r.layout;
+                    for i in l.anchor..l.anchor + l.local - l.pad {
+                        seen[r.positions[i] as usize] += 1;
+                        let want = if m.is_dense() {
+                            p.all()[r.positions[i] as usize]
+                        } else {
+                            p.context[r.positions[i] as usize]
+                        };
+                        assert_eq!(r.tokens[i], want, "{m} h{h} row {i}");
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{m} n{n} w{world}: {seen:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The exact sequence-parallel methods on the real default model: a ≥ 4K-token prompt through
+//! `zigzag` on 4 CPU ranks and `ulysses` on 3 (SmolLM2-135M has 3 KV heads) equals `dense`.
+//!
+//! Tolerance: first-token logits within 1e-5 relative (‖Δ‖∞ / ‖ref‖∞) in f32, 16 greedy tokens
+//! identical.
+
+use apb_host::{prompt, GenParams, Generation, Method, Runner};
+use apb_integration_tests::*;
+use apb_loaders::{load, ModelSource};
+use apb_plugin::Scorer;
+use candle_core::{DType, Device};
+
+fn max_rel_diff(got: &Generation, want: &Generation) -> f32 {
+    let scale = want.first_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let err = got
+        .first_logits
+        .iter()
+        .zip(&want.first_logits)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    err / scale
+}
+
+#[test]
+fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
+    let m = Runner::new(
+        load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap(),
+        Scorer::QueryAware,
+    );
+    assert_eq!(m.model().cfg.num_key_value_heads, 3);
+    let doc = haystack(370, 0.6, "The pass code of the vault is 51170.", 3);
+    let parts = prompt::build(
+        m.tok(),
+        &doc,
+        Some("What is the pass code of the vault?"),
+        true,
+    )
+    .unwrap();
+    assert!(
+        parts.context.len() >= 4000,
+        "{} context tokens",
+        parts.context.len()
+    );
+    let params = GenParams {
+        max_new_tokens: 16,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let want = run_job(&m, &job(&parts, Method::DENSE, 1, &params));
+    for (method, world) in [(Method::ZIGZAG, 4), (Method::ULYSSES, 3)] {
+        let got = run_job(&m, &job(&parts, method, world, &params));
+        assert_eq!(got.plan.world, world, "{method}");
+        let rel = max_rel_diff(&got, &want);
+        assert!(
+            rel <= 1e-5,
+            "{method} H={world}: first-token logits off by {rel} relative"
+        );
+        assert_eq!(
+            got.tokens, want.tokens,
+            "{method} H={world}: greedy continuation"
+        );
+    }
+}

@@ -8,6 +8,8 @@
 #   kernel   attention alone: ours (FlashInfer, cuDNN, our mma.sync kernel) vs PyTorch SDPA
 #            flash / cuDNN / default, 8K-128K, d128 and d64
 #   dense    dense 1-GPU prefill 32K-128K: ours (both kernels) vs HF transformers default
+#   methods  one GPU: NCCL send/recv on one rank; ring / zigzag / ulysses as thread ranks on the GPU
+#            against dense; one rank's share of a 4-rank 128K prefill of every method (--only-rank)
 #   apbrank  one GPU: rank 3's share of a 4-rank 128K apb / star / ring prefill (--only-rank 3)
 #   prefill  apb bench prefill: dense (1 GPU) vs ring / star / apb on all GPUs, 32K-128K, breakdown
 #   long     the same at 256K (all four) and 512K (ring / star / apb; dense alone takes ~4 min)
@@ -54,6 +56,17 @@ for s in "$@"; do
       APB_ATTENTION=mma stage dense-mma 300 $APB bench prefill --config llama-3.1-8b \
         --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-mma.json"
       stage torch-prefill 400 python3 bench/torch_peer.py --skip-attention ;;
+    methods)
+      for t in nccl_one_gpu gpu_methods; do
+        xz -dc "dist/$t.xz" > "/tmp/apb-bin/$t" && chmod +x "/tmp/apb-bin/$t"
+        APB_REPO_ROOT=$PWD stage "$t" 300 "/tmp/apb-bin/$t" --test-threads 1 --nocapture
+      done
+      # Ranks 0 and 3 of 4: zigzag's shares are equal, ring's grow with the rank.
+      for h in 0 3; do
+        stage "methods-rank$h" 400 $APB bench prefill --config llama-3.1-8b --lengths 131072 \
+          --attention zigzag,ulysses,ring,apb --world-size 4 --only-rank $h --breakdown \
+          --json "$OUT/methods-rank$h.json"
+      done ;;
     apbrank)
       # Rank 3's share of a 4-rank 128K prefill on this one GPU (apb bench prefill --only-rank):
       # as dispatched, and with our mma.sync kernel (comparable with the 4-GPU per-rank times).

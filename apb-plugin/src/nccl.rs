@@ -2,8 +2,11 @@
 //! they are ordered with the kernels around them without extra synchronisation. Set
 //! `NCCL_NVLS_ENABLE=0` in the environment (NVLink SHARP multicast is not used).
 //!
-//! Every rank must pass tensors of the same shape and dtype to `all_gather` (APB and ring blocks
-//! are padded to equal sizes for this). `broadcast` sends the shape first, so other ranks need not
+//! Every rank must pass tensors of the same shape and dtype to `all_gather`, `ring_pass` and
+//! `all_to_all` (blocks are padded to equal sizes for this). `ring_pass` and `all_to_all` are
+//! grouped `ncclSend`/`ncclRecv`. They run on the compute stream like the collectives, so a pass
+//! is ordered after the attention queued before it rather than overlapped with it (overlap needs
+//! a second stream and events; not done yet). `broadcast` sends the shape first, so other ranks need not
 //! know it.
 //!
 //! A peer that stalls (alive, but never joins a collective) or dies leaves the others spinning in
@@ -14,7 +17,7 @@
 //! connects the peers and blocks there; the handler's process exit ends that). The `apb` host
 //! also kills the group when a rank process exits.
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Pending};
 use crate::{Error, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
@@ -226,6 +229,91 @@ impl NcclComm {
     }
 }
 
+impl NcclComm {
+    /// Grouped point-to-point on the rank's stream: each `(peer, tensor)` of `sends` goes to its
+    /// peer, and one tensor of `shape` and `dtype` (that of the sends) comes from each peer of
+    /// `recv_from`, in that order.
+    fn p2p(
+        &self,
+        op: &'static str,
+        sends: &[(usize, Tensor)],
+        recv_from: &[usize],
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Vec<Tensor>> {
+        let n: usize = shape.iter().product();
+        let sends = sends
+            .iter()
+            .map(|(peer, t)| {
+                if t.dtype() != dtype || t.dims() != shape {
+                    return Err(Error::Comm(format!(
+                        "NCCL {op}: every part must be {shape:?} {dtype:?}, got {:?} {:?}",
+                        t.dims(),
+                        t.dtype()
+                    )));
+                }
+                Ok((*peer, t.contiguous()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = sends.iter().map(|(_, t)| t.storage_and_layout()).collect();
+        macro_rules! go {
+            ($ty:ty) => {{
+                let mut dsts = recv_from
+                    .iter()
+                    .map(|_| self.dev.alloc_zeros::<$ty>(n))
+                    .collect::<std::result::Result<Vec<CudaSlice<$ty>>, _>>()?;
+                let mut srcs = Vec::with_capacity(guards.len());
+                for (st, layout) in &guards {
+                    let Storage::Cuda(cs) = &**st else {
+                        return Err(Error::Comm(format!("NCCL {op} of a non-CUDA tensor")));
+                    };
+                    let off = layout.start_offset();
+                    srcs.push(cs.as_cuda_slice::<$ty>()?.slice(off..off + n));
+                }
+                self.with_comm(op, |c| {
+                    // cudarc ends the group in Drop and panics if that fails: contain it.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut g = c.group();
+                        for ((peer, _), src) in sends.iter().zip(srcs) {
+                            g.send(src, *peer as i32)?;
+                        }
+                        for (peer, dst) in recv_from.iter().zip(dsts.iter_mut()) {
+                            g.recv(dst.slice_mut(..), *peer as i32)?;
+                        }
+                        Ok::<_, cudarc::nccl::result::NcclError>(())
+                    }));
+                    match r {
+                        Ok(r) => r.map_err(|e| nccl_err(op, e)),
+                        Err(_) => Err(Error::Comm(format!("NCCL {op}: group end failed"))),
+                    }
+                })?;
+                dsts.into_iter()
+                    .map(|d| CudaStorage::wrap_cuda_slice(d, self.dev.clone()))
+                    .collect::<Vec<_>>()
+            }};
+        }
+        let outs = match dtype {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(half::bf16),
+            DType::F16 => go!(half::f16),
+            DType::U32 => go!(u32),
+            dt => return Err(Error::Comm(format!("NCCL {op}: dtype {dt:?}"))),
+        };
+        drop(guards);
+        Ok(outs
+            .into_iter()
+            .map(|o| {
+                Tensor::from_storage(
+                    Storage::Cuda(o),
+                    shape,
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            })
+            .collect())
+    }
+}
+
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -279,6 +367,49 @@ impl Communicator for NcclComm {
     }
     fn abort(&self, why: &str) {
         self.inner.abort(why);
+    }
+    fn ring_pass(&self, t: &Tensor) -> Result<Pending> {
+        let (next, prev) = (
+            (self.rank + 1) % self.world,
+            (self.rank + self.world - 1) % self.world,
+        );
+        let mut got = self.p2p(
+            "ring_pass",
+            &[(next, t.clone())],
+            &[prev],
+            t.dims(),
+            t.dtype(),
+        )?;
+        Ok(Pending::ready(got.remove(0)))
+    }
+    fn all_to_all(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
+        if parts.len() != self.world {
+            return Err(Error::Comm(format!(
+                "all_to_all needs {} parts, got {}",
+                self.world,
+                parts.len()
+            )));
+        }
+        let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();
+        let sends: Vec<(usize, Tensor)> = others.iter().map(|&r| (r, parts[r].clone())).collect();
+        let mut got = self
+            .p2p(
+                "all_to_all",
+                &sends,
+                &others,
+                parts[0].dims(),
+                parts[0].dtype(),
+            )?
+            .into_iter();
+        Ok((0..self.world)
+            .map(|r| {
+                if r == self.rank {
+                    parts[r].clone()
+                } else {
+                    got.next().expect("one receive per other rank")
+                }
+            })
+            .collect())
     }
 }
 

@@ -5,8 +5,12 @@ use apb_loaders::{Cache, Model};
 use apb_plugin::{AttentionBackend, Phase};
 use std::path::PathBuf;
 
+/// The repository: `APB_REPO_ROOT` (a test binary carried to another machine), else where this
+/// crate was built.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("APB_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -49,7 +49,10 @@ impl SeqMethod for Ulysses {
         let mut p = block_plan(parts, a.world)?;
         if !n_kv.is_multiple_of(p.world) {
             // A short prompt fell back to a rank count that does not divide the heads.
-            let world = (1..p.world).rev().find(|w| n_kv.is_multiple_of(*w)).unwrap_or(1);
+            let world = (1..p.world)
+                .rev()
+                .find(|w| n_kv.is_multiple_of(*w))
+                .unwrap_or(1);
             let notes = p.notes.clone();
             p = block_plan(parts, world)?;
             p.notes = notes

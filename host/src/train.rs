@@ -11,7 +11,7 @@
 use crate::tasks;
 use anyhow::{bail, Context, Result};
 use apb_loaders::{Cache, Model};
-use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase};
+use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase, Scorer};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -432,6 +432,21 @@ pub fn synthetic(
     seed: u64,
     max_len: usize,
 ) -> Result<Vec<Record>> {
+    Ok(synthetic_cases(tok, n, tokens, seed, max_len)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// [`synthetic`]'s records with the rows of the question's last copy in each prompt (what the
+/// training-free scorer reads; None where the question's own tokens do not appear as such).
+pub fn synthetic_cases(
+    tok: &apb_loaders::Tok,
+    n: usize,
+    tokens: usize,
+    seed: u64,
+    max_len: usize,
+) -> Result<Vec<(Record, Option<std::ops::Range<usize>>)>> {
     let prose = tasks::prose_corpus().unwrap_or_default();
     let names: Vec<&str> = tasks::TASKS
         .iter()
@@ -452,9 +467,46 @@ pub fn synthetic(
                 "{}\n\n{}\n\n{}",
                 c.question, c.document, c.question
             ));
-            chat_record(tok, &[msg], &c.answers.join(", "), max_len)
+            let rec = chat_record(tok, &[msg], &c.answers.join(", "), max_len)?;
+            let q = tok.encode_plain(&c.question)?;
+            let at = (0..rec.prompt.len().saturating_sub(q.len()) + 1)
+                .rev()
+                .find(|&i| rec.prompt[i..].starts_with(&q));
+            Ok((rec, at.map(|a| a..a + q.len())))
         })
         .collect()
+}
+
+/// How well each scorer ranks the keys the answer attends to: per scorer, the mean over cases,
+/// layers and KV heads of the top-10 % overlap between its scores and the Locret labels (the
+/// training metric), on `cases` with their question rows.
+pub fn scorer_overlap(
+    model: &Model,
+    cases: &[(Record, std::ops::Range<usize>)],
+    scorers: &[&Scorer],
+) -> Result<Vec<f64>> {
+    let c = &model.cfg;
+    let (n_h, n_kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let mut sums = vec![0.0; scorers.len()];
+    let mut count = 0usize;
+    for (rec, rows) in cases {
+        let ex = example(model, rec)?;
+        for (l, (feats, labels)) in ex.layers.iter().enumerate() {
+            let f = feats.unsqueeze(0)?;
+            let q = f.narrow(2, 0, n_h * d)?;
+            let k = f.narrow(2, n_h * d, n_kv * d)?;
+            let v = f.narrow(2, (n_h + n_kv) * d, n_kv * d)?;
+            let mut cols = 0;
+            for (sum, scorer) in sums.iter_mut().zip(scorers) {
+                let sc = scorer.score(l, &q, &k, &v, n_kv, rows.clone())?;
+                let (o, c) = top_overlap(&sc, labels, 0.1)?;
+                *sum += o;
+                cols = c;
+            }
+            count += cols;
+        }
+    }
+    Ok(sums.iter().map(|s| s / count.max(1) as f64).collect())
 }
 
 /// What `apb train-heads` does.

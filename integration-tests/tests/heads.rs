@@ -53,6 +53,34 @@ fn pickle_and_safetensors_give_pytorch_scores() {
 }
 
 #[test]
+fn half_precision_pickles_decode_like_safetensors() {
+    // bf16 / f16 storages (scripts/reference/heads_dtypes.py: the f32 fixture rounded, plus an
+    // extra non-fc tensor the loader must skip) give exactly the scores of the same rounded
+    // tensors read from safetensors, and PyTorch's f32 scores within the rounding (weights to
+    // 8 / 11 significant bits: 3e-2 / 4e-3 of the largest score).
+    let dir = fixture("heads");
+    let exp = read_json(dir.join("expected.json"));
+    let want: Vec<f32> = exp["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(f32s)
+        .collect();
+    let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+    for (name, tol) in [("bf16", 3e-2f32), ("f16", 4e-3)] {
+        let from_pt = scores(dir.join(format!("heads-{name}.pt")).to_str().unwrap());
+        let from_st = scores(dir.join(format!("heads-{name}.safetensors")).to_str().unwrap());
+        assert_eq!(from_pt, from_st, "{name}: same tensors, same scores");
+        let err = from_pt
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err <= tol * scale, "{name}: {err} vs scale {scale}");
+        assert!(err > 0.0, "{name}: the weights were not rounded");
+    }
+}
+
+#[test]
 fn code_execution_payload_is_refused() {
     let marker = std::path::Path::new("/tmp/apb-rs-pwned");
     let _ = std::fs::remove_file(marker);

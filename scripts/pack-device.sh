@@ -18,7 +18,7 @@ tests=$(cargo test --release --locked --features cuda -p apb-kernels --target-di
 strip -o dist/apb-kernels-tests "$tests"
 xz -f -T2 -6 dist/apb-kernels-tests
 # The GPU tests of the methods: NCCL point-to-point on one rank, thread ranks on one GPU.
-for spec in "apb-plugin nccl_one_gpu" "apb-integration-tests gpu_methods"; do
+for spec in "apb-plugin nccl_one_gpu" "apb-plugin nccl_two_gpus" "apb-integration-tests gpu_methods"; do
   set -- $spec
   bin=$(cargo test --release --locked --features cuda -p "$1" --test "$2" --target-dir target/cuda --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]' | tail -n 1)

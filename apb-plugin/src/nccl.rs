@@ -258,9 +258,10 @@ impl NcclComm {
         let guards: Vec<_> = sends.iter().map(|(_, t)| t.storage_and_layout()).collect();
         macro_rules! go {
             ($ty:ty) => {{
+                // Uninitialised: every element is written by its receive before anyone reads it.
                 let mut dsts = recv_from
                     .iter()
-                    .map(|_| self.dev.alloc_zeros::<$ty>(n))
+                    .map(|_| unsafe { self.dev.alloc::<$ty>(n) })
                     .collect::<std::result::Result<Vec<CudaSlice<$ty>>, _>>()?;
                 let mut srcs = Vec::with_capacity(guards.len());
                 for (st, layout) in &guards {
@@ -388,6 +389,18 @@ impl Communicator for NcclComm {
                 "all_to_all needs {} parts, got {}",
                 self.world,
                 parts.len()
+            )));
+        }
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.dims() != parts[0].dims() || p.dtype() != parts[0].dtype())
+        {
+            return Err(Error::Comm(format!(
+                "all_to_all: parts of one shape and dtype, got {:?} {:?} and {:?} {:?}",
+                parts[0].dims(),
+                parts[0].dtype(),
+                p.dims(),
+                p.dtype()
             )));
         }
         let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();

@@ -29,8 +29,9 @@ fn one_rank_ring_pass_and_all_to_all_return_the_input() {
         assert_eq!(got.dims(), t.dims());
         let back = comm.all_to_all(std::slice::from_ref(&t)).unwrap();
         assert_eq!(back.len(), 1);
+        assert_eq!(back[0].dims(), t.dims());
     }
-    // A part of the wrong shape is an error, not a hang.
+    // A wrong number of parts is an error, not a hang.
     let e = comm.all_to_all(&[]).unwrap_err().to_string();
     assert!(e.contains("1 parts"), "{e}");
 }

@@ -69,7 +69,11 @@ fn half_precision_pickles_decode_like_safetensors() {
     let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
     for (name, tol) in [("bf16", 3e-2f32), ("f16", 4e-3)] {
         let from_pt = scores(dir.join(format!("heads-{name}.pt")).to_str().unwrap());
-        let from_st = scores(dir.join(format!("heads-{name}.safetensors")).to_str().unwrap());
+        let from_st = scores(
+            dir.join(format!("heads-{name}.safetensors"))
+                .to_str()
+                .unwrap(),
+        );
         assert_eq!(from_pt, from_st, "{name}: same tensors, same scores");
         let err = from_pt
             .iter()

@@ -46,21 +46,26 @@ impl SeqMethod for Ulysses {
                 divisors(n_kv)
             )));
         }
-        let mut p = block_plan(parts, a.world)?;
-        if !n_kv.is_multiple_of(p.world) {
-            // A short prompt fell back to a rank count that does not divide the heads.
-            let world = (1..p.world)
-                .rev()
-                .find(|w| n_kv.is_multiple_of(*w))
-                .unwrap_or(1);
-            let notes = p.notes.clone();
-            p = block_plan(parts, world)?;
-            p.notes = notes
-                .iter()
-                .map(|n| format!("{n} (ulysses: {world}, which divides the {n_kv} KV heads)"))
-                .collect();
+        let p = block_plan(parts, a.world)?;
+        if n_kv.is_multiple_of(p.world) {
+            return Ok(p);
         }
-        Ok(p)
+        // A short prompt fell back to a rank count that does not divide the heads: the largest
+        // dividing count that the prompt fills (fewer ranks do not always fit better).
+        let mut q = (1..p.world)
+            .rev()
+            .filter(|w| n_kv.is_multiple_of(*w))
+            .map(|w| block_plan(parts, w))
+            .find(|q| q.as_ref().is_ok_and(|q| n_kv.is_multiple_of(q.world)))
+            .unwrap_or_else(|| block_plan(parts, 1))?;
+        q.notes = vec![format!(
+            "{} context tokens are too few for {} ranks of ulysses; using {} rank{} (a count that divides the {n_kv} KV heads)",
+            p.n,
+            a.world,
+            q.world,
+            if q.world == 1 { "" } else { "s" }
+        )];
+        Ok(q)
     }
     fn rank_inputs(&self, parts: &PromptParts, p: &Plan, h: usize, _s: &Scorer) -> RankInputs {
         block_inputs(parts, p, h)
@@ -137,5 +142,27 @@ mod tests {
         let p = Ulysses.plan(&parts(2, 0), &args(3)).unwrap();
         assert_eq!(p.world, 1);
         assert!(!p.notes.is_empty());
+        // Every fallback divides the heads, even where a dividing count does not fit either
+        // (8 heads, 8 ranks, 9 tokens: 5 fits, 4 does not, 2 does).
+        for n in 1..200 {
+            for world in [2, 4, 8] {
+                let a = PlanArgs {
+                    world,
+                    n_heads: 32,
+                    n_kv_heads: 8,
+                    ..Default::default()
+                };
+                let p = Ulysses.plan(&parts(n, 0), &a).unwrap();
+                assert!(
+                    8 % p.world == 0 && p.world <= world,
+                    "n {n} world {world}: {p:?}"
+                );
+                assert!(
+                    (p.world - 1) * p.l_b < n,
+                    "n {n}: a rank of padding only: {p:?}"
+                );
+                assert_eq!(p.notes.is_empty(), p.world == world, "{p:?}");
+            }
+        }
     }
 }

@@ -487,6 +487,92 @@ fn bench_prefill_reports_results_and_breakdown() {
 }
 
 #[test]
+fn bench_prefill_one_rank_share_reports_attended_pairs_per_rank() {
+    // Rank 1's share of every exact method on 2 ranks (--only-rank runs on the CPU too): zigzag
+    // and ulysses give both ranks the same pairs, ring's second rank three times the first's.
+    let cfg = tiny().join("config.json");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = apb(
+        &[
+            "bench",
+            "prefill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--lengths",
+            "600",
+            "--attention",
+            "zigzag,ulysses,ring",
+            "--world-size",
+            "2",
+            "--only-rank",
+            "1",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let ratio: Vec<(String, f64)> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["per_rank_pairs"].as_array().unwrap().len(), 2, "{r}");
+            (
+                r["attention"].as_str().unwrap().to_string(),
+                r["pairs_max_over_min"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ratio[0], ("zigzag".into(), 1.0));
+    assert_eq!(ratio[1], ("ulysses".into(), 1.0));
+    assert!(
+        ratio[2].0 == "ring" && (2.9..3.1).contains(&ratio[2].1),
+        "{ratio:?}"
+    );
+}
+
+#[test]
+fn heads_overlap_compares_the_scorers() {
+    let out = apb(
+        &[
+            "heads-overlap",
+            "--heads",
+            "smollm2-135m-instruct",
+            "--cases",
+            "2",
+            "--tokens",
+            "300",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cases"], 2, "{v}");
+    for s in ["heads", "query_aware"] {
+        let o = v["top10_overlap"][s].as_f64().unwrap();
+        assert!(o > 0.0 && o <= 1.0, "{s}: {v}");
+    }
+    let bad = apb(&["heads-overlap", "--heads", "x", "--cases", "0"], &[]);
+    assert_clean_error(&bad, "--cases must be positive");
+}
+
+#[test]
 fn bench_prefill_bad_config_and_world_are_clear_errors() {
     let out = apb(
         &[

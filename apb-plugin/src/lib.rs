@@ -4,7 +4,36 @@
 //! star, apb) that lay a prompt out over ranks.
 //!
 //! The model file calls only [`AttentionBackend::forward`]; it never knows how many ranks there
-//! are or which tokens a rank holds. Backends never know about file formats.
+//! are or which tokens a rank holds. Backends never know about file formats. The crate's README
+//! is the guide for hosts.
+//!
+//! How a method lays a prompt out over ranks (what each rank then runs through the model):
+//!
+//! ```
+//! use apb_plugin::{Method, PlanArgs, PromptParts, Scorer};
+//!
+//! let prompt = PromptParts {
+//!     context: (0..1000).collect(),
+//!     query: vec![7, 8, 9],
+//!     ..Default::default()
+//! };
+//! let zigzag = Method::parse("zigzag")?;
+//! let args = PlanArgs { world: 4, n_heads: 32, n_kv_heads: 8, ..Default::default() };
+//! let plan = zigzag.imp().plan(&prompt, &args)?;
+//! assert_eq!((plan.world, plan.l_b), (4, 250));
+//! // Rank 1 holds chunks 1 and 6 of 8 (125 tokens each): positions 125.. and 750..
+//! let r = zigzag.imp().rank_inputs(&prompt, &plan, 1, &Scorer::QueryAware);
+//! assert_eq!((r.positions[0], r.positions[125]), (125, 750));
+//! // The same causal work on every rank.
+//! let pairs: Vec<f64> = (0..4)
+//!     .map(|h| {
+//!         let l = zigzag.imp().rank_inputs(&prompt, &plan, h, &Scorer::QueryAware).layout;
+//!         zigzag.imp().pairs(&plan, &l, h)
+//!     })
+//!     .collect();
+//! assert!(pairs.iter().all(|p| *p == pairs[0]));
+//! # Ok::<(), apb_plugin::Error>(())
+//! ```
 
 pub mod backend;
 pub mod cache;

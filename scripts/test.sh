@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README; CI runs exactly this): fetch the default model once, check
-# formatting and lints, run every test of the workspace on CPU, the OpenAI Python client against
+# formatting and lints, run every test of the workspace on CPU (doctests included), build the docs,
+# package the library crates, the OpenAI Python client against
 # `apb serve`, compile our CUDA kernels with nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The API docs build without warnings (broken or private links), and the library crates package.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
+./scripts/check-package.sh
 # The official OpenAI Python client against the real server.
 ./scripts/openai-client-test.sh
 # Our CUDA kernels compile (nvcc from PyPI; no GPU needed).

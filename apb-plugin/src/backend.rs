@@ -24,12 +24,19 @@ pub enum Phase {
 /// all post-RoPE. `q_raw`/`k_raw`/`v_raw` are the pre-RoPE projections `(batch, seq, heads·head_dim)`
 /// (bias included), which retaining heads score.
 pub struct AttnInput<'a> {
+    /// The layer index (retaining heads are per layer).
     pub layer: usize,
+    /// Post-RoPE queries `(batch, n_heads, seq, head_dim)`.
     pub q: &'a Tensor,
+    /// Post-RoPE keys `(batch, n_kv_heads, seq, head_dim)`.
     pub k: &'a Tensor,
+    /// Values `(batch, n_kv_heads, seq, head_dim)`.
     pub v: &'a Tensor,
+    /// Pre-RoPE query projection `(batch, seq, n_heads·head_dim)`.
     pub q_raw: &'a Tensor,
+    /// Pre-RoPE key projection `(batch, seq, n_kv_heads·head_dim)`.
     pub k_raw: &'a Tensor,
+    /// Value projection `(batch, seq, n_kv_heads·head_dim)`.
     pub v_raw: &'a Tensor,
 }
 

@@ -12,6 +12,7 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
+    /// An empty cache.
     pub fn new() -> Self {
         Self::default()
     }
@@ -21,6 +22,7 @@ impl LayerKv {
         self.len
     }
 
+    /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -63,9 +65,5 @@ impl LayerKv {
             ))),
             _ => Ok(None),
         }
-    }
-
-    pub fn clear(&mut self) {
-        *self = Self::default();
     }
 }

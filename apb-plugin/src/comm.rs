@@ -11,13 +11,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+/// Collectives and point-to-point transfers between the ranks of one request.
 pub trait Communicator: Send + Sync {
+    /// This rank, `0..world_size()`.
     fn rank(&self) -> usize;
+    /// Ranks in the group.
     fn world_size(&self) -> usize;
     /// Every rank's `t`, in rank order. All ranks must call it (in the same order of collectives).
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
     /// `root`'s tensor on every rank (`t` is ignored elsewhere).
     fn broadcast(&self, t: Option<&Tensor>, root: usize) -> Result<Tensor>;
+    /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
     /// Marks the group failed: collectives on every rank return an error from now on.
     fn abort(&self, why: &str);
@@ -84,6 +88,7 @@ pub struct LocalGroup;
 
 impl LocalGroup {
     #[allow(clippy::new_ret_no_self)]
+    /// `world` ranks of one process, to hand to one thread each.
     pub fn new(world: usize) -> Vec<Arc<LocalComm>> {
         let shared = Arc::new(Shared {
             world,

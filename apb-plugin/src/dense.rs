@@ -4,6 +4,7 @@ use crate::{attention, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result
 use candle_core::Tensor;
 
 #[derive(Debug, Default, Clone, Copy)]
+/// Exact causal attention that caches every token it sees.
 pub struct Dense;
 
 impl AttentionBackend for Dense {

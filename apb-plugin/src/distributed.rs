@@ -35,6 +35,7 @@ pub struct RankLayout {
 }
 
 impl RankLayout {
+    /// Prefill rows of the rank: anchor, local and probe.
     pub fn rows(&self) -> usize {
         self.anchor + self.local + self.probe
     }
@@ -49,6 +50,7 @@ pub struct RankBackend {
 }
 
 impl RankBackend {
+    /// The backend of rank `comm.rank()` for one request of `method`.
     pub fn new(
         method: Method,
         comm: Arc<dyn Communicator>,

@@ -1,5 +1,6 @@
+#![warn(missing_docs)]
 //! APB-rs attention plugin: the [`AttentionBackend`] trait that a model's attention layers call,
-//! attention itself ([`attention`], re-exported from `apb-kernels`),
+//! attention itself ([`attention()`], re-exported from `apb-kernels`),
 //! the per-layer KV cache, and the attention methods ([`Method`]: dense, ring, zigzag, ulysses,
 //! star, apb) that lay a prompt out over ranks.
 //!
@@ -40,6 +41,7 @@ pub mod cache;
 pub mod comm;
 pub mod dense;
 pub mod distributed;
+/// The crate's error type.
 pub mod error;
 pub mod method;
 #[cfg(feature = "cuda")]

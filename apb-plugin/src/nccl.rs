@@ -31,11 +31,13 @@ use std::time::{Duration, Instant};
 /// The 128-byte NCCL unique id that rank 0 creates and the rendezvous hands to every rank.
 pub type UniqueId = [u8; 128];
 
+/// A fresh group id (rank 0 makes it; the host hands it to the other ranks).
 pub fn unique_id() -> Result<UniqueId> {
     let id = Id::new().map_err(|e| Error::Comm(format!("ncclGetUniqueId: {e:?}")))?;
     Ok(id.internal().map(|c| c as u8))
 }
 
+/// One rank of an NCCL group (one process per GPU).
 pub struct NcclComm {
     inner: Arc<Inner>,
     dev: CudaDevice,

@@ -70,19 +70,25 @@ fn round_tile(x: usize) -> usize {
 /// What the planner needs to know.
 #[derive(Debug, Clone, Default)]
 pub struct PlanRequest {
+    /// Context tokens.
     pub n: usize,
+    /// Requested ranks.
     pub world: usize,
+    /// Anchor length override.
     pub anchor_len: Option<usize>,
+    /// Passing length override.
     pub passing_len: Option<usize>,
     /// Tokens a non-empty anchor must hold: chat prefix + question (0 for Star/ring).
     pub anchor_min: usize,
-    /// Whether the backend uses an anchor / passing blocks at all (ring: neither).
+    /// Whether the method uses an anchor at all (Star, APB).
     pub uses_anchor: bool,
+    /// Whether the method passes blocks between ranks (APB).
     pub uses_passing: bool,
     /// Star Attention: the anchor is the whole first block unless overridden.
     pub anchor_is_first_block: bool,
 }
 
+/// Plans blocks, anchor and passing lengths (the paper's rule, or the overrides).
 pub fn plan(req: &PlanRequest) -> Result<Plan> {
     if req.world == 0 {
         return Err(Error::Config("world size must be at least 1".into()));

@@ -18,6 +18,7 @@ pub fn enable(on: bool) {
     reset();
 }
 
+/// Clears the buckets.
 pub fn reset() {
     if let Ok(mut b) = BUCKETS.lock() {
         b.clear();
@@ -32,6 +33,7 @@ pub fn take() -> BTreeMap<&'static str, f64> {
         .unwrap_or_default()
 }
 
+/// Runs `f`, adding its time (device synchronised around it) to bucket `name` while enabled.
 pub fn span<T>(name: &'static str, device: &Device, f: impl FnOnce() -> T) -> T {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();

@@ -72,6 +72,7 @@ pub enum Scorer {
 }
 
 impl Scorer {
+    /// Name for logs and results.
     pub fn name(&self) -> &'static str {
         match self {
             Scorer::Heads(_) => "retaining-heads",

@@ -82,7 +82,7 @@ pub struct Sweep {
     pub json: Option<std::path::PathBuf>,
     /// The ranks (one process per GPU).
     pub spec: crate::ranks::GroupSpec,
-    /// Run only this rank's share of each distributed method, on one GPU (see [`OneRankOfMany`]).
+    /// Run only this rank's share of each distributed method, on one GPU (see `OneRankOfMany`).
     pub only_rank: Option<usize>,
 }
 

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 pub const TOKENIZE_PERMITS: usize = 2;
 /// Request bodies read at once; further uploads wait (memory: this many times the body bound).
 pub const BODY_PERMITS: usize = 16;
-/// Body bytes allowed per context token (plus [`BODY_SLACK`]): generous for any text (English
+/// Body bytes allowed per context token (plus `BODY_SLACK`): generous for any text (English
 /// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
 pub const BODY_BYTES_PER_TOKEN: usize = 32;
 const BODY_SLACK: usize = 1 << 20;

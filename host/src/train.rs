@@ -402,7 +402,7 @@ pub fn read_jsonl(
 const MAX_ANSWER_TOKENS: usize = 512;
 
 /// The model's chat template around `messages` (generation prompt included), then `answer` (its
-/// first [`MAX_ANSWER_TOKENS`]); the prompt is cut from the front to `max_len` tokens.
+/// first `MAX_ANSWER_TOKENS`); the prompt is cut from the front to `max_len` tokens.
 pub fn chat_record(
     tok: &apb_loaders::Tok,
     messages: &[apb_loaders::ChatMessage],

@@ -166,7 +166,7 @@ fn allowed(module: &str, class: &str) -> bool {
     ) || (module == "torch" && class.ends_with("Storage"))
 }
 
-/// Parses every `data.pkl` in the zip and refuses any reference outside [`allowed`].
+/// Parses every `data.pkl` in the zip and refuses any reference outside `allowed`.
 pub fn check_pickle_safe(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| LoadError::file(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))

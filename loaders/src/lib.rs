@@ -2,7 +2,7 @@
 //! tokenizer with its chat template, and the one model file ([`model`]).
 //!
 //! A model is named by a [`ModelSource`]: a registered name (`smollm2-135m-instruct`), a local
-//! directory, a `.gguf` file, or an HF Hub repo id. [`load`] turns it into a ready [`Loaded`].
+//! directory, a `.gguf` file, or an HF Hub repo id. [`load()`] turns it into a ready [`Loaded`].
 
 pub mod config;
 pub mod error;

@@ -60,6 +60,7 @@ impl PromptParts {
         self.context.len() + self.query.len()
     }
 
+    /// Whether the prompt has no tokens.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -70,18 +71,24 @@ impl PromptParts {
 pub struct PlanArgs {
     /// Requested ranks (a short prompt may get fewer).
     pub world: usize,
+    /// Anchor length override (APB, Star).
     pub anchor_len: Option<usize>,
+    /// Passing length override (APB).
     pub passing_len: Option<usize>,
-    /// The model's query and KV heads (Ulysses splits heads over ranks).
+    /// The model's query heads.
     pub n_heads: usize,
+    /// The model's KV heads (Ulysses splits them over ranks).
     pub n_kv_heads: usize,
 }
 
 /// One rank's prefill share.
 #[derive(Debug, Clone, Default)]
 pub struct RankInputs {
+    /// Token ids the rank prefills.
     pub tokens: Vec<u32>,
+    /// Their positions (for RoPE): not `0..n`, the rank holds parts of the prompt.
     pub positions: Vec<u32>,
+    /// Where the rows come from.
     pub layout: RankLayout,
     /// Query tokens still to run after prefill, on every rank (0 for dense: it prefills them).
     pub after: usize,
@@ -89,13 +96,17 @@ pub struct RankInputs {
 
 /// What a rank's prefill attention works with besides the layer's q/k/v.
 pub struct RankCtx<'a> {
+    /// The rank's communicator.
     pub comm: &'a dyn Communicator,
+    /// The rank's layout.
     pub layout: &'a RankLayout,
+    /// The scorer APB selects passing K/V with.
     pub scorer: &'a Scorer,
 }
 
 /// One attention method (see the module docs). Implementations are unit structs in this folder.
 pub trait SeqMethod: Send + Sync {
+    /// The name `--attention` takes.
     fn name(&self) -> &'static str;
     /// Whether the result equals dense attention (up to rounding).
     fn exact(&self) -> bool;
@@ -136,11 +147,17 @@ pub trait SeqMethod: Send + Sync {
 pub struct Method(&'static dyn SeqMethod);
 
 impl Method {
+    /// Exact, one rank.
     pub const DENSE: Method = Method(&dense::Dense);
+    /// Exact, contiguous blocks, all-gathered K/V.
     pub const RING: Method = Method(&ring::Ring);
+    /// Exact, balanced: zigzag chunks, K/V passed around the ring.
     pub const ZIGZAG: Method = Method(&zigzag::Zigzag);
+    /// Exact, balanced: all-to-all of heads.
     pub const ULYSSES: Method = Method(&ulysses::Ulysses);
+    /// Star Attention (approximate).
     pub const STAR: Method = Method(&star::Star);
+    /// APB (approximate).
     pub const APB: Method = Method(&apb::Apb);
 
     /// Every method, in the order help texts list them.
@@ -153,10 +170,12 @@ impl Method {
         Self::APB,
     ];
 
+    /// The names of [`Method::ALL`].
     pub fn names() -> Vec<&'static str> {
         Self::ALL.iter().map(|m| m.name()).collect()
     }
 
+    /// The method of that name; the error lists the names.
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
@@ -167,10 +186,12 @@ impl Method {
             })
     }
 
+    /// The method's name.
     pub fn name(self) -> &'static str {
         self.0.name()
     }
 
+    /// Whether this is `dense` (one rank, no communication).
     pub fn is_dense(self) -> bool {
         self == Self::DENSE
     }

@@ -23,9 +23,13 @@ pub const MIN_ROWS: usize = 128;
 /// everywhere), `flashinfer` or `cudnn` (which fail rather than fall back).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kernel {
+    /// The fastest available (see [`auto_order`]), falling back when one fails.
     Auto,
+    /// Our FlashAttention-2 kernel (sm_80+).
     Mma,
+    /// FlashInfer's FA3-style sm_90 prefill.
     FlashInfer,
+    /// cuDNN's SDPA.
     Cudnn,
 }
 
@@ -41,6 +45,7 @@ pub fn auto_order(head_dim: usize) -> [Kernel; 2] {
 }
 
 impl Kernel {
+    /// The name `APB_ATTENTION` takes.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Auto => "auto",
@@ -131,11 +136,17 @@ fn warn_once(kernel: Kernel, e: &candle_core::Error) {
 /// bottom-right causal. Views (`(b, h, s, d)`, head dimension contiguous); `o` is written in place
 /// and so is `lse` (`(b, n_h, rows)` f32, with its device address) when given.
 pub struct Piece<'a> {
+    /// Query rows.
     pub q: &'a Tensor,
+    /// Keys.
     pub k: &'a Tensor,
+    /// Values.
     pub v: &'a Tensor,
+    /// Output rows, written in place.
     pub o: &'a Tensor,
+    /// Log-sum-exp rows and their device address, written in place when given.
     pub lse: Option<&'a (Tensor, u64)>,
+    /// Bottom-right causal, else no mask.
     pub causal: bool,
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Paths, by device and shape:
 //! - CUDA, bf16/f16, head_dim 64/128 ([`flash_supported`]): on sm_90 a fused Hopper kernel for
-//!   prefill blocks ([`hopper`]: FlashInfer's FA3-style prefill or cuDNN's SDPA), else our
+//!   prefill blocks (`hopper` (sm_90 only): FlashInfer's FA3-style prefill or cuDNN's SDPA), else our
 //!   FlashAttention-2 kernel (`mma.rs`, attention.cu), which also runs decode with split keys.
 //! - CPU prefill (≥ 16 query rows): the tiled CPU kernel (`cpu_flash.rs`).
 //! - Anything else (decode on the CPU, other dtypes): chunked f32 (`chunked.rs`).
@@ -31,10 +31,12 @@ pub struct Mask {
     pub causal: bool,
     /// The first `anchor_rows` query rows do not see the first `passing_keys` keys (APB).
     pub anchor_rows: usize,
+    /// Passing keys before the anchor (APB).
     pub passing_keys: usize,
 }
 
 impl Mask {
+    /// Plain causal, aligned bottom-right (new rows are the last keys).
     pub fn causal() -> Self {
         Self {
             causal: true,
@@ -42,6 +44,7 @@ impl Mask {
             passing_keys: 0,
         }
     }
+    /// No mask: every row attends every key.
     pub fn full() -> Self {
         Self {
             causal: false,

@@ -12,6 +12,8 @@ cargo test --workspace --locked
 # The API docs build without warnings (broken or private links), and the library crates package.
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
 ./scripts/check-package.sh
+# A host that is not ours wires apb-plugin into its own model (exact methods must equal dense).
+cargo run -q --locked -p apb-examples --example own_model
 # The official OpenAI Python client against the real server.
 ./scripts/openai-client-test.sh
 # Our CUDA kernels compile (nvcc from PyPI; no GPU needed).

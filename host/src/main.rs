@@ -462,12 +462,10 @@ enum BenchCmd {
 
 #[derive(Args)]
 struct PrefillArgs {
-    /// Model shapes: llama-3.1-8b, qwen-2.5-14b, yi-34b, or a path to a config.json.
+    /// Model shapes: llama-3.1-8b, qwen-2.5-14b, yi-34b, or a path to a config.json (random
+    /// weights: timings do not depend on their values).
     #[arg(long, default_value = "llama-3.1-8b")]
     config: String,
-    /// Random weights of the config's shapes (the only mode today: timings do not depend on values).
-    #[arg(long, default_value_t = true)]
-    random_weights: bool,
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
     lengths: Vec<usize>,
@@ -517,9 +515,6 @@ struct AttentionBenchArgs {
 }
 
 fn bench_prefill(a: PrefillArgs) -> Result<()> {
-    if !a.random_weights {
-        bail!("apb bench prefill runs random weights only (--random-weights)");
-    }
     let spec = GroupSpec {
         world: a.world_size,
         device: parse_device(&a.device)?,

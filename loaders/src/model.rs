@@ -291,13 +291,4 @@ impl Model {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
     }
-
-    /// Number of query heads and head dim, for callers sizing buffers.
-    pub fn attn_shape(&self) -> (usize, usize, usize) {
-        (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        )
-    }
 }

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 crates=(-p apb-kernels -p apb-plugin -p apb-loaders -p apb-host)
 cargo package "${crates[@]}" --no-verify --locked
-for f in target/package/apb-{kernels,plugin,loaders,host}-*.crate; do
+for f in "${CARGO_TARGET_DIR:-target}"/package/apb-{kernels,plugin,loaders,host}-*.crate; do
   size=$(stat -c %s "$f")
   echo "$f: $size bytes"
   [ "$size" -lt 2000000 ] || { echo "error: $f is over 2 MB: check cargo package --list" >&2; exit 1; }

@@ -188,3 +188,26 @@ pub fn job(
         params: params.clone(),
     }
 }
+
+/// ‖Δ‖∞ / ‖ref‖∞ of two runs' first-token logits: how the exact methods are compared with dense.
+pub fn first_logits_rel_diff(got: &apb_host::Generation, want: &apb_host::Generation) -> f32 {
+    let scale = want.first_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let err = got
+        .first_logits
+        .iter()
+        .zip(&want.first_logits)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    err / scale
+}
+
+/// A request from a tiny fixture's random ids: 61 context tokens (odd: padding on the last rank),
+/// a 9-token query segment, and a 4-token "question" inside it.
+pub fn fixture_parts(name: &str) -> apb_host::prompt::PromptParts {
+    let ids = u32s(&read_json(fixture(name).join("expected.json"))["input_ids"]);
+    apb_host::prompt::PromptParts {
+        context: ids[..61].to_vec(),
+        query: ids[61..70].to_vec(),
+        question: ids[63..67].to_vec(),
+        prefix_len: 0,
+    }
+}

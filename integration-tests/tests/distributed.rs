@@ -18,16 +18,8 @@ fn tiny(name: &str) -> Runner {
     Runner::new(m, Scorer::QueryAware)
 }
 
-/// A request from the fixture's random ids: 61 context tokens (odd: padding on the last rank),
-/// a 9-token query segment, and a 4-token "question" inside it.
 fn parts(name: &str) -> PromptParts {
-    let ids = u32s(&read_json(fixture(name).join("expected.json"))["input_ids"]);
-    PromptParts {
-        context: ids[..61].to_vec(),
-        query: ids[61..70].to_vec(),
-        question: ids[63..67].to_vec(),
-        prefix_len: 0,
-    }
+    fixture_parts(name)
 }
 
 fn params() -> GenParams {
@@ -59,15 +51,10 @@ fn run(
 }
 
 fn assert_same(label: &str, got: &Generation, want: &Generation) {
-    let scale = want.first_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let err = got
-        .first_logits
-        .iter()
-        .zip(&want.first_logits)
-        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    let rel = first_logits_rel_diff(got, want);
     assert!(
-        err <= 1e-5 * scale,
-        "{label}: first-token logits differ by {err} (scale {scale})"
+        rel <= 1e-5,
+        "{label}: first-token logits differ by {rel} relative"
     );
     assert_eq!(got.tokens, want.tokens, "{label}: greedy continuation");
 }

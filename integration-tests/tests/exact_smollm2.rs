@@ -4,21 +4,11 @@
 //! Tolerance: first-token logits within 1e-5 relative (‖Δ‖∞ / ‖ref‖∞) in f32, 16 greedy tokens
 //! identical.
 
-use apb_host::{prompt, GenParams, Generation, Method, Runner};
+use apb_host::{prompt, GenParams, Method, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
 use apb_plugin::Scorer;
 use candle_core::{DType, Device};
-
-fn max_rel_diff(got: &Generation, want: &Generation) -> f32 {
-    let scale = want.first_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let err = got
-        .first_logits
-        .iter()
-        .zip(&want.first_logits)
-        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    err / scale
-}
 
 #[test]
 fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
@@ -49,7 +39,7 @@ fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
     for (method, world) in [(Method::ZIGZAG, 4), (Method::ULYSSES, 3)] {
         let got = run_job(&m, &job(&parts, method, world, &params));
         assert_eq!(got.plan.world, world, "{method}");
-        let rel = max_rel_diff(&got, &want);
+        let rel = first_logits_rel_diff(&got, &want);
         assert!(
             rel <= 1e-5,
             "{method} H={world}: first-token logits off by {rel} relative"

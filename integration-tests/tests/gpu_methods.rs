@@ -7,32 +7,11 @@
 //! rounding of the merged output per layer).
 #![cfg(feature = "cuda")]
 
-use apb_host::prompt::PromptParts;
-use apb_host::{GenParams, Generation, Method, Runner};
+use apb_host::{GenParams, Method, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
 use apb_plugin::Scorer;
 use candle_core::{DType, Device};
-
-fn parts(name: &str) -> PromptParts {
-    let ids = u32s(&read_json(fixture(name).join("expected.json"))["input_ids"]);
-    PromptParts {
-        context: ids[..61].to_vec(),
-        query: ids[61..70].to_vec(),
-        question: ids[63..67].to_vec(),
-        prefix_len: 0,
-    }
-}
-
-fn rel(got: &Generation, want: &Generation) -> f32 {
-    let scale = want.first_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let err = got
-        .first_logits
-        .iter()
-        .zip(&want.first_logits)
-        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    err / scale
-}
 
 #[test]
 fn exact_methods_equal_dense_on_one_gpu() {
@@ -48,7 +27,7 @@ fn exact_methods_equal_dense_on_one_gpu() {
                 load(&ModelSource::Dir(fixture(name)), dtype, &dev).unwrap(),
                 Scorer::QueryAware,
             );
-            let p = parts(name);
+            let p = fixture_parts(name);
             let want = run_job(&m, &job(&p, Method::DENSE, 1, &params));
             let cases = [
                 (Method::RING, 3),
@@ -59,7 +38,7 @@ fn exact_methods_equal_dense_on_one_gpu() {
             ];
             for (method, world) in cases {
                 let got = run_job(&m, &job(&p, method, world, &params));
-                let r = rel(&got, &want);
+                let r = first_logits_rel_diff(&got, &want);
                 println!(
                     "{name} {dtype:?} {method} H={world}: first-token logits {r:.2e} relative"
                 );

@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 fi
 cargo build -q --locked -p apb-host --bin apb
 log=$(mktemp)
-./target/debug/apb serve --port 0 --api-key sekret 2>"$log" &
+"${CARGO_TARGET_DIR:-target}"/debug/apb serve --port 0 --api-key sekret 2>"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 600); do

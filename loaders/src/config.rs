@@ -5,6 +5,7 @@ use crate::error::{load_err, LoadError, Result};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which family layout the weights follow.
 pub enum Arch {
     /// `LlamaForCausalLM` (Llama-3.x, Yi) and GGUF `llama` (SmolLM2).
     Llama,
@@ -15,30 +16,50 @@ pub enum Arch {
 /// Llama-3.1 `rope_scaling` with `rope_type = "llama3"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Llama3RopeScaling {
+    /// How much the context was extended.
     pub factor: f64,
+    /// Wavelengths above `original / low_freq_factor` are scaled fully.
     pub low_freq_factor: f64,
+    /// Wavelengths below `original / high_freq_factor` are kept.
     pub high_freq_factor: f64,
+    /// The context the model was pre-trained at.
     pub original_max_position_embeddings: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// One llama-family model's shapes and settings.
 pub struct Config {
+    /// Weight layout.
     pub arch: Arch,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
     pub num_key_value_heads: usize,
+    /// Dimension of one head.
     pub head_dim: usize,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
+    /// RoPE base.
     pub rope_theta: f64,
+    /// Llama-3.1 RoPE scaling, if any.
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest context the model supports.
     pub max_position_embeddings: usize,
+    /// The LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (Qwen2; Llama with `attention_bias`).
     pub qkv_bias: bool,
+    /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens (generation stops on any).
     pub eos_token_ids: Vec<u32>,
 }
 
@@ -146,6 +167,8 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks the shapes fit together (query heads a multiple of KV heads, even head_dim, positive
+    /// sizes); the error names the values.
     pub fn validate(&self) -> Result<()> {
         let c = self;
         if c.num_attention_heads == 0

@@ -12,13 +12,16 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// An open GGUF file: its metadata and tensor index.
 pub struct GgufModel {
+    /// Metadata and tensor infos.
     pub content: Content,
     file: std::fs::File,
     path: std::path::PathBuf,
 }
 
 impl GgufModel {
+    /// Reads the header of `path` (tensors are read when the model loads).
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|e| LoadError::file(path, e))?;
         let content = Content::read(&mut file)
@@ -47,6 +50,7 @@ impl GgufModel {
         self.md(key).and_then(|v| v.to_f32().ok())
     }
 
+    /// A string metadata value.
     pub fn md_str(&self, key: &str) -> Option<&str> {
         self.md(key)
             .and_then(|v| v.to_string().ok())
@@ -70,6 +74,7 @@ impl GgufModel {
             .collect()
     }
 
+    /// An integer-array metadata value (empty if absent).
     pub fn md_i32s(&self, key: &str) -> Vec<i32> {
         self.md(key)
             .and_then(|v| v.to_vec().ok())
@@ -77,10 +82,12 @@ impl GgufModel {
             .unwrap_or_default()
     }
 
+    /// A token id metadata value.
     pub fn md_token_id(&self, key: &str) -> Option<u32> {
         self.md_u32(key).ok()
     }
 
+    /// The model config from the `llama.*` metadata.
     pub fn config(&self) -> Result<Config> {
         let arch = self.md_str("general.architecture").unwrap_or("");
         if arch != "llama" {

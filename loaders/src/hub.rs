@@ -11,10 +11,13 @@ use std::path::PathBuf;
 /// Where to look for, and how to get, one repo's files.
 #[derive(Debug, Clone)]
 pub struct HubRepo {
+    /// `org/name`.
     pub repo_id: String,
+    /// Branch, tag or commit.
     pub revision: String,
     /// The HF cache root (the `hub` folder), `$HF_HOME/hub` by default.
     pub cache_dir: PathBuf,
+    /// Use the cache only (`HF_HUB_OFFLINE`).
     pub offline: bool,
 }
 

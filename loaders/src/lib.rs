@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Loaders for llama-family models: configs, weights (local safetensors, HF Hub, GGUF), the
 //! tokenizer with its chat template, and the one model file ([`model`]).
 //!

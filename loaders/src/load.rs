@@ -20,7 +20,9 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// An HF Hub repo id (`org/name`) at a revision.
     Hub {
+        /// `org/name`.
         repo_id: String,
+        /// Branch, tag or commit (`main` if none).
         revision: Option<String>,
     },
 }
@@ -77,13 +79,17 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// A model ready to run and its tokenizer.
 pub struct Loaded {
+    /// The weights and the forward pass.
     pub model: Model,
+    /// The tokenizer and chat template.
     pub tok: Tok,
     /// Human-readable origin, reported in outputs.
     pub name: String,
 }
 
+/// Loads `source` (config, weights, tokenizer) in `dtype` on `device`.
 pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loaded> {
     match source {
         ModelSource::Gguf(path) => load_gguf(path, dtype, device),

@@ -175,10 +175,12 @@ struct Block {
 /// The KV cache of a whole model: one [`LayerKv`] per layer.
 #[derive(Debug, Clone)]
 pub struct Cache {
+    /// One cache per layer.
     pub layers: Vec<LayerKv>,
 }
 
 impl Cache {
+    /// Empty caches for every layer of `cfg`.
     pub fn new(cfg: &Config) -> Self {
         Self {
             layers: vec![LayerKv::new(); cfg.num_hidden_layers],
@@ -188,12 +190,15 @@ impl Cache {
     pub fn len(&self) -> usize {
         self.layers.first().map(|l| l.len()).unwrap_or(0)
     }
+    /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
+/// The llama-family decoder (Llama-3.1, Qwen2, Yi, SmolLM2); attention goes through the backend it is given.
 pub struct Model {
+    /// Its config.
     pub cfg: Config,
     embed_tokens: Embedding,
     layers: Vec<Block>,
@@ -237,9 +242,11 @@ impl Model {
         })
     }
 
+    /// The device the weights are on.
     pub fn device(&self) -> &Device {
         &self.device
     }
+    /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -34,6 +34,7 @@ pub fn named(name: &str) -> Option<(PathBuf, &'static str)> {
         .map(|(_, file, how)| (cache_dir().join("models").join(file), *how))
 }
 
+/// The registered model names.
 pub fn names() -> Vec<&'static str> {
     NAMED.iter().map(|(n, _, _)| *n).collect()
 }

@@ -14,12 +14,16 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
+/// One chat turn.
 pub struct ChatMessage {
+    /// `system`, `developer`, `user` or `assistant`.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A user turn.
     pub fn user(text: &str) -> Self {
         Self {
             role: "user".into(),
@@ -30,9 +34,13 @@ impl ChatMessage {
 
 /// A model's tokenizer with its chat template and stop ids.
 pub struct Tok {
+    /// The tokenizer, special tokens parsed.
     pub tokenizer: Tokenizer,
+    /// The Jinja chat template, if the model has one.
     pub chat_template: Option<String>,
+    /// The template's `bos_token`.
     pub bos_token: Option<String>,
+    /// The template's `eos_token`.
     pub eos_token: Option<String>,
     /// Generation stops on any of these.
     pub stop_ids: BTreeSet<u32>,
@@ -334,6 +342,7 @@ impl Tok {
         encode_with(&self.plain, text, self.splittable)
     }
 
+    /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)

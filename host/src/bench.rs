@@ -74,9 +74,13 @@ fn tri(n: usize) -> f64 {
 pub struct Sweep {
     /// A preset name or a config.json path.
     pub config: String,
+    /// Weights dtype (`bf16`, `f16`, `f32`).
     pub dtype: String,
+    /// Prompt lengths in tokens.
     pub lengths: Vec<usize>,
+    /// Methods by name (dense runs on one rank).
     pub methods: Vec<String>,
+    /// Also time each part (device synchronised per part).
     pub breakdown: bool,
     /// Where rank 0 writes the results (stdout otherwise).
     pub json: Option<std::path::PathBuf>,
@@ -166,9 +170,13 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
     member.finish()
 }
 
+/// One rank of `apb bench prefill`: the model and what it measures with.
 pub struct PrefillBench<'a> {
+    /// Random weights of the config's shapes.
     pub model: &'a Model,
+    /// The benchmark group (every rank runs the same sweep).
     pub comm: Arc<dyn Communicator>,
+    /// Also time each part.
     pub breakdown: bool,
     /// Distributed methods run only this rank's share, alone (`comm` has one rank).
     pub only_rank: Option<usize>,
@@ -369,6 +377,7 @@ impl PrefillBench<'_> {
 pub struct KernelTiming {
     /// Which kernel ran: `flashinfer` / `cudnn` (Hopper) or `mma` (ours).
     pub kernel: &'static str,
+    /// Seconds per call.
     pub seconds: f64,
     /// Counting the causal half of the scores.
     pub tflops: f64,

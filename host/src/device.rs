@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 
+/// `cpu`, `cuda` or `cuda:N`; the error lists the choices.
 pub fn parse_device(s: &str) -> Result<Device> {
     let ordinal = match s {
         "cpu" => return Ok(Device::Cpu),

@@ -17,35 +17,51 @@ use std::sync::atomic::AtomicBool;
 /// One method of the comparison: a label, the method, its ranks and its rank program (whose
 /// scorer decides APB's selection).
 pub struct Arm {
+    /// Column name (`apb-heads` for APB with trained heads).
     pub label: String,
+    /// The method.
     pub method: Method,
+    /// Ranks.
     pub world: usize,
+    /// The rank program, with the scorer APB uses.
     pub runner: Runner,
 }
 
 /// One scored case.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
+    /// The arm's label.
     pub method: String,
+    /// Task name.
     pub task: String,
+    /// Target prompt length in tokens.
     pub length: usize,
+    /// Case seed.
     pub seed: u64,
+    /// Prompt tokens of the case.
     pub prompt_tokens: usize,
+    /// String-match score in [0, 1].
     pub score: f64,
+    /// The generated text.
     pub reply: String,
+    /// The strings a correct reply contains.
     pub answers: Vec<String>,
     /// The settings the row was made with (model, heads, ranks, tokens): a resumed run must match.
     #[serde(default)]
     pub setup: String,
 }
 
+/// What `apb eval` runs.
 pub struct EvalConfig {
+    /// Task names.
     pub tasks: Vec<String>,
     /// Target prompt lengths in tokens.
     pub lengths: Vec<usize>,
     /// Cases per task and length.
     pub cases: usize,
+    /// First case seed.
     pub seed: u64,
+    /// Tokens generated per case (greedy).
     pub max_new_tokens: usize,
     /// JSONL of rows: appended to, and read back to skip cases already scored.
     pub out: PathBuf,

@@ -37,10 +37,15 @@ pub struct LaunchArgs {
 
 /// This process's place in the group.
 pub struct RankCtx {
+    /// This rank, `0..world`.
     pub rank: usize,
+    /// This rank's GPU on its node.
     pub local_rank: usize,
+    /// Ranks in the group.
     pub world: usize,
+    /// The NCCL group id from rank 0.
     pub nccl_id: [u8; 128],
+    /// A collective that waits longer fails the group.
     pub collective_timeout: Duration,
     group: Arc<Group>,
     /// Messages from rank 0 (worker ranks): job frames read off the rendezvous connection.
@@ -61,10 +66,6 @@ const DONE: u8 = 1;
 const MESSAGE: u8 = 2;
 
 impl RankCtx {
-    pub fn is_root(&self) -> bool {
-        self.rank == 0
-    }
-
     /// Rank 0: sends `bytes` to every other rank of the group.
     pub fn send_to_workers(&self, bytes: &[u8]) -> Result<()> {
         let mut frame = Vec::with_capacity(bytes.len() + 9);
@@ -375,6 +376,7 @@ pub fn communicator(
 }
 
 #[cfg(not(feature = "cuda"))]
+/// Without CUDA there are no process ranks: a clear error.
 pub fn communicator(
     _ctx: &RankCtx,
     _device: &candle_core::Device,

@@ -25,6 +25,7 @@ pub struct GroupSpec {
     pub world: usize,
     /// The device asked for; with CUDA and several ranks each rank is a process with its own GPU.
     pub device: Device,
+    /// How processes are started (nodes, addresses, timeouts).
     pub launch: LaunchArgs,
 }
 
@@ -122,12 +123,15 @@ pub fn start(
 /// This process's place in a group that runs the same code on every rank (SPMD, as benchmarks
 /// do): its device and communicator.
 pub struct Member {
+    /// This rank's device.
     pub device: Device,
+    /// This rank's communicator.
     pub comm: Arc<dyn Communicator>,
     ctx: Option<RankCtx>,
 }
 
 impl Member {
+    /// This rank.
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -261,6 +265,7 @@ impl Group {
         self.world
     }
 
+    /// Rank 0's rank program.
     pub fn runner(&self) -> &Runner {
         &self.runner
     }

@@ -23,10 +23,13 @@ use std::time::Instant;
 /// Sampling and stop rules of one request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenParams {
+    /// Tokens to generate at most.
     pub max_new_tokens: usize,
     /// 0 = greedy.
     pub temperature: f64,
+    /// Nucleus sampling mass (1 = off).
     pub top_p: f64,
+    /// Sampling seed (the same seed reproduces a run).
     pub seed: u64,
     /// Keep generating through EOS (benchmarks that need a fixed token count).
     pub ignore_eos: bool,
@@ -76,12 +79,17 @@ impl GenParams {
 /// One request, as every rank receives it (serialized to the worker ranks).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
+    /// The split prompt.
     pub prompt: PromptParts,
+    /// The attention method.
     pub method: Method,
     /// Requested ranks (the planner may use fewer for a short prompt).
     pub world: usize,
+    /// Anchor length override.
     pub anchor_len: Option<usize>,
+    /// Passing length override.
     pub passing_len: Option<usize>,
+    /// Sampling and stop rules.
     pub params: GenParams,
 }
 
@@ -98,23 +106,31 @@ pub enum Finish {
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// Counts and times of one generation.
 pub struct GenStats {
+    /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Tokens generated.
     pub generated_tokens: usize,
     /// Time to the first token: the whole prompt (question segment included).
     pub prefill_ms: f64,
+    /// Decode speed after the first token.
     pub decode_tokens_per_s: f64,
 }
 
 /// What one rank's run produced.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generated text (cut before a stop string).
     pub text: String,
+    /// The generated tokens.
     pub tokens: Vec<u32>,
     /// Logits (f32) that chose the first generated token (on the last rank; empty elsewhere):
     /// what backends are compared on.
     pub first_logits: Vec<f32>,
+    /// Why generation ended.
     pub finish: Finish,
+    /// Counts and times.
     pub stats: GenStats,
     /// The plan the ranks ran (world 1 for dense).
     pub plan: Plan,
@@ -132,7 +148,9 @@ pub struct InputError(pub String);
 pub struct Prepared {
     /// The method that runs: the job's, or dense when nothing is left to spread.
     pub method: Method,
+    /// The layout over ranks.
     pub plan: Plan,
+    /// Tokens to generate at most (within the model's context).
     pub max_new: usize,
 }
 
@@ -205,11 +223,14 @@ pub fn prepare_within(
 /// A rank's resident state: the model (weights shared by thread ranks) and the scorer APB uses.
 #[derive(Clone)]
 pub struct Runner {
+    /// The model and tokenizer.
     pub loaded: Arc<Loaded>,
+    /// The scorer APB selects passing K/V with.
     pub scorer: Scorer,
 }
 
 impl Runner {
+    /// A rank program over `loaded` with `scorer`.
     pub fn new(loaded: Loaded, scorer: Scorer) -> Self {
         Self {
             loaded: Arc::new(loaded),
@@ -217,10 +238,12 @@ impl Runner {
         }
     }
 
+    /// The model.
     pub fn model(&self) -> &Model {
         &self.loaded.model
     }
 
+    /// The tokenizer.
     pub fn tok(&self) -> &Tok {
         &self.loaded.tok
     }
@@ -408,9 +431,13 @@ impl Runner {
 /// A rank after its prefill: the cache it keeps, its backend (it holds the rank's layout), the
 /// last hidden state, and how many query tokens still follow (0 for dense: it prefilled them).
 pub struct Prefilled {
+    /// The layers' caches.
     pub cache: Cache,
+    /// The backend that filled them.
     pub backend: Box<dyn AttentionBackend>,
+    /// The last layer's output for the prefilled rows.
     pub hidden: Tensor,
+    /// Query tokens still to run on every rank.
     pub after: usize,
     /// Rows each rank ran in prefill (anchor + local + probe).
     pub rank_prefill_tokens: Vec<usize>,
@@ -519,6 +546,7 @@ pub struct TextStream {
 }
 
 impl TextStream {
+    /// A stream that stops at any of `stop`.
     pub fn new(stop: Vec<String>) -> Self {
         Self {
             stop,

@@ -3,6 +3,7 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// Chooses next tokens from logits.
 pub struct Sampler {
     temperature: f64,
     top_p: f64,
@@ -10,6 +11,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Greedy at temperature 0, else temperature and top-p sampling seeded by `seed`.
     pub fn new(temperature: f64, top_p: f64, seed: u64) -> Self {
         Self {
             temperature,

@@ -52,10 +52,13 @@ const BODY_SLACK: usize = 1 << 20;
 /// What the server runs every request with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// The attention method.
     pub method: Method,
     /// Ranks of the group.
     pub world: usize,
+    /// Anchor length override.
     pub anchor_len: Option<usize>,
+    /// Passing length override.
     pub passing_len: Option<usize>,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
@@ -66,6 +69,7 @@ pub struct ServeConfig {
     /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
     /// and `model_alias` (the `-m` spelling, e.g. `smollm2-135m-instruct`).
     pub served_model_names: Vec<String>,
+    /// The `-m` spelling, also accepted as `model`.
     pub model_alias: Option<String>,
     /// Origins allowed by CORS (`*` for any); none: no CORS headers.
     pub cors_origins: Vec<String>,
@@ -76,6 +80,7 @@ pub struct ServeConfig {
     pub max_body_bytes: Option<usize>,
     /// Time a client has to send its request headers, and its body.
     pub header_timeout: Duration,
+    /// Time a client has to send its request body.
     pub body_timeout: Duration,
 }
 

@@ -37,9 +37,13 @@ pub const DEFAULT_TASKS: [&str; 6] = [
 /// One generated case.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Case {
+    /// Task name.
     pub task: String,
+    /// The seed that generated it.
     pub seed: u64,
+    /// The long document.
     pub document: String,
+    /// The question about it.
     pub question: String,
     /// Strings a correct reply contains.
     pub answers: Vec<String>,

@@ -20,13 +20,16 @@ use std::sync::Mutex;
 /// One training record: prompt and answer token ids.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// Prompt token ids.
     pub prompt: Vec<u32>,
+    /// Answer token ids (the queries labels are taken from).
     pub answer: Vec<u32>,
 }
 
 /// What one record gives each layer: features `(P, in)` and labels `(P, n_kv)`, f32, for the `P`
 /// prompt tokens.
 pub struct Example {
+    /// Per layer: features `(P, in)` and labels `(P, n_kv)`.
     pub layers: Vec<(Tensor, Tensor)>,
 }
 
@@ -98,7 +101,9 @@ pub fn example(model: &Model, rec: &Record) -> Result<Example> {
 
 /// Trainable heads: per layer `fc1 (hidden, in)`, `fc2 (n_kv, hidden)`.
 pub struct Heads {
+    /// Per layer `(hidden, in)`.
     pub fc1: Vec<Var>,
+    /// Per layer `(n_kv, hidden)`.
     pub fc2: Vec<Var>,
 }
 
@@ -218,19 +223,28 @@ fn top_overlap(pred: &Tensor, label: &Tensor, frac: f64) -> Result<(f64, usize)>
 
 /// AdamW with the schedule and clipping of the recipe; its state saves and loads with the heads.
 pub struct AdamW {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Moment decay rates.
     pub betas: (f64, f64),
+    /// Denominator epsilon.
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Gradient value clip.
     pub clip: f64,
+    /// Linear warm-up steps.
     pub warmup: usize,
+    /// Steps in all (the rate decays linearly to 0).
     pub total: usize,
+    /// Steps taken.
     pub step: usize,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
 }
 
 impl AdamW {
+    /// Zeroed moments for `heads`.
     pub fn new(heads: &Heads, lr: f64, warmup: usize, total: usize) -> Result<Self> {
         let zeros = |v: &&Var| v.as_tensor().zeros_like();
         let vars = heads.vars();
@@ -511,16 +525,27 @@ pub fn scorer_overlap(
 
 /// What `apb train-heads` does.
 pub struct TrainConfig {
+    /// Training records, cycled in order.
     pub records: Vec<Record>,
+    /// Where the heads go.
     pub out: PathBuf,
+    /// Optimiser steps.
     pub steps: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Warm-up steps.
     pub warmup: usize,
+    /// Hidden width of the heads.
     pub hidden: usize,
+    /// Weight of the smoothness term.
     pub alpha: f64,
+    /// Seed of the initial weights.
     pub seed: u64,
+    /// Resumable checkpoint (heads and optimiser).
     pub checkpoint: PathBuf,
+    /// Checkpoint every this many steps.
     pub save_every: usize,
+    /// Dtype of the saved heads.
     pub save_dtype: DType,
 }
 

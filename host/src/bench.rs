@@ -269,13 +269,15 @@ impl PrefillBench<'_> {
         let scorer = Scorer::QueryAware;
         let p = &prep.plan;
         // Attended (query, key) pairs of every rank (the method's own count).
-        let rank_pairs: Vec<f64> = (0..p.world)
-            .map(|h| {
-                let r = rank_share(&job, &prep, h, &scorer);
-                method_.imp().pairs(p, &r.layout, h)
-            })
+        let mut shares: Vec<_> = (0..p.world)
+            .map(|h| rank_share(&job, &prep, h, &scorer))
             .collect();
-        let tokens = rank_share(&job, &prep, rank, &scorer).tokens;
+        let rank_pairs: Vec<f64> = shares
+            .iter()
+            .enumerate()
+            .map(|(h, r)| method_.imp().pairs(p, &r.layout, h))
+            .collect();
+        let tokens = std::mem::take(&mut shares[rank].tokens);
         let pairs = rank_pairs[rank];
         let plan = json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p});
         // Dense runs on rank 0 alone; the other ranks wait at the barriers.

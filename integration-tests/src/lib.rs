@@ -211,3 +211,14 @@ pub fn fixture_parts(name: &str) -> apb_host::prompt::PromptParts {
         prefix_len: 0,
     }
 }
+
+/// The default model (SmolLM2 GGUF) in f32 on the CPU, with the training-free scorer.
+pub fn smollm2_runner() -> apb_host::Runner {
+    let loaded = apb_loaders::load(
+        &apb_loaders::ModelSource::Gguf(smollm2_gguf()),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .expect("load SmolLM2");
+    apb_host::Runner::new(loaded, apb_plugin::Scorer::QueryAware)
+}

@@ -4,18 +4,12 @@
 //! Tolerance: first-token logits within 1e-5 relative (‖Δ‖∞ / ‖ref‖∞) in f32, 16 greedy tokens
 //! identical.
 
-use apb_host::{prompt, GenParams, Method, Runner};
+use apb_host::{prompt, GenParams, Method};
 use apb_integration_tests::*;
-use apb_loaders::{load, ModelSource};
-use apb_plugin::Scorer;
-use candle_core::{DType, Device};
 
 #[test]
 fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
-    let m = Runner::new(
-        load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap(),
-        Scorer::QueryAware,
-    );
+    let m = smollm2_runner();
     assert_eq!(m.model().cfg.num_key_value_heads, 3);
     let doc = haystack(370, 0.6, "The pass code of the vault is 51170.", 3);
     let parts = prompt::build(

@@ -36,19 +36,24 @@ fn scores(path: &str) -> Vec<f32> {
         .unwrap()
 }
 
+/// PyTorch's f32 scores of the fixture heads (expected.json).
+fn pytorch_scores() -> Vec<f32> {
+    let exp = read_json(fixture("heads").join("expected.json"));
+    exp["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(f32s)
+        .collect()
+}
+
 #[test]
 fn pickle_and_safetensors_give_pytorch_scores() {
     let dir = fixture("heads");
     let from_pt = scores(dir.join("heads.pt").to_str().unwrap());
     let from_st = scores(dir.join("heads.safetensors").to_str().unwrap());
     assert_eq!(from_pt, from_st, "same tensors, same scores");
-    let exp = read_json(dir.join("expected.json"));
-    let want: Vec<f32> = exp["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(f32s)
-        .collect();
+    let want = pytorch_scores();
     assert!(worst_ratio(&from_pt, &want, 1e-5, 1e-5) <= 1.0);
 }
 
@@ -59,13 +64,7 @@ fn half_precision_pickles_decode_like_safetensors() {
     // tensors read from safetensors, and PyTorch's f32 scores within the rounding (weights to
     // 8 / 11 significant bits: 3e-2 / 4e-3 of the largest score).
     let dir = fixture("heads");
-    let exp = read_json(dir.join("expected.json"));
-    let want: Vec<f32> = exp["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(f32s)
-        .collect();
+    let want = pytorch_scores();
     let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
     for (name, tol) in [("bf16", 3e-2f32), ("f16", 4e-3)] {
         let from_pt = scores(dir.join(format!("heads-{name}.pt")).to_str().unwrap());

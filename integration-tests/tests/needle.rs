@@ -3,18 +3,14 @@
 //! retaining heads shipped for the model (`--heads smollm2-135m-instruct`) on 4 ranks.
 
 use apb_host::Method;
-use apb_host::{prompt, GenParams, Runner};
+use apb_host::{prompt, GenParams};
 use apb_integration_tests::*;
-use apb_loaders::{load, ModelSource};
 use apb_plugin::Scorer;
 use candle_core::{DType, Device};
 
 #[test]
 fn apb_finds_the_needle_like_dense() {
-    let m = Runner::new(
-        load(&ModelSource::Gguf(smollm2_gguf()), DType::F32, &Device::Cpu).unwrap(),
-        Scorer::QueryAware,
-    );
+    let m = smollm2_runner();
     let doc = haystack(370, 0.45, "The special magic number is 73914.", 7);
     let parts = prompt::build(
         m.tok(),

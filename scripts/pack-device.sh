@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 mkdir -p dist
 cargo run -q --locked -p apb-examples --example export_tokenizer -- dist/tokenizer.json
 source scripts/cuda-env.sh
-cargo build --release --locked --features cuda -p apb-host --target-dir target/cuda
+# With the fault hooks: scripts/device-smoke.sh makes a rank hang or exit.
+cargo build --release --locked --features cuda,fault-injection -p apb-host --target-dir target/cuda
 mkdir -p dist
 strip -o dist/apb target/cuda/release/apb
 xz -f -T2 -6 dist/apb

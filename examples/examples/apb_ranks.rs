@@ -45,5 +45,6 @@ fn main() -> Result<()> {
         "\n[{context} context tokens on {} ranks: block {}, anchor {}, passing {}; per-rank prefill rows {:?}; first token after {:.0} ms]",
         g.plan.world, g.plan.l_b, g.plan.l_a, g.plan.l_p, g.rank_prefill_tokens, g.stats.prefill_ms
     );
-    group.shutdown()
+    group.shutdown()?;
+    Ok(())
 }

@@ -38,5 +38,6 @@ fn main() -> Result<()> {
         "\n[{} prompt tokens, prefill {:.1} ms, {:.1} tok/s]",
         g.stats.prompt_tokens, g.stats.prefill_ms, g.stats.decode_tokens_per_s
     );
-    group.shutdown()
+    group.shutdown()?;
+    Ok(())
 }

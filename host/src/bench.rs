@@ -6,9 +6,9 @@
 //! and MFU against a bf16 GEMM peak measured in the same run, and (second, synchronised run) a
 //! per-part breakdown of the slowest rank.
 
+use crate::error::{bail, err, Result};
 use crate::prompt::PromptParts;
 use crate::runner::{prefill, prepare_within, rank_share, GenParams, Job};
-use anyhow::{bail, Result};
 use apb_loaders::{Config, Model};
 use apb_plugin::Method;
 use apb_plugin::{profile, Communicator, LocalGroup, Scorer};
@@ -161,8 +161,9 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
         });
         let text = serde_json::to_string_pretty(&out)?;
         match &sw.json {
-            Some(p) => std::fs::write(p, text)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+            Some(p) => {
+                std::fs::write(p, text).map_err(|e| err!("cannot write {}: {e}", p.display()))?
+            }
             None => println!("{text}"),
         }
     }
@@ -258,7 +259,7 @@ impl PrefillBench<'_> {
         };
         let cfg = &self.model.cfg;
         let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let prep = prepare_within(usize::MAX, heads, &job).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let prep = prepare_within(usize::MAX, heads, &job).map_err(|e| err!("{e}"))?;
         if prep.plan.world != job.world {
             bail!(
                 "{method} at {len} tokens: the planner chose {} ranks ({})",

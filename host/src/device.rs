@@ -1,6 +1,6 @@
 //! `--device cpu|cuda[:i]`.
 
-use anyhow::{bail, Result};
+use crate::error::{bail, err, Result};
 use candle_core::Device;
 
 /// `cpu`, `cuda` or `cuda:N`; the error lists the choices.
@@ -18,5 +18,5 @@ pub fn parse_device(s: &str) -> Result<Device> {
             "device '{s}' needs a CUDA build: rebuild with `cargo build --release --features cuda`"
         );
     }
-    Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+    Device::new_cuda(ordinal).map_err(|e| err!("cannot open {s}: {e}"))
 }

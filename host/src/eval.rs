@@ -2,11 +2,11 @@
 //! the same prompts, scored by each task's string match; a table per task and length, and the
 //! average. Results go to a JSONL file one case at a time, so an interrupted run resumes.
 
+use crate::error::{bail, err, Context, Result};
 use crate::prompt;
 use crate::ranks::Group;
 use crate::runner::{GenParams, Job, Runner};
 use crate::tasks::{self, Case};
-use anyhow::{bail, Context, Result};
 use apb_plugin::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -73,7 +73,7 @@ pub struct EvalConfig {
 /// The document text for a case of about `tokens` tokens: generated long, then cut at a sentence
 /// boundary to fit (measured with the model's tokenizer).
 fn case_for(
-    tok: &apb_loaders::Tok,
+    tok: &apb_loaders::Tokenizer,
     task: &str,
     seed: u64,
     tokens: usize,
@@ -173,7 +173,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                     };
                     let g = group
                         .run(&job, &never, &mut |_| {})
-                        .map_err(|e| anyhow::anyhow!("{} on {task} seed {seed}: {e}", arm.label))?;
+                        .map_err(|e| err!("{} on {task} seed {seed}: {e}", arm.label))?;
                     let row = Row {
                         method: arm.label.clone(),
                         task: task.clone(),

@@ -6,7 +6,7 @@
 //! dead peer never leaves the others hanging inside a collective; a live peer that stalls is
 //! caught by the NCCL watchdog (`--collective-timeout`), which makes its rank exit the same way.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -338,7 +338,7 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
 
 #[cfg(feature = "cuda")]
 fn new_id() -> Result<[u8; 128]> {
-    apb_plugin::nccl::unique_id().map_err(|e| anyhow::anyhow!("{e}"))
+    apb_plugin::nccl::unique_id().map_err(|e| err!("{e}"))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -355,24 +355,32 @@ pub fn communicator(
 ) -> Result<Arc<dyn apb_plugin::Communicator>> {
     let group = ctx.group.clone();
     let c = apb_plugin::nccl::NcclComm::new(device, ctx.rank, ctx.world, ctx.nccl_id)
-        .map_err(|e| anyhow::anyhow!("rank {}: {e}", ctx.rank))?
+        .map_err(|e| err!("rank {}: {e}", ctx.rank))?
         .watch(ctx.collective_timeout, move |why| {
             kill_all_and_exit(&group, &why)
         });
-    // Fault injection for the device checks (scripts/device-smoke.sh): this rank stays alive but
-    // never reaches a collective, as a hung peer would, or dies as a crashed one would.
-    let me = Some(ctx.rank.to_string());
+    // Fault injection for the device checks (scripts/device-smoke.sh; builds with the
+    // `fault-injection` feature only): this rank stays alive but never reaches a collective, as a
+    // hung peer would, or dies as a crashed one would.
+    #[cfg(feature = "fault-injection")]
+    inject_rank_fault(ctx.rank);
+    Ok(Arc::new(c))
+}
+
+/// `APB_FAULT_STALL_RANK=r` / `APB_FAULT_EXIT_RANK=r`: rank `r` hangs or exits.
+#[cfg(all(feature = "cuda", feature = "fault-injection"))]
+fn inject_rank_fault(rank: usize) {
+    let me = Some(rank.to_string());
     if std::env::var("APB_FAULT_STALL_RANK").ok() == me {
-        eprintln!("rank {}: APB_FAULT_STALL_RANK set, stalling", ctx.rank);
+        eprintln!("rank {rank}: APB_FAULT_STALL_RANK set, stalling");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
     if std::env::var("APB_FAULT_EXIT_RANK").ok() == me {
-        eprintln!("rank {}: APB_FAULT_EXIT_RANK set, exiting", ctx.rank);
+        eprintln!("rank {rank}: APB_FAULT_EXIT_RANK set, exiting");
         std::process::exit(3);
     }
-    Ok(Arc::new(c))
 }
 
 #[cfg(not(feature = "cuda"))]

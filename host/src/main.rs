@@ -529,7 +529,8 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
         json: a.json,
         spec,
         only_rank: a.only_rank,
-    })
+    })?;
+    Ok(())
 }
 
 fn bench_attention(a: AttentionBenchArgs) -> Result<()> {
@@ -592,7 +593,12 @@ fn parse_method(at: &AttentionArgs) -> Result<Method> {
 }
 
 /// Loads the model (and `--heads`) on `device`: what every rank holds.
-fn load_runner(m: &ModelArgs, at: &AttentionArgs, device: &candle_core::Device) -> Result<Runner> {
+/// The library's error type: ranks::start calls this on every rank.
+fn load_runner(
+    m: &ModelArgs,
+    at: &AttentionArgs,
+    device: &candle_core::Device,
+) -> apb_host::error::Result<Runner> {
     let dtype = parse_dtype(&m.dtype)?;
     let source = ModelSource::parse(&m.model, m.revision.as_deref())?;
     let loaded = load(&source, dtype, device)?;
@@ -780,9 +786,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         apb_host::server::serve(listener, cfg, move || {
             ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?
-                .context("rank 0 did not start")
+                .ok_or_else(|| apb_host::error::Error::msg("rank 0 did not start"))
         })
-        .await
+        .await?;
+        Ok(())
     })
 }
 

@@ -1,8 +1,8 @@
 //! Splitting a request into what APB needs: the context (prefilled across ranks), the trailing
 //! query segment (run by every rank after prefill), and the clean question (embedded in anchors).
 
-use anyhow::{bail, Result};
-use apb_loaders::{ChatMessage, Tok};
+use crate::error::{bail, Result};
+use apb_loaders::{ChatMessage, Tokenizer};
 
 /// The split itself is the methods' input type.
 pub use apb_plugin::PromptParts;
@@ -22,7 +22,12 @@ pub fn split_question(text: &str) -> Option<(&str, &str)> {
 
 /// The CLI's prompt: `text` as one user turn (`chat`) or raw text. Raw text without `question`
 /// has no question; a chat turn follows [`build_chat`]'s rule.
-pub fn build(tok: &Tok, text: &str, question: Option<&str>, chat: bool) -> Result<PromptParts> {
+pub fn build(
+    tok: &Tokenizer,
+    text: &str,
+    question: Option<&str>,
+    chat: bool,
+) -> Result<PromptParts> {
     if chat {
         build_chat(tok, &[ChatMessage::user(text)], question)
     } else {
@@ -33,7 +38,7 @@ pub fn build(tok: &Tok, text: &str, question: Option<&str>, chat: bool) -> Resul
 /// A raw prompt (no chat template; special tokens in it are parsed, as completions APIs do).
 /// The question is `question`, else with `split` the last paragraph, else none.
 pub fn build_text(
-    tok: &Tok,
+    tok: &Tokenizer,
     text: &str,
     question: Option<&str>,
     split: bool,
@@ -58,7 +63,7 @@ pub fn build_text(
 /// turn (after its last blank line); or, when earlier messages exist, the whole last user turn.
 /// Everything before the question is the context.
 pub fn build_chat(
-    tok: &Tok,
+    tok: &Tokenizer,
     messages: &[ChatMessage],
     question: Option<&str>,
 ) -> Result<PromptParts> {
@@ -127,7 +132,7 @@ pub fn build_chat(
 }
 
 /// Template text (trusted: special tokens parsed) or user text (`plain`).
-fn encode_nonempty(tok: &Tok, text: &str, plain: bool) -> Result<Vec<u32>> {
+fn encode_nonempty(tok: &Tokenizer, text: &str, plain: bool) -> Result<Vec<u32>> {
     Ok(match (text.is_empty(), plain) {
         (true, _) => vec![],
         (false, true) => tok.encode_plain(text)?,
@@ -136,7 +141,7 @@ fn encode_nonempty(tok: &Tok, text: &str, plain: bool) -> Result<Vec<u32>> {
 }
 
 fn finish(
-    tok: &Tok,
+    tok: &Tokenizer,
     mut context: Vec<u32>,
     mut query: Vec<u32>,
     question: Option<&str>,

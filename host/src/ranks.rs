@@ -4,9 +4,9 @@
 //! `ModelRunner` shape: the same program on every rank). `apb generate` and `apb serve` both stand
 //! on it.
 
+use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, LaunchArgs, RankCtx};
 use crate::runner::{prepare, Generation, InputError, Job, Prepared, Runner};
-use anyhow::{anyhow, Context, Result};
 use apb_plugin::{Communicator, LocalGroup};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -93,11 +93,11 @@ pub fn start(
     load: impl FnOnce(&Device) -> Result<Runner>,
 ) -> Result<Option<Group>> {
     if spec.world == 0 {
-        anyhow::bail!("--world-size must be at least 1");
+        bail!("--world-size must be at least 1");
     }
     spec.launch.validate(spec.world, spec.processes())?;
     if !spec.processes() && spec.world > MAX_THREAD_RANKS {
-        anyhow::bail!(
+        bail!(
             "--world-size {} is too many ranks for threads of one process (at most {MAX_THREAD_RANKS}); GPU ranks run one process per GPU (--device cuda)",
             spec.world
         );
@@ -152,7 +152,7 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
     spec.launch.validate(spec.world, spec.processes())?;
     if !spec.processes() {
         if spec.world > 1 {
-            anyhow::bail!(
+            bail!(
                 "--world-size {} needs --device cuda here (one GPU per rank)",
                 spec.world
             );
@@ -165,7 +165,7 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
     }
     let ctx = launch::join(&spec.launch, spec.world)?;
     let device = Device::new_cuda(ctx.local_rank).map_err(|e| {
-        anyhow!(
+        err!(
             "rank {}: cannot open cuda:{}: {e}",
             ctx.rank,
             ctx.local_rank
@@ -189,7 +189,7 @@ fn process_worker(ctx: &RankCtx, runner: &Runner, comm: Arc<dyn Communicator>) -
             Message::Shutdown => break,
         };
         fault_injection(ctx.rank);
-        let prep = prepare(runner.model(), &job).map_err(|e| anyhow!("{e}"))?;
+        let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
         runner
             .run(&job, &prep, comm.clone(), &never, &mut |_| {})
             .inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", ctx.rank)))?;
@@ -216,7 +216,7 @@ fn thread_worker(rank: usize, runner: Runner, jobs: mpsc::Receiver<ThreadJob>) {
             Err(panic) => {
                 let why = format!("rank {rank} panicked: {}", panic_text(&panic));
                 tj.comm.abort(&why);
-                let _ = tj.reply.send(Err(anyhow!(why)));
+                let _ = tj.reply.send(Err(crate::error::Error::msg(why)));
                 return;
             }
         }
@@ -231,10 +231,12 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Test hook (`APB_FAULT_PANIC_RANK=r`): worker rank `r` dies on its first job, as a crashed
-/// rank would. Used by the server's failure tests.
-fn fault_injection(rank: usize) {
-    if std::env::var("APB_FAULT_PANIC_RANK").ok() == Some(rank.to_string()) {
-        panic!("APB_FAULT_PANIC_RANK={rank}: injected rank failure");
+/// rank would. Used by the server's failure tests; only in builds with the `fault-injection`
+/// feature, so production binaries read no such variable.
+fn fault_injection(_rank: usize) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("APB_FAULT_PANIC_RANK").ok() == Some(_rank.to_string()) {
+        panic!("APB_FAULT_PANIC_RANK={_rank}: injected rank failure");
     }
 }
 
@@ -312,13 +314,13 @@ impl Group {
                 let mine = catch_unwind(AssertUnwindSafe(|| {
                     self.runner.run(&job, &prep, comm0, cancel, on_text)
                 }))
-                .unwrap_or_else(|p| Err(anyhow!("rank 0 panicked: {}", panic_text(&p))));
+                .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))));
                 if let Err(e) = &mine {
                     comms[0].abort(&format!("rank 0 failed: {e:#}"));
                 }
                 let mut results = vec![mine];
                 for (h, rx) in replies {
-                    results.push(rx.recv().unwrap_or_else(|_| Err(anyhow!("rank {h} died"))));
+                    results.push(rx.recv().unwrap_or_else(|_| Err(err!("rank {h} died"))));
                 }
                 combine(results)
             }
@@ -346,7 +348,7 @@ impl Group {
                     self.runner.run(job, &prep, comm.clone(), cancel, on_text)
                 };
                 catch_unwind(AssertUnwindSafe(run))
-                    .unwrap_or_else(|p| Err(anyhow!("rank 0 panicked: {}", panic_text(&p))))
+                    .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))))
                     .map_err(|e| {
                         // The workers may sit in a collective: stop them, never leave one behind.
                         comm.abort(&format!("rank 0 failed: {e:#}"));

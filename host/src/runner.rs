@@ -7,10 +7,10 @@
 //! last rank, which holds the merged output) and whether any rank was told to cancel. Stop
 //! strings are checked on every rank from the same tokens, so all ranks stop at the same step.
 
+use crate::error::{err, Context, Result};
 use crate::prompt::PromptParts;
 use crate::sampling::Sampler;
-use anyhow::{anyhow, Context, Result};
-use apb_loaders::{Cache, Loaded, Model, Tok};
+use apb_loaders::{Cache, Loaded, Model, Tokenizer};
 use apb_plugin::{
     AttentionBackend, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
 };
@@ -244,7 +244,7 @@ impl Runner {
     }
 
     /// The tokenizer.
-    pub fn tok(&self) -> &Tok {
+    pub fn tok(&self) -> &Tokenizer {
         &self.loaded.tok
     }
 
@@ -263,7 +263,7 @@ impl Runner {
         let (p, parts) = (&prep.plan, &job.prompt);
         let (rank, world) = (comm.rank(), p.world);
         if comm.world_size() != world {
-            return Err(anyhow!(
+            return Err(err!(
                 "rank {rank}: the plan has {world} ranks but the group {}",
                 comm.world_size()
             ));
@@ -556,7 +556,12 @@ impl TextStream {
 
     /// Emits what `ids` decode to beyond what was already emitted; true when a stop string
     /// appeared (the text ends before it).
-    pub fn push(&mut self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<bool> {
+    pub fn push(
+        &mut self,
+        tok: &Tokenizer,
+        ids: &[u32],
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<bool> {
         let text = tok.decode(ids)?;
         if let Some(i) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             // Never cut before what was already streamed (decoding is prefix-stable in practice).
@@ -589,7 +594,12 @@ impl TextStream {
     }
 
     /// Emits the rest and returns the whole text (cut before a stop string).
-    pub fn finish(self, tok: &Tok, ids: &[u32], emit: &mut dyn FnMut(&str)) -> Result<String> {
+    pub fn finish(
+        self,
+        tok: &Tokenizer,
+        ids: &[u32],
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<String> {
         let mut text = tok.decode(ids)?;
         if let Some(i) = self.cut {
             text.truncate(i);

@@ -15,6 +15,7 @@
 //! route, POSTs must be `application/json` (no cross-site form posts), and a server bound to
 //! loopback answers only loopback `Host` names (no DNS rebinding).
 
+use crate::error::{err, Context};
 use crate::prompt::{self, PromptParts};
 use crate::ranks::{Group, RunError};
 use crate::runner::{prepare, Finish, GenParams, Generation, Job, MAX_TEMPERATURE};
@@ -275,8 +276,8 @@ impl Drop for CancelOnDrop {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cfg: ServeConfig,
-    start_ranks: impl FnOnce() -> anyhow::Result<Group> + Send + 'static,
-) -> anyhow::Result<()> {
+    start_ranks: impl FnOnce() -> crate::error::Result<Group> + Send + 'static,
+) -> crate::error::Result<()> {
     let local = listener.local_addr()?;
     let allowed_hosts = allowed_hosts(&local, &cfg.allowed_hosts);
     let state = Arc::new(Server {
@@ -292,12 +293,12 @@ pub async fn serve(
         tokenize: Arc::new(Semaphore::new(TOKENIZE_PERMITS)),
         created: now_secs(),
         allowed_hosts,
-        metrics: Metrics::new()?,
+        metrics: Metrics::new().context("cannot register the metrics")?,
     });
     eprintln!("listening on http://{local}");
 
     // Load and run the ranks on their own thread; the engine loop owns the group.
-    let (engine_done_tx, engine_done) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let (engine_done_tx, engine_done) = tokio::sync::oneshot::channel::<crate::error::Result<()>>();
     {
         let s = state.clone();
         std::thread::Builder::new()
@@ -306,7 +307,7 @@ pub async fn serve(
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     start_ranks().and_then(|group| engine(&s, group))
                 }))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("the engine thread panicked")));
+                .unwrap_or_else(|_| Err(err!("the engine thread panicked")));
                 if let Err(e) = &r {
                     s.fail(&format!("{e:#}"));
                 }
@@ -368,10 +369,10 @@ pub async fn serve(
     state.queued.notify_all();
     let engine = match tokio::time::timeout(Duration::from_secs(30), engine_done).await {
         Ok(Ok(r)) => r,
-        _ => Err(anyhow::anyhow!("the ranks did not stop within 30 s")),
+        _ => Err(err!("the ranks did not stop within 30 s")),
     };
     match state.fatal_cause() {
-        Some(why) => Err(anyhow::anyhow!("{why}")),
+        Some(why) => Err(err!("{why}")),
         None => engine,
     }
 }
@@ -458,7 +459,7 @@ impl Server {
 }
 
 /// The engine loop: runs queued requests one at a time on the group, then stops its ranks.
-fn engine(s: &Arc<Server>, group: Group) -> anyhow::Result<()> {
+fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
     let loaded = group.runner().loaded.clone();
     let mut model_names = s.cfg.served_model_names.clone();
     if model_names.is_empty() {

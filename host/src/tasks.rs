@@ -5,7 +5,7 @@
 //! (scored like RULER's string match: the fraction of answers found in the reply). Haystacks are
 //! either noise sentences or prose from a corpus on the machine ([`prose_corpus`]).
 
-use anyhow::{bail, Result};
+use crate::error::{bail, err, Result};
 use serde::{Deserialize, Serialize};
 
 /// The task families.
@@ -113,7 +113,7 @@ pub fn prose_corpus() -> Result<Vec<String>> {
     let home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
-        .ok_or_else(|| anyhow::anyhow!("no CARGO_HOME or HOME to find the prose corpus"))?;
+        .ok_or_else(|| err!("no CARGO_HOME or HOME to find the prose corpus"))?;
     let mut files = Vec::new();
     for reg in std::fs::read_dir(home.join("registry/src"))?.flatten() {
         for krate in std::fs::read_dir(reg.path())?.flatten() {

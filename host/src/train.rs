@@ -8,8 +8,8 @@
 //! linear warm-up and decay, gradients clipped by value at 0.5. Saved as safetensors under the
 //! names the loader reads (`model.layers.{i}.self_attn.fc{1,2}.weight`).
 
+use crate::error::{bail, err, Context, Result};
 use crate::tasks;
-use anyhow::{bail, Context, Result};
 use apb_loaders::{Cache, Model};
 use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase, Scorer};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -93,7 +93,7 @@ pub fn example(model: &Model, rec: &Record) -> Result<Example> {
             &mut cache,
             &mut |_| Ok(()),
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| err!("{e}"))?;
     Ok(Example {
         layers: collector.out.into_inner().expect("collector"),
     })
@@ -360,7 +360,7 @@ pub fn load_checkpoint(path: &Path, heads: &Heads, opt: &mut AdamW, dev: &Device
 /// Training records: JSONL `{"prompt": ..., "answer": ...}` (or `{"messages": [...]}` whose last
 /// message is the assistant's answer) from `files`, chat-formatted by the model's template.
 pub fn read_jsonl(
-    tok: &apb_loaders::Tok,
+    tok: &apb_loaders::Tokenizer,
     files: &[PathBuf],
     max_len: usize,
 ) -> Result<Vec<Record>> {
@@ -418,7 +418,7 @@ const MAX_ANSWER_TOKENS: usize = 512;
 /// The model's chat template around `messages` (generation prompt included), then `answer` (its
 /// first `MAX_ANSWER_TOKENS`); the prompt is cut from the front to `max_len` tokens.
 pub fn chat_record(
-    tok: &apb_loaders::Tok,
+    tok: &apb_loaders::Tokenizer,
     messages: &[apb_loaders::ChatMessage],
     answer: &str,
     max_len: usize,
@@ -440,7 +440,7 @@ pub fn chat_record(
 /// `n` synthetic records from the task generator (tasks cycled, seeds from `seed`), documents of
 /// about `tokens` tokens.
 pub fn synthetic(
-    tok: &apb_loaders::Tok,
+    tok: &apb_loaders::Tokenizer,
     n: usize,
     tokens: usize,
     seed: u64,
@@ -455,7 +455,7 @@ pub fn synthetic(
 /// [`synthetic`]'s records with the rows of the question's last copy in each prompt (what the
 /// training-free scorer reads; None where the question's own tokens do not appear as such).
 pub fn synthetic_cases(
-    tok: &apb_loaders::Tok,
+    tok: &apb_loaders::Tokenizer,
     n: usize,
     tokens: usize,
     seed: u64,

@@ -773,6 +773,8 @@ fn full_queue_answers_429_with_retry_after() {
     assert_eq!(queued.join().unwrap().0, 200);
 }
 
+/// Needs the test hooks: `cargo test -p apb-host --features fault-injection` (scripts/test.sh).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_failed_rank_fails_the_request_and_stops_the_server() {
     let mut s = Server::start_env(
@@ -793,6 +795,22 @@ fn a_failed_rank_fails_the_request_and_stops_the_server() {
         "{}",
         s.log.lock().unwrap()
     );
+}
+
+/// A production build (no `fault-injection` feature) reads no fault variable: the same request
+/// with the same environment succeeds.
+#[cfg(not(feature = "fault-injection"))]
+#[test]
+fn production_builds_ignore_the_fault_hooks() {
+    let mut s = Server::start_env(
+        &["--attention", "apb", "--world-size", "4"],
+        &[("APB_FAULT_PANIC_RANK", "2")],
+    );
+    let doc = needle_doc(120);
+    let (code, v) = s.chat(json!({"messages": [{"role": "user",
+        "content": format!("{doc}\n\nWhat is the special magic number?")}], "max_tokens": 4}));
+    assert_eq!(code, 200, "{v}");
+    assert!(!s.log.lock().unwrap().contains("panicked"));
 }
 
 #[test]

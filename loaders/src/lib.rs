@@ -12,7 +12,7 @@ pub mod heads;
 pub mod hub;
 pub mod load;
 
-pub mod model;
+pub mod llama;
 pub mod random;
 pub mod registry;
 pub mod tokenizer;
@@ -20,6 +20,6 @@ pub mod tokenizer;
 pub use config::{Arch, Config, Llama3RopeScaling};
 pub use error::{LoadError, Result};
 pub use hub::HubRepo;
+pub use llama::{Cache, Model};
 pub use load::{load, load_hub, parse_dtype, Loaded, ModelSource};
-pub use model::{Cache, Model};
-pub use tokenizer::{ChatMessage, Tok};
+pub use tokenizer::{ChatMessage, Tokenizer};

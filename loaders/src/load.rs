@@ -4,9 +4,9 @@ use crate::config::Config;
 use crate::error::{load_err, LoadError, Result};
 use crate::gguf::GgufModel;
 use crate::hub::HubRepo;
-use crate::model::Model;
+use crate::llama::Model;
 use crate::registry;
-use crate::tokenizer::Tok;
+use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ pub struct Loaded {
     /// The weights and the forward pass.
     pub model: Model,
     /// The tokenizer and chat template.
-    pub tok: Tok,
+    pub tok: Tokenizer,
     /// Human-readable origin, reported in outputs.
     pub name: String,
 }
@@ -129,7 +129,7 @@ pub fn load_hub(hub: &HubRepo, dtype: DType, device: &Device) -> Result<Loaded> 
 fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let mut g = GgufModel::open(path)?;
     let cfg = g.config()?;
-    let tok = Tok::from_gguf(&g, &cfg.eos_token_ids)?;
+    let tok = Tokenizer::from_gguf(&g, &cfg.eos_token_ids)?;
     let tensors = g.tensors(&cfg, dtype, device)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = Model::load(vb, &cfg)
@@ -202,7 +202,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, name: &str) -> Result<Loa
         })?;
     let model = Model::load(vb, &cfg)
         .map_err(|e| load_err!("{}: weights do not match config.json ({e})", dir.display()))?;
-    let tok = Tok::from_dir(dir, &cfg.eos_token_ids)?;
+    let tok = Tokenizer::from_dir(dir, &cfg.eos_token_ids)?;
     Ok(Loaded {
         model,
         tok,

@@ -2,7 +2,7 @@
 //! weights of exactly those shapes (N(0, 0.02) matrices, unit norms), made on the target device.
 
 use crate::config::Config;
-use crate::model::Model;
+use crate::llama::Model;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
@@ -33,17 +33,17 @@ pub const PRESETS: [(&str, &str); 3] = [
 ];
 
 /// A preset name or a path to a `config.json`.
-pub fn config_by_name(spec: &str) -> anyhow::Result<Config> {
+pub fn config_by_name(spec: &str) -> crate::Result<Config> {
     if let Some((_, json)) = PRESETS.iter().find(|(n, _)| *n == spec) {
-        return Ok(Config::from_json(json)?);
+        return Config::from_json(json);
     }
     let text = std::fs::read_to_string(spec).map_err(|e| {
-        anyhow::anyhow!(
+        crate::LoadError::Msg(format!(
             "'{spec}' is neither a preset ({}) nor a readable config.json: {e}",
             PRESETS.map(|p| p.0).join(", ")
-        )
+        ))
     })?;
-    Ok(Config::from_json(&text)?)
+    Config::from_json(&text)
 }
 
 struct RandomWeights;
@@ -71,7 +71,7 @@ impl SimpleBackend for RandomWeights {
 }
 
 /// The model of `cfg` with random weights of its exact shapes.
-pub fn random_model(cfg: &Config, dtype: DType, device: &Device) -> anyhow::Result<Model> {
+pub fn random_model(cfg: &Config, dtype: DType, device: &Device) -> crate::Result<Model> {
     cfg.validate()?;
     let vb = candle_nn::VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
     Ok(Model::load(vb, cfg)?)

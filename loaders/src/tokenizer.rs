@@ -11,7 +11,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer as HfTokenizer};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 /// One chat turn.
@@ -33,9 +33,9 @@ impl ChatMessage {
 }
 
 /// A model's tokenizer with its chat template and stop ids.
-pub struct Tok {
+pub struct Tokenizer {
     /// The tokenizer, special tokens parsed.
-    pub tokenizer: Tokenizer,
+    pub tokenizer: HfTokenizer,
     /// The Jinja chat template, if the model has one.
     pub chat_template: Option<String>,
     /// The template's `bos_token`.
@@ -46,8 +46,8 @@ pub struct Tok {
     pub stop_ids: BTreeSet<u32>,
     /// The same tokenizer with special-token parsing off: user text that spells a control token
     /// (`<|im_start|>`) is encoded as plain text, so it cannot forge chat turns.
-    plain: Tokenizer,
-    /// Long texts may be encoded in parallel pieces (see [`Tok::encode`]).
+    plain: HfTokenizer,
+    /// Long texts may be encoded in parallel pieces (see [`Tokenizer::encode`]).
     splittable: bool,
 }
 
@@ -61,7 +61,7 @@ const PARALLEL_MIN_BYTES: usize = 64 << 10;
 /// the GPT-style letter rule (`?\p{L}+`: " word" always starts a new piece), since BPE merges
 /// never cross pieces; no normalizer but NFC; no added token containing whitespace. Anything else
 /// (SentencePiece's Metaspace, custom splits) is encoded whole.
-fn splittable(t: &Tokenizer) -> bool {
+fn splittable(t: &HfTokenizer) -> bool {
     let Some(pre) = t
         .get_pre_tokenizer()
         .and_then(|p| serde_json::to_value(p).ok())
@@ -124,7 +124,7 @@ fn cut_points(text: &str, parts: usize) -> Vec<usize> {
 }
 
 /// Encodes `text`, in parallel pieces when it is long and `split` says that is exact.
-fn encode_with(t: &Tokenizer, text: &str, split: bool) -> Result<Vec<u32>> {
+fn encode_with(t: &HfTokenizer, text: &str, split: bool) -> Result<Vec<u32>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
@@ -137,7 +137,7 @@ fn encode_with(t: &Tokenizer, text: &str, split: bool) -> Result<Vec<u32>> {
 }
 
 /// Encodes `text` as about `parts` pieces (one thread each) cut by [`cut_points`].
-fn encode_pieces(t: &Tokenizer, text: &str, parts: usize) -> Result<Vec<u32>> {
+fn encode_pieces(t: &HfTokenizer, text: &str, parts: usize) -> Result<Vec<u32>> {
     let cuts = if parts > 1 {
         cut_points(text, parts)
     } else {
@@ -183,9 +183,9 @@ const END_TOKENS: &[&str] = &[
     "</s>",
 ];
 
-impl Tok {
+impl Tokenizer {
     fn finish(
-        tokenizer: Tokenizer,
+        tokenizer: HfTokenizer,
         chat_template: Option<String>,
         bos: Option<String>,
         eos: Option<String>,
@@ -217,7 +217,7 @@ impl Tok {
         if !tj.exists() {
             return Err(LoadError::file(&tj, "missing tokenizer.json: the model directory needs its tokenizer (download it with the weights)"));
         }
-        let tokenizer = Tokenizer::from_file(&tj)
+        let tokenizer = HfTokenizer::from_file(&tj)
             .map_err(|e| LoadError::file(&tj, format!("invalid tokenizer ({e})")))?;
         let mut template = None;
         let (mut bos, mut eos) = (None, None);
@@ -280,7 +280,7 @@ impl Tok {
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| load_err!("GGUF tokenizer: {e}"))?;
-        let mut tokenizer = Tokenizer::new(bpe);
+        let mut tokenizer = HfTokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
         // SmolLM ("smollm" pre-tokenizer) splits digits individually before byte-level BPE.
         let pre: PreTokenizerWrapper = match g.md_str("tokenizer.ggml.pre") {
@@ -326,8 +326,8 @@ impl Tok {
         self.splittable
     }
 
-    /// Test hook: `text` encoded in `parts` pieces, as [`Tok::encode`] (or, with `plain`,
-    /// [`Tok::encode_plain`]) does on a machine of that many threads.
+    /// Test hook: `text` encoded in `parts` pieces, as [`Tokenizer::encode`] (or, with `plain`,
+    /// [`Tokenizer::encode_plain`]) does on a machine of that many threads.
     #[doc(hidden)]
     pub fn encode_in_pieces(&self, text: &str, parts: usize, plain: bool) -> Result<Vec<u32>> {
         encode_pieces(

@@ -5,7 +5,7 @@ use apb_host::ranks::{self, GroupSpec, RunError};
 use apb_host::runner::MAX_TEMPERATURE;
 use apb_host::Method;
 use apb_host::{device::parse_device, prompt, GenParams, Generation, Job, Runner};
-use apb_loaders::{load, parse_dtype, registry::DEFAULT_MODEL, ModelSource};
+use apb_loaders::{parse_dtype, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -213,8 +213,7 @@ fn heads_overlap(a: OverlapArgs) -> Result<()> {
     }
     let device = parse_device(&a.m.device)?;
     let dtype = parse_dtype(&a.m.dtype)?;
-    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    let loaded = load(&source, dtype, &device)?;
+    let loaded = a.m.load(&device)?;
     let heads = Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
         &a.heads,
         &loaded.model.cfg,
@@ -284,8 +283,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let device = parse_device(&a.m.device)?;
     let dtype = parse_dtype(&a.m.dtype)?;
-    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    let base = Runner::new(load(&source, dtype, &device)?, Scorer::QueryAware);
+    let base = Runner::new(a.m.load(&device)?, Scorer::QueryAware);
     let mut arms = Vec::new();
     for name in &a.attention {
         let (method, runner) = match name.as_str() {
@@ -346,10 +344,8 @@ fn train_heads(a: TrainArgs) -> Result<()> {
         bail!("--hidden must be positive, --max-len at least 16 and --lr a positive number");
     }
     let device = parse_device(&a.m.device)?;
-    let dtype = parse_dtype(&a.m.dtype)?;
     let save_dtype = parse_dtype(&a.save_dtype)?;
-    let source = ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    let loaded = load(&source, dtype, &device)?;
+    let loaded = a.m.load(&device)?;
     let mut records = apb_host::train::read_jsonl(&loaded.tok, &a.data, a.max_len)?;
     records.extend(apb_host::train::synthetic(
         &loaded.tok,
@@ -423,6 +419,23 @@ struct ModelArgs {
     /// Run dtype: f32, bf16 or f16 (quantized GGUF weights are dequantized to it).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Replace the config's RoPE scaling with this JSON (as vLLM's flag), e.g. YaRN for
+    /// Qwen-2.5 at 128K: '{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}'.
+    /// 'null' turns scaling off.
+    #[arg(long, value_name = "JSON")]
+    rope_scaling: Option<String>,
+}
+
+impl ModelArgs {
+    /// The model and tokenizer these flags name, on `device`.
+    fn load(&self, device: &candle_core::Device) -> apb_host::error::Result<apb_loaders::Loaded> {
+        let dtype = parse_dtype(&self.dtype)?;
+        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
+        let ov = apb_loaders::Overrides {
+            rope_scaling: self.rope_scaling.clone(),
+        };
+        Ok(apb_loaders::load_with(&source, dtype, device, &ov)?)
+    }
 }
 
 /// Attention backend and ranks (generate, serve).
@@ -600,8 +613,7 @@ fn load_runner(
     device: &candle_core::Device,
 ) -> apb_host::error::Result<Runner> {
     let dtype = parse_dtype(&m.dtype)?;
-    let source = ModelSource::parse(&m.model, m.revision.as_deref())?;
-    let loaded = load(&source, dtype, device)?;
+    let loaded = m.load(device)?;
     let scorer = match &at.heads {
         Some(spec) => Scorer::Heads(Arc::new(apb_loaders::heads::load_heads(
             spec,

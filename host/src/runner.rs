@@ -160,11 +160,40 @@ pub struct Prepared {
 /// plan's notes say so.
 pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputError> {
     let c = &model.cfg;
-    prepare_within(
-        c.max_position_embeddings,
+    let total = job.prompt.len();
+    let mut prep = prepare_within(
+        c.context_len(),
         (c.num_attention_heads, c.num_key_value_heads),
         job,
     )
+    .map_err(|e| match &c.rope_scaling {
+        None if total >= c.context_len() => InputError(format!(
+            "{}, or, if the model card gives RoPE scaling for longer contexts (Qwen-2.5: YaRN), pass it with --rope-scaling JSON",
+            e.0
+        )),
+        _ => e,
+    })?;
+    if let Some(note) = rope_note(&c.rope_scaling, c.arch, total) {
+        tracing::warn!("{note}");
+        prep.plan.notes.push(note);
+    }
+    Ok(prep)
+}
+
+/// Qwen-2.5 checkpoints are pre-trained at 32K positions, though some configs say 128K; past
+/// that an unscaled RoPE extrapolates and answers degrade (their model cards add YaRN).
+const QWEN2_TRAINED_POSITIONS: usize = 32_768;
+
+/// A warning for a prompt past the positions the model was trained at with no RoPE scaling.
+fn rope_note(
+    scaling: &Option<apb_loaders::RopeScaling>,
+    arch: apb_loaders::Arch,
+    prompt: usize,
+) -> Option<String> {
+    (scaling.is_none() && arch == apb_loaders::Arch::Qwen2 && prompt > QWEN2_TRAINED_POSITIONS)
+        .then(|| format!(
+            "the prompt has {prompt} tokens, past the {QWEN2_TRAINED_POSITIONS} positions Qwen-2.5 is pre-trained at, and the config has no RoPE scaling: add --rope-scaling '{{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":32768}}' as the model card says"
+        ))
 }
 
 /// [`prepare`] against a context of `ctx` positions and a model of `heads` (query, KV) heads

@@ -472,7 +472,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
                 .cloned(),
         );
     }
-    let ctx = loaded.model.cfg.max_position_embeddings;
+    let ctx = loaded.model.cfg.context_len();
     let max_body = s
         .cfg
         .max_body_bytes
@@ -949,7 +949,7 @@ async fn admit(
             Some(_) => "the server's --max-body-bytes".to_string(),
             None => format!(
                 "more than the model's context of {} tokens can hold ({BODY_BYTES_PER_TOKEN} bytes a token)",
-                ready.loaded.model.cfg.max_position_embeddings
+                ready.loaded.model.cfg.context_len()
             ),
         };
         ApiError::new(

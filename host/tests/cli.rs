@@ -297,6 +297,66 @@ fn prompt_over_context() {
     );
 }
 
+/// `--rope-scaling` replaces the config's scaling: a longer YaRN factor lets a prompt past the
+/// config's context run; a malformed value is refused; a model without scaling names the flag
+/// when a prompt does not fit.
+#[test]
+fn rope_scaling_flag_extends_the_context_and_refuses_bad_json() {
+    let yarn = root().join("tests/fixtures/tiny-qwen2-yarn"); // YaRN 64 × 4: 256 positions
+    let m = yarn.to_str().unwrap();
+    let long = "a".repeat(300);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "-m",
+            m,
+            "--prompt",
+            &long,
+            "--max-new-tokens",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        apb(&args, &[])
+    };
+    assert_clean_error(&run(&[]), "context is 256");
+    let wider = r#"{"rope_type":"yarn","factor":8.0,"original_max_position_embeddings":64}"#;
+    let mut args = vec![
+        "generate",
+        "-m",
+        m,
+        "--prompt",
+        &long,
+        "--max-new-tokens",
+        "2",
+    ];
+    args.extend_from_slice(&["--rope-scaling", wider, "--json"]);
+    let v = apb_json(&args, &[]);
+    assert_eq!(v["prompt_tokens"], 300, "{v}");
+    assert_clean_error(
+        &run(&["--rope-scaling", "{yarn"]),
+        "--rope-scaling: not JSON",
+    );
+    assert_clean_error(
+        &run(&["--rope-scaling", r#"{"type":"dynamic","factor":2}"#]),
+        "'dynamic' is not supported",
+    );
+    let plain = root().join("tests/fixtures/tiny-yi"); // no scaling, 512 positions
+    let longer = "a".repeat(600);
+    assert_clean_error(
+        &apb(
+            &[
+                "generate",
+                "-m",
+                plain.to_str().unwrap(),
+                "--prompt",
+                &longer,
+            ],
+            &[],
+        ),
+        "pass it with --rope-scaling",
+    );
+}
+
 #[test]
 fn hub_offline_not_cached() {
     let home = tempfile::tempdir().unwrap();

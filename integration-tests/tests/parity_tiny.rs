@@ -1,12 +1,13 @@
 //! Random-weight Llama-3.1 (llama3 RoPE scaling, untied), Yi-style (plain RoPE, theta 5e6) and
-//! Qwen2 (QKV bias, tied) checkpoints against HF transformers (scripts/reference/).
+//! Qwen2 (QKV bias, tied) checkpoints against HF transformers (scripts/reference/); YaRN on Qwen2
+//! and Llama (64 original positions × 4, 200 tokens: past the original context).
 //!
 //! Tolerance: f32 logits within 1e-4 + 1e-4·|ref| of PyTorch's; greedy continuations identical.
 //! bf16 runs: relative L2 error of the logits ≤ 5 % (bf16 keeps 8 bits of mantissa; weights,
 //! activations and the cache are all rounded to it).
 
 use apb_integration_tests::*;
-use apb_loaders::{load, Arch, ModelSource};
+use apb_loaders::{load, load_with, Arch, ModelSource, Overrides, RopeScaling};
 use apb_plugin::Dense;
 use candle_core::{DType, Device};
 
@@ -61,4 +62,45 @@ fn yi_style_matches_transformers() {
 #[test]
 fn qwen2_matches_transformers() {
     check("tiny-qwen2", Arch::Qwen2, true, false);
+}
+
+#[test]
+fn qwen2_yarn_matches_transformers_past_the_original_context() {
+    check("tiny-qwen2-yarn", Arch::Qwen2, true, true);
+}
+
+#[test]
+fn llama_yarn_with_every_knob_matches_transformers() {
+    check("tiny-llama-yarn", Arch::Llama, false, true);
+}
+
+/// YaRN grows the context to original × factor (as vLLM derives it), and the parity check above
+/// can fail: the same checkpoint with its scaling turned off (`--rope-scaling null`) is far off
+/// past the original 64 positions.
+#[test]
+fn yarn_sets_the_context_and_turning_it_off_changes_the_logits() {
+    let dir = fixture("tiny-qwen2-yarn");
+    let exp = read_json(dir.join("expected.json"));
+    let src = ModelSource::Dir(dir);
+    let yarn = load(&src, DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        yarn.model.cfg.rope_scaling,
+        Some(RopeScaling::Yarn(_))
+    ));
+    assert_eq!(yarn.model.cfg.context_len(), 64 * 4);
+    assert_eq!(yarn.model.cfg.trained_positions(), 64);
+    let off = Overrides {
+        rope_scaling: Some("null".into()),
+    };
+    let plain = load_with(&src, DType::F32, &Device::Cpu, &off).unwrap();
+    assert_eq!(plain.model.cfg.rope_scaling, None);
+    assert_eq!(plain.model.cfg.context_len(), 256);
+    let ids = u32s(&exp["input_ids"]);
+    let logits = all_logits(&plain.model, &Dense, &ids);
+    let want = f32s(exp["logits"].as_array().unwrap().last().unwrap());
+    let r = worst_ratio(&logits[199], &want, 1e-4, 1e-4);
+    assert!(
+        r > 10.0,
+        "unscaled RoPE should miss YaRN's logits, got {r}x the tolerance"
+    );
 }

@@ -1,5 +1,5 @@
-//! The llama-family config: Llama-3.1 (llama3 RoPE scaling), Yi (plain RoPE), Qwen2 (QKV bias),
-//! read from HF `config.json` or GGUF metadata into one struct.
+//! The llama-family config: Llama-3.1 (llama3 RoPE scaling), Yi (plain RoPE), Qwen2 (QKV bias,
+//! YaRN for 128K), read from HF `config.json` or GGUF metadata into one struct.
 
 use crate::error::{load_err, LoadError, Result};
 use serde::Deserialize;
@@ -26,6 +26,80 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// YaRN RoPE scaling (`rope_type = "yarn"`), as transformers computes it: Qwen-2.5 reaches 128K
+/// with `{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct YarnRopeScaling {
+    /// How much the context is extended.
+    pub factor: f64,
+    /// The context the model was pre-trained at (default: the config's
+    /// `max_position_embeddings`).
+    pub original_max_position_embeddings: Option<usize>,
+    /// Rotations above which a dimension is extrapolated (kept); default 32.
+    pub beta_fast: Option<f64>,
+    /// Rotations below which a dimension is interpolated (divided by `factor`); default 1.
+    pub beta_slow: Option<f64>,
+    /// Scale on cos/sin; default from `mscale`/`mscale_all_dim`, else `0.1 ln(factor) + 1`.
+    pub attention_factor: Option<f64>,
+    /// DeepSeek-style numerator of the attention factor.
+    pub mscale: Option<f64>,
+    /// DeepSeek-style denominator of the attention factor.
+    pub mscale_all_dim: Option<f64>,
+    /// Round the ramp's ends to whole dimensions (default true).
+    pub truncate: Option<bool>,
+}
+
+/// RoPE scaling from `rope_scaling` (or transformers 5's `rope_parameters`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama-3.1's frequency-band scaling.
+    Llama3(Llama3RopeScaling),
+    /// YaRN (Qwen-2.5 past 32K).
+    Yarn(YarnRopeScaling),
+}
+
+impl RopeScaling {
+    /// Parses a `rope_scaling` object: `None` for absent, `null` or `"default"`; unknown types
+    /// are refused by name.
+    pub fn from_json(v: &serde_json::Value) -> Result<Option<Self>> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        if !v.is_object() {
+            return Err(load_err!(
+                "rope_scaling must be a JSON object such as {{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}}, got {v}"
+            ));
+        }
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
+        let bad = |e: serde_json::Error| load_err!("rope_scaling ({kind}): {e}");
+        let scaling = match kind {
+            "llama3" => Self::Llama3(serde_json::from_value(v.clone()).map_err(bad)?),
+            "yarn" => Self::Yarn(serde_json::from_value(v.clone()).map_err(bad)?),
+            "default" => return Ok(None),
+            "" => return Err(load_err!(
+                "rope_scaling has no \"rope_type\" (or \"type\"); supported: yarn, llama3, default"
+            )),
+            other => return Err(load_err!(
+                "rope_scaling type '{other}' is not supported (supported: yarn, llama3, default)"
+            )),
+        };
+        let factor = match &scaling {
+            Self::Llama3(l) => l.factor,
+            Self::Yarn(y) => y.factor,
+        };
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(load_err!(
+                "rope_scaling ({kind}): factor must be at least 1, got {factor}"
+            ));
+        }
+        Ok(Some(scaling))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 /// One llama-family model's shapes and settings.
 pub struct Config {
@@ -49,9 +123,9 @@ pub struct Config {
     pub rms_norm_eps: f64,
     /// RoPE base.
     pub rope_theta: f64,
-    /// Llama-3.1 RoPE scaling, if any.
-    pub rope_scaling: Option<Llama3RopeScaling>,
-    /// Longest context the model supports.
+    /// RoPE scaling (Llama-3.1's or YaRN), if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// `max_position_embeddings` as the config says it; [`Config::context_len`] is the limit.
     pub max_position_embeddings: usize,
     /// The LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
@@ -128,19 +202,8 @@ impl Config {
                 .and_then(|t| t.as_f64())
         });
         let rope_scaling = match &rope_params {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                match kind {
-                    "llama3" => Some(serde_json::from_value(v.clone()).map_err(|e| load_err!("config.json rope_scaling: {e}"))?),
-                    "default" => None,
-                    other => return Err(load_err!("config.json: rope_scaling type '{other}' is not supported (supported: llama3)")),
-                }
-            }
+            None => None,
+            Some(v) => RopeScaling::from_json(v).map_err(|e| load_err!("config.json: {e}"))?,
         };
         let n_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let cfg = Config {
@@ -196,14 +259,70 @@ impl Config {
         Ok(())
     }
 
-    /// RoPE inverse frequencies, with Llama-3.1 scaling applied when configured.
+    /// Longest context (prompt and generated tokens) the model runs: `max_position_embeddings`,
+    /// or with YaRN `original_max_position_embeddings × factor`, as vLLM derives it.
+    pub fn context_len(&self) -> usize {
+        match &self.rope_scaling {
+            Some(RopeScaling::Yarn(y)) => (self.yarn_original(y) as f64 * y.factor) as usize,
+            _ => self.max_position_embeddings,
+        }
+    }
+
+    /// The positions the model was pre-trained at: beyond them, an unscaled RoPE extrapolates.
+    pub fn trained_positions(&self) -> usize {
+        match &self.rope_scaling {
+            Some(RopeScaling::Yarn(y)) => self.yarn_original(y),
+            Some(RopeScaling::Llama3(l)) => l.original_max_position_embeddings,
+            None => self.max_position_embeddings,
+        }
+    }
+
+    /// Replaces the RoPE scaling (`--rope-scaling JSON`, as vLLM's flag): `null` or
+    /// `{"rope_type": "default"}` turns it off.
+    pub fn override_rope_scaling(&mut self, json: &str) -> Result<()> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| load_err!("--rope-scaling: not JSON ({e}): {json}"))?;
+        self.rope_scaling =
+            RopeScaling::from_json(&v).map_err(|e| load_err!("--rope-scaling: {e}"))?;
+        Ok(())
+    }
+
+    fn yarn_original(&self, y: &YarnRopeScaling) -> usize {
+        y.original_max_position_embeddings
+            .unwrap_or(self.max_position_embeddings)
+    }
+
+    /// The scale on cos/sin (YaRN's attention factor; 1 otherwise).
+    pub fn rope_attention_factor(&self) -> f64 {
+        let Some(RopeScaling::Yarn(y)) = &self.rope_scaling else {
+            return 1.0;
+        };
+        let mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        match (y.attention_factor, y.mscale, y.mscale_all_dim) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                mscale(y.factor, m) / mscale(y.factor, all)
+            }
+            _ => mscale(y.factor, 1.0),
+        }
+    }
+
+    /// RoPE inverse frequencies, with Llama-3.1 or YaRN scaling applied when configured.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
         let base: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
             .collect();
-        let Some(s) = &self.rope_scaling else {
-            return base.iter().map(|&x| x as f32).collect();
+        let s = match &self.rope_scaling {
+            None => return base.iter().map(|&x| x as f32).collect(),
+            Some(RopeScaling::Yarn(y)) => return self.yarn_inv_freq(y, &base),
+            Some(RopeScaling::Llama3(l)) => l,
         };
         let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
         let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
@@ -223,5 +342,119 @@ impl Config {
                 out as f32
             })
             .collect()
+    }
+
+    /// YaRN (transformers' `_compute_yarn_parameters`): dimensions that turn more than
+    /// `beta_fast` times over the original context keep their frequency, those under
+    /// `beta_slow` are divided by `factor`, a linear ramp in between.
+    fn yarn_inv_freq(&self, y: &YarnRopeScaling, base: &[f64]) -> Vec<f32> {
+        let dim = self.head_dim as f64;
+        let original = self.yarn_original(y) as f64;
+        let ln_base = self.rope_theta.ln();
+        let correction_dim = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * ln_base)
+        };
+        let (mut low, mut high) = (
+            correction_dim(y.beta_fast.unwrap_or(32.0)),
+            correction_dim(y.beta_slow.unwrap_or(1.0)),
+        );
+        if y.truncate.unwrap_or(true) {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001; // as transformers: no division by zero
+        }
+        base.iter()
+            .enumerate()
+            .map(|(i, &extrapolation)| {
+                let interpolation = extrapolation / y.factor;
+                let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                (interpolation * (1.0 - keep) + extrapolation * keep) as f32
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-7B-Instruct's config.json, shortened to what the loader reads.
+    const QWEN25: &str = r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":152064,
+        "hidden_size":3584,"intermediate_size":18944,"num_hidden_layers":28,
+        "num_attention_heads":28,"num_key_value_heads":4,"rms_norm_eps":1e-6,
+        "rope_theta":1000000.0,"max_position_embeddings":32768,"tie_word_embeddings":false}"#;
+    const CARD_YARN: &str =
+        r#"{"type":"yarn","factor":4.0,"original_max_position_embeddings":32768}"#;
+
+    #[test]
+    fn the_model_card_yarn_override_reaches_128k() {
+        let mut c = Config::from_json(QWEN25).unwrap();
+        assert_eq!((c.context_len(), c.rope_scaling.clone()), (32768, None));
+        let plain = c.rope_inv_freq();
+        c.override_rope_scaling(CARD_YARN).unwrap();
+        let Some(RopeScaling::Yarn(y)) = &c.rope_scaling else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!(
+            (y.factor, y.original_max_position_embeddings),
+            (4.0, Some(32768))
+        );
+        assert_eq!(c.context_len(), 131072);
+        assert_eq!(c.trained_positions(), 32768);
+        // 0.1 ln 4 + 1, transformers' default attention factor.
+        assert!((c.rope_attention_factor() - 1.138_629_436).abs() < 1e-9);
+        // High frequencies kept, low ones divided by the factor.
+        let yarn = c.rope_inv_freq();
+        assert_eq!(yarn[0], plain[0]);
+        let last = plain.len() - 1;
+        assert!((yarn[last] * 4.0 / plain[last] - 1.0).abs() < 1e-6);
+        // And off again.
+        c.override_rope_scaling("null").unwrap();
+        assert_eq!((c.context_len(), c.rope_scaling.clone()), (32768, None));
+        c.override_rope_scaling(r#"{"rope_type":"default"}"#)
+            .unwrap();
+        assert_eq!(c.rope_scaling, None);
+    }
+
+    #[test]
+    fn yarn_in_the_config_file_and_bad_scaling_refused_by_name() {
+        let with = |scaling: &str| {
+            QWEN25.replace(
+                "\"tie_word",
+                &format!("\"rope_scaling\":{scaling},\"tie_word"),
+            )
+        };
+        let c = Config::from_json(&with(CARD_YARN)).unwrap();
+        assert_eq!(c.context_len(), 131072);
+        let err = |r: Result<Config>| r.unwrap_err().to_string();
+        let e = err(Config::from_json(&with(
+            r#"{"type":"dynamic","factor":2.0}"#,
+        )));
+        assert!(
+            e.contains("'dynamic' is not supported") && e.contains("yarn"),
+            "{e}"
+        );
+        let mut c = Config::from_json(QWEN25).unwrap();
+        for (bad, says) in [
+            ("{yarn", "not JSON"),
+            ("4", "must be a JSON object"),
+            (r#"{"factor":4.0}"#, "no \"rope_type\""),
+            (r#"{"type":"yarn"}"#, "missing field `factor`"),
+            (r#"{"type":"yarn","factor":"4"}"#, "invalid type"),
+            (r#"{"type":"yarn","factor":0.5}"#, "at least 1"),
+            (
+                r#"{"type":"longrope","factor":4.0}"#,
+                "'longrope' is not supported",
+            ),
+        ] {
+            let e = c.override_rope_scaling(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("--rope-scaling") && e.contains(says),
+                "{bad}: {e}"
+            );
+            assert_eq!(c.rope_scaling, None, "a refused override changes nothing");
+        }
     }
 }

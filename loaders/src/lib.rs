@@ -17,9 +17,9 @@ pub mod random;
 pub mod registry;
 pub mod tokenizer;
 
-pub use config::{Arch, Config, Llama3RopeScaling};
+pub use config::{Arch, Config, Llama3RopeScaling, RopeScaling, YarnRopeScaling};
 pub use error::{LoadError, Result};
 pub use hub::HubRepo;
 pub use llama::{Cache, Model};
-pub use load::{load, load_hub, parse_dtype, Loaded, ModelSource};
+pub use load::{load, load_hub, load_with, parse_dtype, Loaded, ModelSource, Overrides};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -28,6 +28,8 @@ fn rms_norm(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<RmsNor
 #[derive(Debug, Clone)]
 struct Rope {
     inv_freq: Tensor, // (1, d/2) f32
+    /// YaRN's scale on cos/sin (1 otherwise).
+    attention_factor: f64,
 }
 
 impl Rope {
@@ -36,6 +38,7 @@ impl Rope {
         let n = inv.len();
         Ok(Self {
             inv_freq: Tensor::from_vec(inv, (1, n), dev)?,
+            attention_factor: cfg.rope_attention_factor(),
         })
     }
 
@@ -44,7 +47,16 @@ impl Rope {
         let pos: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let pos = Tensor::from_vec(pos, (positions.len(), 1), self.inv_freq.device())?;
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let (cos, sin) = if self.attention_factor == 1.0 {
+            (cos, sin)
+        } else {
+            (
+                (cos * self.attention_factor)?,
+                (sin * self.attention_factor)?,
+            )
+        };
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 }
 

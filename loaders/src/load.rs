@@ -89,22 +89,59 @@ pub struct Loaded {
     pub name: String,
 }
 
+/// Changes to a model's config made before its weights load (`apb`'s model flags).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--rope-scaling JSON`: replaces the config's RoPE scaling, as vLLM's flag does (e.g.
+    /// YaRN for Qwen-2.5 past 32K without editing a downloaded config).
+    pub rope_scaling: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, cfg: &mut Config) -> Result<()> {
+        if let Some(json) = &self.rope_scaling {
+            cfg.override_rope_scaling(json)?;
+        }
+        Ok(())
+    }
+}
+
 /// Loads `source` (config, weights, tokenizer) in `dtype` on `device`.
 pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_with(source, dtype, device, &Overrides::default())
+}
+
+/// [`load`] with the config changed by `ov` first.
+pub fn load_with(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+    ov: &Overrides,
+) -> Result<Loaded> {
     match source {
-        ModelSource::Gguf(path) => load_gguf(path, dtype, device),
-        ModelSource::Dir(dir) => load_dir(dir, dtype, device, &dir.display().to_string()),
-        ModelSource::Hub { repo_id, revision } => load_hub(
-            &HubRepo::from_env(repo_id, revision.as_deref()),
-            dtype,
-            device,
-        ),
+        ModelSource::Gguf(path) => load_gguf(path, dtype, device, ov),
+        ModelSource::Dir(dir) => load_dir(dir, dtype, device, &dir.display().to_string(), ov),
+        ModelSource::Hub { repo_id, revision } => {
+            let hub = HubRepo::from_env(repo_id, revision.as_deref());
+            load_dir(&fetch_hub(&hub)?, dtype, device, &hub.repo_id, ov)
+        }
     }
 }
 
 /// Fetches (or finds in the HF cache) a hub repo's config, tokenizer and safetensors, then loads
 /// them from the snapshot directory.
 pub fn load_hub(hub: &HubRepo, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_dir(
+        &fetch_hub(hub)?,
+        dtype,
+        device,
+        &hub.repo_id,
+        &Overrides::default(),
+    )
+}
+
+/// The snapshot directory of `hub`'s config, tokenizer and safetensors (downloaded if needed).
+fn fetch_hub(hub: &HubRepo) -> Result<PathBuf> {
     let config = hub.get("config.json")?;
     hub.get("tokenizer.json")?;
     for f in ["tokenizer_config.json", "generation_config.json"] {
@@ -120,15 +157,16 @@ pub fn load_hub(hub: &HubRepo, dtype: DType, device: &Device) -> Result<Loaded> 
             hub.get("model.safetensors")?;
         }
     }
-    let dir = config
+    config
         .parent()
-        .ok_or_else(|| load_err!("bad cache path {}", config.display()))?;
-    load_dir(dir, dtype, device, &hub.repo_id)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| load_err!("bad cache path {}", config.display()))
 }
 
-fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+fn load_gguf(path: &Path, dtype: DType, device: &Device, ov: &Overrides) -> Result<Loaded> {
     let mut g = GgufModel::open(path)?;
-    let cfg = g.config()?;
+    let mut cfg = g.config()?;
+    ov.apply(&mut cfg)?;
     let tok = Tokenizer::from_gguf(&g, &cfg.eos_token_ids)?;
     let tensors = g.tensors(&cfg, dtype, device)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
@@ -160,7 +198,13 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
-fn load_dir(dir: &Path, dtype: DType, device: &Device, name: &str) -> Result<Loaded> {
+fn load_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    name: &str,
+    ov: &Overrides,
+) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.exists() {
         return Err(load_err!("{}: not a model directory (no config.json; expected config.json, model.safetensors and tokenizer.json)", dir.display()));
@@ -168,6 +212,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, name: &str) -> Result<Loa
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| LoadError::file(&cfg_path, format!("cannot read ({e})")))?;
     let mut cfg = Config::from_json(&text).map_err(|e| LoadError::file(&cfg_path, e))?;
+    ov.apply(&mut cfg)?;
     let gen = dir.join("generation_config.json");
     if let Ok(text) = std::fs::read_to_string(&gen) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {

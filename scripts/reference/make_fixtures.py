@@ -32,7 +32,7 @@ def byte_tokenizer(path, vocab_size):
     tok.save(os.path.join(path, "tokenizer.json"))
 
 
-def tiny(name, model_cls, cfg, seed):
+def tiny(name, model_cls, cfg, seed, n_tokens=70, positions=(0, 35, 69)):
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     # Non-trivial norms and biases so the tests see them.
@@ -48,9 +48,9 @@ def tiny(name, model_cls, cfg, seed):
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer(path, cfg.vocab_size)
     g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, cfg.vocab_size, (1, 70), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (1, n_tokens), generator=g)
     logits = model(ids).logits[0]
-    positions = [0, 35, 69]
+    positions = list(positions)
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
     out = {
         "input_ids": ids[0].tolist(),

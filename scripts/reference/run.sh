@@ -11,3 +11,4 @@ fi
 cache="${APB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/apb-rs}"
 "$venv/bin/python" "$here/make_fixtures.py" "$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 "$venv/bin/python" "$here/heads_dtypes.py"
+"$venv/bin/python" "$here/yarn_fixtures.py"

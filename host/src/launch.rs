@@ -338,7 +338,7 @@ pub fn join(args: &LaunchArgs, world: usize) -> Result<RankCtx> {
 
 #[cfg(feature = "cuda")]
 fn new_id() -> Result<[u8; 128]> {
-    apb_plugin::nccl::unique_id().map_err(|e| err!("{e}"))
+    Ok(apb_plugin::nccl::unique_id()?)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -355,7 +355,7 @@ pub fn communicator(
 ) -> Result<Arc<dyn apb_plugin::Communicator>> {
     let group = ctx.group.clone();
     let c = apb_plugin::nccl::NcclComm::new(device, ctx.rank, ctx.world, ctx.nccl_id)
-        .map_err(|e| err!("rank {}: {e}", ctx.rank))?
+        .map_err(|e| crate::error::err!("rank {}: {e}", ctx.rank))?
         .watch(ctx.collective_timeout, move |why| {
             kill_all_and_exit(&group, &why)
         });

@@ -802,7 +802,7 @@ fn a_failed_rank_fails_the_request_and_stops_the_server() {
 #[cfg(not(feature = "fault-injection"))]
 #[test]
 fn production_builds_ignore_the_fault_hooks() {
-    let mut s = Server::start_env(
+    let s = Server::start_env(
         &["--attention", "apb", "--world-size", "4"],
         &[("APB_FAULT_PANIC_RANK", "2")],
     );

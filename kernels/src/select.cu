@@ -12,7 +12,8 @@ extern "C" __global__ void pool5_mask_f32(const float* __restrict__ scores, floa
     unsigned h = idx / seq, i = idx % seq;
     float m = -CUDART_INF_F;
     if (i >= lo && i < hi) {
-        unsigned a = i >= 2 ? i - 2 : 0, z = i + 3 < seq ? i + 3 : seq;
+        // Rows at or past `hi` (rank 0's question probe, padding) are not context: never pooled.
+        unsigned a = i >= 2 ? i - 2 : 0, z = i + 3 < hi ? i + 3 : hi;
         for (unsigned j = a; j < z; ++j) m = fmaxf(m, scores[j * n_kv + h]);
     }
     out[idx] = m;

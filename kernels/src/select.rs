@@ -5,7 +5,9 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 /// Max-pool (5, stride 1, padding 2) over the sequence and candidate masking of scores
-/// `(seq, n_kv)` → `(n_kv, seq)` f32; positions outside `[lo, hi)` become `-inf`.
+/// `(seq, n_kv)` → `(n_kv, seq)` f32; positions outside `[lo, hi)` become `-inf`. Rows at or past
+/// `hi` (rank 0's question probe, padding) never enter a pool: they are not context. Rows before
+/// `lo` (the anchor) do, as in the reference, which pools the whole sequence.
 pub fn pool5_mask(scores: &Tensor, lo: usize, hi: usize) -> Result<Tensor> {
     scores
         .to_dtype(candle_core::DType::F32)?
@@ -31,8 +33,9 @@ impl CustomOp1 for Pool5Mask {
         };
         let mut out = vec![f32::NEG_INFINITY; seq * n_kv];
         for h in 0..n_kv {
-            for i in self.lo.min(seq)..self.hi.min(seq) {
-                let (a, z) = (i.saturating_sub(2), (i + 3).min(seq));
+            let hi = self.hi.min(seq);
+            for i in self.lo.min(seq)..hi {
+                let (a, z) = (i.saturating_sub(2), (i + 3).min(hi));
                 out[h * seq + i] = (a..z)
                     .map(|j| x[j * n_kv + h])
                     .fold(f32::NEG_INFINITY, f32::max);

@@ -6,11 +6,31 @@ use candle_core::{Device, Tensor};
 
 #[test]
 fn pool_and_mask_by_hand() {
-    // seq 6, n_kv 1: scores 0 5 1 0 0 9 → pooled 5 5 5 9 9 9; candidates [1, 5).
+    // seq 6, n_kv 1: scores 0 5 1 0 0 9, candidates [1, 5): row 0 (before them) enters the
+    // pools, row 5 (past them: a question probe) does not → pooled -inf 5 5 5 1 -inf.
     let t = Tensor::new(&[[0f32], [5.], [1.], [0.], [0.], [9.]], &Device::Cpu).unwrap();
     let p = pool5_mask(&t, 1, 5).unwrap().to_vec2::<f32>().unwrap();
     let inf = f32::NEG_INFINITY;
-    assert_eq!(p, vec![vec![inf, 5., 5., 9., 9., inf]]);
+    assert_eq!(p, vec![vec![inf, 5., 5., 5., 1., inf]]);
+}
+
+/// Rank 0's question probe sits after its block: whatever the probe rows score, the pooled scores
+/// of the real tokens are those of the block alone (random scores, probe rows at ±1e9).
+#[test]
+fn probe_rows_never_enter_the_pool_of_real_tokens() {
+    let (block, probe, n_kv) = (37, 6, 3);
+    let real = Tensor::randn(0f32, 1.0, (block, n_kv), &Device::Cpu).unwrap();
+    let alone = pool5_mask(&real, 4, block).unwrap();
+    for fill in [1e9f32, -1e9] {
+        let rows = Tensor::full(fill, (probe, n_kv), &Device::Cpu).unwrap();
+        let with = Tensor::cat(&[&real, &rows], 0).unwrap();
+        let pooled = pool5_mask(&with, 4, block).unwrap();
+        assert_eq!(
+            pooled.narrow(1, 0, block).unwrap().to_vec2::<f32>().unwrap(),
+            alone.to_vec2::<f32>().unwrap(),
+            "probe rows at {fill} leaked into the pool"
+        );
+    }
 }
 
 /// On the GPU machine (`--features cuda`): the kernel equals the CPU op exactly (a max is

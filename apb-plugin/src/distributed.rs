@@ -32,6 +32,35 @@ pub struct RankLayout {
     pub exclude_front: usize,
     /// Rows holding the clean question (training-free scorer).
     pub question_rows: std::ops::Range<usize>,
+    /// How the question segment attends this rank's cache on a non-last rank.
+    pub question_mask: QuestionMask,
+}
+
+/// How the question segment (several new rows at once) attends a non-last rank's cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuestionMask {
+    /// Every question row sees all of the rank's context, which all precedes the question: the
+    /// exact semantics, and what a single decode token gets under either mask.
+    #[default]
+    Full,
+    /// Bottom-right-aligned causal, as thunlp/APB does (inherited from Star Attention's code):
+    /// question row `i` of `q` misses the rank's last `q − 1 − i` keys. For one-to-one
+    /// comparisons with the reference only.
+    Causal,
+}
+
+impl QuestionMask {
+    /// `full` or `causal`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(Self::Full),
+            "causal" => Ok(Self::Causal),
+            _ => Err(Error::Config(format!(
+                "unknown question mask '{s}' (use full or causal)"
+            ))),
+        }
+    }
 }
 
 impl RankLayout {
@@ -114,8 +143,15 @@ impl RankBackend {
             attention(x.q, &k, &v, Mask::causal(), true)?
         } else {
             match cache.kv()? {
-                // Every new token follows all of a non-last rank's context: no mask.
-                Some((k, v)) => attention(x.q, &k, &v, Mask::full(), true)?,
+                // Every new token follows all of a non-last rank's context: no mask (unless the
+                // reference's causal quirk is asked for).
+                Some((k, v)) => {
+                    let mask = match self.layout.question_mask {
+                        QuestionMask::Full => Mask::full(),
+                        QuestionMask::Causal => Mask::causal(),
+                    };
+                    attention(x.q, &k, &v, mask, true)?
+                }
                 None => {
                     let (b, h, s, _) = x.q.dims4()?;
                     (

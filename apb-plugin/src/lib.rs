@@ -57,7 +57,7 @@ pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
 pub use comm::{Communicator, LocalComm, LocalGroup, Pending};
 pub use dense::Dense;
-pub use distributed::{merge_lse, RankBackend, RankLayout};
+pub use distributed::{merge_lse, QuestionMask, RankBackend, RankLayout};
 pub use error::{Error, Result};
 pub use method::{Method, PlanArgs, PromptParts, RankInputs, SeqMethod};
 pub use plan::{plan, Plan, PlanRequest};

@@ -6,7 +6,7 @@ use apb_plugin::scorer::select_top;
 use apb_plugin::{attention, reference_attention, Mask};
 use apb_plugin::{
     merge_lse, AttentionBackend, AttnInput, Communicator, LayerKv, LocalGroup, Method, Phase,
-    RankBackend, RankLayout, Scorer,
+    QuestionMask, RankBackend, RankLayout, Scorer,
 };
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -257,4 +257,86 @@ fn broadcast_and_gather_order() {
         assert_eq!(all, vec![0.0, 1.0, 2.0, 3.0]);
         assert_eq!(b, vec![3.0]);
     }
+}
+
+/// The question segment (5 rows at once) over 2 ranks: rank 0 attends its cache with the chosen
+/// [`QuestionMask`], the last rank its cache and the new rows causally, merged by log-sum-exp.
+/// Each mask equals one f64 attention over [cache 0 | cache 1 | new] with the boolean mask it
+/// names: `full` lets every row see all of rank 0's cache; `causal` (thunlp/APB's quirk) is
+/// bottom-right aligned there, so row i misses rank 0's last 4 − i keys.
+#[test]
+fn question_mask_on_a_non_last_rank_matches_its_boolean_mask() {
+    let (n_h, n_kv, d, c0, c1, q_len) = (4, 2, 8, 13, 11, 5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let caches: Vec<(Tensor, Tensor)> = [c0, c1]
+        .iter()
+        .map(|&c| {
+            (
+                rand_t(&mut rng, &[1, n_kv, c, d]),
+                rand_t(&mut rng, &[1, n_kv, c, d]),
+            )
+        })
+        .collect();
+    let q = rand_t(&mut rng, &[1, n_h, q_len, d]);
+    let k = rand_t(&mut rng, &[1, n_kv, q_len, d]);
+    let v = rand_t(&mut rng, &[1, n_kv, q_len, d]);
+    let all_k = Tensor::cat(&[&caches[0].0, &caches[1].0, &k], 2).unwrap();
+    let all_v = Tensor::cat(&[&caches[0].1, &caches[1].1, &v], 2).unwrap();
+    let mut outs = Vec::new();
+    for qm in [QuestionMask::Full, QuestionMask::Causal] {
+        let comms = LocalGroup::new(2);
+        let got: Vec<Tensor> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .zip(&caches)
+                .map(|(c, (ck, cv))| {
+                    let c: Arc<dyn Communicator> = c.clone();
+                    let (q, k, v) = (&q, &k, &v);
+                    s.spawn(move || {
+                        let layout = RankLayout {
+                            question_mask: qm,
+                            ..Default::default()
+                        };
+                        let b =
+                            RankBackend::new(Method::APB, c, layout, Scorer::QueryAware).unwrap();
+                        let mut cache = LayerKv::new();
+                        cache.append(ck, cv).unwrap();
+                        let x = AttnInput {
+                            layer: 0,
+                            q,
+                            k,
+                            v,
+                            q_raw: q,
+                            k_raw: k,
+                            v_raw: v,
+                        };
+                        b.forward(Phase::Decode, &x, &mut cache).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mask = |i: usize, j: usize| {
+            if j < c0 {
+                qm == QuestionMask::Full || j + q_len <= c0 + i
+            } else if j < c0 + c1 {
+                true
+            } else {
+                j - c0 - c1 <= i
+            }
+        };
+        let (want, _) = reference_attention(&q, &all_k, &all_v, mask).unwrap();
+        for (h, o) in got.iter().enumerate() {
+            let worst = flat(o)
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            assert!(worst <= 2e-5, "{qm:?}, rank {h}: worst abs error {worst}");
+        }
+        outs.push(flat(&got[0]));
+    }
+    // The last question row sees all of rank 0's cache under both; the first does not.
+    let row = |o: &[f32], i: usize| o[i * d..(i + 1) * d].to_vec();
+    assert_eq!(row(&outs[0], q_len - 1), row(&outs[1], q_len - 1));
+    assert_ne!(row(&outs[0], 0), row(&outs[1], 0));
 }

@@ -34,6 +34,7 @@ fn main() -> Result<()> {
         world: 4,
         anchor_len: None,
         passing_len: None,
+        question_mask: Default::default(),
         params: GenParams {
             max_new_tokens: 12,
             ..Default::default()

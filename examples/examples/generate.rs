@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         world: 1,
         anchor_len: None,
         passing_len: None,
+        question_mask: Default::default(),
         params: GenParams {
             max_new_tokens: 16,
             ..Default::default()

@@ -255,6 +255,7 @@ impl PrefillBench<'_> {
             world: if method_ == Method::DENSE { 1 } else { world },
             anchor_len: None,
             passing_len: None,
+            question_mask: Default::default(),
             params: GenParams::default(),
         };
         let cfg = &self.model.cfg;

@@ -169,6 +169,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         world: arm.world,
                         anchor_len: None,
                         passing_len: None,
+                        question_mask: Default::default(),
                         params: params.clone(),
                     };
                     let g = group

@@ -460,6 +460,26 @@ struct AttentionArgs {
     /// without them APB uses the training-free query-aware scorer.
     #[arg(long)]
     heads: Option<String>,
+    /// APB's question segment on non-last ranks: full (every question token sees all of the
+    /// rank's context, which precedes it) or causal (thunlp/APB's bottom-right causal mask there,
+    /// for one-to-one comparisons with the reference).
+    #[arg(long, default_value = "full", value_name = "full|causal")]
+    apb_question_mask: String,
+}
+
+impl AttentionArgs {
+    /// The question mask, refused up front (also by `serve`) for methods other than APB.
+    fn question_mask(&self) -> Result<apb_plugin::QuestionMask> {
+        let qm = apb_plugin::QuestionMask::parse(&self.apb_question_mask)
+            .map_err(|e| anyhow::anyhow!("--apb-question-mask: {e}"))?;
+        if qm != apb_plugin::QuestionMask::Full && self.attention != "apb" {
+            bail!(
+                "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
+                self.attention
+            );
+        }
+        Ok(qm)
+    }
 }
 
 #[derive(Subcommand)]
@@ -660,6 +680,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         world: a.at.world_size,
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
+        question_mask: a.at.question_mask()?,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -777,6 +798,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         world: a.at.world_size,
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
+        question_mask: a.at.question_mask()?,
         default_max_tokens: a.default_max_tokens,
         max_queued: a.max_queued,
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),

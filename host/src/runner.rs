@@ -89,6 +89,9 @@ pub struct Job {
     pub anchor_len: Option<usize>,
     /// Passing length override.
     pub passing_len: Option<usize>,
+    /// APB's question segment on non-last ranks (`full`, or the reference's `causal`).
+    #[serde(default)]
+    pub question_mask: apb_plugin::QuestionMask,
     /// Sampling and stop rules.
     pub params: GenParams,
 }
@@ -216,6 +219,12 @@ pub fn prepare_within(
         return Err(InputError("the world size must be at least 1".into()));
     }
     job.params.validate().map_err(InputError)?;
+    if job.question_mask != apb_plugin::QuestionMask::Full && job.method != Method::APB {
+        return Err(InputError(format!(
+            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
+            job.method.name()
+        )));
+    }
     let method = job.method.imp();
     if method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
         return Err(InputError(format!(
@@ -496,6 +505,10 @@ pub fn prefill(
         layout,
         after,
     } = rank_share(job, prep, rank, scorer);
+    let layout = apb_plugin::RankLayout {
+        question_mask: job.question_mask,
+        ..layout
+    };
     let backend = prep.method.backend(comm, layout, scorer.clone())?;
     let rank_prefill_tokens = (0..prep.plan.world)
         .map(|h| {

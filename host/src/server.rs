@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub anchor_len: Option<usize>,
     /// Passing length override.
     pub passing_len: Option<usize>,
+    /// APB's question mask on non-last ranks.
+    pub question_mask: apb_plugin::QuestionMask,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Requests that may wait for their turn; more get 429.
@@ -1088,6 +1090,7 @@ fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
         world: s.cfg.world,
         anchor_len: s.cfg.anchor_len,
         passing_len: s.cfg.passing_len,
+        question_mask: s.cfg.question_mask,
         params,
     }
 }

@@ -695,6 +695,58 @@ fn bad_launch_flags_are_clear_errors() {
     );
 }
 
+/// `--apb-question-mask causal` (thunlp/APB's mask, for comparisons) runs APB and changes its
+/// answer's numbers only through the question segment; other methods and other values refuse it.
+#[test]
+fn apb_question_mask_switch() {
+    let m = tiny();
+    let prompt = "abcdefgh ".repeat(40);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "-m", m.to_str().unwrap(), "--prompt", &prompt];
+        args.extend_from_slice(&["--question", "What comes next?"]);
+        args.extend_from_slice(&["--max-new-tokens", "3"]);
+        args.extend_from_slice(extra);
+        apb(&args, &[])
+    };
+    let out = run(&[
+        "--attention",
+        "apb",
+        "--world-size",
+        "2",
+        "--anchor-len",
+        "32",
+        "--apb-question-mask",
+        "causal",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["world_size"].as_u64(), v["generated_tokens"].as_u64()),
+        (Some(2), Some(3)),
+        "{v}"
+    );
+    assert_clean_error(
+        &run(&["--apb-question-mask", "causal"]),
+        "applies to --attention apb only",
+    );
+    assert_clean_error(
+        &run(&[
+            "--attention",
+            "apb",
+            "--world-size",
+            "2",
+            "--apb-question-mask",
+            "diagonal",
+        ]),
+        "unknown question mask 'diagonal'",
+    );
+}
+
 /// Defects found by trying the CLI as a new user: each must be a clean answer or a clear error.
 #[test]
 fn one_token_prompt_and_bad_numbers() {

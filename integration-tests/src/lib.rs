@@ -185,6 +185,7 @@ pub fn job(
         world,
         anchor_len: None,
         passing_len: None,
+        question_mask: Default::default(),
         params: params.clone(),
     }
 }

@@ -45,6 +45,7 @@ fn run(
     let j = Job {
         anchor_len: anchor,
         passing_len: passing,
+        question_mask: Default::default(),
         ..job(p, method, world, &params())
     };
     run_job(m, &j)

@@ -253,6 +253,7 @@ fn saved_heads_reload_and_change_apb_selection() {
     let j = Job {
         anchor_len: Some(4),
         passing_len: Some(3),
+        question_mask: Default::default(),
         ..job(&p, Method::APB, 3, &params)
     };
     let free = run_job(&r, &j);

@@ -26,7 +26,11 @@ fn probe_rows_never_enter_the_pool_of_real_tokens() {
         let with = Tensor::cat(&[&real, &rows], 0).unwrap();
         let pooled = pool5_mask(&with, 4, block).unwrap();
         assert_eq!(
-            pooled.narrow(1, 0, block).unwrap().to_vec2::<f32>().unwrap(),
+            pooled
+                .narrow(1, 0, block)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
             alone.to_vec2::<f32>().unwrap(),
             "probe rows at {fill} leaked into the pool"
         );

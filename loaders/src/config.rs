@@ -80,12 +80,16 @@ impl RopeScaling {
             "llama3" => Self::Llama3(serde_json::from_value(v.clone()).map_err(bad)?),
             "yarn" => Self::Yarn(serde_json::from_value(v.clone()).map_err(bad)?),
             "default" => return Ok(None),
-            "" => return Err(load_err!(
+            "" => {
+                return Err(load_err!(
                 "rope_scaling has no \"rope_type\" (or \"type\"); supported: yarn, llama3, default"
-            )),
-            other => return Err(load_err!(
+            ))
+            }
+            other => {
+                return Err(load_err!(
                 "rope_scaling type '{other}' is not supported (supported: yarn, llama3, default)"
-            )),
+            ))
+            }
         };
         let factor = match &scaling {
             Self::Llama3(l) => l.factor,

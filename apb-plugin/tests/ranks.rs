@@ -8,7 +8,7 @@ use apb_plugin::{
     merge_lse, AttentionBackend, AttnInput, Communicator, LayerKv, LocalGroup, Method, Phase,
     QuestionMask, RankBackend, RankLayout, Scorer,
 };
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
@@ -259,84 +259,108 @@ fn broadcast_and_gather_order() {
     }
 }
 
-/// The question segment (5 rows at once) over 2 ranks: rank 0 attends its cache with the chosen
-/// [`QuestionMask`], the last rank its cache and the new rows causally, merged by log-sum-exp.
-/// Each mask equals one f64 attention over [cache 0 | cache 1 | new] with the boolean mask it
-/// names: `full` lets every row see all of rank 0's cache; `causal` (thunlp/APB's quirk) is
-/// bottom-right aligned there, so row i misses rank 0's last 4 − i keys.
-#[test]
-fn question_mask_on_a_non_last_rank_matches_its_boolean_mask() {
+/// The question segment (`q_len` rows at once) on 2 ranks holding caches of `c0` and `c1` keys:
+/// rank 0 attends its cache under `qm`, the last rank its cache and the new rows causally, merged
+/// by log-sum-exp. Returns each rank's merged output (f32) and the f64 reference over
+/// [cache 0 | cache 1 | new] with the boolean mask `qm` names: `full` lets every row see all of
+/// rank 0's cache; `causal` (thunlp/APB's quirk) is bottom-right aligned there, so row i misses
+/// rank 0's last `q_len − 1 − i` keys.
+fn question_segment(qm: QuestionMask, dtype: DType, seed: u64) -> (Vec<Vec<f32>>, Vec<f64>) {
     let (n_h, n_kv, d, c0, c1, q_len) = (4, 2, 8, 13, 11, 5);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut r = |shape: &[usize]| rand_t(&mut rng, shape).to_dtype(dtype).unwrap();
     let caches: Vec<(Tensor, Tensor)> = [c0, c1]
         .iter()
-        .map(|&c| {
-            (
-                rand_t(&mut rng, &[1, n_kv, c, d]),
-                rand_t(&mut rng, &[1, n_kv, c, d]),
-            )
-        })
+        .map(|&c| (r(&[1, n_kv, c, d]), r(&[1, n_kv, c, d])))
         .collect();
-    let q = rand_t(&mut rng, &[1, n_h, q_len, d]);
-    let k = rand_t(&mut rng, &[1, n_kv, q_len, d]);
-    let v = rand_t(&mut rng, &[1, n_kv, q_len, d]);
+    let (q, k, v) = (
+        r(&[1, n_h, q_len, d]),
+        r(&[1, n_kv, q_len, d]),
+        r(&[1, n_kv, q_len, d]),
+    );
     let all_k = Tensor::cat(&[&caches[0].0, &caches[1].0, &k], 2).unwrap();
     let all_v = Tensor::cat(&[&caches[0].1, &caches[1].1, &v], 2).unwrap();
+    let comms = LocalGroup::new(2);
+    let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .zip(&caches)
+            .map(|(c, (ck, cv))| {
+                let c: Arc<dyn Communicator> = c.clone();
+                let (q, k, v) = (&q, &k, &v);
+                s.spawn(move || {
+                    let layout = RankLayout {
+                        question_mask: qm,
+                        ..Default::default()
+                    };
+                    let b = RankBackend::new(Method::APB, c, layout, Scorer::QueryAware).unwrap();
+                    let mut cache = LayerKv::new();
+                    cache.append(ck, cv).unwrap();
+                    let x = AttnInput {
+                        layer: 0,
+                        q,
+                        k,
+                        v,
+                        q_raw: q,
+                        k_raw: k,
+                        v_raw: v,
+                    };
+                    let o = b.forward(Phase::Decode, &x, &mut cache).unwrap();
+                    assert_eq!(o.dtype(), dtype);
+                    flat(&o.to_dtype(DType::F32).unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mask = |i: usize, j: usize| {
+        if j < c0 {
+            qm == QuestionMask::Full || j + q_len <= c0 + i
+        } else if j < c0 + c1 {
+            true
+        } else {
+            j - c0 - c1 <= i
+        }
+    };
+    (
+        got,
+        reference_attention(&q, &all_k, &all_v, mask).unwrap().0,
+    )
+}
+
+fn worst_abs(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+}
+
+/// Each question mask equals its boolean mask (f32, 2e-5); they differ where the masks do.
+#[test]
+fn question_mask_on_a_non_last_rank_matches_its_boolean_mask() {
+    let d = 8;
     let mut outs = Vec::new();
     for qm in [QuestionMask::Full, QuestionMask::Causal] {
-        let comms = LocalGroup::new(2);
-        let got: Vec<Tensor> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .iter()
-                .zip(&caches)
-                .map(|(c, (ck, cv))| {
-                    let c: Arc<dyn Communicator> = c.clone();
-                    let (q, k, v) = (&q, &k, &v);
-                    s.spawn(move || {
-                        let layout = RankLayout {
-                            question_mask: qm,
-                            ..Default::default()
-                        };
-                        let b =
-                            RankBackend::new(Method::APB, c, layout, Scorer::QueryAware).unwrap();
-                        let mut cache = LayerKv::new();
-                        cache.append(ck, cv).unwrap();
-                        let x = AttnInput {
-                            layer: 0,
-                            q,
-                            k,
-                            v,
-                            q_raw: q,
-                            k_raw: k,
-                            v_raw: v,
-                        };
-                        b.forward(Phase::Decode, &x, &mut cache).unwrap()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let mask = |i: usize, j: usize| {
-            if j < c0 {
-                qm == QuestionMask::Full || j + q_len <= c0 + i
-            } else if j < c0 + c1 {
-                true
-            } else {
-                j - c0 - c1 <= i
-            }
-        };
-        let (want, _) = reference_attention(&q, &all_k, &all_v, mask).unwrap();
+        let (got, want) = question_segment(qm, DType::F32, 23);
         for (h, o) in got.iter().enumerate() {
-            let worst = flat(o)
-                .iter()
-                .zip(&want)
-                .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            let worst = worst_abs(o, &want);
             assert!(worst <= 2e-5, "{qm:?}, rank {h}: worst abs error {worst}");
         }
-        outs.push(flat(&got[0]));
+        outs.push(got[0].clone());
     }
-    // The last question row sees all of rank 0's cache under both; the first does not.
+    // The last question row sees all of rank 0's cache under both masks; the first does not.
     let row = |o: &[f32], i: usize| o[i * d..(i + 1) * d].to_vec();
-    assert_eq!(row(&outs[0], q_len - 1), row(&outs[1], q_len - 1));
+    assert_eq!(row(&outs[0], 4), row(&outs[1], 4));
     assert_ne!(row(&outs[0], 0), row(&outs[1], 0));
+}
+
+/// Partial outputs are gathered in the model dtype: a bf16 question segment still matches the
+/// f64 reference on the same (bf16-rounded) inputs within bf16's rounding of the output (values
+/// in [-2, 2]: 2⁻⁸ relative, 1.6e-2 absolute allowed).
+#[test]
+fn decode_gathered_in_bf16_matches_the_reference() {
+    let (got, want) = question_segment(QuestionMask::Full, DType::BF16, 24);
+    for (h, o) in got.iter().enumerate() {
+        let worst = worst_abs(o, &want);
+        assert!(worst <= 1.6e-2, "rank {h}: worst abs error {worst}");
+    }
 }

@@ -12,7 +12,7 @@ use crate::method::{Method, RankCtx};
 use crate::scorer::Scorer;
 use crate::{attention, Mask};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::sync::Arc;
 
 /// Where this rank's prefill rows come from.

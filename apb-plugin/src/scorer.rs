@@ -76,7 +76,9 @@ impl Scorer {
     pub fn name(&self) -> &'static str {
         match self {
             Scorer::Heads(_) => "retaining-heads",
-            Scorer::QueryAware => "query-aware (training-free)",
+            Scorer::QueryAware => {
+                "training-free selector (query-aware; not the paper's retaining heads)"
+            }
         }
     }
 

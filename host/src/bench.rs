@@ -365,6 +365,10 @@ impl PrefillBench<'_> {
             "slowest_rank_tflops": f / wall / 1e12,
             "plan": plan,
         });
+        if method_ == Method::APB {
+            // Timing only: the selector's cost is in the number, its accuracy is not.
+            v["scorer"] = Scorer::QueryAware.name().into();
+        }
         if self.breakdown {
             v["breakdown_s"] = BUCKETS
                 .iter()

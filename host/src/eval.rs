@@ -49,6 +49,9 @@ pub struct Row {
     /// The settings the row was made with (model, heads, ranks, tokens): a resumed run must match.
     #[serde(default)]
     pub setup: String,
+    /// What selected APB's passing KV (`None` for the other methods).
+    #[serde(default)]
+    pub scorer: Option<String>,
 }
 
 /// What `apb eval` runs.
@@ -185,6 +188,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         reply: g.text,
                         answers: case.answers.clone(),
                         setup: cfg.setup.clone(),
+                        scorer: g.scorer,
                     };
                     file.write_all(format!("{}\n", serde_json::to_string(&row)?).as_bytes())?;
                     file.flush()?;
@@ -211,7 +215,22 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
         .map(|i| cfg.seed.wrapping_add(i))
         .collect();
     rows.retain(|r| seeds.contains(&r.seed));
-    Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks))
+    Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks) + &legend(&arms))
+}
+
+/// Which scorer each APB column ran: without trained heads it is APB's layout with our
+/// training-free selector, not the paper's APB.
+fn legend(arms: &[Arm]) -> String {
+    let lines: Vec<String> = arms
+        .iter()
+        .filter(|a| a.method == Method::APB)
+        .map(|a| format!("- `{}`: APB with {}", a.label, a.runner.scorer.name()))
+        .collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n{}\n", lines.join("\n"))
+    }
 }
 
 /// Markdown: one row per task and length, one column per method (mean score in %, cases), and
@@ -278,6 +297,7 @@ mod tests {
             reply: String::new(),
             answers: vec![],
             setup: String::new(),
+            scorer: None,
         };
         let rows = vec![
             row("dense", "a", 1.0),

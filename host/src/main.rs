@@ -717,7 +717,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "anchor_len": g.plan.l_a,
                 "passing_len": g.plan.l_p,
                 "block_len": g.plan.l_b,
-                "scorer": (method == Method::APB).then(|| runner.scorer.name()),
+                "scorer": g.scorer,
                 "rank_prefill_tokens": g.rank_prefill_tokens,
                 "plan_notes": g.plan.notes,
             });

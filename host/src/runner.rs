@@ -139,6 +139,9 @@ pub struct Generation {
     pub plan: Plan,
     /// Rows each rank ran in prefill (anchor + local + probe).
     pub rank_prefill_tokens: Vec<usize>,
+    /// What selected APB's passing KV (`retaining-heads`, or our training-free selector, which is
+    /// not the paper's APB); `None` for the other methods.
+    pub scorer: Option<String>,
 }
 
 /// A request that cannot run as given (bad input: the caller's fault, not a rank failure).
@@ -281,6 +284,11 @@ impl Runner {
         &self.loaded.model
     }
 
+    /// [`Generation::scorer`] for a prepared job.
+    fn scorer_of(&self, prep: &Prepared) -> Option<String> {
+        (prep.method == Method::APB).then(|| self.scorer.name().to_string())
+    }
+
     /// The tokenizer.
     pub fn tok(&self) -> &Tokenizer {
         &self.loaded.tok
@@ -351,6 +359,7 @@ impl Runner {
                     tracing::info!("cancelled during prefill, after layer {layer} of {layers}");
                 }
                 return Ok(Generation {
+                    scorer: self.scorer_of(prep),
                     text: String::new(),
                     tokens: vec![],
                     first_logits: vec![],
@@ -446,6 +455,7 @@ impl Runner {
         let text = stream.finish(tok, &out, emit)?;
         let generated_tokens = out.len();
         Ok(Generation {
+            scorer: self.scorer_of(prep),
             text,
             tokens: out,
             first_logits,

@@ -1300,9 +1300,9 @@ fn usage(g: &Generation) -> Value {
            "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens})
 }
 
-/// Extension field: what ran (method, ranks, plan, time to first token).
+/// Extension field: what ran (method, APB's scorer, ranks, plan, time to first token).
 fn apb_info(g: &Generation, method: &str) -> Value {
-    json!({"method": method, "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
+    json!({"method": method, "scorer": g.scorer, "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
            "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,
            "anchor_len": g.plan.l_a, "passing_len": g.plan.l_p, "plan_notes": g.plan.notes})
 }

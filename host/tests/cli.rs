@@ -407,7 +407,10 @@ fn apb_on_4_ranks_answers_a_6k_needle_and_reports_its_plan() {
     let tile = |x: u64| ((x + 64) / 128 * 128).max(128);
     assert_eq!(v["anchor_len"].as_u64().unwrap(), tile(l_b / 4), "{v}");
     assert_eq!(v["passing_len"].as_u64().unwrap(), tile(l_b / 8), "{v}");
-    assert_eq!(v["scorer"], "query-aware (training-free)");
+    assert_eq!(
+        v["scorer"],
+        "training-free selector (query-aware; not the paper's retaining heads)"
+    );
     let per_rank: Vec<u64> = v["rank_prefill_tokens"]
         .as_array()
         .unwrap()
@@ -903,8 +906,22 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
         "{table}"
     );
     assert!(table.contains("| **average** | 300 |"), "{table}");
+    // Which scorer APB ran is said beside the numbers, in the table and in every row.
+    assert!(
+        table.contains("- `apb-heads`: APB with retaining-heads"),
+        "{table}"
+    );
     let text = std::fs::read_to_string(&rows).unwrap();
     assert_eq!(text.lines().count(), 4, "2 tasks × 2 methods: {text}");
+    for line in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let want = if r["method"] == "dense" {
+            serde_json::Value::Null
+        } else {
+            "retaining-heads".into()
+        };
+        assert_eq!(r["scorer"], want, "{line}");
+    }
     // A rerun finds every case done and only prints the table.
     let again = apb(
         &[

@@ -215,6 +215,7 @@ fn chat_completions_json_and_stream() {
     // What ran, in the extension field.
     assert_eq!(v["apb"]["method"], "dense", "{v}");
     assert_eq!(v["apb"]["ranks"], 1, "{v}");
+    assert_eq!(v["apb"]["scorer"], Value::Null, "{v}");
     assert!(v["apb"]["prefill_ms"].as_f64().unwrap() > 0.0, "{v}");
 
     // The registered name (the README's) is accepted as `model` too.
@@ -599,6 +600,13 @@ fn apb_server_on_4_ranks() {
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 4000, "{v}");
     assert_eq!(v["apb"]["method"], "apb");
     assert_eq!(v["apb"]["ranks"], 4, "{v}");
+    assert!(
+        v["apb"]["scorer"]
+            .as_str()
+            .unwrap()
+            .starts_with("training-free"),
+        "{v}"
+    );
     let text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()

@@ -8,6 +8,7 @@
 #   kernel   attention alone: ours (FlashInfer, cuDNN, our mma.sync kernel) vs PyTorch SDPA
 #            flash / cuDNN / default, 8K-128K, d128 and d64
 #   dense    dense 1-GPU prefill 32K-128K: ours (both kernels) vs HF transformers default
+#   gputests the GPU tests of the methods alone (the first half of `methods`)
 #   methods  NCCL send/recv on one rank (and between two GPUs where there are two); ring / zigzag / ulysses as thread ranks on the GPU
 #            against dense; one rank's share of a 4-rank 128K prefill of every method (--only-rank)
 #   apbrank  one GPU: rank 3's share of a 4-rank 128K apb / star / ring prefill (--only-rank 3)
@@ -56,7 +57,7 @@ for s in "$@"; do
       APB_ATTENTION=mma stage dense-mma 300 $APB bench prefill --config llama-3.1-8b \
         --lengths 32768,65536,131072 --attention dense --world-size 1 --json "$OUT/dense-mma.json"
       stage torch-prefill 400 python3 bench/torch_peer.py --skip-attention ;;
-    methods)
+    gputests|methods)
       tests="nccl_one_gpu gpu_methods"
       # Two NCCL ranks need two GPUs (NCCL refuses two ranks on one device).
       [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && tests="$tests nccl_two_gpus"
@@ -64,6 +65,7 @@ for s in "$@"; do
         xz -dc "dist/$t.xz" > "/tmp/apb-bin/$t" && chmod +x "/tmp/apb-bin/$t"
         APB_REPO_ROOT=$PWD stage "$t" 300 "/tmp/apb-bin/$t" --test-threads 1 --nocapture
       done
+      [ "$s" = gputests ] && continue
       # Ranks 0 and 3 of 4: zigzag's shares are equal, ring's grow with the rank.
       for h in 0 3; do
         stage "methods-rank$h" 400 $APB bench prefill --config llama-3.1-8b --lengths 131072 \

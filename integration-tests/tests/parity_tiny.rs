@@ -74,7 +74,8 @@ fn llama_yarn_with_every_knob_matches_transformers() {
     check("tiny-llama-yarn", Arch::Llama, false, true);
 }
 
-/// YaRN grows the context to original × factor (as vLLM derives it), and the parity check above
+/// YaRN grows the context to original × factor (as vLLM derives it; the config's own
+/// `max_position_embeddings` is the pre-trained 64), and the parity check above
 /// can fail: the same checkpoint with its scaling turned off (`--rope-scaling null`) is far off
 /// past the original 64 positions.
 #[test]
@@ -87,14 +88,15 @@ fn yarn_sets_the_context_and_turning_it_off_changes_the_logits() {
         yarn.model.cfg.rope_scaling,
         Some(RopeScaling::Yarn(_))
     ));
+    // The model-card form: max_position_embeddings stays at the pre-trained 64.
+    assert_eq!(yarn.model.cfg.max_position_embeddings, 64);
     assert_eq!(yarn.model.cfg.context_len(), 64 * 4);
-    assert_eq!(yarn.model.cfg.trained_positions(), 64);
     let off = Overrides {
         rope_scaling: Some("null".into()),
     };
     let plain = load_with(&src, DType::F32, &Device::Cpu, &off).unwrap();
     assert_eq!(plain.model.cfg.rope_scaling, None);
-    assert_eq!(plain.model.cfg.context_len(), 256);
+    assert_eq!(plain.model.cfg.context_len(), 64);
     let ids = u32s(&exp["input_ids"]);
     let logits = all_logits(&plain.model, &Dense, &ids);
     let want = f32s(exp["logits"].as_array().unwrap().last().unwrap());

@@ -58,7 +58,13 @@ impl CustomOp1 for Pool5Mask {
             .slice(layout.start_offset()..);
         let out = dev.alloc_zeros::<f32>(seq * n_kv)?;
         let func = crate::cuda::function(&dev, crate::cuda::SELECT_PTX, "pool5_mask_f32", 0)?;
-        let (s, k, lo, hi) = (seq as u32, n_kv as u32, self.lo as u32, self.hi as u32);
+        // `hi` past the sequence would let the kernel read past the scores: clamp, as the CPU path.
+        let (s, k, lo, hi) = (
+            seq as u32,
+            n_kv as u32,
+            self.lo as u32,
+            self.hi.min(seq) as u32,
+        );
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&x);

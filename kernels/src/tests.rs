@@ -51,6 +51,7 @@ fn pool5_mask_cuda_matches_cpu() {
     for (seq, n_kv, lo, hi) in [
         (1, 1, 0, 1),
         (37, 3, 5, 30),
+        (37, 3, 5, 40), // candidates past the end: clamped
         (4099, 8, 1024, 4099),
         (65_537, 8, 4096, 65_000),
     ] {

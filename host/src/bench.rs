@@ -367,7 +367,7 @@ impl PrefillBench<'_> {
         });
         if method_ == Method::APB {
             // Timing only: the selector's cost is in the number, its accuracy is not.
-            v["scorer"] = Scorer::QueryAware.name().into();
+            v["scorer"] = scorer.name().into();
         }
         if self.breakdown {
             v["breakdown_s"] = BUCKETS

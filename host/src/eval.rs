@@ -215,7 +215,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
         .map(|i| cfg.seed.wrapping_add(i))
         .collect();
     rows.retain(|r| seeds.contains(&r.seed));
-    Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks) + &legend(&arms))
+    Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks) + &legend(arms))
 }
 
 /// Which scorer each APB column ran: without trained heads it is APB's layout with our

@@ -472,12 +472,7 @@ impl AttentionArgs {
     fn question_mask(&self) -> Result<apb_plugin::QuestionMask> {
         let qm = apb_plugin::QuestionMask::parse(&self.apb_question_mask)
             .map_err(|e| anyhow::anyhow!("--apb-question-mask: {e}"))?;
-        if qm != apb_plugin::QuestionMask::Full && self.attention != "apb" {
-            bail!(
-                "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
-                self.attention
-            );
-        }
+        apb_host::runner::check_question_mask(Method::parse(&self.attention)?, qm)?;
         Ok(qm)
     }
 }

@@ -56,7 +56,7 @@ impl From<InputError> for RunError {
 /// What rank 0 relays to the other ranks.
 #[derive(Serialize, Deserialize)]
 enum Message {
-    Job(Job),
+    Job(Box<Job>),
     Shutdown,
 }
 
@@ -185,7 +185,7 @@ fn process_worker(ctx: &RankCtx, runner: &Runner, comm: Arc<dyn Communicator>) -
     let never = AtomicBool::new(false);
     while let Some(bytes) = ctx.next_message() {
         let job = match serde_json::from_slice(&bytes).context("a malformed job from rank 0")? {
-            Message::Job(job) => job,
+            Message::Job(job) => *job,
             Message::Shutdown => break,
         };
         fault_injection(ctx.rank);
@@ -343,7 +343,7 @@ impl Group {
                         .map_err(|e| RunError::Failed(format!("{e:#}")));
                 }
                 let run = || -> Result<Generation> {
-                    let bytes = serde_json::to_vec(&Message::Job(job.clone()))?;
+                    let bytes = serde_json::to_vec(&Message::Job(Box::new(job.clone())))?;
                     ctx.send_to_workers(&bytes)?;
                     self.runner.run(job, &prep, comm.clone(), cancel, on_text)
                 };

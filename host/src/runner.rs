@@ -179,26 +179,40 @@ pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputE
         )),
         _ => e,
     })?;
-    if let Some(note) = rope_note(&c.rope_scaling, c.arch, total) {
-        tracing::warn!("{note}");
+    // A plan note, not a log line: prepare runs on every rank and at the server's admission too.
+    if let Some(note) = rope_note(c, total) {
         prep.plan.notes.push(note);
     }
     Ok(prep)
 }
 
-/// Qwen-2.5 checkpoints are pre-trained at 32K positions, though some configs say 128K; past
-/// that an unscaled RoPE extrapolates and answers degrade (their model cards add YaRN).
+/// The reference's causal question mask is an APB setting: other methods refuse it.
+pub fn check_question_mask(
+    method: Method,
+    mask: apb_plugin::QuestionMask,
+) -> std::result::Result<(), InputError> {
+    if mask != apb_plugin::QuestionMask::Full && method != Method::APB {
+        return Err(InputError(format!(
+            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
+            method.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Qwen-2.5 checkpoints are pre-trained at 32K positions, though some configs say up to 128K;
+/// past that an unscaled RoPE extrapolates and answers degrade (their model cards add YaRN).
 const QWEN2_TRAINED_POSITIONS: usize = 32_768;
 
-/// A warning for a prompt past the positions the model was trained at with no RoPE scaling.
-fn rope_note(
-    scaling: &Option<apb_loaders::RopeScaling>,
-    arch: apb_loaders::Arch,
-    prompt: usize,
-) -> Option<String> {
-    (scaling.is_none() && arch == apb_loaders::Arch::Qwen2 && prompt > QWEN2_TRAINED_POSITIONS)
+/// A note for a Qwen2 prompt past 32K positions with no RoPE scaling, on configs of Qwen-2.5's
+/// size (≤ 128K; long-trained variants such as Qwen2.5-1M say more and need no YaRN).
+fn rope_note(c: &apb_loaders::Config, prompt: usize) -> Option<String> {
+    (c.rope_scaling.is_none()
+        && c.arch == apb_loaders::Arch::Qwen2
+        && c.max_position_embeddings <= 131_072
+        && prompt > QWEN2_TRAINED_POSITIONS)
         .then(|| format!(
-            "the prompt has {prompt} tokens, past the {QWEN2_TRAINED_POSITIONS} positions Qwen-2.5 is pre-trained at, and the config has no RoPE scaling: add --rope-scaling '{{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":32768}}' as the model card says"
+            "the prompt has {prompt} tokens and the config no RoPE scaling; Qwen-2.5 models are pre-trained at {QWEN2_TRAINED_POSITIONS} positions and their model cards add YaRN beyond that: --rope-scaling '{{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":32768}}'"
         ))
 }
 
@@ -222,12 +236,7 @@ pub fn prepare_within(
         return Err(InputError("the world size must be at least 1".into()));
     }
     job.params.validate().map_err(InputError)?;
-    if job.question_mask != apb_plugin::QuestionMask::Full && job.method != Method::APB {
-        return Err(InputError(format!(
-            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
-            job.method.name()
-        )));
-    }
+    check_question_mask(job.method, job.question_mask)?;
     let method = job.method.imp();
     if method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
         return Err(InputError(format!(
@@ -493,9 +502,12 @@ pub struct Prefilled {
 
 /// This rank's prefill share under the prepared plan.
 pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> RankInputs {
-    prep.method
+    let mut share = prep
+        .method
         .imp()
-        .rank_inputs(&job.prompt, &prep.plan, rank, scorer)
+        .rank_inputs(&job.prompt, &prep.plan, rank, scorer);
+    share.layout.question_mask = job.question_mask;
+    share
 }
 
 /// The prefill stage of the rank program (what `apb bench prefill` times): this rank's share
@@ -515,10 +527,6 @@ pub fn prefill(
         layout,
         after,
     } = rank_share(job, prep, rank, scorer);
-    let layout = apb_plugin::RankLayout {
-        question_mask: job.question_mask,
-        ..layout
-    };
     let backend = prep.method.backend(comm, layout, scorer.clone())?;
     let rank_prefill_tokens = (0..prep.plan.world)
         .map(|h| {

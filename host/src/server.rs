@@ -475,10 +475,10 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         );
     }
     let ctx = loaded.model.cfg.context_len();
-    let max_body = s
-        .cfg
-        .max_body_bytes
-        .unwrap_or(ctx.saturating_mul(BODY_BYTES_PER_TOKEN) + BODY_SLACK);
+    let max_body = s.cfg.max_body_bytes.unwrap_or(
+        ctx.saturating_mul(BODY_BYTES_PER_TOKEN)
+            .saturating_add(BODY_SLACK),
+    );
     let _ = s.ready.set(Ready {
         loaded,
         model_names,

@@ -698,8 +698,9 @@ fn bad_launch_flags_are_clear_errors() {
     );
 }
 
-/// `--apb-question-mask causal` (thunlp/APB's mask, for comparisons) runs APB and changes its
-/// answer's numbers only through the question segment; other methods and other values refuse it.
+/// `--apb-question-mask causal` (thunlp/APB's mask, for comparisons) runs APB end to end; other
+/// methods and unknown values are refused. What the mask does is tested against a boolean mask in
+/// apb-plugin/tests/ranks.rs.
 #[test]
 fn apb_question_mask_switch() {
     let m = tiny();

@@ -67,7 +67,7 @@ impl RopeScaling {
         }
         if !v.is_object() {
             return Err(load_err!(
-                "rope_scaling must be a JSON object such as {{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}}, got {v}"
+                "RoPE scaling must be a JSON object such as {{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}}, got {v}"
             ));
         }
         let kind = v
@@ -75,32 +75,74 @@ impl RopeScaling {
             .or_else(|| v.get("type"))
             .and_then(|t| t.as_str())
             .unwrap_or("");
-        let bad = |e: serde_json::Error| load_err!("rope_scaling ({kind}): {e}");
+        let bad = |e: serde_json::Error| load_err!("RoPE scaling ({kind}): {e}");
         let scaling = match kind {
             "llama3" => Self::Llama3(serde_json::from_value(v.clone()).map_err(bad)?),
             "yarn" => Self::Yarn(serde_json::from_value(v.clone()).map_err(bad)?),
             "default" => return Ok(None),
             "" => {
                 return Err(load_err!(
-                "rope_scaling has no \"rope_type\" (or \"type\"); supported: yarn, llama3, default"
+                "RoPE scaling has no \"rope_type\" (or \"type\"); supported: yarn, llama3, default"
             ))
             }
             other => {
                 return Err(load_err!(
-                "rope_scaling type '{other}' is not supported (supported: yarn, llama3, default)"
+                "RoPE scaling type '{other}' is not supported (supported: yarn, llama3, default)"
             ))
             }
         };
-        let factor = match &scaling {
-            Self::Llama3(l) => l.factor,
-            Self::Yarn(y) => y.factor,
-        };
-        if !(factor.is_finite() && factor >= 1.0) {
-            return Err(load_err!(
-                "rope_scaling ({kind}): factor must be at least 1, got {factor}"
-            ));
-        }
+        scaling
+            .check()
+            .map_err(|why| load_err!("RoPE scaling ({kind}): {why}"))?;
         Ok(Some(scaling))
+    }
+
+    /// Values that would give NaN or meaningless frequencies are refused, naming the field.
+    fn check(&self) -> std::result::Result<(), String> {
+        let positive = |name: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a positive number, got {x}"))
+            }
+        };
+        let (factor, original) = match self {
+            Self::Llama3(l) => {
+                positive("low_freq_factor", l.low_freq_factor)?;
+                positive("high_freq_factor", l.high_freq_factor)?;
+                if l.high_freq_factor <= l.low_freq_factor {
+                    return Err("high_freq_factor must exceed low_freq_factor".into());
+                }
+                (l.factor, Some(l.original_max_position_embeddings))
+            }
+            Self::Yarn(y) => {
+                let (fast, slow) = (y.beta_fast.unwrap_or(32.0), y.beta_slow.unwrap_or(1.0));
+                positive("beta_fast", fast)?;
+                positive("beta_slow", slow)?;
+                if fast <= slow {
+                    return Err(format!("beta_fast ({fast}) must exceed beta_slow ({slow})"));
+                }
+                if let Some(a) = y.attention_factor {
+                    positive("attention_factor", a)?;
+                }
+                // 0 is allowed: transformers then falls back to the default attention factor.
+                for (name, x) in [("mscale", y.mscale), ("mscale_all_dim", y.mscale_all_dim)] {
+                    if x.is_some_and(|x| !(x.is_finite() && x >= 0.0)) {
+                        return Err(format!("{name} must be a number ≥ 0"));
+                    }
+                }
+                (y.factor, y.original_max_position_embeddings)
+            }
+        };
+        // 1024× is far past any published extension (Qwen-2.5: 4, Llama-3.1: 8); larger factors are
+        // typos that would overflow the context.
+        if !(factor.is_finite() && (1.0..=1024.0).contains(&factor)) {
+            return Err(format!("factor must be in [1, 1024], got {factor}"));
+        }
+        if original == Some(0) {
+            return Err("original_max_position_embeddings must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -272,15 +314,6 @@ impl Config {
         }
     }
 
-    /// The positions the model was pre-trained at: beyond them, an unscaled RoPE extrapolates.
-    pub fn trained_positions(&self) -> usize {
-        match &self.rope_scaling {
-            Some(RopeScaling::Yarn(y)) => self.yarn_original(y),
-            Some(RopeScaling::Llama3(l)) => l.original_max_position_embeddings,
-            None => self.max_position_embeddings,
-        }
-    }
-
     /// Replaces the RoPE scaling (`--rope-scaling JSON`, as vLLM's flag): `null` or
     /// `{"rope_type": "default"}` turns it off.
     pub fn override_rope_scaling(&mut self, json: &str) -> Result<()> {
@@ -406,7 +439,6 @@ mod tests {
             (4.0, Some(32768))
         );
         assert_eq!(c.context_len(), 131072);
-        assert_eq!(c.trained_positions(), 32768);
         // 0.1 ln 4 + 1, transformers' default attention factor.
         assert!((c.rope_attention_factor() - 1.138_629_436).abs() < 1e-9);
         // High frequencies kept, low ones divided by the factor.
@@ -447,7 +479,34 @@ mod tests {
             (r#"{"factor":4.0}"#, "no \"rope_type\""),
             (r#"{"type":"yarn"}"#, "missing field `factor`"),
             (r#"{"type":"yarn","factor":"4"}"#, "invalid type"),
-            (r#"{"type":"yarn","factor":0.5}"#, "at least 1"),
+            (
+                r#"{"type":"yarn","factor":0.5}"#,
+                "factor must be in [1, 1024]",
+            ),
+            (
+                r#"{"type":"yarn","factor":1e300}"#,
+                "factor must be in [1, 1024]",
+            ),
+            (
+                r#"{"type":"yarn","factor":4,"beta_fast":0}"#,
+                "beta_fast must be a positive",
+            ),
+            (
+                r#"{"type":"yarn","factor":4,"beta_fast":1,"beta_slow":2}"#,
+                "must exceed beta_slow",
+            ),
+            (
+                r#"{"type":"yarn","factor":4,"attention_factor":-1}"#,
+                "attention_factor must be",
+            ),
+            (
+                r#"{"type":"yarn","factor":4,"original_max_position_embeddings":0}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":1,"original_max_position_embeddings":8192}"#,
+                "must exceed low_freq_factor",
+            ),
             (
                 r#"{"type":"longrope","factor":4.0}"#,
                 "'longrope' is not supported",

@@ -16,7 +16,7 @@ cargo test --locked -p apb-host --features fault-injection --test server a_faile
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
 ./scripts/check-package.sh
 # A host that is not ours wires apb-plugin into its own model (exact methods must equal dense).
-cargo run -q --locked -p apb-examples --example own_model
+cargo run -q --locked -p apb-own-model
 # The official OpenAI Python client against the real server.
 ./scripts/openai-client-test.sh
 # Our CUDA kernels compile (nvcc from PyPI; no GPU needed).

@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
 //! Loaders for llama-family models: configs, weights (local safetensors, HF Hub, GGUF), the
-//! tokenizer with its chat template, and the one model file ([`model`]).
+//! tokenizer with its chat template, and the one model file ([`llama`]).
 //!
 //! A model is named by a [`ModelSource`]: a registered name (`smollm2-135m-instruct`), a local
 //! directory, a `.gguf` file, or an HF Hub repo id. [`load()`] turns it into a ready [`Loaded`].

@@ -3,7 +3,8 @@
 //! threads. It checks that the exact methods equal dense and shows how far APB and Star move the
 //! logits.
 //!
-//! `cargo run --release -p apb-examples --example own_model` (CI runs it; it exits non-zero if an
+//! Its own crate, depending on `apb-plugin` and candle only, as another host would.
+//! `cargo run --release -p apb-own-model` (CI runs it; it exits non-zero if an
 //! exact method differs from dense by more than 1e-5 relative).
 
 use anyhow::{bail, Result};

@@ -56,6 +56,9 @@ pub enum RopeScaling {
     Llama3(Llama3RopeScaling),
     /// YaRN (Qwen-2.5 past 32K).
     Yarn(YarnRopeScaling),
+    /// Per-dimension divisors of the inverse frequencies: llama.cpp's form of Llama-3.1's
+    /// scaling (a GGUF's `rope_freqs` tensor).
+    FreqFactors(Vec<f64>),
 }
 
 impl RopeScaling {
@@ -98,7 +101,7 @@ impl RopeScaling {
     }
 
     /// Values that would give NaN or meaningless frequencies are refused, naming the field.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let positive = |name: &str, x: f64| {
             if x.is_finite() && x > 0.0 {
                 Ok(())
@@ -132,6 +135,12 @@ impl RopeScaling {
                     }
                 }
                 (y.factor, y.original_max_position_embeddings)
+            }
+            Self::FreqFactors(f) => {
+                if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                    return Err(format!("rope_freqs must be positive numbers, found {x}"));
+                }
+                (1.0, None)
             }
         };
         // 1024× is far past any published extension (Qwen-2.5: 4, Llama-3.1: 8); larger factors are
@@ -359,6 +368,9 @@ impl Config {
         let s = match &self.rope_scaling {
             None => return base.iter().map(|&x| x as f32).collect(),
             Some(RopeScaling::Yarn(y)) => return self.yarn_inv_freq(y, &base),
+            Some(RopeScaling::FreqFactors(f)) => {
+                return base.iter().zip(f).map(|(b, f)| (b / f) as f32).collect()
+            }
             Some(RopeScaling::Llama3(l)) => l,
         };
         let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;

@@ -5,7 +5,7 @@
 //! projection rows, which llama.cpp permutes for its interleaved RoPE, are permuted back to the
 //! HF half-rotation layout our RoPE uses.
 
-use crate::config::{Arch, Config};
+use crate::config::{Arch, Config, RopeScaling};
 use crate::error::{load_err, LoadError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
@@ -87,8 +87,8 @@ impl GgufModel {
         self.md_u32(key).ok()
     }
 
-    /// The model config from the `llama.*` metadata.
-    pub fn config(&self) -> Result<Config> {
+    /// The model config from the `llama.*` metadata (and the `rope_freqs` tensor, if any).
+    pub fn config(&mut self) -> Result<Config> {
         let arch = self.md_str("general.architecture").unwrap_or("");
         if arch != "llama" {
             return Err(LoadError::UnsupportedArch {
@@ -121,7 +121,7 @@ impl GgufModel {
                 .md_f32("llama.attention.layer_norm_rms_epsilon")
                 .unwrap_or(1e-5) as f64,
             rope_theta: self.md_f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64,
-            rope_scaling: None,
+            rope_scaling: self.rope_scaling(hidden / n_h.max(1))?,
             max_position_embeddings: self
                 .md_u32("llama.context_length")
                 .map(|x| x as usize)
@@ -136,6 +136,44 @@ impl GgufModel {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// RoPE scaling as llama.cpp stores it: Llama-3.1's as a `rope_freqs` tensor of per-dimension
+    /// divisors, YaRN as `llama.rope.scaling.*` metadata. Other types are refused by name
+    /// (`--rope-scaling` can replace them).
+    fn rope_scaling(&mut self, head_dim: usize) -> Result<Option<RopeScaling>> {
+        let head_dim = self
+            .md_u32("llama.rope.dimension_count")
+            .map(|x| x as usize)
+            .unwrap_or(head_dim);
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let t = self
+                .content
+                .tensor(&mut self.file, "rope_freqs.weight", &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
+                .map_err(|e| LoadError::file(&self.path, format!("tensor 'rope_freqs': {e}")))?;
+            if t.len() != head_dim / 2 {
+                return Err(LoadError::file(
+                    &self.path,
+                    format!(
+                        "rope_freqs has {} values, the head dimension {head_dim} needs {}",
+                        t.len(),
+                        head_dim / 2
+                    ),
+                ));
+            }
+            let s = RopeScaling::FreqFactors(t);
+            s.check().map_err(|e| LoadError::file(&self.path, e))?;
+            return Ok(Some(s));
+        }
+        gguf_rope_scaling(
+            self.md_str("llama.rope.scaling.type"),
+            self.md_f32("llama.rope.scaling.factor"),
+            self.md_u32("llama.rope.scaling.original_context_length")
+                .ok(),
+        )
+        .map_err(|e| LoadError::file(&self.path, e))
     }
 
     /// All tensors, dequantized to `dtype`, under HF names.
@@ -168,6 +206,26 @@ impl GgufModel {
             ));
         }
         Ok(out)
+    }
+}
+
+/// llama.cpp's `llama.rope.scaling.*` metadata as our RoPE scaling: `yarn` (factor, original
+/// context), `none` or absent; other types (linear, longrope) refused by name.
+fn gguf_rope_scaling(
+    kind: Option<&str>,
+    factor: Option<f32>,
+    original: Option<u32>,
+) -> Result<Option<RopeScaling>> {
+    match kind {
+        None | Some("none") => Ok(None),
+        Some("yarn") => RopeScaling::from_json(&serde_json::json!({
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+        })),
+        Some(other) => Err(load_err!(
+            "GGUF rope scaling type '{other}' is not supported (supported: yarn; --rope-scaling replaces it)"
+        )),
     }
 }
 
@@ -234,6 +292,118 @@ mod tests {
         assert_ne!(
             permuted.to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// A GGUF of llama metadata and the given extra entries, no weights but `extra_tensors`.
+    fn tiny_gguf(
+        extra: &[(&str, Value)],
+        extra_tensors: &[(&str, Tensor)],
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let mut md: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", Value::U32(2)),
+            ("llama.embedding_length", Value::U32(16)),
+            ("llama.vocab_size", Value::U32(32)),
+            ("llama.feed_forward_length", Value::U32(32)),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.context_length", Value::U32(64)),
+            ("llama.rope.freq_base", Value::F32(10000.0)),
+        ];
+        md.extend(extra.iter().cloned());
+        let qs: Vec<(&str, QTensor)> = extra_tensors
+            .iter()
+            .map(|(n, t)| (*n, QTensor::quantize(t, GgmlDType::F32).unwrap()))
+            .collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(
+            &mut f,
+            &md.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>(),
+            &qs.iter().map(|(k, q)| (*k, q)).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    /// llama.cpp stores Llama-3.1's scaling as per-dimension divisors (`rope_freqs`): they divide
+    /// the inverse frequencies; a wrong length is refused.
+    #[test]
+    fn rope_freqs_tensor_divides_the_frequencies() {
+        let factors = [1f32, 1.0, 2.5, 8.0]; // head_dim 8 → 4 frequencies
+        let t = Tensor::new(&factors, &Device::Cpu).unwrap();
+        let (_d, path) = tiny_gguf(&[], &[("rope_freqs.weight", t)]);
+        let cfg = GgufModel::open(&path).unwrap().config().unwrap();
+        assert_eq!(
+            cfg.rope_scaling,
+            Some(RopeScaling::FreqFactors(
+                factors.iter().map(|&x| x as f64).collect()
+            ))
+        );
+        let plain = Config {
+            rope_scaling: None,
+            ..cfg.clone()
+        };
+        for ((s, p), f) in cfg
+            .rope_inv_freq()
+            .iter()
+            .zip(plain.rope_inv_freq())
+            .zip(factors)
+        {
+            assert!((s * f / p - 1.0).abs() < 1e-6, "{s} {p} {f}");
+        }
+        let short = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let (_d, path) = tiny_gguf(&[], &[("rope_freqs.weight", short)]);
+        let e = GgufModel::open(&path)
+            .unwrap()
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_freqs has 2 values"), "{e}");
+    }
+
+    #[test]
+    fn yarn_metadata_and_unknown_scaling() {
+        let (_d, path) = tiny_gguf(
+            &[
+                ("llama.rope.scaling.type", Value::String("yarn".into())),
+                ("llama.rope.scaling.factor", Value::F32(4.0)),
+                ("llama.rope.scaling.original_context_length", Value::U32(64)),
+            ],
+            &[],
+        );
+        let cfg = GgufModel::open(&path).unwrap().config().unwrap();
+        let Some(RopeScaling::Yarn(y)) = &cfg.rope_scaling else {
+            panic!("{:?}", cfg.rope_scaling)
+        };
+        assert_eq!(
+            (y.factor, y.original_max_position_embeddings),
+            (4.0, Some(64))
+        );
+        assert_eq!(cfg.context_len(), 256);
+        let (_d, path) = tiny_gguf(
+            &[("llama.rope.scaling.type", Value::String("linear".into()))],
+            &[],
+        );
+        let e = GgufModel::open(&path)
+            .unwrap()
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'linear' is not supported"), "{e}");
+        let (_d, path) = tiny_gguf(
+            &[("llama.rope.scaling.type", Value::String("none".into()))],
+            &[],
+        );
+        assert_eq!(
+            GgufModel::open(&path)
+                .unwrap()
+                .config()
+                .unwrap()
+                .rope_scaling,
+            None
         );
     }
 

@@ -149,7 +149,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan> {
         }
         first_misfit.get_or_insert_with(|| {
             format!(
-                "{} context tokens are too few for {world} ranks (block {l_b}, anchor {l_a}, passing {l_p})",
+                "{} context tokens are too few for {world} ranks (blocks of {l_b} must hold an anchor of {l_a} and leave room for {l_p} passing; a longer prompt, fewer ranks or shorter anchor/passing lengths fit)",
                 req.n
             )
         });

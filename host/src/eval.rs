@@ -52,6 +52,9 @@ pub struct Row {
     /// What selected APB's passing KV (`None` for the other methods).
     #[serde(default)]
     pub scorer: Option<String>,
+    /// Ranks the case ran on (a prompt too short for the arm's ranks falls back to fewer).
+    #[serde(default)]
+    pub ranks: usize,
 }
 
 /// What `apb eval` runs.
@@ -189,7 +192,16 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         answers: case.answers.clone(),
                         setup: cfg.setup.clone(),
                         scorer: g.scorer,
+                        ranks: g.plan.world,
                     };
+                    if g.plan.world < arm.world {
+                        bar.println(format!(
+                            "note: {} on {task} {length} seed {seed} ran on {} rank(s): {}",
+                            arm.label,
+                            g.plan.world,
+                            g.plan.notes.join("; ")
+                        ));
+                    }
                     file.write_all(format!("{}\n", serde_json::to_string(&row)?).as_bytes())?;
                     file.flush()?;
                     bar.inc(1);
@@ -298,6 +310,7 @@ mod tests {
             answers: vec![],
             setup: String::new(),
             scorer: None,
+            ranks: 1,
         };
         let rows = vec![
             row("dense", "a", 1.0),

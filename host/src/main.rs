@@ -323,12 +323,20 @@ fn eval(a: EvalArgs) -> Result<()> {
             max_new_tokens: a.max_new_tokens,
             out: a.json,
             setup: format!(
-                "model {}, heads {}, world {}, max_new_tokens {}, dtype {}",
+                "model {}{}, heads {}, world {}, max_new_tokens {}, dtype {}{}",
                 a.m.model,
+                a.m.revision
+                    .as_deref()
+                    .map(|r| format!("@{r}"))
+                    .unwrap_or_default(),
                 a.heads.as_deref().unwrap_or("-"),
                 a.world_size,
                 a.max_new_tokens,
-                a.m.dtype
+                a.m.dtype,
+                a.m.rope_scaling
+                    .as_deref()
+                    .map(|r| format!(", rope_scaling {r}"))
+                    .unwrap_or_default(),
             ),
         },
     )?;
@@ -421,7 +429,9 @@ struct ModelArgs {
     dtype: String,
     /// Replace the config's RoPE scaling with this JSON (as vLLM's flag), e.g. YaRN for
     /// Qwen-2.5 at 128K: '{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}'.
-    /// 'null' turns scaling off.
+    /// Types: yarn (also beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim,
+    /// truncate), llama3 (low_freq_factor, high_freq_factor), default; factor in [1, 1024].
+    /// With YaRN the context becomes original × factor. 'null' turns scaling off.
     #[arg(long, value_name = "JSON")]
     rope_scaling: Option<String>,
 }
@@ -462,7 +472,7 @@ struct AttentionArgs {
     heads: Option<String>,
     /// APB's question segment on non-last ranks: full (every question token sees all of the
     /// rank's context, which precedes it) or causal (thunlp/APB's bottom-right causal mask there,
-    /// for one-to-one comparisons with the reference).
+    /// for one-to-one comparisons with the reference). causal needs --attention apb.
     #[arg(long, default_value = "full", value_name = "full|causal")]
     apb_question_mask: String,
 }
@@ -713,6 +723,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "passing_len": g.plan.l_p,
                 "block_len": g.plan.l_b,
                 "scorer": g.scorer,
+                "question_mask": g.question_mask,
                 "rank_prefill_tokens": g.rank_prefill_tokens,
                 "plan_notes": g.plan.notes,
             });
@@ -756,6 +767,10 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if a.read_timeout == 0 {
         bail!("--read-timeout must be at least 1 second");
+    }
+    if let Some(json) = &a.m.rope_scaling {
+        // Checked before the port is bound; the model loads after.
+        apb_loaders::RopeScaling::parse_override(json)?;
     }
     if a.max_body_bytes == Some(0) {
         bail!("--max-body-bytes must be at least 1");

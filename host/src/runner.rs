@@ -140,8 +140,10 @@ pub struct Generation {
     /// Rows each rank ran in prefill (anchor + local + probe).
     pub rank_prefill_tokens: Vec<usize>,
     /// What selected APB's passing KV (`retaining-heads`, or our training-free selector, which is
-    /// not the paper's APB); `None` for the other methods.
+    /// not the paper's APB); `None` for the other methods and for APB that fell back to one rank.
     pub scorer: Option<String>,
+    /// APB's question mask on non-last ranks, when APB ran on several ranks.
+    pub question_mask: Option<apb_plugin::QuestionMask>,
 }
 
 /// A request that cannot run as given (bad input: the caller's fault, not a rank failure).
@@ -173,17 +175,27 @@ pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputE
         job,
     )
     .map_err(|e| match &c.rope_scaling {
-        None if total >= c.context_len() => InputError(format!(
+        _ if total < c.context_len() => e,
+        None => InputError(format!(
             "{}, or, if the model card gives RoPE scaling for longer contexts (Qwen-2.5: YaRN), pass it with --rope-scaling JSON",
             e.0
         )),
-        _ => e,
+        Some(apb_loaders::RopeScaling::Yarn(_)) => InputError(format!(
+            "{}, or raise the YaRN factor with --rope-scaling JSON (past the factor the model was tuned for, quality is not assured)",
+            e.0
+        )),
+        Some(_) => e,
     })?;
     // A plan note, not a log line: prepare runs on every rank and at the server's admission too.
     if let Some(note) = rope_note(c, total) {
         prep.plan.notes.push(note);
     }
     Ok(prep)
+}
+
+/// APB on several ranks (a one-rank APB plan is dense: no selection, no question mask).
+fn apb_on_ranks(prep: &Prepared) -> bool {
+    prep.method == Method::APB && prep.plan.world > 1
 }
 
 /// The reference's causal question mask is an APB setting: other methods refuse it.
@@ -295,7 +307,7 @@ impl Runner {
 
     /// [`Generation::scorer`] for a prepared job.
     fn scorer_of(&self, prep: &Prepared) -> Option<String> {
-        (prep.method == Method::APB).then(|| self.scorer.name().to_string())
+        apb_on_ranks(prep).then(|| self.scorer.name().to_string())
     }
 
     /// The tokenizer.
@@ -369,6 +381,7 @@ impl Runner {
                 }
                 return Ok(Generation {
                     scorer: self.scorer_of(prep),
+                    question_mask: apb_on_ranks(prep).then_some(job.question_mask),
                     text: String::new(),
                     tokens: vec![],
                     first_logits: vec![],
@@ -465,6 +478,7 @@ impl Runner {
         let generated_tokens = out.len();
         Ok(Generation {
             scorer: self.scorer_of(prep),
+            question_mask: apb_on_ranks(prep).then_some(job.question_mask),
             text,
             tokens: out,
             first_logits,

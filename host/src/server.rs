@@ -1302,7 +1302,8 @@ fn usage(g: &Generation) -> Value {
 
 /// Extension field: what ran (method, APB's scorer, ranks, plan, time to first token).
 fn apb_info(g: &Generation, method: &str) -> Value {
-    json!({"method": method, "scorer": g.scorer, "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
+    json!({"method": method, "scorer": g.scorer, "question_mask": g.question_mask,
+           "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
            "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,
            "anchor_len": g.plan.l_a, "passing_len": g.plan.l_p, "plan_notes": g.plan.notes})
 }

@@ -336,6 +336,16 @@ fn rope_scaling_flag_extends_the_context_and_refuses_bad_json() {
         &run(&["--rope-scaling", "{yarn"]),
         "--rope-scaling: not JSON",
     );
+    assert_clean_error(&run(&["--rope-scaling", ""]), "--rope-scaling is empty");
+    assert_clean_error(&run(&[]), "raise the YaRN factor");
+    // The server checks the value before it binds its port (and never starts listening).
+    assert_clean_error(
+        &apb(
+            &["serve", "-m", m, "--port", "0", "--rope-scaling", "{yarn"],
+            &[],
+        ),
+        "--rope-scaling: not JSON",
+    );
     assert_clean_error(
         &run(&["--rope-scaling", r#"{"type":"dynamic","factor":2}"#]),
         "'dynamic' is not supported",
@@ -734,6 +744,7 @@ fn apb_question_mask_switch() {
         (Some(2), Some(3)),
         "{v}"
     );
+    assert_eq!(v["question_mask"], "causal", "{v}");
     assert_clean_error(
         &run(&["--apb-question-mask", "causal"]),
         "applies to --attention apb only",
@@ -880,7 +891,7 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
             "--tasks",
             "niah_noise,multikey",
             "--lengths",
-            "300",
+            "600",
             "--cases",
             "1",
             "--attention",
@@ -906,7 +917,7 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
         table.contains("| task | length | dense | apb-heads |"),
         "{table}"
     );
-    assert!(table.contains("| **average** | 300 |"), "{table}");
+    assert!(table.contains("| **average** | 600 |"), "{table}");
     // Which scorer APB ran is said beside the numbers, in the table and in every row.
     assert!(
         table.contains("- `apb-heads`: APB with retaining-heads"),
@@ -922,6 +933,9 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
             "retaining-heads".into()
         };
         assert_eq!(r["scorer"], want, "{line}");
+        // 600 tokens fit 2 APB ranks (at 300 the planner falls back to one, which is dense).
+        let ranks = if r["method"] == "dense" { 1 } else { 2 };
+        assert_eq!(r["ranks"], ranks, "{line}");
     }
     // A rerun finds every case done and only prints the table.
     let again = apb(
@@ -930,7 +944,7 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
             "--tasks",
             "niah_noise,multikey",
             "--lengths",
-            "300",
+            "600",
             "--cases",
             "1",
             "--attention",
@@ -959,7 +973,7 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
             "--tasks",
             "niah_noise",
             "--lengths",
-            "300",
+            "600",
             "--cases",
             "1",
             "--attention",

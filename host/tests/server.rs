@@ -607,6 +607,7 @@ fn apb_server_on_4_ranks() {
             .starts_with("training-free"),
         "{v}"
     );
+    assert_eq!(v["apb"]["question_mask"], "full", "{v}");
     let text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()

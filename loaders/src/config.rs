@@ -100,13 +100,26 @@ impl RopeScaling {
         Ok(Some(scaling))
     }
 
+    /// A `--rope-scaling` value: JSON as in a config's `rope_scaling`, or `null` for none. Callers
+    /// can check it before loading anything (the server does, before it binds its port).
+    pub fn parse_override(json: &str) -> Result<Option<Self>> {
+        if json.trim().is_empty() {
+            return Err(load_err!(
+                "--rope-scaling is empty: give a JSON object such as {{\"rope_type\":\"yarn\",\"factor\":4.0,\"original_max_position_embeddings\":32768}}, or null for no scaling"
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| load_err!("--rope-scaling: not JSON ({e}): {json}"))?;
+        Self::from_json(&v).map_err(|e| load_err!("--rope-scaling: {e}"))
+    }
+
     /// Values that would give NaN or meaningless frequencies are refused, naming the field.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let positive = |name: &str, x: f64| {
             if x.is_finite() && x > 0.0 {
                 Ok(())
             } else {
-                Err(format!("{name} must be a positive number, got {x}"))
+                Err(format!("{name} must be a positive number, got {x:?}"))
             }
         };
         let (factor, original) = match self {
@@ -123,7 +136,9 @@ impl RopeScaling {
                 positive("beta_fast", fast)?;
                 positive("beta_slow", slow)?;
                 if fast <= slow {
-                    return Err(format!("beta_fast ({fast}) must exceed beta_slow ({slow})"));
+                    return Err(format!(
+                        "beta_fast ({fast:?}) must exceed beta_slow ({slow:?})"
+                    ));
                 }
                 if let Some(a) = y.attention_factor {
                     positive("attention_factor", a)?;
@@ -146,7 +161,7 @@ impl RopeScaling {
         // 1024× is far past any published extension (Qwen-2.5: 4, Llama-3.1: 8); larger factors are
         // typos that would overflow the context.
         if !(factor.is_finite() && (1.0..=1024.0).contains(&factor)) {
-            return Err(format!("factor must be in [1, 1024], got {factor}"));
+            return Err(format!("factor must be in [1, 1024], got {factor:?}"));
         }
         if original == Some(0) {
             return Err("original_max_position_embeddings must be at least 1".into());
@@ -326,10 +341,7 @@ impl Config {
     /// Replaces the RoPE scaling (`--rope-scaling JSON`, as vLLM's flag): `null` or
     /// `{"rope_type": "default"}` turns it off.
     pub fn override_rope_scaling(&mut self, json: &str) -> Result<()> {
-        let v: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| load_err!("--rope-scaling: not JSON ({e}): {json}"))?;
-        self.rope_scaling =
-            RopeScaling::from_json(&v).map_err(|e| load_err!("--rope-scaling: {e}"))?;
+        self.rope_scaling = RopeScaling::parse_override(json)?;
         Ok(())
     }
 
@@ -495,10 +507,8 @@ mod tests {
                 r#"{"type":"yarn","factor":0.5}"#,
                 "factor must be in [1, 1024]",
             ),
-            (
-                r#"{"type":"yarn","factor":1e300}"#,
-                "factor must be in [1, 1024]",
-            ),
+            (r#"{"type":"yarn","factor":1e300}"#, "[1, 1024], got 1e300"),
+            ("", "--rope-scaling is empty"),
             (
                 r#"{"type":"yarn","factor":4,"beta_fast":0}"#,
                 "beta_fast must be a positive",

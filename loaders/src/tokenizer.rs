@@ -354,7 +354,7 @@ impl Tokenizer {
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| load_err!("this model has no chat template; run without --chat"))?;
+            .ok_or_else(|| load_err!("this model has no chat template, so chat prompts cannot be built: give it a plain prompt (apb generate without --chat, the server's /v1/completions)"))?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);

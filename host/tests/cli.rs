@@ -320,17 +320,13 @@ fn rope_scaling_flag_extends_the_context_and_refuses_bad_json() {
     };
     assert_clean_error(&run(&[]), "context is 256");
     let wider = r#"{"rope_type":"yarn","factor":8.0,"original_max_position_embeddings":64}"#;
-    let mut args = vec![
-        "generate",
-        "-m",
-        m,
-        "--prompt",
-        &long,
-        "--max-new-tokens",
-        "2",
-    ];
-    args.extend_from_slice(&["--rope-scaling", wider, "--json"]);
-    let v = apb_json(&args, &[]);
+    let out = run(&["--rope-scaling", wider, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_tokens"], 300, "{v}");
     assert_clean_error(
         &run(&["--rope-scaling", "{yarn"]),

@@ -783,16 +783,22 @@ fn full_queue_answers_429_with_retry_after() {
 }
 
 /// Needs the test hooks: `cargo test -p apb-host --features fault-injection` (scripts/test.sh).
-#[cfg(feature = "fault-injection")]
-#[test]
-fn a_failed_rank_fails_the_request_and_stops_the_server() {
-    let mut s = Server::start_env(
+/// An APB server on 4 ranks with `APB_FAULT_PANIC_RANK=2` set, and its answer to one request.
+fn request_with_rank_2_set_to_panic() -> (Server, u16, Value) {
+    let s = Server::start_env(
         &["--attention", "apb", "--world-size", "4"],
         &[("APB_FAULT_PANIC_RANK", "2")],
     );
     let doc = needle_doc(120);
     let (code, v) = s.chat(json!({"messages": [{"role": "user",
         "content": format!("{doc}\n\nWhat is the special magic number?")}], "max_tokens": 4}));
+    (s, code, v)
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_failed_rank_fails_the_request_and_stops_the_server() {
+    let (mut s, code, v) = request_with_rank_2_set_to_panic();
     assert_eq!(code, 500, "{v}");
     assert!(error_message(&v).contains("rank 2"), "{v}");
     let st = s
@@ -811,13 +817,7 @@ fn a_failed_rank_fails_the_request_and_stops_the_server() {
 #[cfg(not(feature = "fault-injection"))]
 #[test]
 fn production_builds_ignore_the_fault_hooks() {
-    let s = Server::start_env(
-        &["--attention", "apb", "--world-size", "4"],
-        &[("APB_FAULT_PANIC_RANK", "2")],
-    );
-    let doc = needle_doc(120);
-    let (code, v) = s.chat(json!({"messages": [{"role": "user",
-        "content": format!("{doc}\n\nWhat is the special magic number?")}], "max_tokens": 4}));
+    let (s, code, v) = request_with_rank_2_set_to_panic();
     assert_eq!(code, 200, "{v}");
     assert!(!s.log.lock().unwrap().contains("panicked"));
 }

@@ -129,11 +129,13 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
             rows.push(r);
         }
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&cfg.out)
-        .with_context(|| format!("cannot write {}", cfg.out.display()))?;
+    // Opened at the first row: a run that fails before it (bad model, no chat template) leaves no
+    // empty file behind. Its folder is checked now, not after the first case's work.
+    let folder = cfg.out.parent().filter(|p| !p.as_os_str().is_empty());
+    if folder.is_some_and(|p| !p.is_dir()) {
+        bail!("cannot write {}: no such folder", cfg.out.display());
+    }
+    let mut file: Option<std::fs::File> = None;
     let total = cfg.tasks.len() * cfg.lengths.len() * cfg.cases * arms.len();
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template(
@@ -202,8 +204,18 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                             g.plan.notes.join("; ")
                         ));
                     }
-                    file.write_all(format!("{}\n", serde_json::to_string(&row)?).as_bytes())?;
-                    file.flush()?;
+                    let f = match &mut file {
+                        Some(f) => f,
+                        None => file.insert(
+                            std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(&cfg.out)
+                                .with_context(|| format!("cannot write {}", cfg.out.display()))?,
+                        ),
+                    };
+                    f.write_all(format!("{}\n", serde_json::to_string(&row)?).as_bytes())?;
+                    f.flush()?;
                     bar.inc(1);
                     if bar.is_hidden() {
                         eprintln!(

@@ -584,6 +584,11 @@ fn router(state: Arc<Server>) -> Router {
                 )
                 .on_response(
                     tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                )
+                // 5xx answers include the expected 503 "loading" of a starting server; the
+                // engine logs real failures itself.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN),
                 ),
         );
     if !state.cfg.cors_origins.is_empty() {

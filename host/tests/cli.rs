@@ -1008,4 +1008,29 @@ fn train_heads_and_eval_refuse_bad_arguments() {
         &[],
     );
     assert_clean_error(&out, "apb-heads needs --heads");
+    // A model without a chat template cannot be evaluated: a clear error, no empty rows file.
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.jsonl");
+    let out = apb(
+        &[
+            "eval",
+            "-m",
+            tiny().to_str().unwrap(),
+            "--tasks",
+            "niah_noise",
+            "--lengths",
+            "200",
+            "--cases",
+            "1",
+            "--attention",
+            "dense",
+            "--json",
+            rows.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "no chat template");
+    assert!(!rows.exists(), "a failed run left {}", rows.display());
+    let out = apb(&["eval", "--json", "/nonexistent-apb-dir/rows.jsonl"], &[]);
+    assert_clean_error(&out, "no such folder");
 }

@@ -500,42 +500,37 @@ fn short_prompt_falls_back_to_fewer_ranks_and_says_so() {
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
 }
 
-/// `apb bench prefill` on CPU with the tiny config: one result per length, the breakdown buckets
-/// add up to no more than the wall time, FLOPs are counted.
-#[test]
-fn bench_prefill_reports_results_and_breakdown() {
+/// `apb bench prefill` of the tiny config on CPU in f32 with `extra` flags: the JSON it wrote.
+fn bench_prefill_tiny(extra: &[&str]) -> serde_json::Value {
     let cfg = tiny().join("config.json");
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = apb(
-        &[
-            "bench",
-            "prefill",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--lengths",
-            "300,600",
-            "--attention",
-            "dense",
-            "--world-size",
-            "1",
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-            "--breakdown",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut args = vec!["bench", "prefill", "--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(&["--device", "cpu", "--dtype", "f32"]);
+    args.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let out = apb(&args, &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+/// `apb bench prefill` on CPU with the tiny config: one result per length, the breakdown buckets
+/// add up to no more than the wall time, FLOPs are counted.
+#[test]
+fn bench_prefill_reports_results_and_breakdown() {
+    let v = bench_prefill_tiny(&[
+        "--lengths",
+        "300,600",
+        "--attention",
+        "dense",
+        "--world-size",
+        "1",
+        "--breakdown",
+    ]);
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for (r, len) in results.iter().zip([300, 600]) {
@@ -559,39 +554,16 @@ fn bench_prefill_reports_results_and_breakdown() {
 fn bench_prefill_one_rank_share_reports_attended_pairs_per_rank() {
     // Rank 1's share of every exact method on 2 ranks (--only-rank runs on the CPU too): zigzag
     // and ulysses give both ranks the same pairs, ring's second rank three times the first's.
-    let cfg = tiny().join("config.json");
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = apb(
-        &[
-            "bench",
-            "prefill",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--lengths",
-            "600",
-            "--attention",
-            "zigzag,ulysses,ring",
-            "--world-size",
-            "2",
-            "--only-rank",
-            "1",
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = bench_prefill_tiny(&[
+        "--lengths",
+        "600",
+        "--attention",
+        "zigzag,ulysses,ring",
+        "--world-size",
+        "2",
+        "--only-rank",
+        "1",
+    ]);
     let ratio: Vec<(String, f64)> = v["results"]
         .as_array()
         .unwrap()

@@ -164,7 +164,7 @@ impl RankBackend {
         let lse = lse.ok_or_else(|| Error::Shape("attention returned no LSE".into()))?;
         // Partial outputs travel in the model dtype (half the bytes of f32, as the reference
         // sends them); the merge weighs them in f32.
-        let outs = self.comm.all_gather(&out.contiguous()?)?;
+        let outs = self.comm.all_gather(&out)?;
         let lses = self.comm.all_gather(&lse)?;
         Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
     }

@@ -479,10 +479,10 @@ struct AttentionArgs {
 
 impl AttentionArgs {
     /// The question mask, refused up front (also by `serve`) for methods other than APB.
-    fn question_mask(&self) -> Result<apb_plugin::QuestionMask> {
+    fn question_mask(&self, method: Method) -> Result<apb_plugin::QuestionMask> {
         let qm = apb_plugin::QuestionMask::parse(&self.apb_question_mask)
             .map_err(|e| anyhow::anyhow!("--apb-question-mask: {e}"))?;
-        apb_host::runner::check_question_mask(Method::parse(&self.attention)?, qm)?;
+        apb_host::runner::check_question_mask(method, qm)?;
         Ok(qm)
     }
 }
@@ -685,7 +685,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         world: a.at.world_size,
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
-        question_mask: a.at.question_mask()?,
+        question_mask: a.at.question_mask(method)?,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -808,7 +808,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         world: a.at.world_size,
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
-        question_mask: a.at.question_mask()?,
+        question_mask: a.at.question_mask(method)?,
         default_max_tokens: a.default_max_tokens,
         max_queued: a.max_queued,
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),

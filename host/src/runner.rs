@@ -175,6 +175,7 @@ pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputE
         job,
     )
     .map_err(|e| match &c.rope_scaling {
+        // Only a prompt over the context gets a hint on extending it.
         _ if total < c.context_len() => e,
         None => InputError(format!(
             "{}, or, if the model card gives RoPE scaling for longer contexts (Qwen-2.5: YaRN), pass it with --rope-scaling JSON",

@@ -55,7 +55,7 @@ pub mod scorer;
 pub use apb_kernels::{attention, contiguous, lse_merge, reference_attention, rope_split, Mask};
 pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
-pub use comm::{Communicator, LocalComm, LocalGroup, Pending};
+pub use comm::{Communicator, HostComm, LocalComm, LocalGroup, Pending};
 pub use dense::Dense;
 pub use distributed::{merge_lse, QuestionMask, RankBackend, RankLayout};
 pub use error::{Error, Result};

@@ -35,6 +35,7 @@ fn main() -> Result<()> {
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        first_logits: false,
         params: GenParams {
             max_new_tokens: 12,
             ..Default::default()

@@ -28,6 +28,7 @@ fn main() -> Result<()> {
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        first_logits: false,
         params: GenParams {
             max_new_tokens: 16,
             ..Default::default()

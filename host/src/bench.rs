@@ -256,6 +256,7 @@ impl PrefillBench<'_> {
             anchor_len: None,
             passing_len: None,
             question_mask: Default::default(),
+            first_logits: false,
             params: GenParams::default(),
         };
         let cfg = &self.model.cfg;

@@ -178,6 +178,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         anchor_len: None,
                         passing_len: None,
                         question_mask: Default::default(),
+                        first_logits: false,
                         params: params.clone(),
                     };
                     let g = group

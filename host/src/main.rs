@@ -138,6 +138,10 @@ struct GenerateArgs {
     /// Print one JSON object (text and timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// With --json: also report the first generated token's logits (`first_logits`, from the
+    /// rank that samples), to compare backends and rank modes bit for bit.
+    #[arg(long, requires = "json")]
+    first_logits: bool,
     #[command(flatten)]
     launch: apb_host::launch::LaunchArgs,
 }
@@ -686,6 +690,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
         question_mask: a.at.question_mask(method)?,
+        first_logits: a.first_logits,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -707,13 +712,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let never = std::sync::atomic::AtomicBool::new(false);
     let g = match group.run(&job, &never, &mut on_text) {
         Ok(g) => g,
-        Err(RunError::Input(m)) => bail!("{m}"),
+        Err(RunError::Input(m)) => {
+            // The ranks are fine: stop them in order before reporting.
+            let _ = group.shutdown();
+            bail!("{m}")
+        }
         Err(RunError::Failed(m)) => bail!("{m}"),
     };
     for note in &g.plan.notes {
         eprintln!("note: {note}");
     }
-    let processes = spec.processes();
+    let info = group.info();
     group.shutdown()?;
     if json {
         let mut v = summary(&g, method.name(), g.plan.world, &runner.loaded.name);
@@ -731,8 +740,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 v.extend(extra);
             }
         }
-        if processes {
-            v["processes"] = a.at.world_size.into();
+        v["rank_mode"] = info.rank_mode.into();
+        v["comm"] = info.comm.into();
+        if a.first_logits {
+            v["first_logits"] = serde_json::json!(g.first_logits);
         }
         v["requested_world_size"] = a.at.world_size.into();
         v["finish_reason"] = serde_json::json!(g.finish);
@@ -778,22 +789,15 @@ fn serve(a: ServeArgs) -> Result<()> {
     // Argument errors before the port is bound (only loading the model comes after it).
     parse_dtype(&a.m.dtype)?;
     ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
-    if !a.m.device.starts_with("cuda") && a.at.world_size > ranks::MAX_THREAD_RANKS {
-        bail!(
-            "--world-size {} is too many ranks for threads of one process (at most {}); GPU ranks run one process per GPU (--device cuda)",
-            a.at.world_size,
-            ranks::MAX_THREAD_RANKS
-        );
-    }
     let spec = GroupSpec {
         world: a.at.world_size,
         device: parse_device(&a.m.device)?,
         launch: a.launch.clone(),
     };
-    spec.launch.validate(spec.world, spec.processes())?;
-    if spec.processes() && (std::env::var_os("APB_RANK").is_some() || a.launch.node_rank > 0) {
-        // A GPU worker rank (started by rank 0, or another node's launcher): serves rank 0's jobs,
-        // no HTTP.
+    spec.validate()?;
+    if spec.processes() && apb_host::launch::is_worker(&a.launch) {
+        // A worker rank process (started by rank 0, or another node's launcher): serves rank 0's
+        // jobs, no HTTP.
         ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?;
         return Ok(());
     }

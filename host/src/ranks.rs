@@ -1,11 +1,12 @@
 //! One way to start a group of ranks and feed it requests: [`start`] returns rank 0's [`Group`]
-//! (threads over a [`LocalGroup`] on the CPU or one device; one process per GPU over NCCL), and
+//! (threads over a [`LocalGroup`] on the CPU or one device; or one process per rank, over NCCL or
+//! the host communicator: see [`launch`]), and
 //! every other rank runs [`Runner::run`] in a worker loop on the jobs rank 0 relays (nano-vllm's
 //! `ModelRunner` shape: the same program on every rank). `apb generate` and `apb serve` both stand
 //! on it.
 
 use crate::error::{bail, err, Context, Result};
-use crate::launch::{self, LaunchArgs, RankCtx};
+use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
 use crate::runner::{prepare, Generation, InputError, Job, Prepared, Runner};
 use apb_plugin::{Communicator, LocalGroup};
 use candle_core::Device;
@@ -23,16 +24,88 @@ pub const MAX_THREAD_RANKS: usize = 64;
 pub struct GroupSpec {
     /// Ranks (1: a single rank, dense or a distributed method that falls back).
     pub world: usize,
-    /// The device asked for; with CUDA and several ranks each rank is a process with its own GPU.
+    /// The device asked for; rank processes on CUDA each take one of the node's GPUs.
     pub device: Device,
-    /// How processes are started (nodes, addresses, timeouts).
+    /// How ranks run and meet (threads or processes, communicator, nodes, addresses, timeouts).
     pub launch: LaunchArgs,
 }
 
+/// How a started group runs, as printed at start and reported with every result.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct GroupInfo {
+    /// `threads` or `processes`.
+    pub rank_mode: &'static str,
+    /// The communicator: `local` (threads), `nccl` or `host`.
+    pub comm: &'static str,
+}
+
 impl GroupSpec {
-    /// Whether ranks run as processes (one per GPU) rather than threads of this process.
+    /// Whether ranks run as processes rather than threads of this process.
     pub fn processes(&self) -> bool {
-        self.device.is_cuda() && self.world > 1
+        self.launch.processes(self.world, self.device.is_cuda())
+    }
+
+    /// GPUs on this node (0 on the CPU).
+    fn gpus(&self) -> usize {
+        if self.device.is_cuda() {
+            launch::gpu_count()
+        } else {
+            0
+        }
+    }
+
+    /// The communicator the ranks will use.
+    pub fn comm(&self) -> CommKind {
+        self.launch
+            .comm_kind(self.world, self.device.is_cuda(), self.gpus())
+    }
+
+    /// What [`GroupInfo`] a group of this spec reports.
+    pub fn info(&self) -> GroupInfo {
+        GroupInfo {
+            rank_mode: if self.processes() {
+                "processes"
+            } else {
+                "threads"
+            },
+            comm: self.comm().name(),
+        }
+    }
+
+    /// Checks the spec: rank count, launch flags, one GPU per NCCL rank.
+    pub fn validate(&self) -> Result<()> {
+        if self.world == 0 {
+            bail!("--world-size must be at least 1");
+        }
+        self.launch.validate(self.world, self.device.is_cuda())?;
+        if !self.processes() && self.world > MAX_THREAD_RANKS {
+            bail!(
+                "--world-size {} is too many ranks for threads of one process (at most {MAX_THREAD_RANKS}); run them as processes (--ranks processes, one per GPU with --device cuda)",
+                self.world
+            );
+        }
+        let per_node = self.world / self.launch.nnodes;
+        if self.comm() == CommKind::Nccl && per_node > self.gpus() {
+            bail!(
+                "--comm nccl needs one GPU per rank process: {per_node} ranks on this node, {} GPUs (--comm host shares GPUs)",
+                self.gpus()
+            );
+        }
+        Ok(())
+    }
+
+    /// One line for the console: how the ranks run.
+    pub fn describe(&self) -> String {
+        let i = self.info();
+        match (self.world, i.comm) {
+            (1, _) => "ranks: 1".into(),
+            (w, "local") => format!("ranks: {w} threads of this process"),
+            (w, "nccl") => format!("ranks: {w} processes over NCCL"),
+            (w, _) => format!(
+                "ranks: {w} processes over the host communicator (TCP), {} compute threads each",
+                candle_core::utils::get_num_threads()
+            ),
+        }
     }
 }
 
@@ -73,7 +146,7 @@ enum Links {
     Threads(Vec<(mpsc::Sender<ThreadJob>, JoinHandle<()>)>),
     /// Worker ranks as processes; this is global rank 0.
     Processes {
-        ctx: RankCtx,
+        ctx: Box<RankCtx>,
         comm: Arc<dyn Communicator>,
     },
 }
@@ -82,6 +155,7 @@ enum Links {
 pub struct Group {
     runner: Runner,
     world: usize,
+    info: GroupInfo,
     links: Links,
 }
 
@@ -92,27 +166,26 @@ pub fn start(
     spec: &GroupSpec,
     load: impl FnOnce(&Device) -> Result<Runner>,
 ) -> Result<Option<Group>> {
-    if spec.world == 0 {
-        bail!("--world-size must be at least 1");
-    }
-    spec.launch.validate(spec.world, spec.processes())?;
-    if !spec.processes() && spec.world > MAX_THREAD_RANKS {
-        bail!(
-            "--world-size {} is too many ranks for threads of one process (at most {MAX_THREAD_RANKS}); GPU ranks run one process per GPU (--device cuda)",
-            spec.world
-        );
-    }
+    spec.validate()?;
     if !spec.processes() {
+        if spec.world > 1 {
+            eprintln!("{}", spec.describe());
+        }
         return Group::threads(load(&spec.device)?, spec.world).map(Some);
     }
     let Member { device, comm, ctx } = join(spec)?;
     let ctx = ctx.expect("a process group has a rank context");
     let runner = load(&device)?;
     if ctx.rank == 0 {
+        eprintln!("{}", spec.describe());
         return Ok(Some(Group {
             runner,
             world: spec.world,
-            links: Links::Processes { ctx, comm },
+            info: spec.info(),
+            links: Links::Processes {
+                ctx: Box::new(ctx),
+                comm,
+            },
         }));
     }
     process_worker(&ctx, &runner, comm)?;
@@ -146,14 +219,15 @@ impl Member {
     }
 }
 
-/// Joins the group of `spec` as one member: a rank process with its own GPU (launching the node's
-/// other ranks from the first process), or, for one rank, this process alone.
+/// Joins the group of `spec` as one member: a rank process (launching the node's other ranks
+/// from the first process; on CUDA each takes GPU `local rank % GPUs`), or, for one rank, this
+/// process alone.
 pub fn join(spec: &GroupSpec) -> Result<Member> {
-    spec.launch.validate(spec.world, spec.processes())?;
+    spec.validate()?;
     if !spec.processes() {
         if spec.world > 1 {
             bail!(
-                "--world-size {} needs --device cuda here (one GPU per rank)",
+                "--world-size {} runs as rank processes here: pass --ranks processes (or --device cuda)",
                 spec.world
             );
         }
@@ -163,14 +237,13 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
             ctx: None,
         });
     }
-    let ctx = launch::join(&spec.launch, spec.world)?;
-    let device = Device::new_cuda(ctx.local_rank).map_err(|e| {
-        err!(
-            "rank {}: cannot open cuda:{}: {e}",
-            ctx.rank,
-            ctx.local_rank
-        )
-    })?;
+    let ctx = launch::join(&spec.launch, spec.world, spec.comm())?;
+    let device = if spec.device.is_cuda() {
+        let gpu = ctx.local_rank % spec.gpus().max(1);
+        Device::new_cuda(gpu).map_err(|e| err!("rank {}: cannot open cuda:{gpu}: {e}", ctx.rank))?
+    } else {
+        Device::Cpu
+    };
     let comm = launch::communicator(&ctx, &device)?;
     Ok(Member {
         device,
@@ -258,6 +331,10 @@ impl Group {
         Ok(Group {
             runner,
             world: world.max(1),
+            info: GroupInfo {
+                rank_mode: "threads",
+                comm: CommKind::Local.name(),
+            },
             links: Links::Threads(workers),
         })
     }
@@ -265,6 +342,11 @@ impl Group {
     /// Ranks of the group.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// How the ranks run (threads or processes) and their communicator.
+    pub fn info(&self) -> GroupInfo {
+        self.info
     }
 
     /// Rank 0's rank program.
@@ -326,14 +408,15 @@ impl Group {
             }
             Links::Processes { ctx, comm } => {
                 if ranks < self.world {
-                    // NCCL spans every process: a prompt too short for all GPUs runs on this one.
+                    // The communicator spans every process: a prompt too short for all ranks
+                    // runs on this one.
                     let one_rank = Job {
                         world: 1,
                         ..job.clone()
                     };
                     let mut prep = prepare(self.runner.model(), &one_rank)?;
                     prep.plan.notes.push(format!(
-                        "{} context tokens are too few for {} GPU ranks; ran on rank 0 alone",
+                        "{} context tokens are too few for {} rank processes; ran on rank 0 alone",
                         prep.plan.n, self.world
                     ));
                     let one: Arc<dyn Communicator> = LocalGroup::new(1).remove(0);

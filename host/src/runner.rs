@@ -92,6 +92,11 @@ pub struct Job {
     /// APB's question segment on non-last ranks (`full`, or the reference's `causal`).
     #[serde(default)]
     pub question_mask: apb_plugin::QuestionMask,
+    /// Hand the first token's logits from the sampling (last) rank to every rank, so rank 0 can
+    /// report them ([`Generation::first_logits`]) whatever the rank mode: one broadcast of the
+    /// vocabulary per request.
+    #[serde(default)]
+    pub first_logits: bool,
     /// Sampling and stop rules.
     pub params: GenParams,
 }
@@ -439,6 +444,12 @@ impl Runner {
             };
             let (next, cancelled) = agree(&*comm, model, mine, cancel.load(Ordering::Relaxed))?;
             if out.is_empty() {
+                if job.first_logits && world > 1 {
+                    let t = last
+                        .then(|| Tensor::new(first_logits.as_slice(), model.device()))
+                        .transpose()?;
+                    first_logits = comm.broadcast(t.as_ref(), world - 1)?.to_vec1::<f32>()?;
+                }
                 prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
                 t1 = Instant::now();
             }

@@ -17,7 +17,7 @@
 
 use crate::error::{err, Context};
 use crate::prompt::{self, PromptParts};
-use crate::ranks::{Group, RunError};
+use crate::ranks::{Group, GroupInfo, RunError};
 use crate::runner::{prepare, Finish, GenParams, Generation, Job, MAX_TEMPERATURE};
 use apb_loaders::{ChatMessage, Loaded};
 use apb_plugin::Method;
@@ -107,6 +107,8 @@ struct Ready {
     loaded: Arc<Loaded>,
     model_names: Vec<String>,
     max_body: usize,
+    /// How the ranks run (reported in every answer's `apb` object).
+    group: GroupInfo,
 }
 
 /// The FIFO of requests waiting for the ranks. Entries whose client left are dropped as soon as
@@ -483,6 +485,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         loaded,
         model_names,
         max_body,
+        group: group.info(),
     });
     eprintln!(
         "ready: {} with {} on {} rank{}",
@@ -1096,6 +1099,7 @@ fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
         anchor_len: s.cfg.anchor_len,
         passing_len: s.cfg.passing_len,
         question_mask: s.cfg.question_mask,
+        first_logits: false,
         params,
     }
 }
@@ -1221,6 +1225,7 @@ async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint) -> Response {
             .map(|r| r.model_names[0].clone())
             .unwrap_or_default(),
         method,
+        group: s.ready.get().map(|r| r.group),
         ep,
     };
     if c.stream {
@@ -1263,6 +1268,7 @@ struct Meta {
     created: u64,
     model: String,
     method: &'static str,
+    group: Option<GroupInfo>,
     ep: Endpoint,
 }
 
@@ -1305,10 +1311,13 @@ fn usage(g: &Generation) -> Value {
            "total_tokens": g.stats.prompt_tokens + g.stats.generated_tokens})
 }
 
-/// Extension field: what ran (method, APB's scorer, ranks, plan, time to first token).
-fn apb_info(g: &Generation, method: &str) -> Value {
-    json!({"method": method, "scorer": g.scorer, "question_mask": g.question_mask,
-           "ranks": g.plan.world, "prefill_ms": g.stats.prefill_ms,
+/// Extension field: what ran (method, APB's scorer, ranks and how they run, plan, time to first
+/// token).
+fn apb_info(g: &Generation, meta: &Meta) -> Value {
+    let (rank_mode, comm) = meta.group.map_or(("", ""), |i| (i.rank_mode, i.comm));
+    json!({"method": meta.method, "scorer": g.scorer, "question_mask": g.question_mask,
+           "ranks": g.plan.world, "rank_mode": rank_mode, "comm": comm,
+           "prefill_ms": g.stats.prefill_ms,
            "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,
            "anchor_len": g.plan.l_a, "passing_len": g.plan.l_p, "plan_notes": g.plan.notes})
 }
@@ -1325,7 +1334,7 @@ async fn whole(mut rx: tmpsc::UnboundedReceiver<Ev>, guard: CancelOnDrop, meta: 
                     json!([meta.choice(Some(&g.text), false, Some(finish_reason(&g)))]),
                 );
                 v["usage"] = usage(&g);
-                v["apb"] = apb_info(&g, meta.method);
+                v["apb"] = apb_info(&g, &meta);
                 return Json(v).into_response();
             }
             Ev::Fail(e) => return e.into_response(),
@@ -1393,7 +1402,7 @@ fn stream(
                         true,
                         json!([st.meta.choice(None, true, Some(finish_reason(&g)))]),
                     );
-                    v["apb"] = apb_info(&g, st.meta.method);
+                    v["apb"] = apb_info(&g, &st.meta);
                     st.pending.push_back(v.to_string());
                     if st.include_usage {
                         let mut u = st.meta.envelope(true, json!([]));

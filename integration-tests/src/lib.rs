@@ -186,6 +186,7 @@ pub fn job(
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        first_logits: false,
         params: params.clone(),
     }
 }

@@ -1,80 +1,13 @@
-//! Collectives between ranks. Backends call only the [`Communicator`] trait; [`LocalGroup`] runs
-//! ranks as threads of one process (CPU ranks), NCCL implements the same trait on GPUs.
-//!
-//! Failure model: when a rank fails or panics it [`aborts`](Communicator::abort) the group, and
-//! every rank waiting in (or later entering) a collective gets an error instead of hanging.
+//! Ranks as threads of one process: a collective is a rendezvous on shared state, tensors are
+//! shared, not copied.
 
+use super::Communicator;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-
-/// Collectives and point-to-point transfers between the ranks of one request.
-pub trait Communicator: Send + Sync {
-    /// This rank, `0..world_size()`.
-    fn rank(&self) -> usize;
-    /// Ranks in the group.
-    fn world_size(&self) -> usize;
-    /// Every rank's `t`, in rank order. All ranks must call it (in the same order of collectives).
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
-    /// `root`'s tensor on every rank (`t` is ignored elsewhere).
-    fn broadcast(&self, t: Option<&Tensor>, root: usize) -> Result<Tensor>;
-    /// Returns once every rank has called it.
-    fn barrier(&self) -> Result<()>;
-    /// Marks the group failed: collectives on every rank return an error from now on.
-    fn abort(&self, why: &str);
-
-    /// One step of a ring: sends `t` to rank `rank + 1` and receives rank `rank − 1`'s (both
-    /// wrapping). Every rank passes the same shape. The transfer may still be in flight when this
-    /// returns: work queued before [`Pending::wait`] can overlap it.
-    ///
-    /// The default goes through [`all_gather`](Self::all_gather) (world× the traffic; free for
-    /// threads of one process, which share tensors); NCCL overrides it with send/recv.
-    fn ring_pass(&self, t: &Tensor) -> Result<Pending> {
-        let (rank, world) = (self.rank(), self.world_size());
-        let mut all = self.all_gather(t)?;
-        Ok(Pending::ready(all.swap_remove((rank + world - 1) % world)))
-    }
-
-    /// All-to-all: `parts[r]` goes to rank `r`; returns what every rank sent to this one, in
-    /// rank order. Every rank passes `world` parts of one shape.
-    ///
-    /// The default goes through [`all_gather`](Self::all_gather) of the stacked parts; NCCL
-    /// overrides it with grouped send/recv.
-    fn all_to_all(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
-        let world = self.world_size();
-        if parts.len() != world {
-            return Err(Error::Comm(format!(
-                "all_to_all needs {world} parts, got {}",
-                parts.len()
-            )));
-        }
-        let all = self.all_gather(&Tensor::stack(parts, 0)?)?;
-        all.iter().map(|from| Ok(from.get(self.rank())?)).collect()
-    }
-}
-
-/// A transfer that may still be in flight ([`Communicator::ring_pass`]).
-pub struct Pending(Box<dyn FnOnce() -> Result<Tensor> + Send>);
-
-impl Pending {
-    /// A transfer that has already completed.
-    pub fn ready(t: Tensor) -> Self {
-        Self(Box::new(move || Ok(t)))
-    }
-
-    /// A transfer completed by `finish` (e.g. making the compute stream wait for it).
-    pub fn new(finish: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Self {
-        Self(Box::new(finish))
-    }
-
-    /// The received tensor, safe to use from here on.
-    pub fn wait(self) -> Result<Tensor> {
-        (self.0)()
-    }
-}
 
 /// One rank of a single-process group.
 pub struct LocalComm {

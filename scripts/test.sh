@@ -10,8 +10,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --locked -p apb-host --all-targets --features fault-injection -- -D warnings
 cargo test --workspace --locked
-# The failure tests need the fault hooks, which production builds leave out.
-cargo test --locked -p apb-host --features fault-injection --test server a_failed_rank
+# The failure tests need the fault hooks, which production builds leave out (a panicking thread
+# rank; a rank process stalled in the host communicator).
+cargo test --locked -p apb-host --features fault-injection --test server --test processes -- a_failed_rank fault_
 # The API docs build without warnings (broken or private links), and the library crates package.
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
 ./scripts/check-package.sh

@@ -336,15 +336,21 @@ pub async fn serve(
         }
     };
     tokio::pin!(stop);
+    let http = {
+        let header_timeout = state.cfg.header_timeout;
+        move || {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            b
+        }
+    };
     loop {
         tokio::select! {
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(state.cfg.header_timeout)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let conn = http().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
@@ -353,7 +359,20 @@ pub async fn serve(
             _ = &mut stop => break,
         }
     }
-    drop(listener);
+    if state.fatal_cause().is_some() {
+        // A failed group: keep answering until the process exits (`/health` says failed, new
+        // requests get 503), so clients and probes learn why instead of a refused connection.
+        let app = app.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = http().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                tokio::spawn(conn);
+            }
+        });
+    } else {
+        drop(listener);
+    }
     // A second SIGINT/SIGTERM while requests finish stops at once.
     tokio::spawn(async {
         shutdown_signal().await;

@@ -1,5 +1,7 @@
 //! Helpers shared by the `apb` binary's tests.
 
+pub mod server;
+
 /// A needle-in-a-haystack document of `sentences` filler sentences (about 12 tokens each) with
 /// "The special magic number is 73914." at 60 % of the way.
 pub fn needle_doc(sentences: usize) -> String {

@@ -1,0 +1,447 @@
+//! Rank processes over the host communicator (`--ranks processes`, TCP): the launcher, the
+//! rendezvous, rank 0 relaying jobs, the worker loop, failures and SIGTERM, which multi-GPU users
+//! run over NCCL. Driven through the CLI and HTTP only, with the real SmolLM2 and real processes;
+//! process ids come from the launcher's `started rank r (pid p)` lines.
+
+mod common;
+
+use common::needle_doc;
+use common::server::*;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Worker process ids the launcher reported on stderr.
+fn worker_pids(s: &Server) -> Vec<u32> {
+    s.log
+        .lock()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split("(pid ").nth(1)?.strip_suffix(')')?.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| {
+            let state = st.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        })
+        .unwrap_or(false)
+}
+
+fn wait_gone(pids: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "rank processes left: {:?}",
+            pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kill(sig: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// A valid APB request too short for several ranks (it runs on rank 0 alone).
+fn short() -> Value {
+    ask("Paris is the capital of France.\n\nWhat is the capital of France?")
+}
+
+/// The text a raw SSE response carried.
+fn streamed_text(raw: &str) -> String {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// An APB server over 4 rank processes (extra flags after).
+fn apb_server(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut args = vec![
+        "--attention",
+        "apb",
+        "--world-size",
+        "4",
+        "--ranks",
+        "processes",
+    ];
+    args.extend(extra);
+    Server::start_env(&args, env)
+}
+
+/// A needle question whose context spans the 4 ranks.
+fn needle(sentences: usize, max_tokens: usize) -> Value {
+    json!({"messages": [{"role": "user",
+        "content": format!("{}\n\nWhat is the special magic number?", needle_doc(sentences))}],
+        "max_tokens": max_tokens})
+}
+
+/// The checks of the thread-rank server test, over processes: a ≥ 4K-token needle, stream equals
+/// non-stream, concurrent requests all answered, a full queue gets 429, a vanished stream stops
+/// its generation on every rank, the key is enforced; a prompt too short for 4 ranks runs on rank
+/// 0 alone and says so.
+#[test]
+fn server_over_4_rank_processes() {
+    let s = apb_server(&["--max-queued", "2", "--api-key", "k3y"], &[]).with_key("k3y");
+    let t0 = Instant::now();
+    let lap = |what: &str| eprintln!("{what}: {:.1} s", t0.elapsed().as_secs_f64());
+    assert_eq!(worker_pids(&s).len(), 3);
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        log.contains("ranks: 4 processes over the host communicator"),
+        "{log}"
+    );
+    let (code, v) = s.chat(needle(380, 12));
+    assert_eq!(code, 200, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 4000, "{v}");
+    assert_eq!(v["apb"]["ranks"], 4, "{v}");
+    assert_eq!(v["apb"]["rank_mode"], "processes", "{v}");
+    assert_eq!(v["apb"]["comm"], "host", "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("73914"),
+        "{v}"
+    );
+    // Stream equals non-stream (a shorter prompt, still over 4 ranks).
+    let req = needle(90, 12);
+    let (code, v) = s.chat(req.clone());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["apb"]["ranks"], 4, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut sreq = req;
+    sreq["stream"] = json!(true);
+    let (code, body) = s.chat_raw(&sreq.to_string());
+    assert_eq!(code, 200, "{body}");
+    let streamed: String = sse_chunks(&body)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    lap("needle");
+
+    // The key is enforced.
+    let (code, text) = match Server::agent()
+        .post(&format!("{}/v1/chat/completions", s.base))
+        .send_json(short())
+    {
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        other => panic!("want 401, got {other:?}"),
+    };
+    assert_eq!(code, 401, "{text}");
+
+    // A prompt too short for 4 ranks runs on rank 0 alone.
+    let (code, v) = s.chat(ask("\n\nWhat is the capital of France?"));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["apb"]["ranks"], 1, "{v}");
+    assert!(
+        v["apb"]["plan_notes"].to_string().contains("rank 0 alone"),
+        "{v}"
+    );
+
+    // One running and two queued: all answered.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let mut b = needle(40, 4);
+            b["messages"][0]["content"] = json!(format!(
+                "{}\n\nWhat is the special magic number? ({i})",
+                needle_doc(40)
+            ));
+            chat_in_background(&s, &b)
+        })
+        .collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
+    assert_eq!(codes, vec![200; 3]);
+    lap("concurrent");
+
+    // A full queue: 429 with Retry-After.
+    let long = json!({"messages": [{"role": "user", "content": "Paris is a city.\n\nTell me a long story."}],
+        "max_tokens": 100, "ignore_eos": true});
+    let running = chat_in_background(&s, &long);
+    wait_for(&s, "never started", |h| h["running"] == true);
+    let queued: Vec<_> = (0..2).map(|_| raw_chat(&s, &short())).collect();
+    wait_for(&s, "never queued", |h| h["queue_depth"] == 2);
+    let (code, retry, text) = s.post("/v1/chat/completions", &short().to_string(), &[]);
+    assert_eq!(code, 429, "{text}");
+    assert!(retry.is_some());
+    drop(queued);
+    assert_eq!(running.join().unwrap().0, 200);
+    lap("queue");
+
+    // A client that vanishes mid-stream stops its generation on every rank.
+    let story = json!({"messages": [{"role": "user",
+        "content": format!("{}\n\nTell me a long story.", needle_doc(40))}],
+        "max_tokens": 3000, "ignore_eos": true, "stream": true});
+    let before = s.metric("apb_cancelled_total", "running");
+    {
+        let mut c = raw_chat(&s, &story);
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while seen.matches("\"content\"").count() < 4 {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    let t = Instant::now();
+    let (code, v) = s.chat(short());
+    assert_eq!(code, 200, "{v}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert_eq!(s.metric("apb_cancelled_total", "running"), before + 1.0);
+    lap("cancel");
+}
+
+/// The first-token logits and greedy tokens of `apb generate` (one JSON object).
+fn generate(method: &str, world: &str, ranks: &str, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_apb"))
+        .args(["generate", "--chat", "--json", "--first-logits"])
+        .args(["--max-new-tokens", "5", "--ignore-eos"])
+        .args([
+            "--attention",
+            method,
+            "--world-size",
+            world,
+            "--ranks",
+            ranks,
+        ])
+        .args(extra)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{method} {ranks}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+/// Every distributed method over rank processes equals the same method over thread ranks, bit
+/// for bit (first-token logits and greedy tokens), on plans that use every rank.
+#[test]
+fn rank_processes_equal_thread_ranks_bit_for_bit() {
+    let prompt = format!("{}\n\nWhat is the special magic number?", needle_doc(24));
+    for (method, world) in [
+        ("ring", "4"),
+        ("zigzag", "4"),
+        ("ulysses", "3"), // SmolLM2's 3 KV heads split over 3 ranks
+        ("star", "4"),
+        ("apb", "4"),
+    ] {
+        let extra = [
+            "--prompt",
+            &prompt,
+            "--anchor-len",
+            "32",
+            "--passing-len",
+            "16",
+        ];
+        let extra = if matches!(method, "apb" | "star") {
+            &extra[..]
+        } else {
+            &extra[..2]
+        };
+        let t = generate(method, world, "threads", extra);
+        let p = generate(method, world, "processes", extra);
+        assert_eq!(t["world_size"].to_string(), world, "{method}: {t}");
+        assert_eq!(p["world_size"].to_string(), world, "{method}: {p}");
+        assert_eq!(
+            (t["rank_mode"].as_str(), p["rank_mode"].as_str()),
+            (Some("threads"), Some("processes"))
+        );
+        assert_eq!(
+            (t["comm"].as_str(), p["comm"].as_str()),
+            (Some("local"), Some("host"))
+        );
+        assert_eq!(t["text"], p["text"], "{method}");
+        let (lt, lp) = (
+            t["first_logits"].as_array().unwrap(),
+            p["first_logits"].as_array().unwrap(),
+        );
+        assert!(lt.len() > 1000, "{method}: {} logits", lt.len());
+        let bits = |v: &Value| (v.as_f64().unwrap() as f32).to_bits();
+        let differ = lt
+            .iter()
+            .zip(lp)
+            .filter(|(a, b)| bits(a) != bits(b))
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{method}: {differ} of {} logits differ",
+            lt.len()
+        );
+    }
+}
+
+/// A server over 4 rank processes, one request in flight (streaming, with a 4-rank prompt) and
+/// one queued; `kill -9` of worker rank 2 once `ready(stream so far)` holds: the stream gets an
+/// error event and `[DONE]`, the queued request 503, `/health` says failed, the server exits
+/// non-zero and no rank process is left. Returns the text streamed before the error.
+fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String {
+    let mut s = apb_server(&[], &[]);
+    let pids = worker_pids(&s);
+    assert_eq!(pids.len(), 3);
+    let mut req = needle(sentences, 3000);
+    req["stream"] = json!(true);
+    req["ignore_eos"] = json!(true);
+    let mut c = raw_chat(&s, &req);
+    wait_for(&s, "never started", |h| h["running"] == true);
+    let queued = chat_in_background(&s, &short());
+    wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
+    let mut seen = String::new();
+    let mut buf = [0u8; 8192];
+    while !ready(&seen) {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let t = Instant::now();
+    kill("-9", pids[1]);
+    // The rest of the stream: an error event, then [DONE].
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut rest = String::new();
+    let _ = c.read_to_string(&mut rest);
+    let error_at = rest
+        .find("\"error\"")
+        .unwrap_or_else(|| panic!("no error event: {rest}"));
+    assert!(rest[error_at..].contains("data: [DONE]"), "{rest}");
+    assert!(rest.contains("rank"), "{rest}");
+    let (code, text) = queued.join().unwrap();
+    assert_eq!(code, 503, "{text}");
+    let (code, h) = s.get("/health");
+    assert_eq!(code, 503, "{h}");
+    assert!(h.contains("failed"), "{h}");
+    let st = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server must exit");
+    assert!(!st.success(), "{st}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    wait_gone(&pids, Duration::from_secs(10));
+    streamed_text(&(seen + &rest))
+}
+
+#[test]
+fn a_worker_killed_during_prefill_fails_the_server_cleanly() {
+    // A ~7.5K-token prompt: its prefill takes many seconds; kill once the stream has opened.
+    let text = kill_a_worker_when(620, |seen| seen.contains("\"role\""));
+    assert_eq!(text, "", "the kill came after the prefill");
+}
+
+#[test]
+fn a_worker_killed_during_decode_fails_the_server_cleanly() {
+    let text = kill_a_worker_when(180, |seen| streamed_text(seen).len() >= 8);
+    assert!(!text.is_empty());
+}
+
+/// Rank 0 killed: the workers notice on their own and exit.
+#[test]
+fn workers_exit_when_rank_0_is_killed() {
+    let mut s = apb_server(&[], &[]);
+    let pids = worker_pids(&s);
+    assert_eq!(pids.len(), 3);
+    kill("-9", s.child.id());
+    let _ = s.wait_exit(Duration::from_secs(10));
+    wait_gone(&pids, Duration::from_secs(15));
+}
+
+/// Two launchers on one machine (`--nnodes 2`, loopback) serve a request together; SIGTERM with
+/// it in flight and none queued: it finishes and every process of both nodes exits 0.
+#[test]
+fn two_nodes_serve_together_and_sigterm_exits_0() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let nodes = ["--nnodes", "2", "--master-port", &port];
+    let mut node1 = Command::new(env!("CARGO_BIN_EXE_apb"))
+        .args(["serve", "--attention", "apb", "--world-size", "4"])
+        .args(["--ranks", "processes", "--node-rank", "1"])
+        .args(nodes)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut s = apb_server(&nodes[..], &[]);
+    let mut pids = worker_pids(&s);
+    assert_eq!(pids.len(), 1, "node 0 starts one other rank");
+    pids.push(node1.id());
+    let mut req = needle(180, 40);
+    req["ignore_eos"] = json!(true);
+    let inflight = chat_in_background(&s, &req);
+    wait_for(&s, "never started", |h| h["running"] == true);
+    kill("-TERM", s.child.id());
+    let (code, text) = inflight.join().unwrap();
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["apb"]["ranks"], 4, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 40, "{v}");
+    let st = s.wait_exit(Duration::from_secs(30)).expect("node 0 exits");
+    assert!(st.success(), "{st}: {}", s.log.lock().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st1 = loop {
+        if let Some(st) = node1.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "node 1 did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut log1 = String::new();
+    let _ = node1.stderr.take().unwrap().read_to_string(&mut log1);
+    assert!(st1.success(), "node 1: {st1}: {log1}");
+    wait_gone(&pids, Duration::from_secs(10));
+}
+
+/// A worker that stalls (alive, connected) at its 40th collective of the first job: every rank's
+/// wait ends at `--collective-timeout` (10 s); the request gets a 500 naming the wait, the queued
+/// one 503, the server exits non-zero and no rank process is left.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn fault_a_stalled_worker_fails_the_server_within_the_timeout() {
+    let mut s = apb_server(
+        &["--collective-timeout", "10"],
+        &[("APB_FAULT_STALL_COLLECTIVE", "2:40")],
+    );
+    let pids = worker_pids(&s);
+    assert_eq!(pids.len(), 3);
+    let t = Instant::now();
+    let inflight = chat_in_background(&s, &needle(180, 20));
+    wait_for(&s, "never started", |h| h["running"] == true);
+    let queued = chat_in_background(&s, &short());
+    let (code, text) = inflight.join().unwrap();
+    assert_eq!(code, 500, "{text}");
+    assert!(text.contains("waited 10s"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+    assert_eq!(queued.join().unwrap().0, 503);
+    let (code, h) = s.get("/health");
+    assert_eq!(code, 503, "{h}");
+    let st = s
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server must exit");
+    assert!(!st.success(), "{st}");
+    assert!(
+        s.log.lock().unwrap().contains("stalling at collective 40"),
+        "{}",
+        s.log.lock().unwrap()
+    );
+    wait_gone(&pids, Duration::from_secs(10));
+}

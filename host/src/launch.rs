@@ -251,6 +251,9 @@ impl LaunchArgs {
                 self.collective_timeout
             );
         }
+        if self.nnodes > 1 && self.master_port == Some(0) {
+            bail!("--master-port 0 picks a free port, which other nodes cannot know: give one with --nnodes > 1");
+        }
         if self.nnodes > 1 && !processes {
             bail!("--nnodes > 1 needs rank processes: --world-size > 1 with --ranks processes (or --device cuda)");
         }
@@ -289,14 +292,37 @@ pub fn gpu_count() -> usize {
 /// Rank processes share this node's cores: each gets max(1, cores / ranks on the node) compute
 /// threads (candle's and rayon's `RAYON_NUM_THREADS`, which the children inherit) unless the
 /// variable is already set. Without it 4 processes on 2 cores each start 2 threads and
-/// oversubscribe the cores (bench/results/cpu-rank-processes-2026-12-05.md).
-fn limit_threads(per_node: usize) {
+/// oversubscribe the cores (bench/results/cpu-rank-processes-2026-12-05.md). Changes the
+/// environment: call it before other threads start (the `apb` binary does, first thing).
+pub fn limit_threads(per_node: usize) {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Set before the model loads and before any compute thread pool starts.
     std::env::set_var("RAYON_NUM_THREADS", (cores / per_node).max(1).to_string());
+}
+
+/// Kills this node's started rank processes when dropped before [`disarm`](Self::disarm).
+struct KillOnError(Option<Arc<Group>>);
+
+impl KillOnError {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnError {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            if let Ok(mut cs) = g.children.lock() {
+                for c in cs.iter_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
 }
 
 /// Reads a length-prefixed string off a rendezvous connection.
@@ -330,12 +356,13 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
         }
         Err(_) => (args.node_rank * per_node, 0),
     };
-    // The launcher on node 0 picks the port unless told; the ranks it starts learn it from it.
-    let port = match (args.master_port, std::env::var("APB_MASTER_PORT")) {
-        (Some(p), _) => p,
-        (None, Ok(p)) => p.parse().context("APB_MASTER_PORT")?,
-        (None, Err(_)) if args.nnodes == 1 => 0,
-        (None, Err(_)) => 29511,
+    // The launcher on node 0 picks the port unless told (0 or no --master-port on one node);
+    // the ranks it starts learn it from it.
+    let port = match (std::env::var("APB_MASTER_PORT"), args.master_port) {
+        (Ok(p), _) => p.parse().context("APB_MASTER_PORT")?,
+        (Err(_), Some(p)) => p,
+        (Err(_), None) if args.nnodes == 1 => 0,
+        (Err(_), None) => 29511,
     };
     // Rank 0 listens before anyone is started, so children can connect at once.
     let (listener, port) = if rank == 0 {
@@ -351,6 +378,23 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
         (None, port)
     };
     let master = format!("{}:{port}", args.master_addr);
+    // The host communicator's listener, on the address this rank is reached at (rank 0: the
+    // master address; the others: the address their rendezvous connection leaves from).
+    let bind_mesh = |ip: std::net::IpAddr| -> Result<TcpListener> {
+        TcpListener::bind((ip, 0))
+            .with_context(|| format!("rank {rank}: cannot listen on {ip} for the other ranks"))
+    };
+    let mesh0 = if rank == 0 && comm == CommKind::Host {
+        let ip = (args.master_addr.as_str(), 0)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .with_context(|| format!("--master-addr {} does not resolve", args.master_addr))?
+            .ip();
+        Some(bind_mesh(ip)?)
+    } else {
+        None
+    };
     if local_rank == 0 {
         let exe = std::env::current_exe().context("cannot find the apb executable")?;
         let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -392,26 +436,11 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
             }
         });
     }
-    // The host communicator's listener, on the address this rank is reached at.
-    let bind_mesh = |ip: std::net::IpAddr| -> Result<TcpListener> {
-        TcpListener::bind((ip, 0))
-            .with_context(|| format!("rank {rank}: cannot listen on {ip} for the other ranks"))
-    };
+    // From here on an error must not leave the started ranks waiting for a rendezvous that
+    // will not come.
+    let stop_children = KillOnError(Some(group.clone()));
     let (nccl_id, addrs, mesh) = if let Some(listener) = listener {
-        let mesh = match comm {
-            CommKind::Host => {
-                let ip = (args.master_addr.as_str(), 0)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .with_context(|| {
-                        format!("--master-addr {} does not resolve", args.master_addr)
-                    })?
-                    .ip();
-                Some(bind_mesh(ip)?)
-            }
-            _ => None,
-        };
+        let mesh = mesh0;
         let id = if comm == CommKind::Nccl {
             new_id()?
         } else {
@@ -558,6 +587,7 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
         });
     }
     drop(tx);
+    stop_children.disarm();
     Ok(RankCtx {
         rank,
         local_rank,

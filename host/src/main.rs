@@ -562,6 +562,7 @@ fn bench_prefill(a: PrefillArgs) -> Result<()> {
         device: parse_device(&a.device)?,
         launch: a.launch.clone(),
     };
+    spec.limit_threads();
     apb_host::bench::prefill_sweep(&apb_host::bench::Sweep {
         config: a.config,
         dtype: a.dtype,
@@ -678,6 +679,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         device: parse_device(&a.m.device)?,
         launch: a.launch.clone(),
     };
+    spec.limit_threads();
     let Some(group) = ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))? else {
         return Ok(()); // a GPU worker rank: it served rank 0's job
     };
@@ -795,6 +797,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         launch: a.launch.clone(),
     };
     spec.validate()?;
+    // Before the server's threads start.
+    spec.limit_threads();
     if spec.processes() && apb_host::launch::is_worker(&a.launch) {
         // A worker rank process (started by rank 0, or another node's launcher): serves rank 0's
         // jobs, no HTTP.

@@ -94,14 +94,21 @@ impl GroupSpec {
         Ok(())
     }
 
+    /// Rank processes limit their compute threads to their share of the node's cores (before
+    /// any other thread starts: it sets `RAYON_NUM_THREADS`).
+    pub fn limit_threads(&self) {
+        if self.processes() {
+            launch::limit_threads(self.world / self.launch.nnodes.max(1));
+        }
+    }
+
     /// One line for the console: how the ranks run.
     pub fn describe(&self) -> String {
-        let i = self.info();
-        match (self.world, i.comm) {
+        match (self.world, self.comm()) {
             (1, _) => "ranks: 1".into(),
-            (w, "local") => format!("ranks: {w} threads of this process"),
-            (w, "nccl") => format!("ranks: {w} processes over NCCL"),
-            (w, _) => format!(
+            (w, CommKind::Local) => format!("ranks: {w} threads of this process"),
+            (w, CommKind::Nccl) => format!("ranks: {w} processes over NCCL"),
+            (w, CommKind::Host) => format!(
                 "ranks: {w} processes over the host communicator (TCP), {} compute threads each",
                 candle_core::utils::get_num_threads()
             ),

@@ -5,10 +5,12 @@
 //! until [`Pending::wait`]). Tensors travel as raw bytes through host memory: CUDA tensors are
 //! copied out and back, so GPUs that share a machine (or have no NCCL) still form a group.
 //!
-//! Failure model, as on NCCL's path: a peer that dies closes its sockets and fails every waiting
-//! collective at once; a peer that stalls fails them after the timeout. Either way this rank
-//! [`aborts`](Communicator::abort): it shuts its connections down, so every other rank fails at
-//! once too instead of waiting out its own timeout.
+//! Failure model, as on NCCL's path: a peer that dies closes its sockets and fails every
+//! collective of this rank at once; a peer that stalls fails them after the timeout. Either way
+//! this rank [`aborts`](Communicator::abort): it shuts its connections down without a goodbye, so
+//! every other rank fails at once too instead of waiting out its own timeout. A rank that is
+//! dropped after its last collective says goodbye first: the others keep working with what it
+//! sent.
 
 use super::{Communicator, Pending};
 use crate::{Error, Result};
@@ -59,10 +61,20 @@ struct Shared {
 struct State {
     /// (sender, collective number) → what it sent (None: a frame with no tensor).
     inbox: HashMap<(usize, u64), Option<Blob>>,
-    /// Peers whose connection ended, and why: receives from them fail once their frames are
-    /// used up (a peer that finished normally has sent all we need from it).
-    closed: HashMap<usize, String>,
+    /// Peers that said goodbye (finished normally): receives from them fail once their frames
+    /// are used up (they sent all we need from them).
+    left: HashMap<usize, String>,
     aborted: Option<String>,
+}
+
+/// What a reader thread gets off a connection.
+enum Frame {
+    /// Collective `seq`'s contribution (None: nothing to send, e.g. a barrier).
+    Data(u64, Option<Blob>),
+    /// The peer finished normally.
+    Bye,
+    /// The peer's group failed, for this reason.
+    Abort(String),
 }
 
 /// A tensor as bytes in host memory.
@@ -73,6 +85,14 @@ struct Blob {
 }
 
 const MAGIC: &[u8; 4] = b"APB1";
+/// Frame tags: no tensor, a tensor, goodbye (the sender finished normally), abort (the group
+/// failed; the reason follows as u32 length + UTF-8).
+const TAG_EMPTY: u8 = 0;
+const TAG_TENSOR: u8 = 1;
+const TAG_BYE: u8 = 2;
+const TAG_ABORT: u8 = 3;
+/// How long ranks wait for each other to connect (they start and load at different speeds).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 const DTYPES: [DType; 9] = [
     DType::U8,
     DType::U32,
@@ -92,9 +112,10 @@ fn comm_err(what: impl Into<String>) -> Error {
     Error::Comm(what.into())
 }
 
-fn raw<T>(s: &[T]) -> &[u8] {
-    // SAFETY: candle's CPU element types are plain old data without padding.
-    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+/// # Safety
+/// `T` must be plain old data without padding (candle's CPU element types are).
+unsafe fn raw<T>(s: &[T]) -> &[u8] {
+    std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s))
 }
 
 impl Blob {
@@ -108,21 +129,24 @@ impl Blob {
         let (a, b) = layout
             .contiguous_offsets()
             .ok_or_else(|| comm_err("a tensor that is not contiguous"))?;
-        let bytes = match cpu {
-            CpuStorage::U8(v) => raw(&v[a..b]),
-            CpuStorage::U32(v) => raw(&v[a..b]),
-            CpuStorage::I16(v) => raw(&v[a..b]),
-            CpuStorage::I32(v) => raw(&v[a..b]),
-            CpuStorage::I64(v) => raw(&v[a..b]),
-            CpuStorage::BF16(v) => raw(&v[a..b]),
-            CpuStorage::F16(v) => raw(&v[a..b]),
-            CpuStorage::F32(v) => raw(&v[a..b]),
-            CpuStorage::F64(v) => raw(&v[a..b]),
-            _ => {
-                return Err(comm_err(format!(
-                    "the host communicator does not carry {:?} tensors",
-                    t.dtype()
-                )))
+        // SAFETY: every arm is one of candle's element types (integers and floats, no padding).
+        let bytes = unsafe {
+            match cpu {
+                CpuStorage::U8(v) => raw(&v[a..b]),
+                CpuStorage::U32(v) => raw(&v[a..b]),
+                CpuStorage::I16(v) => raw(&v[a..b]),
+                CpuStorage::I32(v) => raw(&v[a..b]),
+                CpuStorage::I64(v) => raw(&v[a..b]),
+                CpuStorage::BF16(v) => raw(&v[a..b]),
+                CpuStorage::F16(v) => raw(&v[a..b]),
+                CpuStorage::F32(v) => raw(&v[a..b]),
+                CpuStorage::F64(v) => raw(&v[a..b]),
+                _ => {
+                    return Err(comm_err(format!(
+                        "the host communicator does not carry {:?} tensors",
+                        t.dtype()
+                    )))
+                }
             }
         }
         .to_vec();
@@ -142,15 +166,16 @@ impl Blob {
         )?)
     }
 
-    /// Frame: seq u64, has-tensor u8, dtype u8, ndim u8, dims u64 × ndim, byte count u64, bytes.
+    /// Frame: seq u64, tag u8, dtype u8, ndim u8, then for a tensor dims u64 × ndim, byte count
+    /// u64, bytes.
     fn header(seq: u64, blob: Option<&Blob>) -> Vec<u8> {
         let mut h = Vec::with_capacity(64);
         h.extend(seq.to_le_bytes());
         match blob {
-            None => h.extend([0, 0, 0]),
+            None => h.extend([TAG_EMPTY, 0, 0]),
             Some(b) => {
                 let code = DTYPES.iter().position(|d| *d == b.dtype).unwrap_or(0) as u8;
-                h.extend([1, code, b.dims.len() as u8]);
+                h.extend([TAG_TENSOR, code, b.dims.len() as u8]);
                 for d in &b.dims {
                     h.extend((*d as u64).to_le_bytes());
                 }
@@ -160,15 +185,26 @@ impl Blob {
         h
     }
 
-    fn read(r: &mut impl Read) -> std::io::Result<(u64, Option<Blob>)> {
+    /// The next frame: a tensor (or none), a goodbye, or an abort with its reason.
+    fn read(r: &mut impl Read) -> std::io::Result<Frame> {
         let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
         let mut u64b = [0u8; 8];
         r.read_exact(&mut u64b)?;
         let seq = u64::from_le_bytes(u64b);
         let mut tag = [0u8; 3];
         r.read_exact(&mut tag)?;
-        if tag[0] == 0 {
-            return Ok((seq, None));
+        match tag[0] {
+            TAG_EMPTY => return Ok(Frame::Data(seq, None)),
+            TAG_BYE => return Ok(Frame::Bye),
+            TAG_ABORT => {
+                let mut len = [0u8; 4];
+                r.read_exact(&mut len)?;
+                let mut why = vec![0u8; (u32::from_le_bytes(len) as usize).min(1 << 16)];
+                r.read_exact(&mut why)?;
+                return Ok(Frame::Abort(String::from_utf8_lossy(&why).into_owned()));
+            }
+            TAG_TENSOR => {}
+            _ => return Err(bad("unknown frame tag")),
         }
         let dtype = *DTYPES
             .get(tag[1] as usize)
@@ -192,7 +228,7 @@ impl Blob {
         }
         let mut bytes = vec![0u8; len];
         r.read_exact(&mut bytes)?;
-        Ok((seq, Some(Blob { dtype, dims, bytes })))
+        Ok(Frame::Data(seq, Some(Blob { dtype, dims, bytes })))
     }
 }
 
@@ -201,7 +237,8 @@ impl HostComm {
     /// rank order, as the host's rendezvous published them; `listener` is this rank's). Rank r
     /// dials the lower ranks and accepts the higher ones. Tensors received where no tensor of
     /// this rank's gives the device (broadcast) are put on `device`. A collective that waits
-    /// longer than `timeout` for a peer fails the group.
+    /// longer than `timeout` for a peer fails the group. Ranks wait up to 5 minutes for each
+    /// other to connect.
     pub fn connect(
         rank: usize,
         addrs: &[SocketAddr],
@@ -213,7 +250,7 @@ impl HostComm {
         if rank >= world {
             return Err(comm_err(format!("rank {rank} of a group of {world}")));
         }
-        let deadline = Instant::now() + timeout.min(Duration::from_secs(300));
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let hello = |peer: usize| {
             let mut h = MAGIC.to_vec();
@@ -242,13 +279,15 @@ impl HostComm {
             .map_err(|e| comm_err(format!("listener: {e}")))?;
         while streams.iter().skip(rank + 1).any(|s| s.is_none()) {
             match listener.accept() {
-                Ok((mut s, from)) => {
-                    let io = |e: std::io::Error| comm_err(format!("rank {rank} ← {from}: {e}"));
-                    s.set_nonblocking(false).map_err(io)?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))
-                        .map_err(io)?;
+                Ok((mut s, _)) => {
+                    // A connection that is not one of ours (or breaks off) is dropped.
                     let mut h = [0u8; 20];
-                    s.read_exact(&mut h).map_err(io)?;
+                    let ok = s.set_nonblocking(false).is_ok()
+                        && s.set_read_timeout(Some(Duration::from_secs(10))).is_ok()
+                        && s.read_exact(&mut h).is_ok();
+                    if !ok {
+                        continue;
+                    }
                     let peer = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")) as usize;
                     let their_world = u64::from_le_bytes(h[12..].try_into().expect("8 bytes"));
                     if &h[..4] != MAGIC
@@ -325,19 +364,28 @@ impl HostComm {
     }
 }
 
-/// A reader thread: frames from `peer` into the inbox until the connection ends; an end that is
-/// not ours fails the group.
+/// A reader thread: frames from `peer` into the inbox until the connection ends. A goodbye
+/// marks the peer as finished; an end without one (it died, or aborted) fails the group.
 fn read_loop(shared: Arc<Shared>, rank: usize, peer: usize, s: TcpStream) {
     let mut r = BufReader::with_capacity(1 << 16, s);
     let why = loop {
         match Blob::read(&mut r) {
-            Ok((seq, blob)) => {
+            Ok(Frame::Data(seq, blob)) => {
                 let Ok(mut st) = shared.state.lock() else {
                     return;
                 };
                 st.inbox.insert((peer, seq), blob);
                 drop(st);
                 shared.arrived.notify_all();
+            }
+            Ok(Frame::Abort(why)) => break why,
+            Ok(Frame::Bye) => {
+                if let Ok(mut st) = shared.state.lock() {
+                    st.left
+                        .insert(peer, format!("rank {peer} has left the group"));
+                }
+                shared.arrived.notify_all();
+                return;
             }
             Err(e) => {
                 break format!(
@@ -350,7 +398,7 @@ fn read_loop(shared: Arc<Shared>, rank: usize, peer: usize, s: TcpStream) {
         return;
     }
     if let Ok(mut st) = shared.state.lock() {
-        st.closed.insert(peer, why);
+        st.aborted.get_or_insert(why);
     }
     shared.arrived.notify_all();
 }
@@ -439,14 +487,17 @@ impl Inner {
             if let Some(b) = st.inbox.remove(&(from, seq)) {
                 return Ok(b);
             }
-            if let Some(why) = st.closed.get(&from).cloned() {
+            if let Some(why) = st.aborted.clone() {
                 // Fail the others too, at once, rather than at their own timeouts.
                 drop(st);
                 self.abort(&why);
-                return Err(comm_err(why));
-            }
-            if let Some(why) = &st.aborted {
                 return Err(comm_err(format!("group aborted: {why}")));
+            }
+            if let Some(why) = st.left.get(&from).cloned() {
+                drop(st);
+                let why = format!("rank {}: {why} before collective #{}", self.rank, seq + 1);
+                self.abort(&why);
+                return Err(comm_err(why));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -488,11 +539,31 @@ impl Inner {
             .collect()
     }
 
+    /// Fails the group: the reason to every peer (so their errors name the root cause, not this
+    /// rank), then the connections shut down.
     fn abort(&self, why: &str) {
-        if let Ok(mut st) = self.shared.state.lock() {
-            st.aborted.get_or_insert_with(|| why.to_string());
-        }
+        let first = match self.shared.state.lock() {
+            Ok(mut st) => {
+                let first = st.aborted.is_none();
+                st.aborted.get_or_insert_with(|| why.to_string());
+                first
+            }
+            Err(_) => false,
+        };
         self.shared.arrived.notify_all();
+        if first {
+            let why = why.as_bytes();
+            let mut frame = [0u8; 8].to_vec();
+            frame.extend([TAG_ABORT, 0, 0]);
+            frame.extend((why.len() as u32).to_le_bytes());
+            frame.extend(why);
+            for l in self.links.iter().flatten() {
+                // A writer stuck mid-frame holds the lock: that peer learns from the shutdown.
+                if let Ok(mut s) = l.out.try_lock() {
+                    let _ = s.write_all(&frame);
+                }
+            }
+        }
         self.shut_down();
     }
 
@@ -504,8 +575,23 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// A normal end (after the last collective): goodbye to every peer, unless the group failed.
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::SeqCst);
+        let failed = self
+            .shared
+            .state
+            .lock()
+            .map_or(true, |st| st.aborted.is_some());
+        if !failed {
+            let mut bye = [0u8; 11];
+            bye[8] = TAG_BYE;
+            for l in self.links.iter().flatten() {
+                if let Ok(mut s) = l.out.lock() {
+                    let _ = s.write_all(&bye);
+                }
+            }
+        }
         self.shut_down();
     }
 }

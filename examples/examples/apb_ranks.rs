@@ -26,6 +26,7 @@ fn main() -> Result<()> {
         &doc,
         Some("What is the special magic number?"),
         true,
+        false,
     )?;
     let context = parts.context.len();
     let job = Job {
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        min_rank_tokens: 0,
         first_logits: false,
         params: GenParams {
             max_new_tokens: 12,

@@ -22,12 +22,13 @@ fn main() -> Result<()> {
     )?;
     let group = Group::threads(Runner::new(loaded, Scorer::QueryAware), 1)?;
     let job = Job {
-        prompt: prompt::build(group.runner().tok(), &text, None, false)?,
+        prompt: prompt::build(group.runner().tok(), &text, None, false, false)?,
         method: Method::DENSE,
         world: 1,
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        min_rank_tokens: 0,
         first_logits: false,
         params: GenParams {
             max_new_tokens: 16,

@@ -256,6 +256,7 @@ impl PrefillBench<'_> {
             anchor_len: None,
             passing_len: None,
             question_mask: Default::default(),
+            min_rank_tokens: 0,
             first_logits: false,
             params: GenParams::default(),
         };

@@ -165,7 +165,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                     continue;
                 }
                 let case = case_for(tok, task, seed, length, &prose)?;
-                let parts = prompt::build(tok, &case.document, Some(&case.question), true)?;
+                let parts = prompt::build(tok, &case.document, Some(&case.question), true, false)?;
                 for (arm, group) in arms.iter().zip(&groups) {
                     let key = (arm.label.clone(), task.clone(), length, seed);
                     if done.contains(&key) {
@@ -178,6 +178,7 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         anchor_len: None,
                         passing_len: None,
                         question_mask: Default::default(),
+                        min_rank_tokens: 0,
                         first_logits: false,
                         params: params.clone(),
                     };

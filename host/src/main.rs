@@ -270,20 +270,37 @@ struct EvalArgs {
     /// Retaining heads for apb-heads (file, directory or HF Hub id).
     #[arg(long)]
     heads: Option<String>,
+    /// Tokens each answer may have (at least 1).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// First case seed. The default keeps clear of `apb train-heads --synthetic` (seeds from 0),
     /// so heads are never scored on cases they were trained on.
     #[arg(long, default_value_t = 1_000_000)]
     seed: u64,
-    /// Results, one JSON row per case and method; an existing file is resumed.
-    #[arg(long)]
+    /// Results file, one JSON row per case and method (JSONL); an existing file is resumed.
+    #[arg(long, value_name = "FILE")]
     json: PathBuf,
 }
+
+/// The shortest `apb eval --lengths` entry.
+const MIN_EVAL_TOKENS: usize = 128;
 
 fn eval(a: EvalArgs) -> Result<()> {
     if a.cases == 0 || a.lengths.is_empty() || a.world_size == 0 {
         bail!("--cases, --lengths and --world-size must be positive");
+    }
+    if let Some(l) = a.lengths.iter().find(|l| **l < MIN_EVAL_TOKENS) {
+        bail!("--lengths {l}: every prompt length must be at least {MIN_EVAL_TOKENS} tokens (room for a task's facts and question)");
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if a.json.is_dir() {
+        bail!(
+            "--json {} is a directory: give the results file (e.g. {}/eval.jsonl)",
+            a.json.display(),
+            a.json.display()
+        );
     }
     let device = parse_device(&a.m.device)?;
     let dtype = parse_dtype(&a.m.dtype)?;
@@ -479,6 +496,12 @@ struct AttentionArgs {
     /// for one-to-one comparisons with the reference). causal needs --attention apb.
     #[arg(long, default_value = "full", value_name = "full|causal")]
     apb_question_mask: String,
+    /// Fewest context tokens per rank: a prompt too short for --world-size ranks at this many
+    /// tokens each runs on fewer (a plan note says so). Thin blocks cost approximate methods
+    /// accuracy (Star on 8 ranks answered a 30-token prompt wrongly) and exact ones speed. 0: no
+    /// limit.
+    #[arg(long, default_value_t = 256)]
+    min_rank_tokens: usize,
 }
 
 impl AttentionArgs {
@@ -672,6 +695,7 @@ fn check_sampling(temperature: f64, top_p: f64, max_new_tokens: usize) -> Result
 fn generate(a: GenerateArgs) -> Result<()> {
     check_sampling(a.temperature, a.top_p, a.max_new_tokens)?;
     let method = parse_method(&a.at)?;
+    let question_mask = a.at.question_mask(method)?;
     // Read the prompt before starting ranks: a bad file fails fast, with no processes started.
     let prompt = read_prompt(&a)?;
     let spec = GroupSpec {
@@ -684,14 +708,21 @@ fn generate(a: GenerateArgs) -> Result<()> {
         return Ok(()); // a GPU worker rank: it served rank 0's job
     };
     let runner = group.runner().clone();
-    let parts = prompt::build(runner.tok(), &prompt, a.question.as_deref(), a.chat)?;
+    let parts = prompt::build(
+        runner.tok(),
+        &prompt,
+        a.question.as_deref(),
+        a.chat,
+        method.imp().needs_question(),
+    )?;
     let job = Job {
         prompt: parts,
         method,
         world: a.at.world_size,
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
-        question_mask: a.at.question_mask(method)?,
+        question_mask,
+        min_rank_tokens: a.at.min_rank_tokens,
         first_logits: a.first_logits,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
@@ -742,6 +773,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 v.extend(extra);
             }
         }
+        v["method"] = g.method.name().into();
         v["rank_mode"] = info.rank_mode.into();
         v["comm"] = info.comm.into();
         if a.first_logits {
@@ -752,6 +784,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!();
+    }
+    Ok(())
+}
+
+/// A `--cors-origin`: `*`, or `scheme://host[:port]` as browsers send it (no path, no slash).
+fn check_origin(o: &str) -> Result<()> {
+    if o == "*" {
+        return Ok(());
+    }
+    let ok = o
+        .split_once("://")
+        .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+        .is_some_and(|(_, rest)| {
+            !rest.is_empty()
+                && !rest.contains(['/', '?', '#', ' ', '*'])
+                && axum::http::HeaderValue::from_str(o).is_ok()
+        });
+    if !ok {
+        bail!("--cors-origin {o:?} is not an origin: give `*` or scheme://host[:port] (e.g. http://localhost:3000)");
     }
     Ok(())
 }
@@ -788,6 +839,17 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_body_bytes == Some(0) {
         bail!("--max-body-bytes must be at least 1");
     }
+    // clap reads an empty APB_API_KEY as no key at all: that must not turn authentication off.
+    let env_empty = std::env::var_os("APB_API_KEY").is_some_and(|v| v.is_empty());
+    if env_empty || a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("--api-key (or APB_API_KEY) is empty: give a key, or leave the flag and the variable out to serve without one");
+    }
+    if a.served_model_name.iter().any(|n| n.trim().is_empty()) {
+        bail!("--served-model-name must not be empty");
+    }
+    for o in &a.cors_origin {
+        check_origin(o)?;
+    }
     // Argument errors before the port is bound (only loading the model comes after it).
     parse_dtype(&a.m.dtype)?;
     ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;
@@ -817,9 +879,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         anchor_len: a.at.anchor_len,
         passing_len: a.at.passing_len,
         question_mask: a.at.question_mask(method)?,
+        min_rank_tokens: a.at.min_rank_tokens,
         default_max_tokens: a.default_max_tokens,
         max_queued: a.max_queued,
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),
         model_alias: Some(a.m.model.clone()),
         cors_origins: a.cors_origin.clone(),

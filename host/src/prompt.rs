@@ -21,17 +21,19 @@ pub fn split_question(text: &str) -> Option<(&str, &str)> {
 }
 
 /// The CLI's prompt: `text` as one user turn (`chat`) or raw text. Raw text without `question`
-/// has no question; a chat turn follows [`build_chat`]'s rule.
+/// has its last paragraph as the question with `split` (methods that need one, as the server's
+/// completions endpoint does), else none; a chat turn follows [`build_chat`]'s rule.
 pub fn build(
     tok: &Tokenizer,
     text: &str,
     question: Option<&str>,
     chat: bool,
+    split: bool,
 ) -> Result<PromptParts> {
     if chat {
         build_chat(tok, &[ChatMessage::user(text)], question)
     } else {
-        build_text(tok, text, question, false)
+        build_text(tok, text, question, split)
     }
 }
 

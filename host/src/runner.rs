@@ -92,6 +92,9 @@ pub struct Job {
     /// APB's question segment on non-last ranks (`full`, or the reference's `causal`).
     #[serde(default)]
     pub question_mask: apb_plugin::QuestionMask,
+    /// Fewest context tokens per rank (`--min-rank-tokens`; 0: none): see `PlanArgs`.
+    #[serde(default)]
+    pub min_rank_tokens: usize,
     /// Hand the first token's logits from the sampling (last) rank to every rank, so rank 0 can
     /// report them ([`Generation::first_logits`]) whatever the rank mode: one broadcast of the
     /// vocabulary per request.
@@ -129,6 +132,9 @@ pub struct GenStats {
 /// What one rank's run produced.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The method that ran: the job's, or its fallback (dense with no context; zigzag for APB or
+    /// Star without a question).
+    pub method: Method,
     /// The generated text (cut before a stop string).
     pub text: String,
     /// The generated tokens.
@@ -255,15 +261,22 @@ pub fn prepare_within(
     }
     job.params.validate().map_err(InputError)?;
     check_question_mask(job.method, job.question_mask)?;
-    let method = job.method.imp();
-    if method.needs_question() && parts.question.is_empty() && job.anchor_len != Some(0) {
-        return Err(InputError(format!(
-            "--attention {} needs the question: end the prompt with a blank line and the question, or give it separately (--question, or a request's \"question\" field)",
-            job.method.name()
-        )));
-    }
     let max_new = job.params.max_new_tokens.min(ctx - total);
-    if !job.method.is_dense() && parts.context.is_empty() {
+    // APB and Star embed the question in their anchors; without one they cannot run as asked,
+    // but the request still gets an answer: the exact zigzag layout over the same ranks.
+    let (method, fallback) = if job.method.imp().needs_question()
+        && parts.question.is_empty()
+        && job.anchor_len != Some(0)
+    {
+        let note = format!(
+            "no question found (end the prompt with a blank line and the question, or give it separately: --question, a request's \"question\" field); {} needs one, ran the exact zigzag layout instead",
+            job.method.name()
+        );
+        (Method::ZIGZAG, Some(note))
+    } else {
+        (job.method, None)
+    };
+    if !method.is_dense() && parts.context.is_empty() {
         let note = "the prompt has no context before the question; ran dense on one rank";
         return Ok(Prepared {
             method: Method::DENSE,
@@ -273,16 +286,18 @@ pub fn prepare_within(
     }
     let args = PlanArgs {
         world: job.world,
-        anchor_len: job.anchor_len,
-        passing_len: job.passing_len,
+        anchor_len: job.anchor_len.filter(|_| fallback.is_none()),
+        passing_len: job.passing_len.filter(|_| fallback.is_none()),
         n_heads: heads.0,
         n_kv_heads: heads.1,
+        min_rank_tokens: job.min_rank_tokens,
     };
-    let plan = method
+    let mut plan = method
         .plan(parts, &args)
         .map_err(|e| InputError(format!("{e:#}")))?;
+    plan.notes.extend(fallback);
     Ok(Prepared {
-        method: job.method,
+        method,
         plan,
         max_new,
     })
@@ -386,6 +401,7 @@ impl Runner {
                     tracing::info!("cancelled during prefill, after layer {layer} of {layers}");
                 }
                 return Ok(Generation {
+                    method: prep.method,
                     scorer: self.scorer_of(prep),
                     question_mask: apb_on_ranks(prep).then_some(job.question_mask),
                     text: String::new(),
@@ -489,6 +505,7 @@ impl Runner {
         let text = stream.finish(tok, &out, emit)?;
         let generated_tokens = out.len();
         Ok(Generation {
+            method: prep.method,
             scorer: self.scorer_of(prep),
             question_mask: apb_on_ranks(prep).then_some(job.question_mask),
             text,

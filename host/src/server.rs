@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub passing_len: Option<usize>,
     /// APB's question mask on non-last ranks.
     pub question_mask: apb_plugin::QuestionMask,
+    /// Fewest context tokens per rank (`--min-rank-tokens`).
+    pub min_rank_tokens: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Requests that may wait for their turn; more get 429.
@@ -1118,6 +1120,7 @@ fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
         anchor_len: s.cfg.anchor_len,
         passing_len: s.cfg.passing_len,
         question_mask: s.cfg.question_mask,
+        min_rank_tokens: s.cfg.min_rank_tokens,
         first_logits: false,
         params,
     }
@@ -1334,7 +1337,7 @@ fn usage(g: &Generation) -> Value {
 /// token).
 fn apb_info(g: &Generation, meta: &Meta) -> Value {
     let (rank_mode, comm) = meta.group.map_or(("", ""), |i| (i.rank_mode, i.comm));
-    json!({"method": meta.method, "scorer": g.scorer, "question_mask": g.question_mask,
+    json!({"method": g.method.name(), "requested_method": meta.method, "scorer": g.scorer, "question_mask": g.question_mask,
            "ranks": g.plan.world, "rank_mode": rank_mode, "comm": comm,
            "prefill_ms": g.stats.prefill_ms,
            "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,

@@ -430,23 +430,53 @@ fn apb_on_4_ranks_answers_a_6k_needle_and_reports_its_plan() {
     );
 }
 
+/// APB without a question still answers: the exact zigzag layout runs, and the output says so.
+/// A raw prompt (no --chat) ending with a blank line and a question is split as the server
+/// splits it, and APB runs.
 #[test]
-fn apb_without_question_is_a_clear_error() {
-    assert_clean_error(
-        &apb(
+fn apb_without_question_falls_back_and_a_raw_prompt_is_split() {
+    let m = tiny();
+    let doc = "abcdefgh ".repeat(40);
+    let run = |prompt: &str| {
+        apb_json(
             &[
                 "generate",
+                "-m",
+                m.to_str().unwrap(),
                 "--attention",
                 "apb",
                 "--world-size",
                 "2",
+                "--min-rank-tokens",
+                "0",
+                "--anchor-len",
+                "32",
+                "--passing-len",
+                "16",
+                "--max-new-tokens",
+                "2",
+                "--json",
                 "--prompt",
-                "some text",
+                prompt,
             ],
             &[],
-        ),
-        "needs the question",
+        )
+    };
+    let v = run(&doc);
+    assert_eq!(
+        (v["attention"].as_str(), v["method"].as_str()),
+        (Some("apb"), Some("zigzag")),
+        "{v}"
     );
+    assert_eq!(v["world_size"], 2, "{v}");
+    assert!(
+        v["plan_notes"].to_string().contains("no question found"),
+        "{v}"
+    );
+    let v = run(&format!("{doc}\n\nWhat comes next?"));
+    assert_eq!(v["method"], "apb", "{v}");
+    assert_eq!(v["world_size"], 2, "{v}");
+    assert!(!v["plan_notes"].to_string().contains("no question"), "{v}");
     assert_clean_error(
         &apb(
             &[
@@ -695,6 +725,8 @@ fn apb_question_mask_switch() {
         "apb",
         "--world-size",
         "2",
+        "--min-rank-tokens",
+        "0",
         "--anchor-len",
         "32",
         "--apb-question-mask",
@@ -798,6 +830,15 @@ fn many_ranks_on_short_and_long_prompts_never_panic() {
         assert!(out.status.success(), "{attention}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(err.matches("note:").count() <= 1, "{attention}: {err}");
+        // --min-rank-tokens (256 by default) keeps a 30-token prompt on one rank: star on 7 of 8
+        // ranks used to answer "L'Alma, the capital of".
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["world_size"], 1, "{attention}: {v}");
+        assert!(err.contains("--min-rank-tokens"), "{attention}: {err}");
+        assert!(
+            v["text"].as_str().unwrap().contains("Paris"),
+            "{attention}: {v}"
+        );
     }
     // 1000 thread ranks: a clear error up front, not a panic (nor 16 GB of threads).
     assert_clean_error(
@@ -1005,4 +1046,75 @@ fn train_heads_and_eval_refuse_bad_arguments() {
     assert!(!rows.exists(), "a failed run left {}", rows.display());
     let out = apb(&["eval", "--json", "/nonexistent-apb-dir/rows.jsonl"], &[]);
     assert_clean_error(&out, "no such folder");
+    // Caught up front, in the flags' own words (before the model loads).
+    let out = apb(
+        &["eval", "--lengths", "0", "--json", rows.to_str().unwrap()],
+        &[],
+    );
+    assert_clean_error(&out, "--lengths 0");
+    let out = apb(
+        &[
+            "eval",
+            "--max-new-tokens",
+            "0",
+            "--json",
+            rows.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&out, "--max-new-tokens must be at least 1");
+    let out = apb(&["eval", "--json", dir.path().to_str().unwrap()], &[]);
+    assert_clean_error(&out, "is a directory");
+    assert!(!rows.exists());
+    let help = apb(&["eval", "--help"], &[]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    let line = help
+        .lines()
+        .skip_while(|l| !l.contains("--max-new-tokens"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(!line.trim().is_empty() && !line.contains("--"), "{help}");
+}
+
+/// `apb serve` with an empty key, model name or a malformed CORS origin stops at start with one
+/// error naming the flag (an empty key used to turn authentication off silently).
+#[test]
+fn serve_refuses_empty_and_malformed_flags() {
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_apb"));
+        c.args(["serve", "--port", "0"])
+            .args(args)
+            .env_remove("APB_API_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        // A server that started instead of refusing: stop it and fail below.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    assert_clean_error(&serve(&["--api-key", ""], &[]), "--api-key");
+    assert_clean_error(&serve(&["--api-key", "  "], &[]), "--api-key");
+    assert_clean_error(&serve(&[], &[("APB_API_KEY", "")]), "APB_API_KEY");
+    assert_clean_error(
+        &serve(&["--served-model-name", ""], &[]),
+        "--served-model-name",
+    );
+    for bad in [
+        "localhost:3000",
+        "http://x.org/",
+        "ftp://x.org",
+        "http://",
+        "http://a b",
+    ] {
+        assert_clean_error(&serve(&["--cors-origin", bad], &[]), "--cors-origin");
+    }
 }

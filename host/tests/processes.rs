@@ -211,7 +211,13 @@ fn server_over_4_rank_processes() {
 fn generate(method: &str, world: &str, ranks: &str, extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_apb"))
         .args(["generate", "--chat", "--json", "--first-logits"])
-        .args(["--max-new-tokens", "5", "--ignore-eos"])
+        .args([
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--min-rank-tokens",
+            "0",
+        ])
         .args([
             "--attention",
             method,

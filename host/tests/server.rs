@@ -467,10 +467,20 @@ fn apb_server_on_4_ranks() {
         "{v}"
     );
 
-    // A single message without a question paragraph: APB cannot know the question.
-    let (code, v) = s.chat(ask("a message without a question paragraph"));
-    assert_eq!(code, 400, "{v}");
-    assert!(error_message(&v).contains("question"), "{v}");
+    // A single message without a question paragraph: APB cannot know the question; the request
+    // is still answered (the exact zigzag layout), and the answer says what ran.
+    let (code, v) = s.chat(ask("Write a story about a lighthouse"));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["apb"]["method"], "zigzag", "{v}");
+    assert_eq!(v["apb"]["requested_method"], "apb", "{v}");
+    assert!(
+        v["apb"]["plan_notes"]
+            .to_string()
+            .contains("no question found"),
+        "{v}"
+    );
+    let (code, v) = s.chat(ask("Hi"));
+    assert_eq!(code, 200, "{v}");
     // A question with no document before it runs (on one rank).
     let (code, v) = s.chat(ask("\n\nWhat is the capital of France?"));
     assert_eq!(code, 200, "{v}");

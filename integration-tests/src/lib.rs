@@ -186,6 +186,7 @@ pub fn job(
         anchor_len: None,
         passing_len: None,
         question_mask: Default::default(),
+        min_rank_tokens: 0,
         first_logits: false,
         params: params.clone(),
     }

@@ -46,6 +46,7 @@ fn run(
         anchor_len: anchor,
         passing_len: passing,
         question_mask: Default::default(),
+        min_rank_tokens: 0,
         first_logits: false,
         ..job(p, method, world, &params())
     };

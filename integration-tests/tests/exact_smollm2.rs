@@ -17,6 +17,7 @@ fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
         &doc,
         Some("What is the pass code of the vault?"),
         true,
+        false,
     )
     .unwrap();
     assert!(

@@ -17,6 +17,7 @@ fn apb_finds_the_needle_like_dense() {
         &doc,
         Some("What is the special magic number?"),
         true,
+        false,
     )
     .unwrap();
     assert!(

@@ -79,6 +79,10 @@ pub struct PlanArgs {
     pub n_heads: usize,
     /// The model's KV heads (Ulysses splits them over ranks).
     pub n_kv_heads: usize,
+    /// Fewest context tokens per rank ([`Method::plan`]): a prompt too short for `world` ranks
+    /// at this many tokens each runs on fewer. 0 (the default): no such limit, a method splits
+    /// as thin as its own layout allows (approximate methods lose accuracy on thin blocks).
+    pub min_rank_tokens: usize,
 }
 
 /// One rank's prefill share.
@@ -201,6 +205,41 @@ impl Method {
         self.0
     }
 
+    /// The method's plan after the rule every method shares: at most one rank per
+    /// `args.min_rank_tokens` context tokens (a plan note says when it applied).
+    pub fn plan(self, parts: &PromptParts, args: &PlanArgs) -> Result<crate::Plan> {
+        let n = parts.context.len();
+        let cap = match args.min_rank_tokens {
+            0 => args.world,
+            m => (n / m).max(1),
+        };
+        if cap >= args.world {
+            return self.0.plan(parts, args);
+        }
+        // The most ranks up to the cap that the method accepts (Ulysses: a divisor of the KV
+        // heads).
+        let mut world = cap;
+        let mut plan = loop {
+            let capped = PlanArgs {
+                world,
+                ..args.clone()
+            };
+            match self.0.plan(parts, &capped) {
+                Ok(p) => break p,
+                Err(_) if world > 1 => world -= 1,
+                Err(e) => return Err(e),
+            }
+        };
+        plan.notes.insert(
+            0,
+            format!(
+                "{n} context tokens are fewer than {} per rank (--min-rank-tokens) on {} ranks; planned for {world}",
+                args.min_rank_tokens, args.world
+            ),
+        );
+        Ok(plan)
+    }
+
     /// The backend rank `comm.rank()` runs.
     pub fn backend(
         self,
@@ -284,6 +323,46 @@ pub(crate) fn block_plan(parts: &PromptParts, world: usize) -> Result<Plan> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn min_rank_tokens_caps_the_ranks_of_every_method_and_says_so() {
+        let p = PromptParts {
+            context: (0..1000).collect(),
+            query: vec![1, 2],
+            question: vec![1],
+            prefix_len: 0,
+        };
+        for m in Method::ALL {
+            let args = PlanArgs {
+                world: 8,
+                n_heads: 8,
+                n_kv_heads: 8,
+                min_rank_tokens: 300,
+                ..Default::default()
+            };
+            let plan = m.plan(&p, &args).unwrap();
+            assert!(plan.world <= 3, "{m}: {}", plan.world);
+            if !m.is_dense() {
+                assert!(
+                    plan.notes[0].contains("--min-rank-tokens"),
+                    "{m}: {:?}",
+                    plan.notes
+                );
+            }
+            // 0 is no limit: the method's own plan.
+            let free = m
+                .plan(
+                    &p,
+                    &PlanArgs {
+                        min_rank_tokens: 0,
+                        ..args.clone()
+                    },
+                )
+                .unwrap();
+            let own = m.imp().plan(&p, &args).unwrap();
+            assert_eq!(free.world, own.world, "{m}");
+        }
+    }
     use super::*;
 
     pub(super) fn parts(n: usize, question: usize) -> PromptParts {

@@ -706,10 +706,43 @@ impl TextStream {
         let mut text = tok.decode(ids)?;
         if let Some(i) = self.cut {
             text.truncate(i);
+        } else {
+            // A generation cut inside a multi-byte character (max_tokens) decodes to U+FFFD at
+            // the end: the bytes that would complete it never came. Streaming holds such a tail
+            // back between tokens; the final text drops it (a U+FFFD the model meant at the very
+            // end goes with it).
+            let whole = text.trim_end_matches('\u{FFFD}').len().max(self.printed);
+            text.truncate(whole);
         }
         if text.len() > self.printed {
             emit(&text[self.printed..]);
         }
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `max_tokens` cut inside "é" (two byte tokens of the tiny fixture's byte-level BPE) ends
+    /// the text before it, streamed and whole alike, instead of with U+FFFD.
+    #[test]
+    fn a_cut_inside_a_character_ends_the_text_before_it() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny-llama31");
+        let tok = Tokenizer::from_dir(&dir, &[]).unwrap();
+        let ids = tok.encode_plain("café").unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), "café");
+        let cut = &ids[..ids.len() - 1];
+        assert!(tok.decode(cut).unwrap().ends_with('\u{FFFD}'));
+        let mut streamed = String::new();
+        let mut ts = TextStream::new(vec![]);
+        for i in 1..=cut.len() {
+            ts.push(&tok, &cut[..i], &mut |s| streamed.push_str(s))
+                .unwrap();
+        }
+        let text = ts.finish(&tok, cut, &mut |s| streamed.push_str(s)).unwrap();
+        assert_eq!((text.as_str(), streamed.as_str()), ("caf", "caf"));
     }
 }

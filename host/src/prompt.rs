@@ -72,8 +72,11 @@ pub fn build_chat(
     let Some(last) = messages.last() else {
         bail!("no messages");
     };
-    if last.role != "user" {
-        bail!("the last message must have role 'user'");
+    // A chat may end with an assistant turn (the model continues after it, in a new turn) or be
+    // a system message alone, as OpenAI accepts; then no user turn holds a question.
+    let user_last = last.role == "user";
+    if !user_last && question.is_some_and(|q| !q.trim().is_empty()) {
+        bail!("'question' is appended to the last user turn: the last message must be the user's");
     }
     let marked: Vec<ChatMessage> = messages
         .iter()
@@ -104,6 +107,7 @@ pub fn build_chat(
         .any(|m| m.role != "system");
     let (doc, q) = match question.map(str::trim).filter(|q| !q.is_empty()) {
         Some(q) => (last.content.as_str(), Some(q)),
+        None if !user_last => (last.content.as_str(), None),
         None => match split_question(&last.content) {
             Some((d, q)) => (d, Some(q)),
             None if conversation => ("", Some(last.content.trim())),

@@ -839,7 +839,7 @@ struct StreamOptions {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "'stop' must be a string or a list of strings")]
 enum Stop {
     One(String),
     Many(Vec<String>),
@@ -860,7 +860,7 @@ struct CompletionRequest {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "'prompt' must be a string or a list of strings")]
 enum PromptField {
     One(String),
     Many(Vec<String>),
@@ -874,7 +874,10 @@ struct Message {
 
 /// A message's content: a string, or OpenAI's list of parts (text parts only).
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a message's 'content' must be a string or a list of text parts"
+)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
@@ -1156,9 +1159,14 @@ fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
             )));
         }
     }
+    // Neutral values (null, false, 0, an empty list) are what clients send for "none".
     let truthy = |v: &Option<Value>| {
-        v.as_ref()
-            .is_some_and(|v| !(v.is_null() || *v == json!(false) || *v == json!(0)))
+        v.as_ref().is_some_and(|v| {
+            !(v.is_null()
+                || *v == json!(false)
+                || *v == json!(0)
+                || v.as_array().is_some_and(|a| a.is_empty()))
+        })
     };
     let mut unsupported = Vec::new();
     if truthy(&c.logprobs) || truthy(&c.top_logprobs) {
@@ -1182,8 +1190,11 @@ fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
     {
         unsupported.push("response_format (only {\"type\": \"text\"})");
     }
-    if truthy(&c.tools) || truthy(&c.functions) {
+    if truthy(&c.tools) {
         unsupported.push("tools");
+    }
+    if truthy(&c.functions) {
+        unsupported.push("functions");
     }
     if c.tool_choice
         .as_ref()

@@ -670,3 +670,46 @@ fn a_client_that_leaves_during_prefill_stops_it() {
         assert_eq!(s.metric("apb_cancelled_total", "running"), before + 1.0);
     }
 }
+
+/// OpenAI accepts a chat that ends with an assistant turn or is a system message alone; errors
+/// name the field in the API's words (no serde type names); an empty `functions` list is "none",
+/// a non-empty one is named as `functions`.
+#[test]
+fn compatible_chats_and_errors_in_the_apis_words() {
+    let s = Server::start(&[]);
+    for messages in [
+        json!([{"role": "user", "content": "Name a colour."},
+               {"role": "assistant", "content": "Blue"}]),
+        json!([{"role": "system", "content": "You answer with one word: yes."}]),
+    ] {
+        let (code, v) = s.chat(json!({"messages": messages, "max_tokens": 4}));
+        assert_eq!(code, 200, "{messages}: {v}");
+    }
+    for (body, want) in [
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "'content' must be a string or a list of text parts",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": 5}),
+            "'stop' must be a string or a list of strings",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "functions": [{"name": "f"}]}),
+            "functions",
+        ),
+    ] {
+        let (code, v) = s.chat(body.clone());
+        assert_eq!(code, 400, "{body}: {v}");
+        let m = error_message(&v);
+        assert!(m.contains(want), "{body}: {m}");
+        assert!(!m.contains("untagged") && !m.contains("enum"), "{m}");
+    }
+    let (code, _, text) = s.post("/v1/completions", &json!({"prompt": 5}).to_string(), &[]);
+    assert_eq!(code, 400);
+    assert!(text.contains("'prompt' must be a string"), "{text}");
+    let (code, v) = s.chat(json!({"messages": [{"role": "user", "content": "hi"}],
+        "functions": [], "tools": [], "max_tokens": 2}));
+    assert_eq!(code, 200, "{v}");
+}

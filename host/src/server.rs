@@ -158,7 +158,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Requests answered, by endpoint, attention method and HTTP status",
+                "Requests answered (refusals and unknown routes included), by endpoint (chat, completions, models, health, metrics, other), attention method and HTTP status",
             ),
             &["endpoint", "method", "status"],
         )?;
@@ -175,7 +175,10 @@ impl Metrics {
             &["method"],
         )?;
         let generated_tokens = IntCounterVec::new(
-            Opts::new("generated_tokens_total", "Generated tokens"),
+            Opts::new(
+                "generated_tokens_total",
+                "Generated tokens of completed requests",
+            ),
             &["method"],
         )?;
         let buckets = vec![
@@ -549,20 +552,22 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
                         "request cancelled by its client after {} tokens",
                         g.stats.generated_tokens
                     );
-                }
-                m.prompt_tokens
-                    .with_label_values(&[method])
-                    .inc_by(g.stats.prompt_tokens as u64);
-                m.generated_tokens
-                    .with_label_values(&[method])
-                    .inc_by(g.stats.generated_tokens as u64);
-                m.ttft
-                    .with_label_values(&[method])
-                    .observe(waited + g.stats.prefill_ms / 1e3);
-                if g.stats.prefill_ms > 0.0 {
-                    m.prefill_tps
+                } else {
+                    // Token counters and latency histograms are of completed requests.
+                    m.prompt_tokens
                         .with_label_values(&[method])
-                        .observe(g.stats.prompt_tokens as f64 / (g.stats.prefill_ms / 1e3));
+                        .inc_by(g.stats.prompt_tokens as u64);
+                    m.generated_tokens
+                        .with_label_values(&[method])
+                        .inc_by(g.stats.generated_tokens as u64);
+                    m.ttft
+                        .with_label_values(&[method])
+                        .observe(waited + g.stats.prefill_ms / 1e3);
+                    if g.stats.prefill_ms > 0.0 {
+                        m.prefill_tps
+                            .with_label_values(&[method])
+                            .observe(g.stats.prompt_tokens as f64 / (g.stats.prefill_ms / 1e3));
+                    }
                 }
                 let _ = q.events.send(Ev::Done(Box::new(g)));
             }
@@ -601,6 +606,7 @@ fn router(state: Arc<Server>) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), check_key))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(
@@ -685,6 +691,26 @@ async fn check_host(State(s): State<Arc<Server>>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+/// Counts every answer (`apb_requests_total`), refusals by the host and key checks and unknown
+/// routes included, by the route it was for.
+async fn count(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let endpoint = match path {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/health" => "health",
+        "/metrics" => "metrics",
+        p if p == "/v1/models" || p.starts_with("/v1/models/") => "models",
+        _ => "other",
+    };
+    let r = next.run(req).await;
+    s.metrics
+        .requests
+        .with_label_values(&[endpoint, s.cfg.method.name(), r.status().as_str()])
+        .inc();
+    r
+}
+
 async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Response {
     let guarded = req.uri().path().starts_with("/v1");
     if let (true, Some(key)) = (guarded, &s.cfg.api_key) {
@@ -696,10 +722,6 @@ async fn check_key(State(s): State<Arc<Server>>, req: Request, next: Next) -> Re
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, key)| key);
         if !given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes())) {
-            s.metrics
-                .requests
-                .with_label_values(&["any", s.cfg.method.name(), "401"])
-                .inc();
             let mut r = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -915,15 +937,6 @@ enum Endpoint {
     Completion,
 }
 
-impl Endpoint {
-    fn label(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "chat",
-            Endpoint::Completion => "completions",
-        }
-    }
-}
-
 /// A request checked and tokenized, ready to queue.
 struct Checked {
     job: Job,
@@ -944,15 +957,10 @@ async fn completions(State(s): State<Arc<Server>>, headers: HeaderMap, body: Bod
 }
 
 async fn handle(s: Arc<Server>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
-    let r = match admit(&s, &headers, body, ep).await {
+    match admit(&s, &headers, body, ep).await {
         Ok(checked) => respond(s.clone(), checked, ep).await,
         Err(e) => e.into_response(),
-    };
-    s.metrics
-        .requests
-        .with_label_values(&[ep.label(), s.cfg.method.name(), r.status().as_str()])
-        .inc();
-    r
+    }
 }
 
 /// Content type, body bound and timeout, JSON, parameters, tokenization (bounded), plan.

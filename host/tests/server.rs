@@ -668,6 +668,8 @@ fn a_client_that_leaves_during_prefill_stops_it() {
             "stream={stream}: {log}"
         );
         assert_eq!(s.metric("apb_cancelled_total", "running"), before + 1.0);
+        // Token counters are of completed requests: a cancelled one adds nothing.
+        assert_eq!(s.metric("apb_prompt_tokens_total", ""), 0.0);
     }
 }
 
@@ -712,4 +714,31 @@ fn compatible_chats_and_errors_in_the_apis_words() {
     let (code, v) = s.chat(json!({"messages": [{"role": "user", "content": "hi"}],
         "functions": [], "tools": [], "max_tokens": 2}));
     assert_eq!(code, 200, "{v}");
+
+    // Every answer is counted: unknown routes, wrong methods, a foreign Host.
+    assert_eq!(s.get("/nothing").0, 404);
+    assert_eq!(s.post("/health", "{}", &[]).0, 405);
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    write!(
+        c,
+        "GET /health HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    for (labels, status) in [
+        ("endpoint=\"other\"", "404"),
+        ("endpoint=\"health\"", "405"),
+        ("endpoint=\"health\"", "403"),
+    ] {
+        let n = s.metric("apb_requests_total", &format!("status=\"{status}\""));
+        assert!(n >= 1.0, "{status} not counted");
+        let text = s.get("/metrics").1;
+        assert!(
+            text.lines()
+                .any(|l| l.contains(labels) && l.contains(&format!("status=\"{status}\""))),
+            "{labels} {status}: {text}"
+        );
+    }
 }

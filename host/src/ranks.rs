@@ -175,9 +175,6 @@ pub fn start(
 ) -> Result<Option<Group>> {
     spec.validate()?;
     if !spec.processes() {
-        if spec.world > 1 {
-            eprintln!("{}", spec.describe());
-        }
         return Group::threads(load(&spec.device)?, spec.world).map(Some);
     }
     let Member { device, comm, ctx } = join(spec)?;

@@ -511,15 +511,21 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         max_body,
         group: group.info(),
     });
+    let info = group.info();
     eprintln!(
-        "ready: {} with {} on {} rank{}",
+        "ready: {} with {} on {} rank{}{}",
         s.ready
             .get()
             .map(|r| r.model_names[0].as_str())
             .unwrap_or(""),
         s.cfg.method.name(),
         group.world(),
-        if group.world() == 1 { "" } else { "s" }
+        if group.world() == 1 { "" } else { "s" },
+        if group.world() == 1 {
+            String::new()
+        } else {
+            format!(" ({}, comm {})", info.rank_mode, info.comm)
+        }
     );
     while let Some(q) = s.next_queued() {
         if let Some(why) = s.fatal_cause() {

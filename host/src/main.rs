@@ -93,6 +93,11 @@ struct ServeArgs {
     /// Seconds a client has to send its request headers, and its body.
     #[arg(long, default_value_t = 30)]
     read_timeout: u64,
+    /// On SIGINT/SIGTERM: queued requests get 503 at once, the running one has this many
+    /// seconds to finish (then it is cut, with a 503), and the server exits (within Kubernetes'
+    /// default 30 s grace).
+    #[arg(long, default_value_t = 25.0, value_name = "SECS")]
+    shutdown_timeout: f64,
     #[command(flatten)]
     launch: apb_host::launch::LaunchArgs,
 }
@@ -832,6 +837,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.read_timeout == 0 {
         bail!("--read-timeout must be at least 1 second");
     }
+    if !(a.shutdown_timeout.is_finite() && (0.0..=86_400.0).contains(&a.shutdown_timeout)) {
+        bail!(
+            "--shutdown-timeout must be between 0 and 86400 seconds, got {}",
+            a.shutdown_timeout
+        );
+    }
     if let Some(json) = &a.m.rope_scaling {
         // Checked before the port is bound; the model loads after.
         apb_loaders::RopeScaling::parse_override(json)?;
@@ -890,6 +901,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         header_timeout: std::time::Duration::from_secs(a.read_timeout),
         body_timeout: std::time::Duration::from_secs(a.read_timeout),
+        shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -45,6 +45,10 @@ use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 pub const TOKENIZE_PERMITS: usize = 2;
 /// Request bodies read at once; further uploads wait (memory: this many times the body bound).
 pub const BODY_PERMITS: usize = 16;
+/// A body that sends nothing for this long (its first bytes included) gets 408 and frees its
+/// slot: a client cannot hold one of the `BODY_PERMITS` by trickling bytes until
+/// `--read-timeout`.
+pub const BODY_IDLE: Duration = Duration::from_secs(3);
 /// Body bytes allowed per context token (plus `BODY_SLACK`): generous for any text (English
 /// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
 pub const BODY_BYTES_PER_TOKEN: usize = 32;
@@ -87,6 +91,9 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// Time a client has to send its request body.
     pub body_timeout: Duration,
+    /// After SIGINT/SIGTERM: how long the request running may take to finish before it is cut
+    /// (queued ones get 503 at once).
+    pub shutdown_timeout: Duration,
 }
 
 /// A request waiting for the ranks.
@@ -130,8 +137,11 @@ struct Server {
     shutdown: Notify,
     queue: Mutex<Queue>,
     queued: Condvar,
-    /// The request running on the ranks: answered at once if the group fails under it.
-    current: Mutex<Option<tmpsc::UnboundedSender<Ev>>>,
+    /// The request running on the ranks (its events and cancel flag): answered at once if the
+    /// group fails under it, cut at the end of a shutdown's grace.
+    current: Mutex<Option<(tmpsc::UnboundedSender<Ev>, Arc<AtomicBool>)>>,
+    /// Set when a shutdown's grace ran out: the request cut then gets 503, not a short answer.
+    cut_by_shutdown: AtomicBool,
     running: AtomicBool,
     /// Bodies read at once (each at most the body bound): bounds the memory requests can take.
     bodies: Arc<Semaphore>,
@@ -146,6 +156,7 @@ struct Metrics {
     requests: IntCounterVec,
     cancelled: IntCounterVec,
     queue_depth: IntGauge,
+    bodies_reading: IntGauge,
     prompt_tokens: IntCounterVec,
     generated_tokens: IntCounterVec,
     ttft: HistogramVec,
@@ -170,6 +181,10 @@ impl Metrics {
             &["stage"],
         )?;
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the ranks")?;
+        let bodies_reading = IntGauge::new(
+            "bodies_reading",
+            "Request bodies being read or parsed (at most 16 at a time)",
+        )?;
         let prompt_tokens = IntCounterVec::new(
             Opts::new("prompt_tokens_total", "Prompt tokens of completed requests"),
             &["method"],
@@ -203,6 +218,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(cancelled.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(bodies_reading.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -212,6 +228,7 @@ impl Metrics {
             requests,
             cancelled,
             queue_depth,
+            bodies_reading,
             prompt_tokens,
             generated_tokens,
             ttft,
@@ -297,6 +314,7 @@ pub async fn serve(
         queue: Mutex::new(Queue::default()),
         queued: Condvar::new(),
         current: Mutex::new(None),
+        cut_by_shutdown: AtomicBool::new(false),
         running: AtomicBool::new(false),
         bodies: Arc::new(Semaphore::new(BODY_PERMITS)),
         tokenize: Arc::new(Semaphore::new(TOKENIZE_PERMITS)),
@@ -384,17 +402,30 @@ pub async fn serve(
         eprintln!("second signal: stopping now");
         std::process::exit(1);
     });
-    // Requests in flight finish (a failed group answers them at once); then the queue closes
-    // and the engine thread stops the ranks.
-    let fatal = state.fatal_cause();
-    let grace = if fatal.is_some() {
+    // Queued requests get 503 at once; the one running finishes within --shutdown-timeout (a
+    // failed group answered everything already); then the engine thread stops the ranks.
+    state.close_queue("the server is shutting down; retry on another instance");
+    let grace = if state.fatal_cause().is_some() {
         Duration::from_secs(5)
     } else {
-        Duration::from_secs(24 * 3600)
+        state.cfg.shutdown_timeout
     };
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-    state.queue.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
-    state.queued.notify_all();
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        if let Some((_, cancel)) = state
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            eprintln!("shutdown timeout ({grace:?}): cutting the request in flight");
+            state.cut_by_shutdown.store(true, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+        }
+        // The ranks stop at the next layer or token; its client gets the 503.
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut drained).await;
+    }
     let engine = match tokio::time::timeout(Duration::from_secs(30), engine_done).await {
         Ok(Ok(r)) => r,
         _ => Err(err!("the ranks did not stop within 30 s")),
@@ -406,6 +437,21 @@ pub async fn serve(
 }
 
 impl Server {
+    /// No more requests: queued ones are answered 503 with `why`.
+    fn close_queue(&self, why: &str) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        for item in q.items.drain(..) {
+            let _ = item.events.send(Ev::Fail(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                why,
+            )));
+        }
+        q.closed = true;
+        self.metrics.queue_depth.set(0);
+        drop(q);
+        self.queued.notify_all();
+    }
+
     /// The group failed: answer the request in flight (500) and every queued one (503), turn
     /// `/health` unhealthy, and stop serving.
     fn fail(&self, why: &str) {
@@ -415,7 +461,7 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| why.to_string())
             .clone();
-        if let Some(tx) = self
+        if let Some((tx, _)) = self
             .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -536,7 +582,8 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             continue;
         }
         s.running.store(true, Ordering::SeqCst);
-        *s.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(q.events.clone());
+        *s.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((q.events.clone(), q.cancel.clone()));
         let events = q.events.clone();
         let mut on_text = |t: &str| {
             let _ = events.send(Ev::Text(t.to_string()));
@@ -550,6 +597,15 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         s.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         let method = q.job.method.name();
         match res {
+            Ok(g) if g.finish == Finish::Cancelled && s.cut_by_shutdown.load(Ordering::SeqCst) => {
+                let _ = q.events.send(Ev::Fail(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the server shut down before this request finished (--shutdown-timeout {:?}); retry",
+                        s.cfg.shutdown_timeout
+                    ),
+                )));
+            }
             Ok(g) => {
                 let m = &s.metrics;
                 if g.finish == Finish::Cancelled {
@@ -762,6 +818,7 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
             .into_response();
     }
     Json(json!({"status": "ok", "queue_depth": depth,
+                "bodies_reading": s.metrics.bodies_reading.get(),
                 "running": s.running.load(Ordering::SeqCst),
                 "max_queued": s.cfg.max_queued}))
     .into_response()
@@ -969,6 +1026,59 @@ async fn handle(s: Arc<Server>, headers: HeaderMap, body: Body, ep: Endpoint) ->
     }
 }
 
+/// An in-use count (a gauge up while this lives).
+struct Gauged(IntGauge);
+
+impl Gauged {
+    fn new(g: &IntGauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The body, at most `limit` bytes (Err(None): over it), within `whole` and with no gap of
+/// [`BODY_IDLE`] between its pieces (the first included).
+async fn read_body(body: Body, limit: usize, whole: Duration) -> Result<Vec<u8>, Option<ApiError>> {
+    use futures_util::StreamExt;
+    let deadline = Instant::now() + whole;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let late = |why: String| Some(ApiError::new(StatusCode::REQUEST_TIMEOUT, why));
+        match tokio::time::timeout(left.min(BODY_IDLE), stream.next()).await {
+            Err(_) if left <= BODY_IDLE => {
+                return Err(late(format!(
+                    "the request body did not arrive within {whole:?}"
+                )))
+            }
+            Err(_) => {
+                return Err(late(format!(
+                    "the request body stalled: nothing arrived for {BODY_IDLE:?}"
+                )))
+            }
+            Ok(None) => return Ok(buf),
+            Ok(Some(Err(e))) => {
+                return Err(Some(ApiError::bad(format!(
+                    "could not read the request body: {e}"
+                ))))
+            }
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(None);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
 /// Content type, body bound and timeout, JSON, parameters, tokenization (bounded), plan.
 async fn admit(
     s: &Arc<Server>,
@@ -1015,33 +1125,16 @@ async fn admit(
     let stopping = |_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
     // Held until the body is parsed and tokenized: at most BODY_PERMITS bodies in memory.
     let body_permit = s.bodies.clone().acquire_owned().await.map_err(stopping)?;
-    let read = tokio::time::timeout(s.cfg.body_timeout, axum::body::to_bytes(body, limit)).await;
-    let bytes = match read {
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {:?}",
-                    s.cfg.body_timeout
-                ),
-            ))
-        }
-        Ok(Err(e)) => {
-            let over = format!("{e:?}").contains("LengthLimit");
-            return Err(if over {
-                too_large()
-            } else {
-                ApiError::bad(format!("could not read the request body: {e}"))
-            });
-        }
-        Ok(Ok(b)) => b,
-    };
+    let reading = Gauged::new(&s.metrics.bodies_reading);
+    let bytes = read_body(body, limit, s.cfg.body_timeout)
+        .await
+        .map_err(|e| e.unwrap_or_else(too_large))?;
     // Owned permits move into the blocking task: a client that leaves mid-tokenization does not
     // free its slot before the work ends.
     let permit = s.tokenize.clone().acquire_owned().await.map_err(stopping)?;
     let s2 = s.clone();
     tokio::task::spawn_blocking(move || {
-        let _held = (permit, body_permit);
+        let _held = (permit, body_permit, reading);
         check(&s2, &bytes, ep)
     })
     .await

@@ -742,3 +742,71 @@ fn compatible_chats_and_errors_in_the_apis_words() {
         );
     }
 }
+
+/// 16 clients that send their headers and one byte of body, then nothing, hold the body slots
+/// only until the body idle deadline (3 s), not `--read-timeout`: another client is answered
+/// within seconds, the slots show in /health, the stalled clients get 408.
+#[test]
+fn clients_that_stall_their_bodies_cannot_hold_the_server() {
+    let s = Server::start(&["--read-timeout", "30"]);
+    let body = ask("Paris is the capital of France.\n\nWhat is the capital?").to_string();
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut c = TcpStream::connect(&s.addr).unwrap();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+                body.len()
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    wait_for(&s, "the stalled bodies never showed", |h| {
+        h["bodies_reading"].as_i64().unwrap_or(0) >= 1
+    });
+    let t = std::time::Instant::now();
+    let (code, text) = s.chat_raw(&body);
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "a good client waited {:?} behind stalled bodies",
+        t.elapsed()
+    );
+    for mut c in stalled {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    assert_eq!(health(&s)["bodies_reading"], 0);
+}
+
+/// SIGTERM with a long request running and one queued: the queued one gets 503 at once, the
+/// running one is cut at `--shutdown-timeout` with a 503, and the server exits 0 soon after.
+#[test]
+fn sigterm_answers_the_queue_and_cuts_at_the_shutdown_timeout() {
+    let mut s = Server::start(&["--shutdown-timeout", "3"]);
+    let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 3000, "ignore_eos": true});
+    let running = chat_in_background(&s, &long);
+    wait_for(&s, "never started", |h| h["running"] == true);
+    let queued = chat_in_background(&s, &ask("hi"));
+    wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
+    let t = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let (code, text) = queued.join().unwrap();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (code, text) = running.join().unwrap();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("--shutdown-timeout"), "{text}");
+    let st = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(st.success(), "{st}: {}", s.log.lock().unwrap());
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}

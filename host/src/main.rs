@@ -94,9 +94,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 30)]
     read_timeout: u64,
     /// On SIGINT/SIGTERM: queued requests get 503 at once, the running one has this many
-    /// seconds to finish (then it is cut, with a 503), and the server exits (within Kubernetes'
-    /// default 30 s grace).
-    #[arg(long, default_value_t = 25.0, value_name = "SECS")]
+    /// seconds to finish (then it is cut, with a 503, within 10 s more), and the server exits
+    /// (by default within Kubernetes' 30 s grace).
+    #[arg(long, default_value_t = 20.0, value_name = "SECS")]
     shutdown_timeout: f64,
     #[command(flatten)]
     launch: apb_host::launch::LaunchArgs,
@@ -852,7 +852,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     // clap reads an empty APB_API_KEY as no key at all: that must not turn authentication off.
     let env_empty = std::env::var_os("APB_API_KEY").is_some_and(|v| v.is_empty());
-    if env_empty || a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+    if (env_empty && a.api_key.is_none())
+        || a.api_key.as_deref().is_some_and(|k| k.trim().is_empty())
+    {
         bail!("--api-key (or APB_API_KEY) is empty: give a key, or leave the flag and the variable out to serve without one");
     }
     if a.served_model_name.iter().any(|n| n.trim().is_empty()) {

@@ -418,10 +418,12 @@ impl Group {
                         world: 1,
                         ..job.clone()
                     };
+                    let planned = prep.plan.notes.clone();
                     let mut prep = prepare(self.runner.model(), &one_rank)?;
+                    prep.plan.notes = planned;
                     prep.plan.notes.push(format!(
-                        "{} context tokens are too few for {} rank processes; ran on rank 0 alone",
-                        prep.plan.n, self.world
+                        "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on rank 0 alone",
+                        self.world
                     ));
                     let one: Arc<dyn Communicator> = LocalGroup::new(1).remove(0);
                     return self

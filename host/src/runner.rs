@@ -549,7 +549,10 @@ pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> R
         .method
         .imp()
         .rank_inputs(&job.prompt, &prep.plan, rank, scorer);
-    share.layout.question_mask = job.question_mask;
+    // APB's switch only: a fallback (zigzag, dense) runs the exact full question segment.
+    if prep.method == Method::APB {
+        share.layout.question_mask = job.question_mask;
+    }
     share
 }
 

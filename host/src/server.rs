@@ -45,10 +45,12 @@ use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
 pub const TOKENIZE_PERMITS: usize = 2;
 /// Request bodies read at once; further uploads wait (memory: this many times the body bound).
 pub const BODY_PERMITS: usize = 16;
-/// A body that sends nothing for this long (its first bytes included) gets 408 and frees its
-/// slot: a client cannot hold one of the `BODY_PERMITS` by trickling bytes until
-/// `--read-timeout`.
+/// A body gets this long for its first bytes, and then as long again plus one second per
+/// [`BODY_MIN_RATE`] bytes received; slower, it gets 408 and frees its slot: a client cannot
+/// hold one of the `BODY_PERMITS` by trickling bytes until `--read-timeout`.
 pub const BODY_IDLE: Duration = Duration::from_secs(3);
+/// The slowest upload kept (bytes per second, on average since the headers).
+pub const BODY_MIN_RATE: f64 = 16_384.0;
 /// Body bytes allowed per context token (plus `BODY_SLACK`): generous for any text (English
 /// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
 pub const BODY_BYTES_PER_TOKEN: usize = 32;
@@ -405,6 +407,9 @@ pub async fn serve(
     // Queued requests get 503 at once; the one running finishes within --shutdown-timeout (a
     // failed group answered everything already); then the engine thread stops the ranks.
     state.close_queue("the server is shutting down; retry on another instance");
+    // Requests still uploading or waiting to be tokenized get 503 instead of a place.
+    state.bodies.close();
+    state.tokenize.close();
     let grace = if state.fatal_cause().is_some() {
         Duration::from_secs(5)
     } else {
@@ -413,6 +418,8 @@ pub async fn serve(
     let drained = graceful.shutdown();
     tokio::pin!(drained);
     if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        // Set before looking: a request the engine is just starting sees it and stops itself.
+        state.cut_by_shutdown.store(true, Ordering::SeqCst);
         if let Some((_, cancel)) = state
             .current
             .lock()
@@ -420,7 +427,6 @@ pub async fn serve(
             .as_ref()
         {
             eprintln!("shutdown timeout ({grace:?}): cutting the request in flight");
-            state.cut_by_shutdown.store(true, Ordering::SeqCst);
             cancel.store(true, Ordering::SeqCst);
         }
         // The ranks stop at the next layer or token; its client gets the 503.
@@ -584,6 +590,9 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         s.running.store(true, Ordering::SeqCst);
         *s.current.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((q.events.clone(), q.cancel.clone()));
+        if s.cut_by_shutdown.load(Ordering::SeqCst) {
+            q.cancel.store(true, Ordering::SeqCst);
+        }
         let events = q.events.clone();
         let mut on_text = |t: &str| {
             let _ = events.send(Ev::Text(t.to_string()));
@@ -1042,25 +1051,30 @@ impl Drop for Gauged {
     }
 }
 
-/// The body, at most `limit` bytes (Err(None): over it), within `whole` and with no gap of
-/// [`BODY_IDLE`] between its pieces (the first included).
+/// The body, at most `limit` bytes (Err(None): over it), within `whole` and at the pace
+/// [`BODY_IDLE`] and [`BODY_MIN_RATE`] set.
 async fn read_body(body: Body, limit: usize, whole: Duration) -> Result<Vec<u8>, Option<ApiError>> {
     use futures_util::StreamExt;
-    let deadline = Instant::now() + whole;
+    let start = Instant::now();
+    let deadline = start + whole;
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // What has arrived so far buys time at the minimum rate.
+        let paced = start + BODY_IDLE + Duration::from_secs_f64(buf.len() as f64 / BODY_MIN_RATE);
+        let until = deadline.min(paced);
+        let left = until.saturating_duration_since(Instant::now());
         let late = |why: String| Some(ApiError::new(StatusCode::REQUEST_TIMEOUT, why));
-        match tokio::time::timeout(left.min(BODY_IDLE), stream.next()).await {
-            Err(_) if left <= BODY_IDLE => {
+        match tokio::time::timeout(left, stream.next()).await {
+            Err(_) if until == deadline => {
                 return Err(late(format!(
                     "the request body did not arrive within {whole:?}"
                 )))
             }
             Err(_) => {
                 return Err(late(format!(
-                    "the request body stalled: nothing arrived for {BODY_IDLE:?}"
+                    "the request body is arriving too slowly (under {} KiB/s after {BODY_IDLE:?})",
+                    BODY_MIN_RATE / 1024.0
                 )))
             }
             Ok(None) => return Ok(buf),

@@ -393,7 +393,9 @@ fn two_nodes_serve_together_and_sigterm_exits_0() {
             .spawn()
             .unwrap(),
     );
-    let mut s = apb_server(&nodes[..], &[]);
+    let mut with_node = nodes.to_vec();
+    with_node.extend(["--shutdown-timeout", "600"]);
+    let mut s = apb_server(&with_node, &[]);
     let mut pids = worker_pids(&s);
     assert_eq!(pids.len(), 1, "node 0 starts one other rank");
     pids.push(node1.0.id());

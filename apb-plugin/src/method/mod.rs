@@ -213,8 +213,11 @@ impl Method {
             0 => args.world,
             m => (n / m).max(1),
         };
-        if cap >= args.world {
-            return self.0.plan(parts, args);
+        // Planned as asked first: a setting the method refuses (Ulysses' ranks must divide the
+        // KV heads) is refused whatever the prompt's length.
+        let full = self.0.plan(parts, args)?;
+        if cap >= full.world {
+            return Ok(full);
         }
         // The most ranks up to the cap that the method accepts (Ulysses: a divisor of the KV
         // heads).
@@ -342,13 +345,6 @@ mod tests {
             };
             let plan = m.plan(&p, &args).unwrap();
             assert!(plan.world <= 3, "{m}: {}", plan.world);
-            if !m.is_dense() {
-                assert!(
-                    plan.notes[0].contains("--min-rank-tokens"),
-                    "{m}: {:?}",
-                    plan.notes
-                );
-            }
             // 0 is no limit: the method's own plan.
             let free = m
                 .plan(
@@ -361,6 +357,14 @@ mod tests {
                 .unwrap();
             let own = m.imp().plan(&p, &args).unwrap();
             assert_eq!(free.world, own.world, "{m}");
+            // The note says so where the limit, not the method's own layout, cut the ranks.
+            if own.world > plan.world {
+                assert!(
+                    plan.notes[0].contains("--min-rank-tokens"),
+                    "{m}: {:?}",
+                    plan.notes
+                );
+            }
         }
     }
     use super::*;

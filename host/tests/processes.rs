@@ -186,13 +186,7 @@ fn server_over_4_rank_processes() {
     let before = s.metric("apb_cancelled_total", "running");
     {
         let mut c = raw_chat(&s, &story);
-        let mut seen = String::new();
-        let mut buf = [0u8; 4096];
-        while seen.matches("\"content\"").count() < 4 {
-            let n = c.read(&mut buf).unwrap();
-            assert!(n > 0, "stream ended early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut c, |seen| seen.matches("\"content\"").count() >= 4);
     }
     let t = Instant::now();
     let (code, v) = s.chat(short());
@@ -306,13 +300,7 @@ fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String 
     wait_for(&s, "never started", |h| h["running"] == true);
     let queued = chat_in_background(&s, &short());
     wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
-    let mut seen = String::new();
-    let mut buf = [0u8; 8192];
-    while !ready(&seen) {
-        let n = c.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let seen = read_until(&mut c, ready);
     let t = Instant::now();
     kill("-9", pids[1]);
     // The rest of the stream: an error event, then [DONE].

@@ -507,13 +507,7 @@ fn apb_server_on_4_ranks() {
     {
         let mut c = raw_chat(&s, &long);
         // Wait for a few content chunks, then vanish.
-        let mut seen = String::new();
-        let mut buf = [0u8; 4096];
-        while seen.matches("\"content\"").count() < 4 {
-            let n = c.read(&mut buf).unwrap();
-            assert!(n > 0, "stream ended early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut c, |seen| seen.matches("\"content\"").count() >= 4);
     }
     let quick = ask("Paris is the capital of France.\n\nWhat is the capital of France?");
     let t = Instant::now();

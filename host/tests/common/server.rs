@@ -247,3 +247,16 @@ pub fn raw_chat(s: &Server, body: &Value) -> TcpStream {
     .unwrap();
     c
 }
+
+/// Reads `c` until what arrived satisfies `done` (fails if the stream ends first); returns it.
+pub fn read_until(c: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
+    use std::io::Read;
+    let mut seen = String::new();
+    let mut buf = [0u8; 8192];
+    while !done(&seen) {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}

@@ -419,20 +419,25 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
         }
         // Watchdog: any failed child takes the group down.
         let g = group.clone();
+        let first = args.node_rank * per_node + 1;
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(200));
             let mut failed = None;
             if let Ok(mut cs) = g.children.try_lock() {
-                for c in cs.iter_mut() {
+                for (i, c) in cs.iter_mut().enumerate() {
                     if let Ok(Some(st)) = c.try_wait() {
                         if !st.success() {
-                            failed = Some(st);
+                            failed = Some(format!(
+                                "rank {} (pid {}) exited with {st}",
+                                first + i,
+                                c.id()
+                            ));
                         }
                     }
                 }
             }
-            if let Some(st) = failed {
-                kill_all_and_exit(&g, &format!("a rank process exited with {st}"));
+            if let Some(why) = failed {
+                kill_all_and_exit(&g, &why);
             }
         });
     }
@@ -557,9 +562,11 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
         .map(|s| s.try_clone())
         .collect::<std::io::Result<_>>()?;
     let (tx, rx) = mpsc::channel();
-    for mut s in peers {
+    for (i, mut s) in peers.into_iter().enumerate() {
         let g = group.clone();
         let tx = tx.clone();
+        // Rank 0 holds ranks 1.. in order; the others hold rank 0.
+        let peer = if rank == 0 { i + 1 } else { 0 };
         std::thread::spawn(move || {
             let done = loop {
                 let mut tag = [0u8; 1];
@@ -582,7 +589,10 @@ pub fn join(args: &LaunchArgs, world: usize, comm: CommKind) -> Result<RankCtx> 
             };
             drop(tx);
             if !done && !g.finishing.load(Ordering::SeqCst) {
-                kill_all_and_exit(&g, &format!("rank {rank} lost a peer of the group"));
+                kill_all_and_exit(
+                    &g,
+                    &format!("rank {peer} closed its connection to rank {rank} without finishing: it exited, was killed or its node failed"),
+                );
             }
         });
     }

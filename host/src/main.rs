@@ -863,6 +863,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     for o in &a.cors_origin {
         check_origin(o)?;
     }
+    if a.allowed_host.iter().any(|h| h.trim().is_empty()) {
+        bail!("--allowed-host must not be empty");
+    }
     // Argument errors before the port is bound (only loading the model comes after it).
     parse_dtype(&a.m.dtype)?;
     ModelSource::parse(&a.m.model, a.m.revision.as_deref())?;

@@ -173,6 +173,18 @@ pub struct Prepared {
     pub max_new: usize,
 }
 
+impl Prepared {
+    /// The method that ran, as reported: a plan of one rank is dense attention whatever the
+    /// method (no anchor, no passing, no ring).
+    pub fn ran(&self) -> Method {
+        if self.plan.world == 1 {
+            Method::DENSE
+        } else {
+            self.method
+        }
+    }
+}
+
 /// Checks `job` against the model and plans it: the one place for the context-length and
 /// question checks. Prompts too short for the requested ranks fall back to fewer (down to one
 /// rank, which still runs the job's method: it must reduce to dense, and is tested to), and the
@@ -401,7 +413,7 @@ impl Runner {
                     tracing::info!("cancelled during prefill, after layer {layer} of {layers}");
                 }
                 return Ok(Generation {
-                    method: prep.method,
+                    method: prep.ran(),
                     scorer: self.scorer_of(prep),
                     question_mask: apb_on_ranks(prep).then_some(job.question_mask),
                     text: String::new(),
@@ -505,7 +517,7 @@ impl Runner {
         let text = stream.finish(tok, &out, emit)?;
         let generated_tokens = out.len();
         Ok(Generation {
-            method: prep.method,
+            method: prep.ran(),
             scorer: self.scorer_of(prep),
             question_mask: apb_on_ranks(prep).then_some(job.question_mask),
             text,

@@ -606,6 +606,9 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         s.current.lock().unwrap_or_else(|p| p.into_inner()).take();
         let method = q.job.method.name();
         match res {
+            // The group failed under it: `fail` answered it already (its cancel flag may have
+            // been set by its client leaving after that answer, not before).
+            Ok(_) if s.fatal_cause().is_some() => {}
             Ok(g) if g.finish == Finish::Cancelled && s.cut_by_shutdown.load(Ordering::SeqCst) => {
                 let _ = q.events.send(Ev::Fail(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

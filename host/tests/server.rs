@@ -471,7 +471,8 @@ fn apb_server_on_4_ranks() {
     // is still answered (the exact zigzag layout), and the answer says what ran.
     let (code, v) = s.chat(ask("Write a story about a lighthouse"));
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["apb"]["method"], "zigzag", "{v}");
+    // A short prompt: one rank, which is dense attention whatever the method.
+    assert_eq!(v["apb"]["method"], "dense", "{v}");
     assert_eq!(v["apb"]["requested_method"], "apb", "{v}");
     assert!(
         v["apb"]["plan_notes"]

@@ -50,4 +50,11 @@ pub trait AttentionBackend: Send + Sync {
 
     /// Attend `input.q` to this layer's keys. The backend decides what it appends to `cache`.
     fn forward(&self, phase: Phase, input: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor>;
+
+    /// This rank's part of a decode step of one sequence (new rows after all of its prompt):
+    /// the output `(b, n_heads, s, head_dim)` and LSE `(b, n_heads, s)` over the keys this rank
+    /// holds, appending the rows' K/V where this rank keeps new tokens. The parts of all ranks
+    /// are merged by LSE ([`crate::gather_merge`]): a host batching many sequences gathers all
+    /// their parts in one collective.
+    fn decode_part(&self, input: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)>;
 }

@@ -24,4 +24,16 @@ impl AttentionBackend for Dense {
         })?;
         Ok(out)
     }
+
+    fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
+        cache.append(x.k, x.v)?;
+        let (k, v) = cache
+            .kv()?
+            .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
+        let (out, lse) = attention(x.q, &k, &v, Mask::causal(), true)?;
+        Ok((
+            out,
+            lse.ok_or_else(|| crate::Error::Shape("attention returned no LSE".into()))?,
+        ))
+    }
 }

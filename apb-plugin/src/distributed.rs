@@ -134,6 +134,23 @@ impl RankBackend {
     }
 
     fn decode(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
+        let (out, lse) = self.decode_part(x, cache)?;
+        Ok(gather_merge(self.comm.as_ref(), &out, &lse)?.to_dtype(x.q.dtype())?)
+    }
+}
+
+impl AttentionBackend for RankBackend {
+    fn name(&self) -> &str {
+        self.method.name()
+    }
+    fn forward(&self, phase: Phase, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
+        match phase {
+            Phase::Prefill => self.prefill(x, cache),
+            Phase::Decode => self.decode(x, cache),
+        }
+    }
+
+    fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
         let last = self.comm.rank() + 1 == self.comm.world_size();
         let (out, lse) = if last {
             cache.append(x.k, x.v)?;
@@ -152,34 +169,45 @@ impl RankBackend {
                     };
                     attention(x.q, &k, &v, mask, true)?
                 }
-                None => {
-                    let (b, h, s, _) = x.q.dims4()?;
-                    (
-                        x.q.zeros_like()?,
-                        Some(Tensor::full(f32::NEG_INFINITY, (b, h, s), x.q.device())?),
-                    )
-                }
+                None => return nothing_attended(x.q),
             }
         };
         let lse = lse.ok_or_else(|| Error::Shape("attention returned no LSE".into()))?;
-        // Partial outputs travel in the model dtype (half the bytes of f32, as the reference
-        // sends them); the merge weighs them in f32.
-        let outs = self.comm.all_gather(&out)?;
-        let lses = self.comm.all_gather(&lse)?;
-        Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
+        Ok((out, lse))
     }
 }
 
-impl AttentionBackend for RankBackend {
-    fn name(&self) -> &str {
-        self.method.name()
-    }
-    fn forward(&self, phase: Phase, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
-        match phase {
-            Phase::Prefill => self.prefill(x, cache),
-            Phase::Decode => self.decode(x, cache),
-        }
-    }
+/// The part of a rank that holds no keys for these rows: output 0, LSE `-inf` (weight 0).
+pub fn nothing_attended(q: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, s, _) = q.dims4()?;
+    Ok((
+        q.zeros_like()?,
+        Tensor::full(f32::NEG_INFINITY, (b, h, s), q.device())?,
+    ))
+}
+
+/// Every rank's part of decode rows (`out` `(b, h, s, d)`, `lse` `(b, h, s)`) in one
+/// all-gather (packed in f32 as `(b, h, s, d + 1)`), merged by log-sum-exp: the merged output
+/// (f32), the same on every rank.
+pub fn gather_merge(comm: &dyn Communicator, out: &Tensor, lse: &Tensor) -> Result<Tensor> {
+    let d = out.dim(3)?;
+    let packed = Tensor::cat(
+        &[
+            out.to_dtype(candle_core::DType::F32)?,
+            lse.to_dtype(candle_core::DType::F32)?.unsqueeze(3)?,
+        ],
+        3,
+    )?;
+    let all = comm.all_gather(&packed)?;
+    let outs = all
+        .iter()
+        .map(|t| t.narrow(3, 0, d))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let lses = all
+        .iter()
+        .map(|t| t.narrow(3, d, 1)?.squeeze(3))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    merge_lse(&outs, &lses)
 }
 
 /// Log-sum-exp merge of partial attention results (f32): `outs[i]` `(b, h, s, d)`,

@@ -57,7 +57,9 @@ pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
 pub use comm::{Communicator, HostComm, LocalComm, LocalGroup, Pending};
 pub use dense::Dense;
-pub use distributed::{merge_lse, QuestionMask, RankBackend, RankLayout};
+pub use distributed::{
+    gather_merge, merge_lse, nothing_attended, QuestionMask, RankBackend, RankLayout,
+};
 pub use error::{Error, Result};
 pub use method::{Method, PlanArgs, PromptParts, RankInputs, SeqMethod};
 pub use plan::{plan, Plan, PlanRequest};

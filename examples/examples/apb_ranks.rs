@@ -37,7 +37,6 @@ fn main() -> Result<()> {
         passing_len: None,
         question_mask: Default::default(),
         min_rank_tokens: 0,
-        first_logits: false,
         params: GenParams {
             max_new_tokens: 12,
             ..Default::default()

@@ -257,7 +257,6 @@ impl PrefillBench<'_> {
             passing_len: None,
             question_mask: Default::default(),
             min_rank_tokens: 0,
-            first_logits: false,
             params: GenParams::default(),
         };
         let cfg = &self.model.cfg;

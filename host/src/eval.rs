@@ -179,7 +179,6 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         passing_len: None,
                         question_mask: Default::default(),
                         min_rank_tokens: 0,
-                        first_logits: false,
                         params: params.clone(),
                     };
                     let g = group

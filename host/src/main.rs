@@ -46,8 +46,10 @@ enum Cmd {
     /// OpenAI-compatible HTTP server (chat completions, completions, streaming, metrics).
     ///
     /// POST /v1/chat/completions and /v1/completions (JSON or "stream": true), GET /v1/models,
-    /// GET /health, GET /metrics. Requests queue (FIFO, --max-queued) and run one at a time on
-    /// all ranks: threads on the CPU, one process per GPU with --device cuda --world-size N.
+    /// GET /health, GET /metrics. Up to --max-num-seqs requests generate together (one batched
+    /// decode step for all of them; prefills one at a time, short prompts before long ones);
+    /// more wait (--max-queued). Ranks: threads on the CPU, one process per GPU with --device
+    /// cuda --world-size N.
     /// With apb / star the question is the last paragraph of the last user message, the whole
     /// last user message in a multi-turn chat, or the "question" field.
     #[command(allow_negative_numbers = true)]
@@ -73,6 +75,14 @@ struct ServeArgs {
     /// Requests that may wait for their turn; beyond it the server answers 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queued: usize,
+    /// Requests generating at once (one batched decode step for all of them); 1 runs one
+    /// request at a time.
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    /// Prompts of at least this many tokens are long: waiting short requests go before them
+    /// (each long one is overtaken by at most --max-num-seqs short ones).
+    #[arg(long, default_value_t = 2048)]
+    long_prefill_token_threshold: usize,
     /// Require `Authorization: Bearer KEY` on every /v1 route (also from APB_API_KEY).
     #[arg(long, env = "APB_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -143,8 +153,8 @@ struct GenerateArgs {
     /// Print one JSON object (text and timings) instead of streaming.
     #[arg(long)]
     json: bool,
-    /// With --json: also report the first generated token's logits (`first_logits`, from the
-    /// rank that samples), to compare backends and rank modes bit for bit.
+    /// With --json: also report the first generated token's logits (`first_logits`), to
+    /// compare backends and rank modes bit for bit.
     #[arg(long, requires = "json")]
     first_logits: bool,
     #[command(flatten)]
@@ -728,7 +738,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         passing_len: a.at.passing_len,
         question_mask,
         min_rank_tokens: a.at.min_rank_tokens,
-        first_logits: a.first_logits,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,
@@ -831,6 +840,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.default_max_tokens == 0 {
         bail!("--default-max-tokens must be at least 1");
     }
+    if a.max_num_seqs == 0 {
+        bail!("--max-num-seqs must be at least 1");
+    }
     if a.max_queued == 0 {
         bail!("--max-queued must be at least 1");
     }
@@ -898,6 +910,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         min_rank_tokens: a.at.min_rank_tokens,
         default_max_tokens: a.default_max_tokens,
         max_queued: a.max_queued,
+        max_num_seqs: a.max_num_seqs,
+        long_prefill_token_threshold: a.long_prefill_token_threshold,
         api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),
         model_alias: Some(a.m.model.clone()),

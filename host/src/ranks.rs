@@ -1,19 +1,20 @@
 //! One way to start a group of ranks and feed it requests: [`start`] returns rank 0's [`Group`]
 //! (threads over a [`LocalGroup`] on the CPU or one device; or one process per rank, over NCCL or
 //! the host communicator: see [`launch`]), and
-//! every other rank runs [`Runner::run`] in a worker loop on the jobs rank 0 relays (nano-vllm's
-//! `ModelRunner` shape: the same program on every rank). `apb generate` and `apb serve` both stand
-//! on it.
+//! every other rank runs the steps rank 0 relays (prefill a sequence, decode rows, free
+//! sequences) in a worker loop (nano-vllm's `ModelRunner` shape: the same program on every rank).
+//! `apb generate` and `apb serve` both stand on it, through [`crate::engine`].
 
+use crate::engine::{Engine, Request};
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
-use crate::runner::{prepare, Generation, InputError, Job, Prepared, Runner};
-use apb_plugin::{Communicator, LocalGroup};
-use candle_core::Device;
+use crate::runner::{prepare, Generation, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use apb_plugin::{Communicator, LocalComm, LocalGroup};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Most ranks run as threads of one process: each holds a cache and exchanges K/V with all the
@@ -133,37 +134,62 @@ impl From<InputError> for RunError {
     }
 }
 
-/// What rank 0 relays to the other ranks.
+/// What rank 0 relays to rank processes, once per engine step.
 #[derive(Serialize, Deserialize)]
 enum Message {
-    Job(Box<Job>),
+    /// Prefill a new sequence on every rank (rank 0 runs one too short for all ranks alone).
+    Prefill {
+        id: SeqId,
+        job: Box<Job>,
+    },
+    /// One decode step of these rows.
+    Decode(Vec<Row>),
+    /// Drop these sequences' caches.
+    Free(Vec<SeqId>),
     Shutdown,
 }
 
-/// A job handed to a worker thread, with the communicator of this job's ranks.
-struct ThreadJob {
-    job: Arc<Job>,
-    prep: Arc<Prepared>,
-    comm: Arc<dyn Communicator>,
-    reply: mpsc::Sender<Result<Generation>>,
+/// A step handed to a worker thread, with the communicator of the step's ranks.
+enum ThreadStep {
+    Prefill {
+        id: SeqId,
+        job: Arc<Job>,
+        prep: Arc<Prepared>,
+        comm: Arc<dyn Communicator>,
+    },
+    Decode {
+        rows: Arc<Vec<Row>>,
+        comm: Arc<dyn Communicator>,
+    },
+    Free(Vec<SeqId>),
 }
 
 enum Links {
-    /// Worker ranks 1.. as threads; each job gets a fresh [`LocalGroup`] of the ranks it uses.
-    Threads(Vec<(mpsc::Sender<ThreadJob>, JoinHandle<()>)>),
-    /// Worker ranks as processes; this is global rank 0.
+    /// Worker ranks 1.. as threads; `comms[k - 1]` is the communicator of ranks `0..k` (a
+    /// sequence planned on k ranks, and steps whose sequences span at most k).
+    Threads {
+        workers: Vec<(mpsc::Sender<ThreadStep>, JoinHandle<()>)>,
+        comms: Vec<Vec<Arc<LocalComm>>>,
+    },
+    /// Worker ranks as processes; this is global rank 0. A sequence spans every rank or runs on
+    /// rank 0 alone (`solo`): the communicator spans every process.
     Processes {
         ctx: Box<RankCtx>,
         comm: Arc<dyn Communicator>,
+        solo: Arc<dyn Communicator>,
     },
 }
 
-/// Rank 0's handle on a started group.
+/// Rank 0's handle on a started group: it runs rank 0's part of every step and relays the step
+/// to the ranks it involves ([`crate::engine`] decides the steps).
 pub struct Group {
     runner: Runner,
     world: usize,
     info: GroupInfo,
     links: Links,
+    /// Rank 0's sequences.
+    seqs: Mutex<RankSeqs>,
+    next_id: AtomicU64,
 }
 
 /// Starts the group of `spec`, loading each rank's [`Runner`] with `load` on its device. Returns
@@ -182,15 +208,16 @@ pub fn start(
     let runner = load(&device)?;
     if ctx.rank == 0 {
         eprintln!("{}", spec.describe());
-        return Ok(Some(Group {
+        return Ok(Some(Group::new(
             runner,
-            world: spec.world,
-            info: spec.info(),
-            links: Links::Processes {
+            spec.world,
+            spec.info(),
+            Links::Processes {
                 ctx: Box::new(ctx),
                 comm,
+                solo: LocalGroup::new(1).remove(0),
             },
-        }));
+        )));
     }
     process_worker(&ctx, &runner, comm)?;
     ctx.finish()?;
@@ -256,47 +283,73 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
     })
 }
 
-/// A worker process's loop: run each job rank 0 sends; any failure ends the process with an
+/// A worker process's loop: run each step rank 0 sends; any failure ends the process with an
 /// error, which takes the group down (the launcher's liveness check).
 fn process_worker(ctx: &RankCtx, runner: &Runner, comm: Arc<dyn Communicator>) -> Result<()> {
     let never = AtomicBool::new(false);
+    let mut seqs = RankSeqs::default();
     while let Some(bytes) = ctx.next_message() {
-        let job = match serde_json::from_slice(&bytes).context("a malformed job from rank 0")? {
-            Message::Job(job) => *job,
+        let msg: Message =
+            serde_json::from_slice(&bytes).context("a malformed step from rank 0")?;
+        let r = match msg {
+            Message::Prefill { id, job } => {
+                fault_injection(ctx.rank);
+                let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
+                runner
+                    .prefill_seq(&mut seqs, id, &job, &prep, comm.clone(), &never)
+                    .map(drop)
+            }
+            Message::Decode(rows) => runner
+                .decode_rows(&mut seqs, &rows, comm.as_ref())
+                .map(drop),
+            Message::Free(ids) => {
+                ids.iter().for_each(|id| seqs.free(*id));
+                Ok(())
+            }
             Message::Shutdown => break,
         };
-        fault_injection(ctx.rank);
-        let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
-        runner
-            .run(&job, &prep, comm.clone(), &never, &mut |_| {})
-            .inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", ctx.rank)))?;
+        r.inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", ctx.rank)))?;
     }
     Ok(())
 }
 
-/// A worker thread's loop. A panic aborts the job's group and ends the thread: the group is
-/// then broken and rank 0 reports it.
-fn thread_worker(rank: usize, runner: Runner, jobs: mpsc::Receiver<ThreadJob>) {
+/// A worker thread's loop. A failure or panic aborts the step's group and ends the thread: the
+/// group is then broken and rank 0 reports the cause (its collective fails with it).
+fn thread_worker(rank: usize, runner: Runner, steps: mpsc::Receiver<ThreadStep>) {
     let never = AtomicBool::new(false);
-    while let Ok(tj) = jobs.recv() {
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            fault_injection(rank);
-            runner.run(&tj.job, &tj.prep, tj.comm.clone(), &never, &mut |_| {})
+    let mut seqs = RankSeqs::default();
+    while let Ok(step) = steps.recv() {
+        let res = catch_unwind(AssertUnwindSafe(|| match &step {
+            ThreadStep::Prefill {
+                id,
+                job,
+                prep,
+                comm,
+            } => {
+                fault_injection(rank);
+                runner
+                    .prefill_seq(&mut seqs, *id, job, prep, comm.clone(), &never)
+                    .map(drop)
+            }
+            ThreadStep::Decode { rows, comm } => {
+                runner.decode_rows(&mut seqs, rows, comm.as_ref()).map(drop)
+            }
+            ThreadStep::Free(ids) => {
+                ids.iter().for_each(|id| seqs.free(*id));
+                Ok(())
+            }
         }));
-        match res {
-            Ok(r) => {
-                if let Err(e) = &r {
-                    tj.comm.abort(&format!("rank {rank} failed: {e:#}"));
-                }
-                let _ = tj.reply.send(r);
-            }
-            Err(panic) => {
-                let why = format!("rank {rank} panicked: {}", panic_text(&panic));
-                tj.comm.abort(&why);
-                let _ = tj.reply.send(Err(crate::error::Error::msg(why)));
-                return;
-            }
+        let why = match res {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("rank {rank} failed: {e:#}"),
+            Err(panic) => format!("rank {rank} panicked: {}", panic_text(&panic)),
+        };
+        match &step {
+            ThreadStep::Prefill { comm, .. } | ThreadStep::Decode { comm, .. } => comm.abort(&why),
+            ThreadStep::Free(_) => {}
         }
+        tracing::error!("{why}");
+        return;
     }
 }
 
@@ -321,9 +374,10 @@ impl Group {
     /// `world` ranks as threads of this process sharing `runner`'s weights (CPU ranks, or
     /// several ranks on one device).
     pub fn threads(runner: Runner, world: usize) -> Result<Group> {
-        let workers = (1..world.max(1))
+        let world = world.max(1);
+        let workers = (1..world)
             .map(|h| {
-                let (tx, rx) = mpsc::channel::<ThreadJob>();
+                let (tx, rx) = mpsc::channel::<ThreadStep>();
                 let r = runner.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("rank-{h}"))
@@ -332,15 +386,29 @@ impl Group {
                 Ok((tx, handle))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Group {
+        Ok(Group::new(
             runner,
-            world: world.max(1),
-            info: GroupInfo {
+            world,
+            GroupInfo {
                 rank_mode: "threads",
                 comm: CommKind::Local.name(),
             },
-            links: Links::Threads(workers),
-        })
+            Links::Threads {
+                workers,
+                comms: (1..=world).map(LocalGroup::new).collect(),
+            },
+        ))
+    }
+
+    fn new(runner: Runner, world: usize, info: GroupInfo, links: Links) -> Group {
+        Group {
+            runner,
+            world,
+            info,
+            links,
+            seqs: Mutex::new(RankSeqs::default()),
+            next_id: AtomicU64::new(0),
+        }
     }
 
     /// Ranks of the group.
@@ -358,15 +426,15 @@ impl Group {
         &self.runner
     }
 
-    /// Runs `job` on the group (rank 0 here, the others through their workers). Text streams to
-    /// `on_text` as it is decoded; setting `cancel` stops every rank at the next token. The
-    /// result carries the last rank's first-token logits where this process holds them.
-    pub fn run(
-        &self,
-        job: &Job,
-        cancel: &AtomicBool,
-        on_text: &mut dyn FnMut(&str),
-    ) -> std::result::Result<Generation, RunError> {
+    /// A fresh sequence id.
+    pub fn new_id(&self) -> SeqId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Checks and plans `job` for this group: the job as it will run and its plan. Rank
+    /// processes share one communicator, so a plan using fewer ranks than the group runs on
+    /// rank 0 alone (a note says so).
+    pub fn place(&self, job: &Job) -> std::result::Result<(Job, Prepared), RunError> {
         if job.world > self.world {
             return Err(RunError::Input(format!(
                 "the request asks for {} ranks but the group has {}",
@@ -375,75 +443,198 @@ impl Group {
         }
         let prep = prepare(self.runner.model(), job)?;
         let ranks = prep.plan.world;
+        if matches!(self.links, Links::Processes { .. }) && ranks < self.world {
+            let one_rank = Job {
+                world: 1,
+                ..job.clone()
+            };
+            let planned = prep.plan.notes.clone();
+            let mut prep = prepare(self.runner.model(), &one_rank)?;
+            prep.plan.notes = planned;
+            prep.plan.notes.push(format!(
+                "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on rank 0 alone",
+                self.world
+            ));
+            return Ok((one_rank, prep));
+        }
+        Ok((job.clone(), prep))
+    }
+
+    /// The communicator of rank 0 for a step over ranks `0..k`, and the worker links it needs.
+    fn comm0(&self, k: usize) -> Arc<dyn Communicator> {
         match &self.links {
-            Links::Threads(workers) => {
-                let comms = LocalGroup::new(ranks);
-                let (job, prep) = (Arc::new(job.clone()), Arc::new(prep));
-                let mut replies = Vec::new();
-                for (h, comm) in comms.iter().enumerate().skip(1) {
-                    let (tx, rx) = mpsc::channel();
+            Links::Threads { comms, .. } => comms[k - 1][0].clone() as Arc<dyn Communicator>,
+            Links::Processes { comm, solo, .. } => {
+                if k == 1 {
+                    solo.clone()
+                } else {
+                    comm.clone()
+                }
+            }
+        }
+    }
+
+    /// Runs `f` as rank 0's part of a step over ranks `0..k`: a failure or panic aborts the
+    /// step's communicator (workers stop, rank processes are killed) and fails the group.
+    fn rank0<R>(
+        &self,
+        k: usize,
+        f: impl FnOnce(&mut RankSeqs, Arc<dyn Communicator>) -> Result<R>,
+    ) -> std::result::Result<R, RunError> {
+        let comm = self.comm0(k);
+        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let r = catch_unwind(AssertUnwindSafe(|| f(&mut seqs, comm.clone())))
+            .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))));
+        r.map_err(|e| {
+            let why = format!("{e:#}");
+            comm.abort(&format!("rank 0 failed: {why}"));
+            if let Links::Processes { ctx, .. } = &self.links {
+                // The workers may sit in a collective: stop them, never leave one behind.
+                ctx.kill_group();
+            }
+            // A worker's failure reaches rank 0 as "group aborted: <its cause>".
+            RunError::Failed(why.replacen("group aborted: ", "", 1))
+        })
+    }
+
+    /// Sends a step to the workers among ranks `0..k` (rank processes: all of them, k > 1).
+    fn relay(
+        &self,
+        k: usize,
+        thread: impl Fn(Arc<dyn Communicator>) -> ThreadStep,
+        msg: impl FnOnce() -> Message,
+    ) -> std::result::Result<(), RunError> {
+        match &self.links {
+            Links::Threads { workers, comms } => {
+                for h in 1..k {
                     workers[h - 1]
                         .0
-                        .send(ThreadJob {
-                            job: job.clone(),
-                            prep: prep.clone(),
-                            comm: comm.clone(),
-                            reply: tx,
-                        })
+                        .send(thread(comms[k - 1][h].clone()))
                         .map_err(|_| {
-                            comms[0].abort("a rank thread is gone");
+                            comms[k - 1][0].abort("a rank thread is gone");
                             RunError::Failed(format!("rank {h} is gone (it failed earlier)"))
                         })?;
-                    replies.push((h, rx));
                 }
-                let comm0: Arc<dyn Communicator> = comms[0].clone();
-                let mine = catch_unwind(AssertUnwindSafe(|| {
-                    self.runner.run(&job, &prep, comm0, cancel, on_text)
-                }))
-                .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))));
-                if let Err(e) = &mine {
-                    comms[0].abort(&format!("rank 0 failed: {e:#}"));
-                }
-                let mut results = vec![mine];
-                for (h, rx) in replies {
-                    results.push(rx.recv().unwrap_or_else(|_| Err(err!("rank {h} died"))));
-                }
-                combine(results)
+                Ok(())
             }
-            Links::Processes { ctx, comm } => {
-                if ranks < self.world {
-                    // The communicator spans every process: a prompt too short for all ranks
-                    // runs on this one.
-                    let one_rank = Job {
-                        world: 1,
-                        ..job.clone()
-                    };
-                    let planned = prep.plan.notes.clone();
-                    let mut prep = prepare(self.runner.model(), &one_rank)?;
-                    prep.plan.notes = planned;
-                    prep.plan.notes.push(format!(
-                        "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on rank 0 alone",
-                        self.world
-                    ));
-                    let one: Arc<dyn Communicator> = LocalGroup::new(1).remove(0);
-                    return self
-                        .runner
-                        .run(&one_rank, &prep, one, cancel, on_text)
-                        .map_err(|e| RunError::Failed(format!("{e:#}")));
+            Links::Processes { ctx, .. } if k > 1 => serde_json::to_vec(&msg())
+                .map_err(crate::error::Error::from)
+                .and_then(|b| ctx.send_to_workers(&b))
+                .map_err(|e| RunError::Failed(format!("{e:#}"))),
+            Links::Processes { .. } => Ok(()),
+        }
+    }
+
+    /// Prefills sequence `id` of a placed job on its plan's ranks. Returns the ranks it spans
+    /// and rank 0's hidden state of its last prompt token, or None when `cancel` stopped it.
+    pub fn prefill(
+        &self,
+        id: SeqId,
+        job: &Job,
+        prep: &Prepared,
+        cancel: &AtomicBool,
+    ) -> std::result::Result<Option<(usize, Tensor)>, RunError> {
+        let k = prep.plan.world;
+        let (job_a, prep_a) = (Arc::new(job.clone()), Arc::new(prep.clone()));
+        self.relay(
+            k,
+            |comm| ThreadStep::Prefill {
+                id,
+                job: job_a.clone(),
+                prep: prep_a.clone(),
+                comm,
+            },
+            || Message::Prefill {
+                id,
+                job: Box::new(job.clone()),
+            },
+        )?;
+        let hidden = self.rank0(k, |seqs, comm| {
+            self.runner.prefill_seq(seqs, id, job, prep, comm, cancel)
+        })?;
+        Ok(hidden.map(|h| (k, h)))
+    }
+
+    /// One decode step: `rows` with the ranks each row's sequence spans (a padding row: 1). Every
+    /// rank of the widest sequence runs all rows; returns the next-token logits (f32) of each
+    /// sequence row, in order.
+    pub fn decode(&self, rows: &[(Row, usize)]) -> std::result::Result<Vec<Vec<f32>>, RunError> {
+        let k = rows.iter().map(|r| r.1).max().unwrap_or(1);
+        let plain: Vec<Row> = rows.iter().map(|r| r.0).collect();
+        let shared = Arc::new(plain.clone());
+        self.relay(
+            k,
+            |comm| ThreadStep::Decode {
+                rows: shared.clone(),
+                comm,
+            },
+            || Message::Decode(plain.clone()),
+        )?;
+        let model = self.runner.model();
+        self.rank0(k, |seqs, comm| {
+            let hidden = self.runner.decode_rows(seqs, &plain, comm.as_ref())?;
+            let logits = model.logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
+            Ok(logits
+                .into_iter()
+                .zip(&plain)
+                .filter(|(_, r)| r.seq.is_some())
+                .map(|(l, _)| l)
+                .collect())
+        })
+    }
+
+    /// Drops finished sequences (id, ranks it spans) on every rank that holds them.
+    pub fn free(&self, done: &[(SeqId, usize)]) {
+        {
+            let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+            done.iter().for_each(|(id, _)| seqs.free(*id));
+        }
+        let k = done.iter().map(|d| d.1).max().unwrap_or(1);
+        let ids: Vec<SeqId> = done.iter().filter(|d| d.1 > 1).map(|d| d.0).collect();
+        if ids.is_empty() {
+            return;
+        }
+        // A worker that is gone fails the next step instead.
+        let _ = match &self.links {
+            Links::Threads { workers, .. } => {
+                for (h, w) in workers.iter().enumerate().take(k - 1) {
+                    let mine = done.iter().filter(|d| d.1 > h + 1).map(|d| d.0).collect();
+                    let _ = w.0.send(ThreadStep::Free(mine));
                 }
-                let run = || -> Result<Generation> {
-                    let bytes = serde_json::to_vec(&Message::Job(Box::new(job.clone())))?;
-                    ctx.send_to_workers(&bytes)?;
-                    self.runner.run(job, &prep, comm.clone(), cancel, on_text)
-                };
-                catch_unwind(AssertUnwindSafe(run))
-                    .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))))
-                    .map_err(|e| {
-                        // The workers may sit in a collective: stop them, never leave one behind.
-                        comm.abort(&format!("rank 0 failed: {e:#}"));
-                        ctx.kill_group();
-                        RunError::Failed(format!("{e:#}"))
-                    })
+                Ok(())
+            }
+            Links::Processes { .. } => {
+                self.relay(k, |_| ThreadStep::Free(vec![]), || Message::Free(ids))
+            }
+        };
+    }
+
+    /// Runs `job` on the group alone (a batch of one: what `apb generate` does). Text streams to
+    /// `on_text` as it is decoded; setting `cancel` stops it at the next token. The result
+    /// carries the first token's logits.
+    pub fn run(
+        &self,
+        job: &Job,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> std::result::Result<Generation, RunError> {
+        let flag = Arc::new(AtomicBool::new(cancel.load(Ordering::SeqCst)));
+        let mut engine = Engine::default();
+        let req = Request {
+            job: job.clone(),
+            cancel: flag.clone(),
+            on_text: Box::new(|t: &str| on_text(t)),
+            tag: (),
+        };
+        if let Some(((), g)) = engine.add(self, req).map_err(|(_, e)| e)? {
+            return Ok(g);
+        }
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                flag.store(true, Ordering::SeqCst);
+            }
+            if let Some(((), g)) = engine.step(self)?.pop() {
+                return Ok(g);
             }
         }
     }
@@ -451,14 +642,14 @@ impl Group {
     /// Stops the worker ranks (threads joined, processes told to finish and waited for).
     pub fn shutdown(self) -> Result<()> {
         match self.links {
-            Links::Threads(workers) => {
+            Links::Threads { workers, .. } => {
                 for (tx, handle) in workers {
                     drop(tx);
                     let _ = handle.join();
                 }
                 Ok(())
             }
-            Links::Processes { ctx, comm } => {
+            Links::Processes { ctx, comm, .. } => {
                 let bytes = serde_json::to_vec(&Message::Shutdown)?;
                 ctx.send_to_workers(&bytes)?;
                 drop(comm);
@@ -466,31 +657,4 @@ impl Group {
             }
         }
     }
-}
-
-/// Rank 0's generation with the last rank's first-token logits; on failure the root cause, not
-/// the "group aborted" echoes of the other ranks.
-fn combine(results: Vec<Result<Generation>>) -> std::result::Result<Generation, RunError> {
-    let mut errors = Vec::new();
-    let mut gens = Vec::new();
-    for r in results {
-        match r {
-            Ok(g) => gens.push(g),
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-    if !errors.is_empty() {
-        let pos = errors
-            .iter()
-            .position(|e| !e.contains("group aborted"))
-            .unwrap_or(0);
-        return Err(RunError::Failed(errors.swap_remove(pos)));
-    }
-    let last_logits = gens
-        .last()
-        .map(|g| g.first_logits.clone())
-        .unwrap_or_default();
-    let mut g = gens.swap_remove(0);
-    g.first_logits = last_logits;
-    Ok(g)
 }

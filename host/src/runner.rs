@@ -1,24 +1,21 @@
-//! The one per-rank generation program, for every method (dense is its one-rank case): prefill
-//! of the rank's share, the question segment, decode with the backends' LSE merge, sampling, stop
-//! rules and streaming. `apb generate`, `apb serve` and the library all run requests through
-//! [`Runner::run`] on every rank (see `ranks.rs` for how ranks are started and fed jobs).
-//!
-//! Per decode step the ranks agree on two numbers with one all-gather: the token (chosen by the
-//! last rank, which holds the merged output) and whether any rank was told to cancel. Stop
-//! strings are checked on every rank from the same tokens, so all ranks stop at the same step.
+//! The one per-rank program, for every method (dense is its one-rank case): a sequence's
+//! prefill (the rank's share, then the question segment) and batched decode steps (one forward
+//! over many sequences' next tokens, each attending its own KV on this rank, merged by LSE in
+//! one all-gather per layer). Rank 0's engine ([`crate::engine`]) decides the steps and samples;
+//! every rank runs them through [`Runner::prefill_seq`] and [`Runner::decode_rows`] (see
+//! `ranks.rs` for how ranks are started and fed steps). Also here: job checks and planning
+//! ([`prepare`]) and the text stream with stop strings ([`TextStream`]).
 
 use crate::error::{err, Context, Result};
 use crate::prompt::PromptParts;
-use crate::sampling::Sampler;
 use apb_loaders::{Cache, Loaded, Model, Tokenizer};
 use apb_plugin::{
-    AttentionBackend, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
+    AttentionBackend, AttnInput, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
 };
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Sampling and stop rules of one request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,11 +92,6 @@ pub struct Job {
     /// Fewest context tokens per rank (`--min-rank-tokens`; 0: none): see `PlanArgs`.
     #[serde(default)]
     pub min_rank_tokens: usize,
-    /// Hand the first token's logits from the sampling (last) rank to every rank, so rank 0 can
-    /// report them ([`Generation::first_logits`]) whatever the rank mode: one broadcast of the
-    /// vocabulary per request.
-    #[serde(default)]
-    pub first_logits: bool,
     /// Sampling and stop rules.
     pub params: GenParams,
 }
@@ -139,8 +131,8 @@ pub struct Generation {
     pub text: String,
     /// The generated tokens.
     pub tokens: Vec<u32>,
-    /// Logits (f32) that chose the first generated token (on the last rank; empty elsewhere):
-    /// what backends are compared on.
+    /// Logits (f32) that chose the first generated token (rank 0 chooses every token; it holds
+    /// the merged rows, as every rank does): what backends are compared on.
     pub first_logits: Vec<f32>,
     /// Why generation ended.
     pub finish: Finish,
@@ -339,7 +331,7 @@ impl Runner {
     }
 
     /// [`Generation::scorer`] for a prepared job.
-    fn scorer_of(&self, prep: &Prepared) -> Option<String> {
+    pub fn scorer_of(&self, prep: &Prepared) -> Option<String> {
         apb_on_ranks(prep).then(|| self.scorer.name().to_string())
     }
 
@@ -348,18 +340,22 @@ impl Runner {
         &self.loaded.tok
     }
 
-    /// Runs `job` as rank `comm.rank()` of `prep.plan.world` ranks (`comm` spans exactly those).
-    /// Rank 0 streams text to `on_text`; every rank returns its [`Generation`]. A rank whose
-    /// `cancel` is set makes all ranks stop at the next token.
-    pub fn run(
+    /// Prefills sequence `id` as rank `comm.rank()` of its `prep.plan.world` ranks (`comm` spans
+    /// exactly those): this rank's share, then the question segment, keeping the cache and
+    /// backend in `seqs` for its decode steps. Returns the last prompt token's hidden state
+    /// `(1, 1, hidden)`, the same on every rank of the plan, or None when `cancel` stopped it (the
+    /// ranks agree every few layers).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_seq(
         &self,
+        seqs: &mut RankSeqs,
+        id: SeqId,
         job: &Job,
         prep: &Prepared,
         comm: Arc<dyn Communicator>,
         cancel: &AtomicBool,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
-        let (model, tok) = (self.model(), self.tok());
+    ) -> Result<Option<Tensor>> {
+        let model = self.model();
         let (p, parts) = (&prep.plan, &job.prompt);
         let (rank, world) = (comm.rank(), p.world);
         if comm.world_size() != world {
@@ -368,8 +364,6 @@ impl Runner {
                 comm.world_size()
             ));
         }
-        let last = rank + 1 == world;
-        let t0 = Instant::now();
         let bar = (rank == 0)
             .then(|| prefill_bar(parts.len(), model.cfg.num_hidden_layers))
             .flatten();
@@ -405,40 +399,22 @@ impl Runner {
             backend,
             hidden,
             after,
-            rank_prefill_tokens,
+            ..
         } = match (pre, stopped_at) {
             (Ok(pre), _) => pre,
             (Err(_), Some(layer)) => {
                 if rank == 0 {
                     tracing::info!("cancelled during prefill, after layer {layer} of {layers}");
                 }
-                return Ok(Generation {
-                    method: prep.ran(),
-                    scorer: self.scorer_of(prep),
-                    question_mask: apb_on_ranks(prep).then_some(job.question_mask),
-                    text: String::new(),
-                    tokens: vec![],
-                    first_logits: vec![],
-                    finish: Finish::Cancelled,
-                    stats: GenStats {
-                        prompt_tokens: parts.len(),
-                        generated_tokens: 0,
-                        prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
-                        decode_tokens_per_s: 0.0,
-                    },
-                    plan: p.clone(),
-                    rank_prefill_tokens: vec![],
-                });
+                return Ok(None);
             }
             (Err(e), None) => return Err(e),
         };
         let after = &parts.query[parts.query.len() - after..];
         let mut hidden = hidden;
-        // The next token's position: every prompt token comes before it.
-        let mut pos = parts.len() as u32;
         if !after.is_empty() {
             // The question segment at its true positions, against every rank's cache.
-            let q_pos: Vec<u32> = (p.n as u32..pos).collect();
+            let q_pos: Vec<u32> = (p.n as u32..parts.len() as u32).collect();
             hidden = model
                 .forward(
                     after,
@@ -450,93 +426,97 @@ impl Runner {
                 )
                 .context("question segment")?;
         }
+        seqs.0.insert(id, SeqKv { cache, backend });
+        let s = hidden.dim(1)?;
+        Ok(Some(hidden.narrow(1, s - 1, 1)?))
+    }
 
-        let params = &job.params;
-        let mut sampler = Sampler::new(params.temperature, params.top_p, params.seed);
-        let mut out: Vec<u32> = Vec::new();
-        let mut stream = TextStream::new(params.stop.clone());
-        let mut first_logits = Vec::new();
-        let (mut prefill_ms, mut t1, mut steps) = (0.0, Instant::now(), 0usize);
-        let mut noop = |_: &str| {};
-        let finish = loop {
-            // The last rank chooses; every rank learns the token and any rank's cancel.
-            let mine = if last {
-                let logits = model.last_logits(&hidden)?.to_vec1::<f32>()?;
-                let t = sampler.sample(&logits);
-                if first_logits.is_empty() {
-                    first_logits = logits;
-                }
-                t
-            } else {
-                0
-            };
-            let (next, cancelled) = agree(&*comm, model, mine, cancel.load(Ordering::Relaxed))?;
-            if out.is_empty() {
-                if job.first_logits && world > 1 {
-                    let t = last
-                        .then(|| Tensor::new(first_logits.as_slice(), model.device()))
-                        .transpose()?;
-                    first_logits = comm.broadcast(t.as_ref(), world - 1)?.to_vec1::<f32>()?;
-                }
-                prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-                t1 = Instant::now();
+    /// One decode step of many sequences on this rank: `rows[i]` is a sequence's next token at
+    /// its position (or padding). The rows run through the model as one batch; each attends its
+    /// own sequence's cache on this rank (nothing where this rank holds none of it), and every
+    /// row's partial output and LSE travel in one all-gather per layer over `comm` (the step's
+    /// ranks). Returns the hidden states `(1, rows, hidden)`, the same on every rank.
+    pub fn decode_rows(
+        &self,
+        seqs: &mut RankSeqs,
+        rows: &[Row],
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let positions: Vec<u32> = rows.iter().map(|r| r.pos).collect();
+        let mut attend = |layer: usize, x: &AttnInput<'_>| -> apb_plugin::Result<Tensor> {
+            let mut outs = Vec::with_capacity(rows.len());
+            let mut lses = Vec::with_capacity(rows.len());
+            for (i, row) in rows.iter().enumerate() {
+                let one = |t: &Tensor, dim: usize| t.narrow(dim, i, 1);
+                let (q, k, v) = (one(x.q, 2)?, one(x.k, 2)?, one(x.v, 2)?);
+                let (q_raw, k_raw, v_raw) = (one(x.q_raw, 1)?, one(x.k_raw, 1)?, one(x.v_raw, 1)?);
+                let xi = AttnInput {
+                    layer,
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    q_raw: &q_raw,
+                    k_raw: &k_raw,
+                    v_raw: &v_raw,
+                };
+                let (o, l) = match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
+                    Some(s) => s.backend.decode_part(&xi, &mut s.cache.layers[layer])?,
+                    None => apb_plugin::nothing_attended(&q)?,
+                };
+                outs.push(o.to_dtype(candle_core::DType::F32)?);
+                lses.push(l);
             }
-            if cancelled {
-                break Finish::Cancelled;
-            }
-            if !params.ignore_eos && tok.stop_ids.contains(&next) {
-                break Finish::Stop;
-            }
-            out.push(next);
-            // Rank 0 streams the text; stop strings are checked on every rank alike. Other ranks
-            // without stop strings need no text at all.
-            if rank == 0 || !params.stop.is_empty() {
-                let emit: &mut dyn FnMut(&str) = if rank == 0 { &mut *on_text } else { &mut noop };
-                if stream.push(tok, &out, emit)? {
-                    break Finish::Stop;
-                }
-            }
-            if out.len() >= prep.max_new {
-                break Finish::Length;
-            }
-            hidden = model
-                .forward(
-                    &[next],
-                    &[pos],
-                    Phase::Decode,
-                    backend.as_ref(),
-                    &mut cache,
-                    &mut |_| Ok(()),
-                )
-                .context("decode")?;
-            pos += 1;
-            steps += 1;
+            let out = Tensor::cat(&outs, 2)?;
+            let lse = Tensor::cat(&lses, 2)?;
+            Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
         };
-        let decode_s = t1.elapsed().as_secs_f64();
-        let emit: &mut dyn FnMut(&str) = if rank == 0 { on_text } else { &mut noop };
-        let text = stream.finish(tok, &out, emit)?;
-        let generated_tokens = out.len();
-        Ok(Generation {
-            method: prep.ran(),
-            scorer: self.scorer_of(prep),
-            question_mask: apb_on_ranks(prep).then_some(job.question_mask),
-            text,
-            tokens: out,
-            first_logits,
-            finish,
-            stats: GenStats {
-                prompt_tokens: parts.len(),
-                generated_tokens,
-                prefill_ms,
-                decode_tokens_per_s: if steps > 0 && decode_s > 0.0 {
-                    steps as f64 / decode_s
-                } else {
-                    0.0
-                },
-            },
-            plan: p.clone(),
-            rank_prefill_tokens,
-        })
+        self.model()
+            .forward_with(&tokens, &positions, &mut attend, &mut |_| Ok(()))
+            .context("decode")
+    }
+}
+
+/// A sequence's number, the same on every rank (rank 0 assigns it).
+pub type SeqId = u64;
+
+/// One row of a batched decode step: a sequence's next token at its position, or a padding row
+/// (`seq` None: it attends nothing and its output is dropped).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Row {
+    /// The sequence, or None for padding.
+    pub seq: Option<SeqId>,
+    /// The token fed.
+    pub token: u32,
+    /// Its position.
+    pub pos: u32,
+}
+
+/// One sequence's state on one rank between steps: its caches and the backend that holds its
+/// layout.
+struct SeqKv {
+    cache: Cache,
+    backend: Box<dyn AttentionBackend>,
+}
+
+/// The sequences a rank holds, by id.
+#[derive(Default)]
+pub struct RankSeqs(std::collections::HashMap<SeqId, SeqKv>);
+
+impl RankSeqs {
+    /// Drops a sequence's caches.
+    pub fn free(&mut self, id: SeqId) {
+        self.0.remove(&id);
+    }
+
+    /// Sequences held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

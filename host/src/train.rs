@@ -70,6 +70,14 @@ impl AttentionBackend for Collector {
         self.out.lock().expect("collector").push((feats, labels));
         Dense.forward(phase, x, cache)
     }
+
+    fn decode_part(
+        &self,
+        x: &AttnInput<'_>,
+        cache: &mut LayerKv,
+    ) -> apb_plugin::Result<(Tensor, Tensor)> {
+        Dense.decode_part(x, cache)
+    }
 }
 
 /// Runs the frozen model over `prompt + answer` and returns every layer's features and labels.

@@ -286,9 +286,11 @@ fn rank_processes_equal_thread_ranks_bit_for_bit() {
 }
 
 /// A server over 4 rank processes, one request in flight (streaming, with a 4-rank prompt) and
-/// one queued; `kill -9` of worker rank 2 once `ready(stream so far)` holds: the stream gets an
-/// error event and `[DONE]`, the queued request 503, `/health` says failed, the server exits
-/// non-zero and no rank process is left. Returns the text streamed before the error.
+/// one sent behind it (queued during the long prefill, then in the decode batch); `kill -9` of
+/// worker rank 2 once `ready(stream so far)` holds: the stream gets an error event and
+/// `[DONE]`, the second request a 5xx (503 queued, 500 running), `/health` says failed, the
+/// server exits non-zero and no rank process is left. Returns the text streamed before the
+/// error.
 fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String {
     let mut s = apb_server(&[], &[]);
     let pids = worker_pids(&s);
@@ -317,7 +319,8 @@ fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String 
     assert_eq!(code, 503, "{h}");
     assert!(h.contains("failed"), "{h}");
     let (code, text) = queued.join().unwrap();
-    assert_eq!(code, 503, "{text}");
+    assert!(code == 503 || code == 500, "{code} {text}");
+    assert!(text.contains("rank"), "{text}");
     let st = s
         .wait_exit(Duration::from_secs(30))
         .expect("the server must exit");

@@ -529,7 +529,7 @@ fn apb_server_on_4_ranks() {
         std::thread::sleep(Duration::from_secs(3));
     }
     let t = Instant::now();
-    let (code, v) = s.chat(quick);
+    let (code, v) = s.chat(quick.clone());
     assert_eq!(code, 200, "{v}");
     assert!(
         t.elapsed() < Duration::from_secs(60),
@@ -537,12 +537,29 @@ fn apb_server_on_4_ranks() {
         t.elapsed()
     );
     assert_eq!(s.metric("apb_cancelled_total", "running"), before + 2.0);
+
+    // A client that half-closes its socket after a complete request still gets its whole
+    // answer, streaming or not (a non-streaming one after an interim 100 Continue).
+    for stream in [false, true] {
+        let mut body = quick.clone();
+        body["stream"] = json!(stream);
+        let mut c = raw_chat(&s, &body);
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut all = String::new();
+        c.read_to_string(&mut all).unwrap();
+        assert!(all.contains("HTTP/1.1 200 OK"), "stream {stream}: {all}");
+        assert!(all.contains("Paris"), "stream {stream}: {all}");
+        assert!(!stream || all.contains("data: [DONE]"), "{all}");
+    }
+    assert_eq!(s.metric("apb_cancelled_total", "running"), before + 2.0);
     assert!(s.metric("apb_requests_total", "status=\"200\"") >= 20.0);
 }
 
 #[test]
 fn full_queue_answers_429_with_retry_after() {
-    let s = Server::start(&["--max-queued", "1"]);
+    // One request at a time: the second waits in the queue.
+    let s = Server::start(&["--max-queued", "1", "--max-num-seqs", "1"]);
     let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 400, "ignore_eos": true});
     let running = chat_in_background(&s, &long);
@@ -804,4 +821,122 @@ fn sigterm_answers_the_queue_and_cuts_at_the_shutdown_timeout() {
     let st = s.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(st.success(), "{st}: {}", s.log.lock().unwrap());
     assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+}
+
+/// Continuous batching (an APB server on 4 ranks, SmolLM2): requests sent together decode in
+/// one batch and each gets, token for token, what it gets alone (apb on 4 and 2 ranks, the
+/// zigzag fallback, dense on one rank, seeded sampling, a stop string), while one of them
+/// leaves; two sequences that span several ranks decode in the same step; a short request sent
+/// while a long one decodes finishes first.
+#[test]
+fn batched_requests_each_equal_their_run_alone() {
+    let s = Server::start(&[
+        "--attention",
+        "apb",
+        "--world-size",
+        "4",
+        "--min-rank-tokens",
+        "64",
+        "--anchor-len",
+        "32",
+        "--passing-len",
+        "16",
+        "--max-num-seqs",
+        "8",
+    ]);
+    let chat = |content: String, extra: Value| {
+        let mut v = json!({"messages": [{"role": "user", "content": content}], "ignore_eos": true});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let q = "What is the special magic number?";
+    let reqs = [
+        chat(
+            format!("{}\n\n{q}", needle_doc(30)),
+            json!({"max_tokens": 24}),
+        ),
+        chat(
+            format!("{}\n\n{q}", needle_doc(12)),
+            json!({"max_tokens": 16, "stop": ["9"]}),
+        ),
+        chat("Hi".into(), json!({"max_tokens": 10})),
+        chat(
+            format!("{} Write a story about it.", needle_doc(20)),
+            json!({"max_tokens": 20}),
+        ),
+        chat(
+            format!("{}\n\n{q}", needle_doc(25)),
+            json!({"max_tokens": 16, "temperature": 0.9, "seed": 5}),
+        ),
+    ];
+    let alone: Vec<Value> = reqs
+        .iter()
+        .map(|r| {
+            let (code, v) = s.chat(r.clone());
+            assert_eq!(code, 200, "{v}");
+            v
+        })
+        .collect();
+    let ran: Vec<(&str, u64)> = alone
+        .iter()
+        .map(|v| {
+            (
+                v["apb"]["method"].as_str().unwrap(),
+                v["apb"]["ranks"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ran,
+        [
+            ("apb", 4),
+            ("apb", 2),
+            ("dense", 1),
+            ("zigzag", 4),
+            ("apb", 4)
+        ],
+        "{alone:?}"
+    );
+    // All at once, with a client that leaves after a few tokens.
+    let leaving = chat(
+        format!("{}\n\n{q}", needle_doc(20)),
+        json!({"max_tokens": 400, "stream": true}),
+    );
+    let mut leaving = raw_chat(&s, &leaving);
+    let handles: Vec<_> = reqs.iter().map(|r| chat_in_background(&s, r)).collect();
+    read_until(&mut leaving, |seen| {
+        seen.matches("\"content\"").count() >= 4
+    });
+    drop(leaving);
+    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+        let (code, text) = h.join().unwrap();
+        assert_eq!(code, 200, "{text}");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        for key in ["choices", "usage"] {
+            assert_eq!(got[key], want[key], "request {i} batched vs alone");
+        }
+    }
+    assert!(
+        s.metric("apb_decode_spanning_sequences_bucket", "le=\"1\"")
+            < s.metric("apb_decode_spanning_sequences_count", ""),
+        "no decode step had two sequences spanning several ranks"
+    );
+    assert!(s.metric("apb_cancelled_total", "running") >= 1.0);
+
+    // A short request sent while a long one decodes is answered before the long one ends.
+    let long = chat(
+        format!("{}\n\n{q}", needle_doc(30)),
+        json!({"max_tokens": 80, "stream": true}),
+    );
+    let mut long = raw_chat(&s, &long);
+    read_until(&mut long, |seen| seen.matches("\"content\"").count() >= 2);
+    let (code, v) = s.chat(reqs[2].clone());
+    assert_eq!(code, 200, "{v}");
+    let rest = read_until(&mut long, |seen| seen.contains("[DONE]"));
+    assert!(
+        rest.matches("\"content\"").count() >= 20,
+        "the long request had not much left when the short one finished: {rest}"
+    );
 }

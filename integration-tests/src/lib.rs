@@ -187,7 +187,6 @@ pub fn job(
         passing_len: None,
         question_mask: Default::default(),
         min_rank_tokens: 0,
-        first_logits: false,
         params: params.clone(),
     }
 }

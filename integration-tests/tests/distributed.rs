@@ -47,7 +47,6 @@ fn run(
         passing_len: passing,
         question_mask: Default::default(),
         min_rank_tokens: 0,
-        first_logits: false,
         ..job(p, method, world, &params())
     };
     run_job(m, &j)

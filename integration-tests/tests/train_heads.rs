@@ -59,6 +59,14 @@ impl AttentionBackend for Spy {
         self.0.lock().unwrap().push((x.q.clone(), x.k.clone()));
         Dense.forward(phase, x, cache)
     }
+
+    fn decode_part(
+        &self,
+        x: &AttnInput<'_>,
+        cache: &mut LayerKv,
+    ) -> apb_plugin::Result<(Tensor, Tensor)> {
+        Dense.decode_part(x, cache)
+    }
 }
 
 #[test]

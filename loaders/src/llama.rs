@@ -98,16 +98,13 @@ impl Attention {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
         cos: &Tensor,
         sin: &Tensor,
-        phase: Phase,
-        backend: &dyn AttentionBackend,
-        cache: &mut LayerKv,
+        attend: &mut Attend<'_>,
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nq, nkv) = (self.n_h * self.d, self.n_kv * self.d);
@@ -132,7 +129,7 @@ impl Attention {
             k_raw: &k_raw,
             v_raw: &v_raw,
         };
-        let y = backend.forward(phase, &input, cache)?;
+        let y = attend(layer, &input)?;
         span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
             let y =
                 apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((b, s, self.n_h * self.d))?;
@@ -140,6 +137,9 @@ impl Attention {
         })
     }
 }
+
+/// Attention of one layer's rows: `(layer, input) → output (b, n_heads, s, head_dim)`.
+pub type Attend<'a> = dyn FnMut(usize, &AttnInput<'_>) -> apb_plugin::Result<Tensor> + 'a;
 
 struct Mlp {
     gate_proj: Linear,
@@ -275,6 +275,25 @@ impl Model {
         cache: &mut Cache,
         on_layer: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
     ) -> apb_plugin::Result<Tensor> {
+        let layers = &mut cache.layers;
+        self.forward_with(
+            tokens,
+            positions,
+            &mut |i, x| backend.forward(phase, x, &mut layers[i]),
+            on_layer,
+        )
+    }
+
+    /// [`forward`](Self::forward) with attention left to `attend`: a host batching the decode
+    /// step of many sequences runs their rows as one sequence of tokens (every projection one
+    /// GEMM over the rows) and attends each row to its own sequence's cache.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        attend: &mut Attend<'_>,
+        on_layer: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
+    ) -> apb_plugin::Result<Tensor> {
         if tokens.len() != positions.len() || tokens.is_empty() {
             return Err(apb_plugin::Error::Shape(format!(
                 "{} tokens with {} positions",
@@ -285,11 +304,9 @@ impl Model {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
         let mut x = self.embed_tokens.forward(&ids)?;
-        for (i, (block, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
-            let a = block
-                .self_attn
-                .forward(&h, i, &cos, &sin, phase, backend, kv)?;
+            let a = block.self_attn.forward(&h, i, &cos, &sin, attend)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x)?;
             x = (&x + span("ffn", x.device(), || block.mlp.forward(&h))?)?;

@@ -3,18 +3,24 @@
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or server-sent events),
 //! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
 //!
-//! Rank 0 serves HTTP; the other ranks (threads on the CPU, one process per GPU) run the same
-//! rank program on the jobs rank 0 relays ([`crate::ranks`]). Requests wait in one bounded FIFO
-//! queue (429 with `Retry-After` beyond it) and run one at a time on every rank; a client that
-//! goes away cancels its request, queued or running (every rank stops at the next token). A rank
-//! that fails answers the request in flight with 500 naming the cause, turns `/health`
-//! unhealthy, and stops the server with a non-zero exit, so a supervisor restarts it.
+//! Rank 0 serves HTTP and runs the engine ([`crate::engine`]); the other ranks (threads on the
+//! CPU, one process per GPU) run the same rank program on the steps rank 0 relays
+//! ([`crate::ranks`]). Requests wait in one bounded queue (429 with `Retry-After` beyond it);
+//! the scheduler picks the next one to prefill (short prompts first) while up to
+//! `--max-num-seqs` decode together in one batch; a client that goes away cancels its request,
+//! queued or running (it leaves the batch at the next step). A rank that fails answers every
+//! request in flight with 500 naming the cause, turns `/health` unhealthy, and stops the server
+//! with a non-zero exit, so a supervisor restarts it.
 //!
 //! Safety: bodies are bounded by a size derived from the model's context before any parsing,
 //! tokenization runs at most [`TOKENIZE_PERMITS`] at a time, `--api-key` guards every `/v1`
 //! route, POSTs must be `application/json` (no cross-site form posts), and a server bound to
 //! loopback answers only loopback `Host` names (no DNS rebinding).
 
+mod conn;
+
+use crate::engine::scheduler::{Policy, Waiting};
+use crate::engine::{self, Engine};
 use crate::error::{err, Context};
 use crate::prompt::{self, PromptParts};
 use crate::ranks::{Group, GroupInfo, RunError};
@@ -28,7 +34,8 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use conn::Client;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -75,6 +82,10 @@ pub struct ServeConfig {
     pub default_max_tokens: usize,
     /// Requests that may wait for their turn; more get 429.
     pub max_queued: usize,
+    /// Requests generating at once.
+    pub max_num_seqs: usize,
+    /// Prompts of at least this many tokens are long (see [`crate::engine::scheduler`]).
+    pub long_prefill_token_threshold: usize,
     /// Bearer key required on `/v1` routes.
     pub api_key: Option<String>,
     /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
@@ -104,6 +115,17 @@ struct Queued {
     cancel: Arc<AtomicBool>,
     events: tmpsc::UnboundedSender<Ev>,
     queued_at: Instant,
+    /// The scheduler's view (prompt tokens, short requests that went first).
+    wait: Waiting,
+}
+
+/// A request the engine runs: where its answer goes.
+struct Running {
+    events: tmpsc::UnboundedSender<Ev>,
+    cancel: Arc<AtomicBool>,
+    /// Time it waited in the queue.
+    waited: Duration,
+    method: &'static str,
 }
 
 /// What the engine thread tells a request's handler.
@@ -122,7 +144,16 @@ struct Ready {
     group: GroupInfo,
 }
 
-/// The FIFO of requests waiting for the ranks. Entries whose client left are dropped as soon as
+/// What the engine finds in the queue.
+enum Pick {
+    Item(Box<Queued>),
+    /// Nothing waits now.
+    Empty,
+    /// Closed and empty: stop.
+    Closed,
+}
+
+/// The requests waiting for the ranks (the scheduler picks from it). Entries whose client left are dropped as soon as
 /// the queue is touched, so they never hold a place a live client could take.
 #[derive(Default)]
 struct Queue {
@@ -139,9 +170,9 @@ struct Server {
     shutdown: Notify,
     queue: Mutex<Queue>,
     queued: Condvar,
-    /// The request running on the ranks (its events and cancel flag): answered at once if the
-    /// group fails under it, cut at the end of a shutdown's grace.
-    current: Mutex<Option<(tmpsc::UnboundedSender<Ev>, Arc<AtomicBool>)>>,
+    /// The requests running on the ranks (their events and cancel flags): answered at once if
+    /// the group fails under them, cut at the end of a shutdown's grace.
+    current: Mutex<Vec<(tmpsc::UnboundedSender<Ev>, Arc<AtomicBool>)>>,
     /// Set when a shutdown's grace ran out: the request cut then gets 503, not a short answer.
     cut_by_shutdown: AtomicBool,
     running: AtomicBool,
@@ -158,6 +189,9 @@ struct Metrics {
     requests: IntCounterVec,
     cancelled: IntCounterVec,
     queue_depth: IntGauge,
+    running: IntGauge,
+    batch: prometheus::Histogram,
+    spanning: prometheus::Histogram,
     bodies_reading: IntGauge,
     prompt_tokens: IntCounterVec,
     generated_tokens: IntCounterVec,
@@ -183,6 +217,21 @@ impl Metrics {
             &["stage"],
         )?;
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the ranks")?;
+        let running = IntGauge::new(
+            "running_sequences",
+            "Requests generating (in the decode batch)",
+        )?;
+        let batch = prometheus::Histogram::with_opts(
+            HistogramOpts::new("decode_batch_size", "Sequences per decode step")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
+        let spanning = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "decode_spanning_sequences",
+                "Sequences spanning several ranks per decode step (all in one collective per layer)",
+            )
+            .buckets(vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )?;
         let bodies_reading = IntGauge::new(
             "bodies_reading",
             "Request bodies being read or parsed (at most 16 at a time)",
@@ -220,6 +269,9 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(cancelled.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(batch.clone()))?;
+        registry.register(Box::new(spanning.clone()))?;
         registry.register(Box::new(bodies_reading.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
@@ -230,6 +282,9 @@ impl Metrics {
             requests,
             cancelled,
             queue_depth,
+            running,
+            batch,
+            spanning,
             bodies_reading,
             prompt_tokens,
             generated_tokens,
@@ -315,7 +370,7 @@ pub async fn serve(
         shutdown: Notify::new(),
         queue: Mutex::new(Queue::default()),
         queued: Condvar::new(),
-        current: Mutex::new(None),
+        current: Mutex::new(Vec::new()),
         cut_by_shutdown: AtomicBool::new(false),
         running: AtomicBool::new(false),
         bodies: Arc::new(Semaphore::new(BODY_PERMITS)),
@@ -365,8 +420,11 @@ pub async fn serve(
         let header_timeout = state.cfg.header_timeout;
         move || {
             let mut b = hyper::server::conn::http1::Builder::new();
+            // A client may half-close its socket after its request and still wait for the
+            // answer; `conn` tells it from one that left.
             b.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                .half_close(true);
             b
         }
     };
@@ -374,9 +432,8 @@ pub async fn serve(
         tokio::select! {
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = http().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
+                let (io, svc) = connection(&app, stream);
+                let conn = graceful.watch(http().serve_connection(io, svc));
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -390,9 +447,8 @@ pub async fn serve(
         let app = app.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = http().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                tokio::spawn(conn);
+                let (io, svc) = connection(&app, stream);
+                tokio::spawn(http().serve_connection(io, svc));
             }
         });
     } else {
@@ -420,16 +476,23 @@ pub async fn serve(
     if tokio::time::timeout(grace, &mut drained).await.is_err() {
         // Set before looking: a request the engine is just starting sees it and stops itself.
         state.cut_by_shutdown.store(true, Ordering::SeqCst);
-        if let Some((_, cancel)) = state
+        let cancels: Vec<Arc<AtomicBool>> = state
             .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            eprintln!("shutdown timeout ({grace:?}): cutting the request in flight");
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
+        if !cancels.is_empty() {
+            eprintln!(
+                "shutdown timeout ({grace:?}): cutting the {} request(s) in flight",
+                cancels.len()
+            );
+        }
+        for cancel in cancels {
             cancel.store(true, Ordering::SeqCst);
         }
-        // The ranks stop at the next layer or token; its client gets the 503.
+        // The ranks stop at the next layer or token; their clients get the 503.
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut drained).await;
     }
     let engine = match tokio::time::timeout(Duration::from_secs(30), engine_done).await {
@@ -467,11 +530,11 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| why.to_string())
             .clone();
-        if let Some((tx, _)) = self
+        for (tx, _) in self
             .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .drain(..)
         {
             let _ = tx.send(Ev::Fail(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -493,17 +556,30 @@ impl Server {
         self.shutdown.notify_waiters();
     }
 
-    /// The next request to run (None: closed and empty), dropping those whose client left.
-    fn next_queued(&self) -> Option<Queued> {
+    /// The next request to prefill, as the scheduler picks it, dropping those whose client
+    /// left. With `wait`, blocks until one comes; Closed: closed and empty.
+    fn next_queued(&self, wait: bool) -> Pick {
+        let policy = Policy {
+            long_threshold: self.cfg.long_prefill_token_threshold,
+            max_overtakes: self.cfg.max_num_seqs,
+        };
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             self.drop_cancelled(&mut q);
-            if let Some(item) = q.items.pop_front() {
+            let mut waiting: Vec<Waiting> = q.items.iter().map(|i| i.wait).collect();
+            if let Some(i) = policy.pick(&mut waiting) {
+                for (item, w) in q.items.iter_mut().zip(waiting) {
+                    item.wait = w;
+                }
+                let item = q.items.remove(i).expect("picked within the queue");
                 self.metrics.queue_depth.set(q.items.len() as i64);
-                return Some(item);
+                return Pick::Item(Box::new(item));
             }
             if q.closed {
-                return None;
+                return Pick::Closed;
+            }
+            if !wait {
+                return Pick::Empty;
             }
             q = self
                 .queued
@@ -538,7 +614,8 @@ impl Server {
     }
 }
 
-/// The engine loop: runs queued requests one at a time on the group, then stops its ranks.
+/// The engine loop: between decode steps of the running batch, prefills one waiting request
+/// while there is room; when the queue closes and the batch is empty, stops the ranks.
 fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
     let loaded = group.runner().loaded.clone();
     let mut model_names = s.cfg.served_model_names.clone();
@@ -579,87 +656,173 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             format!(" ({}, comm {})", info.rank_mode, info.comm)
         }
     );
-    while let Some(q) = s.next_queued() {
-        if let Some(why) = s.fatal_cause() {
-            let _ = q.events.send(Ev::Fail(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the server is stopping after a rank failure: {why}"),
-            )));
-            continue;
-        }
-        s.running.store(true, Ordering::SeqCst);
-        *s.current.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((q.events.clone(), q.cancel.clone()));
-        if s.cut_by_shutdown.load(Ordering::SeqCst) {
-            q.cancel.store(true, Ordering::SeqCst);
-        }
-        let events = q.events.clone();
-        let mut on_text = |t: &str| {
-            let _ = events.send(Ev::Text(t.to_string()));
+    let mut eng: Engine<Running> = Engine::default();
+    loop {
+        // Prefill one waiting request between decode steps while there is room; with nothing
+        // running, wait for one.
+        let next = if eng.running() < s.cfg.max_num_seqs {
+            s.next_queued(eng.running() == 0)
+        } else {
+            Pick::Empty
         };
-        let waited = q.queued_at.elapsed().as_secs_f64();
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            group.run(&q.job, &q.cancel, &mut on_text)
-        }))
-        .unwrap_or_else(|_| Err(RunError::Failed("rank 0 panicked".into())));
-        s.running.store(false, Ordering::SeqCst);
-        s.current.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let method = q.job.method.name();
-        match res {
-            // The group failed under it: `fail` answered it already (its cancel flag may have
-            // been set by its client leaving after that answer, not before).
-            Ok(_) if s.fatal_cause().is_some() => {}
-            Ok(g) if g.finish == Finish::Cancelled && s.cut_by_shutdown.load(Ordering::SeqCst) => {
-                let _ = q.events.send(Ev::Fail(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "the server shut down before this request finished (--shutdown-timeout {:?}); retry",
-                        s.cfg.shutdown_timeout
-                    ),
-                )));
-            }
-            Ok(g) => {
-                let m = &s.metrics;
-                if g.finish == Finish::Cancelled {
-                    m.cancelled.with_label_values(&["running"]).inc();
-                    tracing::info!(
-                        "request cancelled by its client after {} tokens",
-                        g.stats.generated_tokens
-                    );
-                } else {
-                    // Token counters and latency histograms are of completed requests.
-                    m.prompt_tokens
-                        .with_label_values(&[method])
-                        .inc_by(g.stats.prompt_tokens as u64);
-                    m.generated_tokens
-                        .with_label_values(&[method])
-                        .inc_by(g.stats.generated_tokens as u64);
-                    m.ttft
-                        .with_label_values(&[method])
-                        .observe(waited + g.stats.prefill_ms / 1e3);
-                    if g.stats.prefill_ms > 0.0 {
-                        m.prefill_tps
-                            .with_label_values(&[method])
-                            .observe(g.stats.prompt_tokens as f64 / (g.stats.prefill_ms / 1e3));
+        match next {
+            Pick::Item(q) => admit_seq(s, &group, &mut eng, *q),
+            Pick::Closed if eng.running() == 0 => break,
+            Pick::Empty | Pick::Closed => {}
+        }
+        if eng.running() > 0 {
+            s.metrics.running.set(eng.running() as i64);
+            s.metrics.batch.observe(eng.running() as f64);
+            s.metrics.spanning.observe(eng.spanning() as f64);
+            match eng.step(&group) {
+                Ok(done) => done.into_iter().for_each(|(r, g)| answer(s, r, Ok(g))),
+                Err(e) => {
+                    for r in eng.drain() {
+                        answer(s, r, Err(RunError::Failed(format!("{e}"))));
                     }
                 }
-                let _ = q.events.send(Ev::Done(Box::new(g)));
             }
-            Err(RunError::Input(m)) => {
-                let _ = q.events.send(Ev::Fail(ApiError::bad(m)));
-            }
-            Err(RunError::Failed(why)) => {
-                let why = format!("a rank failed: {why}");
-                eprintln!("error: {why}; stopping the server");
-                let _ = q.events.send(Ev::Fail(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    why.clone(),
-                )));
-                s.fail(&why);
+        }
+        s.metrics.running.set(eng.running() as i64);
+        s.running.store(eng.running() > 0, Ordering::SeqCst);
+    }
+    group.shutdown()
+}
+
+/// Prefills a request picked from the queue (its first token comes with it).
+fn admit_seq<'a>(s: &Arc<Server>, group: &Group, eng: &mut Engine<'a, Running>, q: Queued) {
+    if let Some(why) = s.fatal_cause() {
+        let _ = q.events.send(Ev::Fail(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is stopping after a rank failure: {why}"),
+        )));
+        return;
+    }
+    s.running.store(true, Ordering::SeqCst);
+    s.current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((q.events.clone(), q.cancel.clone()));
+    if s.cut_by_shutdown.load(Ordering::SeqCst) {
+        q.cancel.store(true, Ordering::SeqCst);
+    }
+    let events = q.events.clone();
+    let req = engine::Request {
+        tag: Running {
+            events: q.events,
+            cancel: q.cancel.clone(),
+            waited: q.queued_at.elapsed(),
+            method: q.job.method.name(),
+        },
+        job: q.job,
+        cancel: q.cancel,
+        on_text: Box::new(move |t: &str| {
+            let _ = events.send(Ev::Text(t.to_string()));
+        }),
+    };
+    match eng.add(group, req) {
+        Ok(None) => {}
+        Ok(Some((r, g))) => answer(s, r, Ok(g)),
+        Err((r, e)) => {
+            let failed = matches!(e, RunError::Failed(_));
+            answer(s, r, Err(e));
+            if failed {
+                for r in eng.drain() {
+                    answer(s, r, Err(RunError::Failed("the group failed".into())));
+                }
             }
         }
     }
-    group.shutdown()
+}
+
+/// Answers a request the engine is done with, and counts it.
+fn answer(s: &Server, r: Running, res: Result<Generation, RunError>) {
+    s.current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(_, c)| !Arc::ptr_eq(c, &r.cancel));
+    let method = r.method;
+    match res {
+        // The group failed under it: `fail` answered it already (its cancel flag may have
+        // been set by its client leaving after that answer, not before).
+        _ if s.fatal_cause().is_some() => {}
+        Ok(g) if g.finish == Finish::Cancelled && s.cut_by_shutdown.load(Ordering::SeqCst) => {
+            let _ = r.events.send(Ev::Fail(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the server shut down before this request finished (--shutdown-timeout {:?}); retry",
+                    s.cfg.shutdown_timeout
+                ),
+            )));
+        }
+        Ok(g) => {
+            let m = &s.metrics;
+            if g.finish == Finish::Cancelled {
+                m.cancelled.with_label_values(&["running"]).inc();
+                tracing::info!(
+                    "request cancelled by its client after {} tokens",
+                    g.stats.generated_tokens
+                );
+            } else {
+                // Token counters and latency histograms are of completed requests.
+                m.prompt_tokens
+                    .with_label_values(&[method])
+                    .inc_by(g.stats.prompt_tokens as u64);
+                m.generated_tokens
+                    .with_label_values(&[method])
+                    .inc_by(g.stats.generated_tokens as u64);
+                m.ttft
+                    .with_label_values(&[method])
+                    .observe(r.waited.as_secs_f64() + g.stats.prefill_ms / 1e3);
+                if g.stats.prefill_ms > 0.0 {
+                    m.prefill_tps
+                        .with_label_values(&[method])
+                        .observe(g.stats.prompt_tokens as f64 / (g.stats.prefill_ms / 1e3));
+                }
+            }
+            let _ = r.events.send(Ev::Done(Box::new(g)));
+        }
+        Err(RunError::Input(m)) => {
+            let _ = r.events.send(Ev::Fail(ApiError::bad(m)));
+        }
+        Err(RunError::Failed(why)) => {
+            let why = format!("a rank failed: {why}");
+            eprintln!("error: {why}; stopping the server");
+            let _ = r.events.send(Ev::Fail(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                why.clone(),
+            )));
+            s.fail(&why);
+        }
+    }
+}
+
+/// hyper's IO and service for one accepted connection: its requests carry its [`Client`].
+#[allow(clippy::type_complexity)]
+fn connection(
+    app: &Router,
+    stream: tokio::net::TcpStream,
+) -> (
+    hyper_util::rt::TokioIo<conn::ConnIo>,
+    hyper_util::service::TowerToHyperService<
+        tower::util::MapRequest<
+            Router,
+            impl FnMut(Request<hyper::body::Incoming>) -> Request<hyper::body::Incoming> + Clone,
+        >,
+    >,
+) {
+    let (io, client) = conn::split(stream);
+    let svc = tower::ServiceExt::map_request(
+        app.clone(),
+        move |mut r: Request<hyper::body::Incoming>| {
+            r.extensions_mut().insert(client.clone());
+            r
+        },
+    );
+    (
+        hyper_util::rt::TokioIo::new(io),
+        hyper_util::service::TowerToHyperService::new(svc),
+    )
 }
 
 fn router(state: Arc<Server>) -> Router {
@@ -832,6 +995,8 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
     Json(json!({"status": "ok", "queue_depth": depth,
                 "bodies_reading": s.metrics.bodies_reading.get(),
                 "running": s.running.load(Ordering::SeqCst),
+                "running_sequences": s.metrics.running.get(),
+                "max_num_seqs": s.cfg.max_num_seqs,
                 "max_queued": s.cfg.max_queued}))
     .into_response()
 }
@@ -1021,19 +1186,31 @@ struct Checked {
 
 async fn chat_completions(
     State(s): State<Arc<Server>>,
+    client: Option<Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(s, headers, body, Endpoint::Chat).await
+    handle(s, client, headers, body, Endpoint::Chat).await
 }
 
-async fn completions(State(s): State<Arc<Server>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, headers, body, Endpoint::Completion).await
+async fn completions(
+    State(s): State<Arc<Server>>,
+    client: Option<Extension<Client>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(s, client, headers, body, Endpoint::Completion).await
 }
 
-async fn handle(s: Arc<Server>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
+async fn handle(
+    s: Arc<Server>,
+    client: Option<Extension<Client>>,
+    headers: HeaderMap,
+    body: Body,
+    ep: Endpoint,
+) -> Response {
     match admit(&s, &headers, body, ep).await {
-        Ok(checked) => respond(s.clone(), checked, ep).await,
+        Ok(checked) => respond(s.clone(), checked, ep, client.map(|c| c.0)).await,
         Err(e) => e.into_response(),
     }
 }
@@ -1248,7 +1425,6 @@ fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
         passing_len: s.cfg.passing_len,
         question_mask: s.cfg.question_mask,
         min_rank_tokens: s.cfg.min_rank_tokens,
-        first_logits: false,
         params,
     }
 }
@@ -1351,12 +1527,16 @@ fn check_common(ready: &Ready, c: &Common) -> Result<(), ApiError> {
 }
 
 /// Queues the request and answers as JSON or as a stream.
-async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint) -> Response {
+async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint, client: Option<Client>) -> Response {
     let (tx, rx) = tmpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop(cancel.clone());
     let method = c.job.method.name();
     let queued = Queued {
+        wait: Waiting {
+            tokens: c.job.prompt.len(),
+            overtaken: 0,
+        },
         job: c.job,
         cancel,
         events: tx,
@@ -1388,7 +1568,15 @@ async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint) -> Response {
     if c.stream {
         stream(rx, guard, meta, c.include_usage)
     } else {
-        whole(rx, guard, meta).await
+        // The answer, unless the client leaves first (dropping `guard` cancels the request).
+        let answer = whole(rx, guard, meta);
+        match client {
+            Some(c) => tokio::select! {
+                r = answer => r,
+                _ = c.gone() => StatusCode::REQUEST_TIMEOUT.into_response(),
+            },
+            None => answer.await,
+        }
     }
 }
 

@@ -1,0 +1,154 @@
+//! Batched decode at the rank program's level (threads over `LocalGroup`, SmolLM2 in f32): a decode step of several sequences that each span both ranks is one
+//! all-gather per layer, and each row comes out bit for bit as the sequence alone would get it
+//! (a batch of one runs as two rows: see `apb_host::engine`).
+
+use apb_host::prompt::PromptParts;
+use apb_host::runner::{prepare, RankSeqs, Row};
+use apb_host::{GenParams, Method};
+use apb_integration_tests::*;
+use apb_plugin::{Communicator, LocalGroup, Pending};
+use candle_core::Tensor;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A communicator that counts its collectives.
+struct Counting(Arc<dyn Communicator>, AtomicUsize);
+
+impl Communicator for Counting {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_gather(&self, t: &Tensor) -> apb_plugin::Result<Vec<Tensor>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.all_gather(t)
+    }
+    fn all_gather_pending(&self, t: &Tensor) -> apb_plugin::Result<Pending<Vec<Tensor>>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.all_gather_pending(t)
+    }
+    fn ring_pass(&self, t: &Tensor) -> apb_plugin::Result<Pending> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.ring_pass(t)
+    }
+    fn all_to_all(&self, parts: &[Tensor]) -> apb_plugin::Result<Vec<Tensor>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.all_to_all(parts)
+    }
+    fn broadcast(&self, t: Option<&Tensor>, root: usize) -> apb_plugin::Result<Tensor> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.broadcast(t, root)
+    }
+    fn barrier(&self) -> apb_plugin::Result<()> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.barrier()
+    }
+    fn abort(&self, why: &str) {
+        self.0.abort(why)
+    }
+}
+
+/// One rank's collectives in a batched step, its batched rows, and each row alone.
+type RankResult = (usize, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// A prompt of `n` context tokens (arbitrary ids), a 9-token query and a question inside it.
+fn prompt(n: usize) -> PromptParts {
+    PromptParts {
+        context: (1000..1000 + n as u32).collect(),
+        query: (500..509).collect(),
+        question: (502..506).collect(),
+        prefix_len: 0,
+    }
+}
+
+#[test]
+fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_alone() {
+    // SmolLM2: its layers are wide enough (≥ 576) for the GEMM library to compute every row of
+    // a several-row product alike; the tiny fixtures' 64-wide layers are not.
+    let runner = smollm2_runner();
+    let layers = runner.model().cfg.num_hidden_layers;
+    // Three sequences on both ranks, of different methods and lengths.
+    let seqs: Vec<(Method, usize)> =
+        vec![(Method::ZIGZAG, 61), (Method::APB, 57), (Method::RING, 40)];
+    let jobs: Vec<_> = seqs
+        .iter()
+        .map(|&(m, n)| {
+            let mut j = job(&prompt(n), m, 2, &GenParams::default());
+            if m == Method::APB {
+                (j.anchor_len, j.passing_len) = (Some(8), Some(4));
+            }
+            let p = prepare(runner.model(), &j).unwrap();
+            assert_eq!(p.plan.world, 2, "{m:?}");
+            (j, p)
+        })
+        .collect();
+    let comms = LocalGroup::new(2);
+    let never = AtomicBool::new(false);
+    // Each rank: prefill the three, then one batched step (3 rows) counting collectives, then
+    // each sequence alone (its row and a padding row) from a copy of the same state.
+    let per_rank: Vec<RankResult> = std::thread::scope(|sc| {
+        let handles: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                let (runner, jobs, never) = (&runner, &jobs, &never);
+                sc.spawn(move || {
+                    let row = |id: u64, n: usize| Row {
+                        seq: Some(id),
+                        token: 7 + id as u32,
+                        pos: n as u32,
+                    };
+                    let fill = |seqs: &mut RankSeqs| {
+                        for (id, (j, p)) in jobs.iter().enumerate() {
+                            let c: Arc<dyn Communicator> = c.clone();
+                            runner
+                                .prefill_seq(seqs, id as u64, j, p, c, never)
+                                .unwrap()
+                                .unwrap();
+                        }
+                    };
+                    let mut batch = RankSeqs::default();
+                    fill(&mut batch);
+                    let rows: Vec<Row> = jobs
+                        .iter()
+                        .enumerate()
+                        .map(|(id, (j, _))| row(id as u64, j.prompt.len()))
+                        .collect();
+                    let counting = Counting(c.clone(), AtomicUsize::new(0));
+                    let h = runner.decode_rows(&mut batch, &rows, &counting).unwrap();
+                    let collectives = counting.1.load(Ordering::SeqCst);
+                    let batched: Vec<Vec<f32>> = h.squeeze(0).unwrap().to_vec2().unwrap();
+                    let mut alone = RankSeqs::default();
+                    fill(&mut alone);
+                    let singles = rows
+                        .iter()
+                        .map(|r| {
+                            let pad = Row { seq: None, ..*r };
+                            let h = runner
+                                .decode_rows(&mut alone, &[*r, pad], c.as_ref())
+                                .unwrap();
+                            h.squeeze(0).unwrap().to_vec2::<f32>().unwrap().remove(0)
+                        })
+                        .collect();
+                    (collectives, batched, singles)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (collectives, batched, singles)) in per_rank.iter().enumerate() {
+        assert_eq!(
+            *collectives, layers,
+            "rank {rank}: collectives in one decode step"
+        );
+        for (i, (b, s)) in batched.iter().zip(singles).enumerate() {
+            assert!(
+                b == s,
+                "rank {rank}: sequence {i}'s row differs batched and alone"
+            );
+        }
+    }
+    // Every rank holds the same merged rows.
+    assert!(per_rank[0].1 == per_rank[1].1);
+}

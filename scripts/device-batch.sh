@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# On one GPU (through scripts/device-run.sh): continuous batching against one request at a time.
+# `apb serve` with Llama-3.1-8B shapes (random bf16 weights made here with PyTorch, the default
+# model's tokenizer: dist/tokenizer.json), dense on one GPU, N concurrent requests of P prompt
+# tokens and T output tokens (ignore_eos), once with --max-num-seqs 1 (the peer: today's server)
+# and once with --max-num-seqs N; then, with N requests decoding, one short request's time to
+# first token next to its idle time. Writes $OUT/batch.json.
+# Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
+set -euo pipefail
+APB=${APB:-/tmp/apb-bin/apb}
+N=${N:-16}; P=${P:-2048}; T=${T:-64}
+W=${W:-$PWD/.cache/llama8b-random}
+mkdir -p "$W"
+[ -f "$W/config.json" ] || python3 scripts/random_llama.py llama-3.1-8b "$W"
+cp dist/tokenizer.json "$W/tokenizer.json"
+port=18090
+results=()
+for seqs in 1 "$N"; do
+  $APB serve -m "$W" --device cuda --dtype bf16 --port $port --max-num-seqs "$seqs" --max-queued 256 \
+    2> "$OUT/batch-serve-$seqs.txt" &
+  pid=$!
+  for _ in $(seq 900); do grep -q '^ready:' "$OUT/batch-serve-$seqs.txt" && break; sleep 0.2; done
+  python3 - "$port" "$N" "$P" "$T" "$seqs" "$OUT/batch-$seqs.json" <<'PY'
+import http.client, json, random, statistics, sys, threading, time
+port, n, p, t, seqs, out = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+words = ("the river runs past old mill into valley farmers bring apples pears market every saturday "
+         "library on hill keeps maps from three centuries cold wind came down mountains during night").split()
+def prompt(seed, tokens):
+    r = random.Random(seed)
+    return " ".join(r.choice(words) for _ in range(int(tokens * 0.95)))
+def request(text, max_tokens, res, i):
+    c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=3600)
+    body = json.dumps({"prompt": text, "max_tokens": max_tokens, "ignore_eos": True, "stream": True})
+    t0 = time.perf_counter(); first = None; chunks = 0
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse(); assert r.status == 200, r.read()
+    for line in r:
+        if line.startswith(b"data: {") and b'"text"' in line:
+            chunks += 1
+            if first is None: first = time.perf_counter() - t0
+    res[i] = {"ttft_s": first, "e2e_s": time.perf_counter() - t0, "chunks": chunks}
+# Warm-up (CUDA init, first kernels).
+w = {}; request(prompt(0, 256), 4, w, 0)
+res = {}
+t0 = time.perf_counter()
+th = [threading.Thread(target=request, args=(prompt(i + 1, p), t, res, i)) for i in range(n)]
+[x.start() for x in th]
+# A short request once all are decoding (or, one at a time, right away): its time to first token.
+time.sleep(0.5)
+short = {}
+idle = {}
+th.append(threading.Thread(target=request, args=(prompt(999, 64), 8, short, 0))); th[-1].start()
+[x.join() for x in th]
+wall = time.perf_counter() - t0
+request(prompt(999, 64), 8, idle, 0)
+out_tokens = n * t
+r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t,
+     "wall_s": wall, "output_tokens_per_s": out_tokens / wall,
+     "ttft_p50_s": statistics.median(v["ttft_s"] for v in res.values()),
+     "ttft_max_s": max(v["ttft_s"] for v in res.values()),
+     "e2e_p50_s": statistics.median(v["e2e_s"] for v in res.values()),
+     "short_ttft_under_load_s": short[0]["ttft_s"], "short_ttft_idle_s": idle[0]["ttft_s"]}
+json.dump(r, open(out, "w"), indent=1)
+print(json.dumps(r))
+PY
+  kill $pid; wait $pid || true
+done
+python3 - "$OUT" "$N" <<'PY'
+import json, os, subprocess, sys, time
+out, n = sys.argv[1], sys.argv[2]
+a, b = (json.load(open(f"{out}/batch-{s}.json")) for s in ("1", n))
+res = {"what": "apb serve, dense on one GPU, Llama-3.1-8B shapes (random bf16 weights), SmolLM2 tokenizer",
+       "device": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip(),
+       "commit": os.environ.get("COMMIT", "unknown"), "date": time.strftime("%Y-%m-%d"),
+       "command": "scripts/device-run.sh scripts/device-batch.sh", "one_at_a_time": a, "batched": b,
+       "throughput_ratio": b["output_tokens_per_s"] / a["output_tokens_per_s"]}
+json.dump(res, open(f"{out}/batch.json", "w"), indent=1)
+print(json.dumps(res, indent=1))
+PY

@@ -1,4 +1,6 @@
-//! Per-layer KV cache with amortised growth, so decode does not copy the whole cache per token.
+//! Per-layer KV cache: sized once where the host knows how many positions a sequence keeps
+//! ([`LayerKv::with_room`]), else with amortised growth, so decode never copies the whole cache
+//! per token.
 
 use crate::Result;
 use candle_core::{Tensor, D};
@@ -9,6 +11,8 @@ pub struct LayerKv {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    /// Positions the first allocation holds at least.
+    room: usize,
 }
 
 impl LayerKv {
@@ -34,7 +38,7 @@ impl LayerKv {
         if self.len + add > cap {
             // Grow geometrically; the first allocation is exact (prompts are usually the bulk).
             let new_cap = if cap == 0 {
-                add
+                add.max(self.room)
             } else {
                 (self.len + add).max(cap * 2)
             };
@@ -54,6 +58,22 @@ impl LayerKv {
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += add;
         Ok(())
+    }
+
+    /// An empty cache whose first allocation holds `room` positions (or what the first append
+    /// brings, if more): a host that knows how many positions a sequence keeps on this rank
+    /// (its share of the prompt, and on the rank that keeps new tokens every token it may
+    /// generate) allocates once, exactly, instead of doubling.
+    pub fn with_room(room: usize) -> Self {
+        Self {
+            room,
+            ..Self::default()
+        }
+    }
+
+    /// Positions the cache holds room for.
+    pub fn capacity(&self) -> usize {
+        self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
 
     /// The cached keys and values (views of length [`len`](Self::len)), or `None` when empty.

@@ -5,6 +5,7 @@
 //! parses arguments and dispatches.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Benchmarks: prefill across attention methods, or our attention kernel alone.
+    /// Benchmarks: prefill across attention methods, our attention kernel alone, or a load
+    /// against a running server.
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Train retaining heads (Locret MLPs) for a model on labels from the model itself, for
@@ -83,6 +84,11 @@ struct ServeArgs {
     /// (each long one is overtaken by at most --max-num-seqs short ones).
     #[arg(long, default_value_t = 2048)]
     long_prefill_token_threshold: usize,
+    /// KV memory (bytes) the running requests may hold: a request waits until its KV fits, one
+    /// that never can gets 400. Per rank process, or shared by thread ranks. Default: half the
+    /// memory available at start on the CPU; no limit on a GPU (set it there).
+    #[arg(long)]
+    kv_cache_memory_bytes: Option<u64>,
     /// Require `Authorization: Bearer KEY` on every /v1 route (also from APB_API_KEY).
     #[arg(long, env = "APB_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -538,6 +544,68 @@ enum BenchCmd {
     /// Our fused attention alone (causal, bf16, GQA) per length and head dim: time and TFLOP/s,
     /// one JSON line each. APB_ATTENTION=mma times our own kernel instead of cuDNN's on Hopper.
     Attention(AttentionBenchArgs),
+    /// Load a running `apb serve`: N streaming completions at a fixed concurrency, prompts of
+    /// --input-len tokens, --output-len tokens each (ignore_eos); time to first token, time per
+    /// output token, end-to-end latency (mean, p50, p90, p99) and throughput, as a table (and
+    /// JSON with --json).
+    Serve(ServeBenchArgs),
+}
+
+#[derive(Args)]
+struct ServeBenchArgs {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Requests in all.
+    #[arg(long, default_value_t = 16)]
+    num_prompts: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Prompt tokens per request (one-token words; the server's usage gives the exact count).
+    #[arg(long, default_value_t = 256)]
+    input_len: usize,
+    /// Tokens generated per request (ignore_eos).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// Prompt seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Append this question after a blank line to every prompt (an APB or Star server takes
+    /// the last paragraph as the question; without one it runs the zigzag fallback).
+    #[arg(long)]
+    question: Option<String>,
+    /// Bearer key (also from APB_API_KEY).
+    #[arg(long, env = "APB_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Also write the results (every request's timings included) as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn bench_serve(a: ServeBenchArgs) -> Result<()> {
+    let load = apb_host::bench_serve::Load {
+        url: a.url,
+        num_prompts: a.num_prompts,
+        concurrency: a.concurrency,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        seed: a.seed,
+        question: a.question,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+    };
+    let report = apb_host::bench_serve::run(&load)?;
+    print!("{}", report.table());
+    if let Some(path) = a.json {
+        let v = serde_json::json!({
+            "num_prompts": load.num_prompts, "concurrency": load.concurrency,
+            "input_len": load.input_len, "output_len": load.output_len, "url": load.url,
+            "report": report,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -912,6 +980,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_queued: a.max_queued,
         max_num_seqs: a.max_num_seqs,
         long_prefill_token_threshold: a.long_prefill_token_threshold,
+        kv_cache_memory_bytes: a.kv_cache_memory_bytes,
         api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),
         model_alias: Some(a.m.model.clone()),
@@ -996,6 +1065,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => bench_prefill(a),
         Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -531,8 +531,6 @@ pub struct Prefilled {
     pub hidden: Tensor,
     /// Query tokens still to run on every rank.
     pub after: usize,
-    /// Rows each rank ran in prefill (anchor + local + probe).
-    pub rank_prefill_tokens: Vec<usize>,
 }
 
 /// This rank's prefill share under the prepared plan.
@@ -565,17 +563,17 @@ pub fn prefill(
         layout,
         after,
     } = rank_share(job, prep, rank, scorer);
+    // Each layer's cache is allocated once: the rank's kept rows, and on the rank that keeps new
+    // tokens' KV (the last; dense: the only one) the question segment and every token the
+    // sequence may generate.
+    let mut room = layout.local - layout.pad;
+    if rank + 1 == prep.plan.world {
+        room += after + prep.max_new;
+    }
     let backend = prep.method.backend(comm, layout, scorer.clone())?;
-    let rank_prefill_tokens = (0..prep.plan.world)
-        .map(|h| {
-            if h == rank {
-                tokens.len()
-            } else {
-                rank_share(job, prep, h, scorer).tokens.len()
-            }
-        })
-        .collect();
-    let mut cache = Cache::new(&model.cfg);
+    let mut cache = Cache {
+        layers: vec![apb_plugin::LayerKv::with_room(room); model.cfg.num_hidden_layers],
+    };
     let hidden = model
         .forward(
             &tokens,
@@ -591,7 +589,6 @@ pub fn prefill(
         backend,
         hidden,
         after,
-        rank_prefill_tokens,
     })
 }
 

@@ -940,3 +940,42 @@ fn batched_requests_each_equal_their_run_alone() {
         "the long request had not much left when the short one finished: {rest}"
     );
 }
+
+/// KV admission: with a budget of 1000 positions (SmolLM2 f32: 2 × 30 layers × 3 KV heads × 64 ×
+/// 4 bytes = 46,080 bytes a position), a request that can never fit gets 400 naming the limit,
+/// and of two that fit only one at a time the second starts after the first ends.
+#[test]
+fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
+    let s = Server::start(&["--kv-cache-memory-bytes", "46080000"]);
+    let ask_doc = |sentences: usize, max_tokens: usize, stream: bool| {
+        json!({"messages": [{"role": "user", "content": format!("{}\n\nWhat is the special magic number?", needle_doc(sentences))}],
+            "max_tokens": max_tokens, "ignore_eos": true, "stream": stream})
+    };
+    let (code, v) = s.chat(ask_doc(90, 8, false));
+    assert_eq!(code, 400, "{v}");
+    let m = error_message(&v);
+    assert!(
+        m.contains("--kv-cache-memory-bytes") && m.contains("1000 positions"),
+        "{m}"
+    );
+    // ~600 positions each (prompt and max_tokens): the second waits for the first.
+    let mut first = raw_chat(&s, &ask_doc(46, 30, true));
+    read_until(&mut first, |seen| seen.contains("\"content\""));
+    let second = std::thread::spawn({
+        let mut c = raw_chat(&s, &ask_doc(45, 30, true));
+        move || {
+            read_until(&mut c, |seen| seen.matches("\"content\"").count() >= 2);
+            let at = Instant::now();
+            read_until(&mut c, |seen| seen.contains("[DONE]"));
+            at
+        }
+    });
+    read_until(&mut first, |seen| seen.contains("[DONE]"));
+    let first_done = Instant::now();
+    let second_started = second.join().unwrap();
+    assert!(
+        second_started >= first_done,
+        "the second request decoded while the first held the budget"
+    );
+    assert_eq!(s.metric("apb_kv_positions_used", ""), 0.0);
+}

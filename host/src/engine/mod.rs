@@ -52,19 +52,60 @@ struct Seq<'a, T> {
     t1: Instant,
     steps: usize,
     rank_prefill_tokens: Vec<usize>,
+    /// KV positions it holds per rank (see [`Placed`]).
+    need: Vec<usize>,
 }
 
 /// A finished request: its tag and what it produced.
 pub type Done<T> = (T, Generation);
 
+/// The KV positions running sequences may hold: admission waits for room and refuses what can
+/// never fit.
+#[derive(Debug, Clone, Copy)]
+pub struct KvBudget {
+    /// Positions per pool.
+    pub positions: usize,
+    /// One pool for every rank (thread ranks share their process's memory), else one per rank.
+    pub shared: bool,
+    /// Bytes one position takes in every layer (K and V), to say what the budget means.
+    pub bytes_per_position: usize,
+}
+
+/// A request planned for the group, with the KV positions it keeps on each rank (its share of
+/// the prompt; on the rank that keeps new tokens also every token it may generate).
+pub struct Placed<'a, T> {
+    req: Request<'a, T>,
+    prep: Prepared,
+    need: Vec<usize>,
+}
+
+impl<T> Placed<'_, T> {
+    /// Whether its client gave up (set while it waits for room).
+    pub fn cancelled(&self) -> bool {
+        self.req.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Takes the caller's tag back (a request dropped before it ran).
+    pub fn into_tag(self) -> T {
+        self.req.tag
+    }
+}
+
 /// The running sequences of a group.
 pub struct Engine<'a, T> {
     seqs: Vec<Seq<'a, T>>,
+    budget: Option<KvBudget>,
+    /// KV positions held per rank.
+    used: Vec<usize>,
 }
 
 impl<T> Default for Engine<'_, T> {
     fn default() -> Self {
-        Self { seqs: Vec::new() }
+        Self {
+            seqs: Vec::new(),
+            budget: None,
+            used: Vec::new(),
+        }
     }
 }
 
@@ -79,36 +120,132 @@ impl<'a, T> Engine<'a, T> {
         self.seqs.iter().filter(|s| s.ranks > 1).count()
     }
 
-    /// Prefills `req` on its ranks and chooses its first token. Returns it at once when it is
-    /// already done (a stop token first, `max_tokens` 1, cancelled during prefill); an input
-    /// error comes back with the request's tag.
+    /// An engine that admits sequences within `budget`.
+    pub fn with_budget(budget: KvBudget) -> Self {
+        Self {
+            budget: Some(budget),
+            ..Self::default()
+        }
+    }
+
+    /// Checks and plans `req` for the group and counts the KV it needs; a bad request, or one
+    /// that can never fit the KV budget, comes back with its tag (400).
+    pub fn place(
+        &self,
+        group: &Group,
+        req: Request<'a, T>,
+    ) -> Result<Placed<'a, T>, (T, RunError)> {
+        let (job, prep) = match group.place(&req.job) {
+            Ok(p) => p,
+            Err(e) => return Err((req.tag, e)),
+        };
+        let scorer = &group.runner().scorer;
+        let world = prep.plan.world;
+        let need: Vec<usize> = (0..world)
+            .map(|h| {
+                let r = rank_share(&job, &prep, h, scorer);
+                let kept = r.layout.local - r.layout.pad;
+                if h + 1 == world {
+                    kept + r.after + prep.max_new
+                } else {
+                    kept
+                }
+            })
+            .collect();
+        if let Some(b) = &self.budget {
+            let (most, at) = if b.shared {
+                (need.iter().sum::<usize>(), "in all".to_string())
+            } else {
+                need.iter()
+                    .enumerate()
+                    .map(|(h, &n)| (n, format!("on rank {h}")))
+                    .max()
+                    .unwrap_or_default()
+            };
+            if most > b.positions {
+                let e = RunError::Input(format!(
+                    "the request needs KV memory for {most} positions {at} (prompt and max_tokens) but the server's budget is {} positions{} (--kv-cache-memory-bytes, {} bytes a position); shorten the prompt or max_tokens",
+                    b.positions,
+                    if b.shared { "" } else { " per rank" },
+                    b.bytes_per_position
+                ));
+                return Err((req.tag, e));
+            }
+        }
+        Ok(Placed {
+            req: Request { job, ..req },
+            prep,
+            need,
+        })
+    }
+
+    /// Whether `p`'s KV fits beside the running sequences now.
+    pub fn fits(&self, p: &Placed<'a, T>) -> bool {
+        let Some(b) = &self.budget else {
+            return true;
+        };
+        let used = |h: usize| self.used.get(h).copied().unwrap_or(0);
+        if b.shared {
+            self.used.iter().sum::<usize>() + p.need.iter().sum::<usize>() <= b.positions
+        } else {
+            p.need
+                .iter()
+                .enumerate()
+                .all(|(h, &n)| used(h) + n <= b.positions)
+        }
+    }
+
+    /// KV positions held by the running sequences, per rank.
+    pub fn kv_used(&self) -> &[usize] {
+        &self.used
+    }
+
+    fn hold(&mut self, need: &[usize], add: bool) {
+        if self.used.len() < need.len() {
+            self.used.resize(need.len(), 0);
+        }
+        for (u, &n) in self.used.iter_mut().zip(need) {
+            *u = if add { *u + n } else { u.saturating_sub(n) };
+        }
+    }
+
+    /// Plans and starts `req` (no budget check: what `apb generate` runs).
     pub fn add(
         &mut self,
         group: &Group,
         req: Request<'a, T>,
     ) -> Result<Option<Done<T>>, (T, RunError)> {
-        let (job, prep) = match group.place(&req.job) {
-            Ok(p) => p,
-            Err(e) => return Err((req.tag, e)),
-        };
+        let placed = self.place(group, req)?;
+        self.start(group, placed)
+    }
+
+    /// Prefills a placed request on its ranks and chooses its first token. Returns it at once
+    /// when it is already done (a stop token first, `max_tokens` 1, cancelled during prefill);
+    /// a failure comes back with the request's tag.
+    pub fn start(
+        &mut self,
+        group: &Group,
+        placed: Placed<'a, T>,
+    ) -> Result<Option<Done<T>>, (T, RunError)> {
+        let Placed { req, prep, need } = placed;
         let t0 = Instant::now();
         let id = group.new_id();
-        let placed = match group.prefill(id, &job, &prep, &req.cancel) {
+        let placed = match group.prefill(id, &req.job, &prep, &req.cancel) {
             Ok(p) => p,
             Err(e) => return Err((req.tag, e)),
         };
         let runner = group.runner();
         let rank_prefill_tokens = (0..prep.plan.world)
-            .map(|h| rank_share(&job, &prep, h, &runner.scorer).tokens.len())
+            .map(|h| rank_share(&req.job, &prep, h, &runner.scorer).tokens.len())
             .collect();
-        let params = &job.params;
+        let params = &req.job.params;
         let mut seq = Seq {
             id,
             sampler: Sampler::new(params.temperature, params.top_p, params.seed),
             stream: TextStream::new(params.stop.clone()),
             out: Vec::new(),
             next: 0,
-            pos: job.prompt.len() as u32,
+            pos: req.job.prompt.len() as u32,
             first_logits: Vec::new(),
             t0,
             prefill_ms: None,
@@ -117,9 +254,12 @@ impl<'a, T> Engine<'a, T> {
             rank_prefill_tokens,
             ranks: 0,
             prep,
-            req: Request { job, ..req },
+            req,
+            need,
         };
+        self.hold(&seq.need, true);
         let Some((ranks, hidden)) = placed else {
+            self.hold(&seq.need, false);
             return Ok(Some(seq.finish(group, Finish::Cancelled)));
         };
         seq.ranks = ranks;
@@ -140,6 +280,7 @@ impl<'a, T> Engine<'a, T> {
             }
             Ok(Some(f)) => {
                 group.free(&[(seq.id, seq.ranks)]);
+                self.hold(&seq.need, false);
                 Ok(Some(seq.finish(group, f)))
             }
             Err(e) => Err((seq.req.tag, e)),
@@ -157,6 +298,7 @@ impl<'a, T> Engine<'a, T> {
             if self.seqs[i].req.cancel.load(Ordering::SeqCst) {
                 let s = self.seqs.swap_remove(i);
                 freed.push((s.id, s.ranks));
+                self.hold(&s.need, false);
                 done.push(s.finish(group, Finish::Cancelled));
             } else {
                 i += 1;
@@ -199,6 +341,7 @@ impl<'a, T> Engine<'a, T> {
                     None => keep.push(s),
                     Some(f) => {
                         freed.push((s.id, s.ranks));
+                        self.hold(&s.need, false);
                         done.push(s.finish(group, f));
                     }
                 }
@@ -213,6 +356,7 @@ impl<'a, T> Engine<'a, T> {
 
     /// The running requests' tags, taking them out (after a group failure).
     pub fn drain(&mut self) -> Vec<T> {
+        self.used.clear();
         self.seqs.drain(..).map(|s| s.req.tag).collect()
     }
 

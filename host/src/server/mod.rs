@@ -20,7 +20,7 @@
 mod conn;
 
 use crate::engine::scheduler::{Policy, Waiting};
-use crate::engine::{self, Engine};
+use crate::engine::{self, Engine, KvBudget, Placed};
 use crate::error::{err, Context};
 use crate::prompt::{self, PromptParts};
 use crate::ranks::{Group, GroupInfo, RunError};
@@ -86,6 +86,9 @@ pub struct ServeConfig {
     pub max_num_seqs: usize,
     /// Prompts of at least this many tokens are long (see [`crate::engine::scheduler`]).
     pub long_prefill_token_threshold: usize,
+    /// KV memory running requests may hold (bytes; per rank process, or shared by thread
+    /// ranks). Default: half the memory available at start on the CPU; none on a GPU.
+    pub kv_cache_memory_bytes: Option<u64>,
     /// Bearer key required on `/v1` routes.
     pub api_key: Option<String>,
     /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
@@ -190,8 +193,12 @@ struct Metrics {
     cancelled: IntCounterVec,
     queue_depth: IntGauge,
     running: IntGauge,
+    kv_used: IntGauge,
     batch: prometheus::Histogram,
     spanning: prometheus::Histogram,
+    step: prometheus::Histogram,
+    gap: prometheus::Histogram,
+    tpot: HistogramVec,
     bodies_reading: IntGauge,
     prompt_tokens: IntCounterVec,
     generated_tokens: IntCounterVec,
@@ -221,9 +228,35 @@ impl Metrics {
             "running_sequences",
             "Requests generating (in the decode batch)",
         )?;
+        let kv_used = IntGauge::new(
+            "kv_positions_used",
+            "KV positions the running requests hold (all ranks; admission keeps it within the budget)",
+        )?;
         let batch = prometheus::Histogram::with_opts(
             HistogramOpts::new("decode_batch_size", "Sequences per decode step")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
+        let secs = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let step = prometheus::Histogram::with_opts(
+            HistogramOpts::new("decode_step_seconds", "Time of one batched decode step")
+                .buckets(secs.clone()),
+        )?;
+        let gap = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "decode_gap_seconds",
+                "Time running requests went without a decode step (a prefill in between included)",
+            )
+            .buckets(secs.clone()),
+        )?;
+        let tpot = HistogramVec::new(
+            HistogramOpts::new(
+                "time_per_output_token_seconds",
+                "Decode time per token after the first, of completed requests",
+            )
+            .buckets(secs),
+            &["method"],
         )?;
         let spanning = prometheus::Histogram::with_opts(
             HistogramOpts::new(
@@ -270,8 +303,12 @@ impl Metrics {
         registry.register(Box::new(cancelled.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(kv_used.clone()))?;
         registry.register(Box::new(batch.clone()))?;
         registry.register(Box::new(spanning.clone()))?;
+        registry.register(Box::new(step.clone()))?;
+        registry.register(Box::new(gap.clone()))?;
+        registry.register(Box::new(tpot.clone()))?;
         registry.register(Box::new(bodies_reading.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
@@ -283,8 +320,12 @@ impl Metrics {
             cancelled,
             queue_depth,
             running,
+            kv_used,
             batch,
             spanning,
+            step,
+            gap,
+            tpot,
             bodies_reading,
             prompt_tokens,
             generated_tokens,
@@ -656,25 +697,68 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             format!(" ({}, comm {})", info.rank_mode, info.comm)
         }
     );
-    let mut eng: Engine<Running> = Engine::default();
+    let budget = kv_budget(&s.cfg, &group);
+    if let Some(b) = &budget {
+        eprintln!(
+            "KV budget: {:.2} GiB = {} positions{} ({} bytes a position)",
+            (b.positions * b.bytes_per_position) as f64 / (1u64 << 30) as f64,
+            b.positions,
+            if b.shared {
+                " shared by the ranks"
+            } else {
+                " per rank"
+            },
+            b.bytes_per_position
+        );
+    }
+    let mut eng: Engine<Running> = budget.map(Engine::with_budget).unwrap_or_default();
+    // A request waiting for KV room: it keeps its turn (nothing overtakes it).
+    let mut held: Option<Placed<Running>> = None;
+    // When the running requests last got a decode step.
+    let mut last_step: Option<Instant> = None;
     loop {
+        if let Some(p) = held.take() {
+            if p.cancelled() {
+                gone_while_queued(s, p.into_tag());
+            } else if eng.fits(&p) {
+                start_seq(s, &group, &mut eng, p);
+            } else {
+                held = Some(p);
+            }
+        }
         // Prefill one waiting request between decode steps while there is room; with nothing
         // running, wait for one.
-        let next = if eng.running() < s.cfg.max_num_seqs {
+        let next = if held.is_none() && eng.running() < s.cfg.max_num_seqs {
             s.next_queued(eng.running() == 0)
         } else {
             Pick::Empty
         };
         match next {
-            Pick::Item(q) => admit_seq(s, &group, &mut eng, *q),
-            Pick::Closed if eng.running() == 0 => break,
+            Pick::Item(q) => {
+                if let Some(req) = running_request(s, *q) {
+                    match eng.place(&group, req) {
+                        Ok(p) if eng.fits(&p) => start_seq(s, &group, &mut eng, p),
+                        Ok(p) => held = Some(p),
+                        Err((r, e)) => answer(s, r, Err(e)),
+                    }
+                }
+            }
+            Pick::Closed if eng.running() == 0 && held.is_none() => break,
             Pick::Empty | Pick::Closed => {}
         }
         if eng.running() > 0 {
-            s.metrics.running.set(eng.running() as i64);
-            s.metrics.batch.observe(eng.running() as f64);
-            s.metrics.spanning.observe(eng.spanning() as f64);
-            match eng.step(&group) {
+            let m = &s.metrics;
+            m.running.set(eng.running() as i64);
+            m.batch.observe(eng.running() as f64);
+            m.spanning.observe(eng.spanning() as f64);
+            let t = Instant::now();
+            if let Some(last) = last_step {
+                m.gap.observe((t - last).as_secs_f64());
+            }
+            let r = eng.step(&group);
+            m.step.observe(t.elapsed().as_secs_f64());
+            last_step = (eng.running() > 0).then(Instant::now);
+            match r {
                 Ok(done) => done.into_iter().for_each(|(r, g)| answer(s, r, Ok(g))),
                 Err(e) => {
                     for r in eng.drain() {
@@ -684,21 +768,67 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             }
         }
         s.metrics.running.set(eng.running() as i64);
+        s.metrics
+            .kv_used
+            .set(eng.kv_used().iter().sum::<usize>() as i64);
         s.running.store(eng.running() > 0, Ordering::SeqCst);
     }
     group.shutdown()
 }
 
-/// Prefills a request picked from the queue (its first token comes with it).
-fn admit_seq<'a>(s: &Arc<Server>, group: &Group, eng: &mut Engine<'a, Running>, q: Queued) {
+/// The KV budget: `--kv-cache-memory-bytes`, else on the CPU half the memory available at
+/// start (thread ranks share it; rank processes split it by the ranks on the node). None on a
+/// GPU without the flag.
+fn kv_budget(cfg: &ServeConfig, group: &Group) -> Option<KvBudget> {
+    let model = group.runner().model();
+    let c = &model.cfg;
+    let bytes_per_position = 2
+        * c.num_hidden_layers
+        * c.num_key_value_heads
+        * c.head_dim
+        * model.dtype().size_in_bytes();
+    let shared = group.info().rank_mode == "threads";
+    let bytes = match cfg.kv_cache_memory_bytes {
+        Some(b) => b,
+        None if model.device().is_cpu() => {
+            let avail = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find(|l| l.starts_with("MemAvailable:"))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })?
+                * 1024;
+            let per = if shared { 1 } else { group.world() as u64 };
+            avail / 2 / per
+        }
+        None => return None,
+    };
+    Some(KvBudget {
+        positions: (bytes / bytes_per_position as u64) as usize,
+        shared,
+        bytes_per_position,
+    })
+}
+
+/// A queued request's client left while it waited for KV room.
+fn gone_while_queued(s: &Server, r: Running) {
+    s.current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(_, c)| !Arc::ptr_eq(c, &r.cancel));
+    s.metrics.cancelled.with_label_values(&["queued"]).inc();
+}
+
+/// A request picked from the queue as the engine takes it (None: answered already).
+fn running_request<'a>(s: &Arc<Server>, q: Queued) -> Option<engine::Request<'a, Running>> {
     if let Some(why) = s.fatal_cause() {
         let _ = q.events.send(Ev::Fail(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the server is stopping after a rank failure: {why}"),
         )));
-        return;
+        return None;
     }
-    s.running.store(true, Ordering::SeqCst);
     s.current
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -707,7 +837,7 @@ fn admit_seq<'a>(s: &Arc<Server>, group: &Group, eng: &mut Engine<'a, Running>, 
         q.cancel.store(true, Ordering::SeqCst);
     }
     let events = q.events.clone();
-    let req = engine::Request {
+    Some(engine::Request {
         tag: Running {
             events: q.events,
             cancel: q.cancel.clone(),
@@ -719,8 +849,18 @@ fn admit_seq<'a>(s: &Arc<Server>, group: &Group, eng: &mut Engine<'a, Running>, 
         on_text: Box::new(move |t: &str| {
             let _ = events.send(Ev::Text(t.to_string()));
         }),
-    };
-    match eng.add(group, req) {
+    })
+}
+
+/// Prefills a placed request (its first token comes with it).
+fn start_seq<'a>(
+    s: &Arc<Server>,
+    group: &Group,
+    eng: &mut Engine<'a, Running>,
+    p: Placed<'a, Running>,
+) {
+    s.running.store(true, Ordering::SeqCst);
+    match eng.start(group, p) {
         Ok(None) => {}
         Ok(Some((r, g))) => answer(s, r, Ok(g)),
         Err((r, e)) => {
@@ -774,6 +914,11 @@ fn answer(s: &Server, r: Running, res: Result<Generation, RunError>) {
                 m.ttft
                     .with_label_values(&[method])
                     .observe(r.waited.as_secs_f64() + g.stats.prefill_ms / 1e3);
+                if g.stats.decode_tokens_per_s > 0.0 {
+                    m.tpot
+                        .with_label_values(&[method])
+                        .observe(1.0 / g.stats.decode_tokens_per_s);
+                }
                 if g.stats.prefill_ms > 0.0 {
                     m.prefill_tps
                         .with_label_values(&[method])

@@ -94,6 +94,8 @@ impl<T> Placed<'_, T> {
 /// The running sequences of a group.
 pub struct Engine<'a, T> {
     seqs: Vec<Seq<'a, T>>,
+    /// Run a lone decode row as two (see [`Engine::batching`]).
+    pad_lone_rows: bool,
     budget: Option<KvBudget>,
     /// KV positions held per rank.
     used: Vec<usize>,
@@ -103,6 +105,7 @@ impl<T> Default for Engine<'_, T> {
     fn default() -> Self {
         Self {
             seqs: Vec::new(),
+            pad_lone_rows: false,
             budget: None,
             used: Vec::new(),
         }
@@ -120,10 +123,22 @@ impl<'a, T> Engine<'a, T> {
         self.seqs.iter().filter(|s| s.ranks > 1).count()
     }
 
-    /// An engine that admits sequences within `budget`.
-    pub fn with_budget(budget: KvBudget) -> Self {
+    /// An engine whose requests may share decode batches (a server with `--max-num-seqs` > 1):
+    /// a lone request then runs as two rows, so its tokens do not depend on whether others
+    /// run beside it. Within `budget`, if any.
+    pub fn batching(budget: Option<KvBudget>) -> Self {
         Self {
-            budget: Some(budget),
+            pad_lone_rows: true,
+            budget,
+            ..Self::default()
+        }
+    }
+
+    /// An engine that admits sequences within `budget`, one at a time (`--max-num-seqs 1`: no
+    /// padding row, nothing to be consistent with).
+    pub fn with_budget(budget: Option<KvBudget>) -> Self {
+        Self {
+            budget,
             ..Self::default()
         }
     }
@@ -319,10 +334,13 @@ impl<'a, T> Engine<'a, T> {
                     )
                 })
                 .collect();
-            // One row runs as two (a padding row that attends nothing): the CPU GEMM rounds a
-            // single row differently from several, and a request must get, token for token, what
-            // it gets in any batch.
-            if rows.len() == 1 {
+            // Where requests can share a batch, one row runs as two (a padding row that attends
+            // nothing): GEMM libraries compute a single row differently from several (candle's
+            // CPU GEMM: another kernel), and a request must get, token for token, what it gets
+            // in any batch. The price on the CPU: a lone request decodes ~3× slower than
+            // unpadded (the several-row kernel packs the weights), so only a batching engine
+            // pays it.
+            if rows.len() == 1 && self.pad_lone_rows {
                 rows.push((
                     Row {
                         seq: None,

@@ -711,7 +711,11 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             b.bytes_per_position
         );
     }
-    let mut eng: Engine<Running> = budget.map(Engine::with_budget).unwrap_or_default();
+    let mut eng: Engine<Running> = if s.cfg.max_num_seqs > 1 {
+        Engine::batching(budget)
+    } else {
+        Engine::with_budget(budget)
+    };
     // A request waiting for KV room: it keeps its turn (nothing overtakes it).
     let mut held: Option<Placed<Running>> = None;
     // When the running requests last got a decode step.

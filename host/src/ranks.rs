@@ -573,7 +573,7 @@ impl Group {
         let model = self.runner.model();
         self.rank0(k, |seqs, comm| {
             let hidden = self.runner.decode_rows(seqs, &plain, comm.as_ref())?;
-            let logits = model.logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
+            let logits = model.row_logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
             Ok(logits
                 .into_iter()
                 .zip(&plain)

@@ -472,7 +472,7 @@ impl Runner {
             Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
         };
         self.model()
-            .forward_with(&tokens, &positions, &mut attend, &mut |_| Ok(()))
+            .forward_with(&tokens, &positions, &mut attend, &mut |_| Ok(()), true)
             .context("decode")
     }
 }

@@ -20,6 +20,24 @@ fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize, bias: bool) -> Re
     Ok(Linear::new(w, b))
 }
 
+/// `x · Wᵀ (+ b)` for `x` `(b, s, in)`. With `rows` on the CPU (a decode step's rows, one per
+/// sequence) as `(W · xᵀ)ᵀ`: candle's CPU GEMM computes `x · Wᵀ` for a few rows with a kernel
+/// that packs all of W each call (16 rows of SmolLM2 cost 9× one row), while W as the row-major
+/// left operand costs ~2–5× one row for 16, and every row comes out alike whatever their number.
+fn project(l: &Linear, x: &Tensor, rows: bool) -> Result<Tensor> {
+    if !(rows && x.device().is_cpu()) {
+        return l.forward(x);
+    }
+    let (b, s, k) = x.dims3()?;
+    let w = l.weight();
+    let y = w.matmul(&x.reshape((b * s, k))?.t()?)?.t()?.contiguous()?;
+    let y = y.reshape((b, s, w.dim(0)?))?;
+    match l.bias() {
+        Some(bias) => y.broadcast_add(bias),
+        None => Ok(y),
+    }
+}
+
 fn rms_norm(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
     Ok(RmsNorm::new(vb.get(size, &format!("{name}.weight"))?, eps))
 }
@@ -105,11 +123,12 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         attend: &mut Attend<'_>,
+        rows: bool,
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nq, nkv) = (self.n_h * self.d, self.n_kv * self.d);
         let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
-            let qkv = self.qkv_proj.forward(x)?;
+            let qkv = project(&self.qkv_proj, x, rows)?;
             // Token-major projections → head-major (b, n, s, d) q/k/v with RoPE, in one pass.
             let (q, k, v) = apb_plugin::rope_split(&qkv, cos, sin, self.n_h, self.n_kv)?;
             // Pre-RoPE projections for retaining heads: views of the fused output.
@@ -133,7 +152,7 @@ impl Attention {
         span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
             let y =
                 apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((b, s, self.n_h * self.d))?;
-            Ok(self.o_proj.forward(&y)?)
+            Ok(project(&self.o_proj, &y, rows)?)
         })
     }
 }
@@ -159,12 +178,16 @@ impl Mlp {
 
     /// Runs over tokens in chunks: the `(tokens, intermediate)` activations of a long prompt
     /// would otherwise dominate memory.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rows: bool) -> Result<Tensor> {
         const CHUNK: usize = 2048;
         let s = x.dim(1)?;
         let run = |x: &Tensor| -> Result<Tensor> {
-            let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-            self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+            let g = candle_nn::ops::silu(&project(&self.gate_proj, x, rows)?)?;
+            project(
+                &self.down_proj,
+                &(g * project(&self.up_proj, x, rows)?)?,
+                rows,
+            )
         };
         if s <= CHUNK {
             return run(x);
@@ -281,18 +304,21 @@ impl Model {
             positions,
             &mut |i, x| backend.forward(phase, x, &mut layers[i]),
             on_layer,
+            false,
         )
     }
 
     /// [`forward`](Self::forward) with attention left to `attend`: a host batching the decode
     /// step of many sequences runs their rows as one sequence of tokens (every projection one
-    /// GEMM over the rows) and attends each row to its own sequence's cache.
+    /// GEMM over the rows; `rows`: on the CPU as `(W · xᵀ)ᵀ`, the cheap kernel for a few rows) and attends
+    /// each row to its own sequence's cache.
     pub fn forward_with(
         &self,
         tokens: &[u32],
         positions: &[u32],
         attend: &mut Attend<'_>,
         on_layer: &mut dyn FnMut(usize) -> apb_plugin::Result<()>,
+        rows: bool,
     ) -> apb_plugin::Result<Tensor> {
         if tokens.len() != positions.len() || tokens.is_empty() {
             return Err(apb_plugin::Error::Shape(format!(
@@ -306,10 +332,10 @@ impl Model {
         let mut x = self.embed_tokens.forward(&ids)?;
         for (i, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x)?;
-            let a = block.self_attn.forward(&h, i, &cos, &sin, attend)?;
+            let a = block.self_attn.forward(&h, i, &cos, &sin, attend, rows)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + span("ffn", x.device(), || block.mlp.forward(&h))?)?;
+            x = (&x + span("ffn", x.device(), || block.mlp.forward(&h, rows))?)?;
             on_layer(i)?;
         }
         Ok(self.norm.forward(&x)?)
@@ -326,5 +352,11 @@ impl Model {
     /// Logits (f32) for every position of `hidden`: `(1, seq, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// [`logits`](Self::logits) of a decode step's rows (the few-rows kernel, as
+    /// [`forward_with`](Self::forward_with) with `rows`).
+    pub fn row_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        project(&self.lm_head, hidden, true)?.to_dtype(DType::F32)
     }
 }

@@ -337,9 +337,7 @@ impl<'a, T> Engine<'a, T> {
             // Where requests can share a batch, one row runs as two (a padding row that attends
             // nothing): GEMM libraries compute a single row differently from several (candle's
             // CPU GEMM: another kernel), and a request must get, token for token, what it gets
-            // in any batch. The price on the CPU: a lone request decodes ~3× slower than
-            // unpadded (the several-row kernel packs the weights), so only a batching engine
-            // pays it.
+            // in any batch. A padding row is not free, so only a batching engine pays it.
             if rows.len() == 1 && self.pad_lone_rows {
                 rows.push((
                     Row {

@@ -97,7 +97,19 @@ fn needle(sentences: usize, max_tokens: usize) -> Value {
 /// 0 alone and says so.
 #[test]
 fn server_over_4_rank_processes() {
-    let s = apb_server(&["--max-queued", "3", "--api-key", "k3y"], &[]).with_key("k3y");
+    // Two sequences at a time, so the three below run batched and two long ones fill the batch.
+    let s = apb_server(
+        &[
+            "--max-queued",
+            "3",
+            "--max-num-seqs",
+            "2",
+            "--api-key",
+            "k3y",
+        ],
+        &[],
+    )
+    .with_key("k3y");
     assert_eq!(worker_pids(&s).len(), 3);
     let log = s.log.lock().unwrap().clone();
     assert!(
@@ -152,7 +164,7 @@ fn server_over_4_rank_processes() {
         "{v}"
     );
 
-    // Three at once (at most three wait): all answered.
+    // Three at once (two batched, one waits): all answered.
     let handles: Vec<_> = (0..3)
         .map(|i| {
             let mut b = needle(40, 4);
@@ -169,15 +181,17 @@ fn server_over_4_rank_processes() {
     // A full queue: 429 with Retry-After.
     let long = json!({"messages": [{"role": "user", "content": "Paris is a city.\n\nTell me a long story."}],
         "max_tokens": 100, "ignore_eos": true});
-    let running = chat_in_background(&s, &long);
-    wait_for(&s, "never started", |h| h["running"] == true);
+    let running: Vec<_> = (0..2).map(|_| chat_in_background(&s, &long)).collect();
+    wait_for(&s, "never both running", |h| h["running_sequences"] == 2);
     let queued: Vec<_> = (0..3).map(|_| raw_chat(&s, &short())).collect();
     wait_for(&s, "never queued", |h| h["queue_depth"] == 3);
     let (code, retry, text) = s.post("/v1/chat/completions", &short().to_string(), &[]);
     assert_eq!(code, 429, "{text}");
     assert!(retry.is_some());
     drop(queued);
-    assert_eq!(running.join().unwrap().0, 200);
+    for r in running {
+        assert_eq!(r.join().unwrap().0, 200);
+    }
 
     // A client that vanishes mid-stream stops its generation on every rank.
     let story = json!({"messages": [{"role": "user",

@@ -798,7 +798,8 @@ fn clients_that_stall_their_bodies_cannot_hold_the_server() {
 /// running one is cut at `--shutdown-timeout` with a 503, and the server exits 0 soon after.
 #[test]
 fn sigterm_answers_the_queue_and_cuts_at_the_shutdown_timeout() {
-    let mut s = Server::start(&["--shutdown-timeout", "10"]);
+    // One sequence at a time, so the second request stays queued.
+    let mut s = Server::start(&["--shutdown-timeout", "10", "--max-num-seqs", "1"]);
     let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 3000, "ignore_eos": true});
     let running = chat_in_background(&s, &long);

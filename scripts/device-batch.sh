@@ -63,8 +63,25 @@ r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t
 json.dump(r, open(out, "w"), indent=1)
 print(json.dumps(r))
 PY
+  # Decode step times (apb_decode_step_seconds: sum / count is the mean step of this run).
+  curl -s "http://127.0.0.1:$port/metrics" > "$OUT/batch-metrics-$seqs.txt" || true
   kill $pid; wait $pid || true
 done
+# Device copy bandwidth (read + write bytes / s of a 4 GiB device-to-device copy): the roofline's
+# denominator.
+python3 - > "$OUT/copy-bandwidth.json" <<'PY'
+import json, torch
+x = torch.empty(1 << 31, dtype=torch.uint16, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize()
+e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+e0.record()
+for _ in range(10): y.copy_(x)
+e1.record(); torch.cuda.synchronize()
+s = e0.elapsed_time(e1) / 1e3 / 10
+print(json.dumps({"bytes_moved_per_copy": 2 * x.numel() * 2, "seconds": s, "gb_per_s": 2 * x.numel() * 2 / s / 1e9}))
+PY
+cat "$OUT/copy-bandwidth.json"
 python3 - "$OUT" "$N" <<'PY'
 import json, os, subprocess, sys, time
 out, n = sys.argv[1], sys.argv[2]

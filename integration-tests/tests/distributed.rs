@@ -162,6 +162,45 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
 }
 
 #[test]
+fn spava_on_2_ranks_equals_apb_on_4() {
+    // Spava is APB over 2H virtual hosts placed zigzag: the same tokens and, up to the order of
+    // the LSE merge, the same logits. With the fixture retaining heads and the training-free
+    // scorer (rank 0's chunk 0 scored from its probe, as APB's rank 0). 61 tokens: chunks of 16,
+    // the last padded by 3; anchor 6 (4 question tokens), 5 passed per chunk.
+    let m = tiny("tiny-llama31");
+    let heads = apb_loaders::heads::load_heads(
+        fixture("heads").join("heads.safetensors").to_str().unwrap(),
+        &m.model().cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut trained = m.clone();
+    trained.scorer = Scorer::Heads(std::sync::Arc::new(heads));
+    let p = parts("tiny-llama31");
+    for (label, runner) in [("heads", &trained), ("query-aware", &m)] {
+        let apb = run(runner, &p, Method::APB, 4, Some(6), Some(5));
+        let spava = run(runner, &p, Method::SPAVA, 2, Some(6), Some(5));
+        assert_eq!((apb.plan.world, apb.plan.l_b), (4, 16));
+        assert_eq!(
+            (
+                spava.plan.world,
+                spava.plan.l_b,
+                spava.plan.l_a,
+                spava.plan.l_p
+            ),
+            (2, 32, 6, 5)
+        );
+        assert_same(&format!("spava H=2 vs apb H=4, {label}"), &spava, &apb);
+        // Not dense: the passing blocks are partial.
+        assert!(
+            first_logits_rel_diff(&spava, &dense(runner, &p)) > 1e-4,
+            "{label}"
+        );
+    }
+}
+
+#[test]
 fn context_limit_ends_with_length_and_stop_strings_cut() {
     // tiny-llama31's context is 512 positions: asking for 1000 new tokens stops at the context,
     // and that is "length", not "stop".

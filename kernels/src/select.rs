@@ -181,7 +181,9 @@ pub fn gather_kv(k: &Tensor, v: &Tensor, picks: &Tensor) -> Result<Tensor> {
         return cuda_gather(k, v, picks, n_kv, kk, d);
     }
     let _ = (kk, d);
-    let kv = Tensor::cat(&[k, v], 3)?;
+    // Strided k/v views (rows of a larger block) cat to a strided result; index_select needs
+    // contiguous rows.
+    let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
     let heads = (0..n_kv)
         .map(|h| kv.narrow(1, h, 1)?.index_select(&picks.get(h)?, 2))
         .collect::<Result<Vec<_>>>()?;

@@ -15,10 +15,12 @@
 //! | `ulysses` | yes | all-to-all to H/world heads over the whole sequence and back; KV heads must divide by the ranks |
 //! | `star` | no | anchor (first block) + local block |
 //! | `apb` | no | anchor with the question + passing blocks chosen by a scorer + local block |
+//! | `spava` | no | APB over 2H virtual hosts placed zigzag (chunks h and 2H−1−h): balanced |
 
 mod apb;
 mod dense;
 mod ring;
+mod spava;
 mod star;
 mod ulysses;
 mod zigzag;
@@ -163,15 +165,18 @@ impl Method {
     pub const STAR: Method = Method(&star::Star);
     /// APB (approximate).
     pub const APB: Method = Method(&apb::Apb);
+    /// Spava: APB over 2H virtual hosts placed zigzag (approximate, balanced).
+    pub const SPAVA: Method = Method(&spava::Spava);
 
     /// Every method, in the order help texts list them.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Self::DENSE,
         Self::RING,
         Self::ZIGZAG,
         Self::ULYSSES,
         Self::STAR,
         Self::APB,
+        Self::SPAVA,
     ];
 
     /// The names of [`Method::ALL`].

@@ -366,7 +366,7 @@ impl PrefillBench<'_> {
             "slowest_rank_tflops": f / wall / 1e12,
             "plan": plan,
         });
-        if method_ == Method::APB {
+        if method_.selects() {
             // Timing only: the selector's cost is in the number, its accuracy is not.
             v["scorer"] = scorer.name().into();
         }

@@ -243,13 +243,21 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
     Ok(table(&rows, &labels, &cfg.lengths, &cfg.tasks) + &legend(arms))
 }
 
-/// Which scorer each APB column ran: without trained heads it is APB's layout with our
-/// training-free selector, not the paper's APB.
+/// Which scorer each selecting column (APB, Spava) ran: without trained heads it is the method's
+/// layout with our training-free selector, not the paper's method.
 fn legend(arms: &[Arm]) -> String {
     let lines: Vec<String> = arms
         .iter()
-        .filter(|a| a.method == Method::APB)
-        .map(|a| format!("- `{}`: APB with {}", a.label, a.runner.scorer.name()))
+        .filter(|a| a.method.selects())
+        .map(|a| {
+            format!(
+                "- `{}`: {} on {} ranks with {}",
+                a.label,
+                a.method,
+                a.world,
+                a.runner.scorer.name()
+            )
+        })
         .collect();
     if lines.is_empty() {
         String::new()

@@ -281,8 +281,9 @@ struct EvalArgs {
     /// Cases per task and length.
     #[arg(long, default_value_t = 5)]
     cases: usize,
-    /// Methods, comma-separated: dense, ring, zigzag, ulysses, star, apb (training-free scorer),
-    /// apb-heads (the retaining heads of --heads).
+    /// Columns, comma-separated: dense, ring, zigzag, ulysses, star, apb, spava (apb and spava
+    /// with the training-free scorer); `M-heads` runs a selecting method with the retaining heads
+    /// of --heads (apb-heads); `M@N` on N ranks instead of --world-size (apb@8).
     #[arg(long, value_delimiter = ',', default_value = "dense,star,apb")]
     attention: Vec<String>,
     /// Ranks (threads) of the sequence-parallel methods.
@@ -327,22 +328,53 @@ fn eval(a: EvalArgs) -> Result<()> {
     let dtype = parse_dtype(&a.m.dtype)?;
     let base = Runner::new(a.m.load(&device)?, Scorer::QueryAware);
     let mut arms = Vec::new();
+    let mut heads = None;
     for name in &a.attention {
-        let (method, runner) = match name.as_str() {
-            "apb-heads" => {
-                let spec = a.heads.as_deref().context("apb-heads needs --heads")?;
-                let heads =
-                    apb_loaders::heads::load_heads(spec, &base.model().cfg, dtype, &device)?;
+        let (column, ranks) = match name.split_once('@') {
+            Some((c, n)) => (
+                c,
+                Some(
+                    n.parse::<usize>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .with_context(|| {
+                            format!("--attention {name}: ranks after @ must be a number above 0")
+                        })?,
+                ),
+            ),
+            None => (name.as_str(), None),
+        };
+        let (method, runner) = match column.strip_suffix("-heads") {
+            Some(m) => {
+                let method = Method::parse(m)?;
+                if !method.selects() {
+                    bail!(
+                        "--attention {name}: retaining heads are for {} only",
+                        Method::selecting_names()
+                    );
+                }
+                let spec = a
+                    .heads
+                    .as_deref()
+                    .with_context(|| format!("{name} needs --heads"))?;
+                if heads.is_none() {
+                    heads = Some(Arc::new(apb_loaders::heads::load_heads(
+                        spec,
+                        &base.model().cfg,
+                        dtype,
+                        &device,
+                    )?));
+                }
                 let mut r = base.clone();
-                r.scorer = Scorer::Heads(Arc::new(heads));
-                (Method::APB, r)
+                r.scorer = Scorer::Heads(heads.clone().expect("loaded above"));
+                (method, r)
             }
-            m => (Method::parse(m)?, base.clone()),
+            None => (Method::parse(column)?, base.clone()),
         };
         let world = if method == Method::DENSE {
             1
         } else {
-            a.world_size
+            ranks.unwrap_or(a.world_size)
         };
         arms.push(apb_host::eval::Arm {
             label: name.clone(),
@@ -735,8 +767,11 @@ fn parse_method(at: &AttentionArgs) -> Result<Method> {
             at.world_size
         );
     }
-    if method != Method::APB && at.heads.is_some() {
-        bail!("--heads is only used by --attention apb");
+    if !method.selects() && at.heads.is_some() {
+        bail!(
+            "--heads is only used by --attention {}",
+            Method::selecting_names()
+        );
     }
     Ok(method)
 }

@@ -209,9 +209,10 @@ pub fn prepare(model: &Model, job: &Job) -> std::result::Result<Prepared, InputE
     Ok(prep)
 }
 
-/// APB on several ranks (a one-rank APB plan is dense: no selection, no question mask).
-fn apb_on_ranks(prep: &Prepared) -> bool {
-    prep.method == Method::APB && prep.plan.world > 1
+/// A selecting method (APB, Spava) on several ranks (a one-rank plan is dense: no selection, no
+/// question mask).
+pub fn selects_on_ranks(prep: &Prepared) -> bool {
+    prep.method.selects() && prep.plan.world > 1
 }
 
 /// The reference's causal question mask is an APB setting: other methods refuse it.
@@ -219,9 +220,10 @@ pub fn check_question_mask(
     method: Method,
     mask: apb_plugin::QuestionMask,
 ) -> std::result::Result<(), InputError> {
-    if mask != apb_plugin::QuestionMask::Full && method != Method::APB {
+    if mask != apb_plugin::QuestionMask::Full && !method.selects() {
         return Err(InputError(format!(
-            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
+            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention {} only, not {}",
+            Method::selecting_names(),
             method.name()
         )));
     }
@@ -332,7 +334,7 @@ impl Runner {
 
     /// [`Generation::scorer`] for a prepared job.
     pub fn scorer_of(&self, prep: &Prepared) -> Option<String> {
-        apb_on_ranks(prep).then(|| self.scorer.name().to_string())
+        selects_on_ranks(prep).then(|| self.scorer.name().to_string())
     }
 
     /// The tokenizer.
@@ -539,8 +541,8 @@ pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> R
         .method
         .imp()
         .rank_inputs(&job.prompt, &prep.plan, rank, scorer);
-    // APB's switch only: a fallback (zigzag, dense) runs the exact full question segment.
-    if prep.method == Method::APB {
+    // The selecting methods' switch only: a fallback (dense) runs the exact full question segment.
+    if prep.method.selects() {
         share.layout.question_mask = job.question_mask;
     }
     share

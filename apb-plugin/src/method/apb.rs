@@ -24,6 +24,9 @@ impl SeqMethod for Apb {
     fn needs_question(&self) -> bool {
         true
     }
+    fn selects(&self) -> bool {
+        true
+    }
     fn plan(&self, parts: &PromptParts, a: &PlanArgs) -> Result<Plan> {
         plan(&PlanRequest {
             n: parts.context.len(),

@@ -121,6 +121,11 @@ pub trait SeqMethod: Send + Sync {
     fn needs_question(&self) -> bool {
         false
     }
+    /// Whether the method passes K/V that a scorer picks (APB, Spava): retaining heads and the
+    /// question-mask switch apply to it.
+    fn selects(&self) -> bool {
+        false
+    }
     /// The layout over ranks; prompts too short for `args.world` ranks get fewer, with a note.
     fn plan(&self, parts: &PromptParts, args: &PlanArgs) -> Result<Plan>;
     /// Rank `h`'s prefill tokens, positions and layout under `plan`.
@@ -198,6 +203,21 @@ impl Method {
     /// The method's name.
     pub fn name(self) -> &'static str {
         self.0.name()
+    }
+
+    /// Whether a scorer picks the K/V it passes ([`SeqMethod::selects`]).
+    pub fn selects(self) -> bool {
+        self.0.selects()
+    }
+
+    /// The names of the methods that select (`apb, spava`), for messages.
+    pub fn selecting_names() -> String {
+        Self::ALL
+            .iter()
+            .filter(|m| m.selects())
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Whether this is `dense` (one rank, no communication).

@@ -34,6 +34,9 @@ impl SeqMethod for Spava {
     fn needs_question(&self) -> bool {
         true
     }
+    fn selects(&self) -> bool {
+        true
+    }
     /// APB's plan for 2H virtual hosts (chunk length `c = ⌈n/2H⌉`, l_a and l_p from it), as a
     /// plan of H ranks with blocks of 2c; a prompt too short for 2H chunks gets fewer ranks, and
     /// one rank is dense.

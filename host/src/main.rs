@@ -489,7 +489,9 @@ fn train_heads(a: TrainArgs) -> Result<()> {
 #[derive(Args)]
 struct ModelArgs {
     /// Model: a registered name (smollm2-135m-instruct), a .gguf file, a model directory
-    /// (config.json + safetensors + tokenizer.json) or an HF Hub id (org/name).
+    /// (config.json + safetensors + tokenizer.json), an HF Hub id (org/name), or random:PRESET
+    /// (llama-3.1-8b, qwen-2.5-14b, yi-34b or a config.json: random weights with the default
+    /// model's tokenizer, to measure serving without a download).
     #[arg(short, long, default_value = DEFAULT_MODEL)]
     model: String,
     /// HF Hub revision (branch, tag or commit) when --model is a hub id.
@@ -528,7 +530,7 @@ struct AttentionArgs {
     /// Attention method: dense (exact, 1 rank); exact over ranks: zigzag (balanced ring, any rank
     /// count), ulysses (all-to-all of heads; the KV heads must divide by the ranks), ring (simple,
     /// unbalanced); approximate: star (anchor, no passing), apb (anchor with the question +
-    /// passing blocks).
+    /// passing blocks), spava (APB over 2H zigzag chunks: balanced ranks).
     #[arg(long, default_value = "dense")]
     attention: String,
     /// Ranks (threads on CPU) that share the prompt (every method but dense).
@@ -541,7 +543,7 @@ struct AttentionArgs {
     #[arg(long)]
     passing_len: Option<usize>,
     /// Trained retaining heads (safetensors or PyTorch checkpoint, file, directory or HF Hub id);
-    /// without them APB uses the training-free query-aware scorer.
+    /// without them apb and spava use the training-free query-aware scorer.
     #[arg(long)]
     heads: Option<String>,
     /// APB's question segment on non-last ranks: full (every question token sees all of the
@@ -649,7 +651,8 @@ struct PrefillArgs {
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
     lengths: Vec<usize>,
-    /// Methods to compare, comma-separated: dense (one GPU), zigzag, ulysses, ring, star, apb.
+    /// Methods to compare, comma-separated: dense (one GPU), zigzag, ulysses, ring, star, apb,
+    /// spava.
     #[arg(
         long,
         value_delimiter = ',',

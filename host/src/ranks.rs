@@ -5,10 +5,9 @@
 //! sequences) in a worker loop (nano-vllm's `ModelRunner` shape: the same program on every rank).
 //! `apb generate` and `apb serve` both stand on it, through [`crate::engine`].
 
-use crate::engine::{Engine, Request};
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
-use crate::runner::{prepare, Generation, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use crate::runner::{prepare, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -607,36 +606,6 @@ impl Group {
                 self.relay(k, |_| ThreadStep::Free(vec![]), || Message::Free(ids))
             }
         };
-    }
-
-    /// Runs `job` on the group alone (a batch of one: what `apb generate` does). Text streams to
-    /// `on_text` as it is decoded; setting `cancel` stops it at the next token. The result
-    /// carries the first token's logits.
-    pub fn run(
-        &self,
-        job: &Job,
-        cancel: &AtomicBool,
-        on_text: &mut dyn FnMut(&str),
-    ) -> std::result::Result<Generation, RunError> {
-        let flag = Arc::new(AtomicBool::new(cancel.load(Ordering::SeqCst)));
-        let mut engine = Engine::default();
-        let req = Request {
-            job: job.clone(),
-            cancel: flag.clone(),
-            on_text: Box::new(|t: &str| on_text(t)),
-            tag: (),
-        };
-        if let Some(((), g)) = engine.add(self, req).map_err(|(_, e)| e)? {
-            return Ok(g);
-        }
-        loop {
-            if cancel.load(Ordering::SeqCst) {
-                flag.store(true, Ordering::SeqCst);
-            }
-            if let Some(((), g)) = engine.step(self)?.pop() {
-                return Ok(g);
-            }
-        }
     }
 
     /// Stops the worker ranks (threads joined, processes told to finish and waited for).

@@ -136,6 +136,39 @@ fn seeded_sampling_is_reproducible() {
     assert_eq!(text(&a), text(&b));
 }
 
+/// `-m random:PRESET`: a preset's (here a config's) shapes with random weights and the default
+/// model's tokenizer; the name says so. An unknown preset is a clear error.
+#[test]
+fn random_weights_run_with_the_default_tokenizer() {
+    let config = tiny().join("config.json");
+    let model = format!("random:{}", config.display());
+    let v = apb_json(
+        &[
+            "generate",
+            "-m",
+            &model,
+            "--chat",
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(v["generated_tokens"], 3, "{v}");
+    let name = v["model"].as_str().unwrap();
+    assert!(
+        name.starts_with("random:") && name.contains("random weights"),
+        "{v}"
+    );
+    assert_clean_error(
+        &apb(&["generate", "-m", "random:llama-9b", "--prompt", "x"], &[]),
+        "neither a preset",
+    );
+}
+
 #[test]
 fn missing_model_path() {
     assert_clean_error(

@@ -162,6 +162,27 @@ fn apb_with_anchor_and_partial_passing_differs_but_runs() {
 }
 
 #[test]
+fn spava_passing_everything_without_anchor_equals_dense() {
+    // No anchor and every chunk's keys passed on: each chunk sees all earlier tokens, exactly.
+    // Without passing, each chunk sees only itself: it runs, and is not dense.
+    for name in ["tiny-llama31", "tiny-qwen2"] {
+        let m = tiny(name);
+        let p = parts(name);
+        let want = dense(&m, &p);
+        for world in [2, 3] {
+            let c = p.context.len().div_ceil(2 * world);
+            let d = run(&m, &p, Method::SPAVA, world, Some(0), Some(c));
+            assert_eq!((d.plan.world, d.plan.l_a, d.plan.l_p), (world, 0, c));
+            assert_same(&format!("{name} spava(l_a=0, l_p=c) H={world}"), &d, &want);
+            let d = run(&m, &p, Method::SPAVA, world, Some(0), Some(0));
+            assert_eq!((d.plan.world, d.plan.l_p), (world, 0));
+            assert!(d.first_logits.iter().all(|x| x.is_finite()));
+            assert!(first_logits_rel_diff(&d, &want) > 1e-4, "{name} H={world}");
+        }
+    }
+}
+
+#[test]
 fn spava_on_2_ranks_equals_apb_on_4() {
     // Spava is APB over 2H virtual hosts placed zigzag: the same tokens and, up to the order of
     // the LSE merge, the same logits. With the fixture retaining heads and the training-free

@@ -18,6 +18,10 @@ pub enum ModelSource {
     Dir(PathBuf),
     /// A single `.gguf` file (architecture `llama`).
     Gguf(PathBuf),
+    /// `random:PRESET`: a benchmark preset's shapes (or a config.json) with random weights and
+    /// the default model's tokenizer, the vocabulary cut to it (serving measurable without a
+    /// download; the name says so beside every number).
+    Random(String),
     /// An HF Hub repo id (`org/name`) at a revision.
     Hub {
         /// `org/name`.
@@ -30,6 +34,11 @@ pub enum ModelSource {
 impl ModelSource {
     /// Resolves `-m`: a registered name, an existing path, or an `org/name` hub id.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
+        if let Some(preset) = spec.strip_prefix("random:") {
+            // Checked now: a typo fails before anything loads.
+            crate::random::config_by_name(preset)?;
+            return Ok(Self::Random(preset.to_string()));
+        }
         if let Some((path, how)) = registry::named(spec) {
             if !path.exists() {
                 return Err(load_err!(
@@ -121,6 +130,7 @@ pub fn load_with(
     match source {
         ModelSource::Gguf(path) => load_gguf(path, dtype, device, ov),
         ModelSource::Dir(dir) => load_dir(dir, dtype, device, &dir.display().to_string(), ov),
+        ModelSource::Random(preset) => load_random(preset, dtype, device, ov),
         ModelSource::Hub { repo_id, revision } => {
             let hub = HubRepo::from_env(repo_id, revision.as_deref());
             load_dir(&fetch_hub(&hub)?, dtype, device, &hub.repo_id, ov)
@@ -177,6 +187,33 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device, ov: &Overrides) -> Resu
         .and_then(|s| s.to_str())
         .unwrap_or("gguf")
         .to_string();
+    Ok(Loaded { model, tok, name })
+}
+
+/// `random:PRESET` ([`ModelSource::Random`]): the default model's tokenizer (and its chat
+/// template and stop tokens), the preset's shapes with the vocabulary cut to that tokenizer's, and
+/// N(0, 0.02) weights made on `device`.
+fn load_random(preset: &str, dtype: DType, device: &Device, ov: &Overrides) -> Result<Loaded> {
+    let (path, how) = registry::named(registry::DEFAULT_MODEL).expect("the default is registered");
+    if !path.exists() {
+        return Err(load_err!(
+            "random:{preset} takes the default model's tokenizer, which is not downloaded yet (expected {}); fetch it with {how}",
+            path.display()
+        ));
+    }
+    let mut g = GgufModel::open(&path)?;
+    let tok_cfg = g.config()?;
+    let tok = Tokenizer::from_gguf(&g, &tok_cfg.eos_token_ids)?;
+    let mut cfg = crate::random::config_by_name(preset)?;
+    cfg.vocab_size = tok_cfg.vocab_size;
+    cfg.bos_token_id = tok_cfg.bos_token_id;
+    cfg.eos_token_ids = tok_cfg.eos_token_ids.clone();
+    ov.apply(&mut cfg)?;
+    let model = crate::random::random_model(&cfg, dtype, device)?;
+    let name = format!(
+        "random:{preset} (random weights, {} tokenizer)",
+        registry::DEFAULT_MODEL
+    );
     Ok(Loaded { model, tok, name })
 }
 

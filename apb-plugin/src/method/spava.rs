@@ -236,8 +236,10 @@ impl SeqMethod for Spava {
             out.push(o.narrow(2, 0, c)?);
             probe_out = (l.probe > 0).then(|| o.narrow(2, c, l.probe)).transpose()?;
         } else {
-            let all = first.as_ref().expect("gathered where l_p > 0");
-            let pass = passing(&all[..rank].iter().collect::<Vec<_>>())?;
+            let pass = match &first {
+                Some(all) => passing(&all[..rank].iter().collect::<Vec<_>>())?,
+                None => None,
+            };
             let (k, v) = with(&pass, rows(x.k, 0, a + c)?, rows(x.v, 0, a + c)?)?;
             let mask = Mask::apb(a, rank * l.l_p);
             out.push(attend(&rows(x.q, 0, a + c)?, &k, &v, mask)?);

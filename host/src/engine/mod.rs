@@ -456,3 +456,36 @@ impl<T> Seq<'_, T> {
         (self.req.tag, g)
     }
 }
+
+// `Group::run` lives here, beside the engine it drives, so the ranks need not know the engine.
+impl Group {
+    /// Runs `job` on the group alone (a batch of one: what `apb generate` does). Text streams to
+    /// `on_text` as it is decoded; setting `cancel` stops it at the next token. The result
+    /// carries the first token's logits.
+    pub fn run(
+        &self,
+        job: &Job,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> std::result::Result<Generation, RunError> {
+        let flag = Arc::new(AtomicBool::new(cancel.load(Ordering::SeqCst)));
+        let mut engine = Engine::default();
+        let req = Request {
+            job: job.clone(),
+            cancel: flag.clone(),
+            on_text: Box::new(|t: &str| on_text(t)),
+            tag: (),
+        };
+        if let Some(((), g)) = engine.add(self, req).map_err(|(_, e)| e)? {
+            return Ok(g);
+        }
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                flag.store(true, Ordering::SeqCst);
+            }
+            if let Some(((), g)) = engine.step(self)?.pop() {
+                return Ok(g);
+            }
+        }
+    }
+}

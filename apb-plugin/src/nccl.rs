@@ -1,12 +1,16 @@
-//! [`Communicator`] over NCCL: one process per GPU, collectives on the rank's candle stream, so
-//! they are ordered with the kernels around them without extra synchronisation. Set
-//! `NCCL_NVLS_ENABLE=0` in the environment (NVLink SHARP multicast is not used).
+//! [`Communicator`] over NCCL: one process per GPU. Blocking collectives run on the rank's candle
+//! stream, so they are ordered with the kernels around them without extra synchronisation.
+//! Transfers that may be in flight ([`Communicator::all_gather_pending`], `ring_pass`) run on a
+//! second stream with a second communicator (its id broadcast over the first at start), so they
+//! overlap the kernels queued after them: the second stream waits for the input's last write and
+//! the compute stream waits for the output only where a kernel first reads it (cudarc's event
+//! tracking, on for candle's streams: every slice carries the events of its last read and
+//! write). Receive buffers are allocated on the second stream, so their memory is ordered there.
+//! Set `NCCL_NVLS_ENABLE=0` in the environment (NVLink SHARP multicast is not used).
 //!
 //! Every rank must pass tensors of the same shape and dtype to `all_gather`, `ring_pass` and
 //! `all_to_all` (blocks are padded to equal sizes for this). `ring_pass` and `all_to_all` are
-//! grouped `ncclSend`/`ncclRecv`. They run on the compute stream like the collectives, so a pass
-//! is ordered after the attention queued before it rather than overlapped with it (overlap needs
-//! a second stream and events; not done yet). `broadcast` sends the shape first, so other ranks need not
+//! grouped `ncclSend`/`ncclRecv`. `broadcast` sends the shape first, so other ranks need not
 //! know it.
 //!
 //! A peer that stalls (alive, but never joins a collective) or dies leaves the others spinning in
@@ -21,7 +25,7 @@ use crate::comm::{Communicator, Pending};
 use crate::{Error, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
-use cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaSlice};
+use cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +45,8 @@ pub fn unique_id() -> Result<UniqueId> {
 pub struct NcclComm {
     inner: Arc<Inner>,
     dev: CudaDevice,
+    /// Where transfers in flight run (the side communicator's stream).
+    side_stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
 }
@@ -48,6 +54,8 @@ pub struct NcclComm {
 /// What the watchdog thread shares with the rank.
 struct Inner {
     comm: Mutex<Option<Comm>>,
+    /// The communicator of transfers in flight, on the side stream.
+    side: Mutex<Option<Comm>>,
     aborted: Mutex<Option<String>>,
     /// Collectives called and not yet seen finished, oldest first (only while watched); the
     /// event comes once the call has enqueued its kernel (the first call on a communicator may
@@ -71,11 +79,13 @@ impl Inner {
         if let Ok(mut a) = self.aborted.lock() {
             a.get_or_insert_with(|| why.to_string());
         }
-        // Dropping the communicator aborts it (ncclCommAbort), failing pending collectives.
-        if let Ok(mut c) = self.comm.try_lock() {
-            if let Some(c) = c.take() {
-                // cudarc panics if the abort itself reports an error; we are failing anyway.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
+        // Dropping a communicator aborts it (ncclCommAbort), failing pending collectives.
+        for comm in [&self.comm, &self.side] {
+            if let Ok(mut c) = comm.try_lock() {
+                if let Some(c) = c.take() {
+                    // cudarc panics if the abort itself reports an error; we are failing anyway.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
+                }
             }
         }
     }
@@ -92,18 +102,39 @@ impl NcclComm {
         let id = Id::uninit(id.map(|b| b as _));
         let comm =
             Comm::from_rank(dev.cuda_stream(), rank, world, id).map_err(|e| nccl_err("init", e))?;
-        Ok(Self {
+        let side_stream = dev
+            .cuda_stream()
+            .context()
+            .new_stream()
+            .map_err(|e| Error::Comm(format!("creating the transfer stream: {e:?}")))?;
+        let me = Self {
             inner: Arc::new(Inner {
                 comm: Mutex::new(Some(comm)),
+                side: Mutex::new(None),
                 aborted: Mutex::new(None),
                 pending: Mutex::new(VecDeque::new()),
                 watched: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
             }),
             dev: dev.clone(),
+            side_stream: side_stream.clone(),
             rank,
             world,
-        })
+        };
+        // The side communicator: rank 0's new id, all-gathered over the first.
+        let side_id = if rank == 0 { unique_id()? } else { [0u8; 128] };
+        let ids = Tensor::new(side_id.map(u32::from).to_vec(), device)?;
+        let got = me.gather_stacked(&ids, false)?.get(0)?.to_vec1::<u32>()?;
+        let side_id = Id::uninit(std::array::from_fn(|i| got[i] as u8 as _));
+        let side =
+            Comm::from_rank(side_stream, rank, world, side_id).map_err(|e| nccl_err("init", e))?;
+        *me.inner.side.lock().expect("fresh mutex") = Some(side);
+        Ok(me)
+    }
+
+    /// The stream transfers in flight run on (tests queue work there to show the waits).
+    pub fn transfer_stream(&self) -> Arc<CudaStream> {
+        self.side_stream.clone()
     }
 
     /// Starts the stall watchdog: when a collective has not finished `timeout` after it became
@@ -149,13 +180,23 @@ impl NcclComm {
         self
     }
 
-    fn with_comm<T>(&self, op: &'static str, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
+    /// Runs `f` with the main communicator, or with `side` the one of transfers in flight,
+    /// tracked by the watchdog (an event behind it on its stream).
+    fn with_comm<T>(
+        &self,
+        op: &'static str,
+        side: bool,
+        f: impl FnOnce(&Comm) -> Result<T>,
+    ) -> Result<T> {
         if let Some(why) = self.inner.aborted.lock().ok().and_then(|a| a.clone()) {
             return Err(Error::Comm(format!("group aborted: {why}")));
         }
-        let guard = self
-            .inner
-            .comm
+        let which = if side {
+            &self.inner.side
+        } else {
+            &self.inner.comm
+        };
+        let guard = which
             .lock()
             .map_err(|_| Error::Comm("NCCL communicator poisoned".into()))?;
         let comm = guard
@@ -169,9 +210,8 @@ impl NcclComm {
         }
         let out = f(comm);
         if watched {
-            let ev = self
-                .dev
-                .cuda_stream()
+            let ev = comm
+                .stream()
                 .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING));
             if let Ok(mut q) = self.inner.pending.lock() {
                 // Our entry is the newest: calls are serialised by the communicator's mutex.
@@ -191,8 +231,9 @@ impl NcclComm {
         out
     }
 
-    /// All-gathers `t` (contiguous, same shape on every rank) as `(world, ..t.shape)`.
-    fn gather_stacked(&self, t: &Tensor) -> Result<Tensor> {
+    /// All-gathers `t` (contiguous, same shape on every rank) as `(world, ..t.shape)`; with
+    /// `side`, on the transfer stream (in flight when this returns).
+    fn gather_stacked(&self, t: &Tensor, side: bool) -> Result<Tensor> {
         let t = t.contiguous()?;
         let mut shape = vec![self.world];
         shape.extend(t.dims());
@@ -205,8 +246,16 @@ impl NcclComm {
         macro_rules! go {
             ($ty:ty) => {{
                 let src = cs.as_cuda_slice::<$ty>()?.slice(off..off + n);
-                let mut dst: CudaSlice<$ty> = self.dev.alloc_zeros::<$ty>(n * self.world)?;
-                self.with_comm("all_gather", |c| {
+                // Uninitialised: the gather writes every element. Allocated on the stream that
+                // writes it.
+                let stream = if side {
+                    self.side_stream.clone()
+                } else {
+                    self.dev.cuda_stream()
+                };
+                let mut dst: CudaSlice<$ty> = unsafe { stream.alloc::<$ty>(n * self.world) }
+                    .map_err(|e| Error::Comm(format!("NCCL all_gather: allocating: {e:?}")))?;
+                self.with_comm("all_gather", side, |c| {
                     c.all_gather(&src, &mut dst)
                         .map(|_| ())
                         .map_err(|e| nccl_err("all_gather", e))
@@ -238,6 +287,7 @@ impl NcclComm {
     fn p2p(
         &self,
         op: &'static str,
+        side: bool,
         sends: &[(usize, Tensor)],
         recv_from: &[usize],
         shape: &[usize],
@@ -263,7 +313,15 @@ impl NcclComm {
                 // Uninitialised: every element is written by its receive before anyone reads it.
                 let mut dsts = recv_from
                     .iter()
-                    .map(|_| unsafe { self.dev.alloc::<$ty>(n) })
+                    .map(|_| {
+                        let stream = if side {
+                            self.side_stream.clone()
+                        } else {
+                            self.dev.cuda_stream()
+                        };
+                        unsafe { stream.alloc::<$ty>(n) }
+                            .map_err(|e| Error::Comm(format!("NCCL {op}: allocating: {e:?}")))
+                    })
                     .collect::<std::result::Result<Vec<CudaSlice<$ty>>, _>>()?;
                 let mut srcs = Vec::with_capacity(guards.len());
                 for (st, layout) in &guards {
@@ -273,7 +331,7 @@ impl NcclComm {
                     let off = layout.start_offset();
                     srcs.push(cs.as_cuda_slice::<$ty>()?.slice(off..off + n));
                 }
-                self.with_comm(op, |c| {
+                self.with_comm(op, side, |c| {
                     // cudarc ends the group in Drop and panics if that fails: contain it.
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let mut g = c.group();
@@ -325,10 +383,19 @@ impl Communicator for NcclComm {
         self.world
     }
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let all = self.gather_stacked(t)?;
+        let all = self.gather_stacked(t, false)?;
         (0..self.world)
             .map(|r| Ok(all.get(r)?))
             .collect::<Result<Vec<_>>>()
+    }
+    /// On the transfer stream: kernels queued after this call overlap it; the first kernel that
+    /// reads the result waits for it.
+    fn all_gather_pending(&self, t: &Tensor) -> Result<Pending<Vec<Tensor>>> {
+        let all = self.gather_stacked(t, true)?;
+        let parts = (0..self.world)
+            .map(|r| Ok(all.get(r)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Pending::ready(parts))
     }
     fn broadcast(&self, t: Option<&Tensor>, root: usize) -> Result<Tensor> {
         // Header: dtype code, rank count, dims (at most 6), as u32 on the device.
@@ -350,7 +417,10 @@ impl Communicator for NcclComm {
             _ => vec![0u32; 8],
         };
         let header = Tensor::new(header, &Device::Cuda(self.dev.clone()))?;
-        let h = self.gather_stacked(&header)?.get(root)?.to_vec1::<u32>()?;
+        let h = self
+            .gather_stacked(&header, false)?
+            .get(root)?
+            .to_vec1::<u32>()?;
         let dims: Vec<usize> = h[2..2 + h[1] as usize]
             .iter()
             .map(|d| *d as usize)
@@ -361,11 +431,13 @@ impl Communicator for NcclComm {
             Some(t) if self.rank == root => t.clone(),
             _ => Tensor::zeros(dims.as_slice(), dtype, &Device::Cuda(self.dev.clone()))?,
         };
-        Ok(self.gather_stacked(&mine)?.get(root)?)
+        Ok(self.gather_stacked(&mine, false)?.get(root)?)
     }
     fn barrier(&self) -> Result<()> {
         let one = Tensor::new(&[1u32], &Device::Cuda(self.dev.clone()))?;
-        self.gather_stacked(&one)?.flatten_all()?.to_vec1::<u32>()?;
+        self.gather_stacked(&one, false)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
         Ok(())
     }
     fn abort(&self, why: &str) {
@@ -376,8 +448,10 @@ impl Communicator for NcclComm {
             (self.rank + 1) % self.world,
             (self.rank + self.world - 1) % self.world,
         );
+        // On the transfer stream: the attention queued next overlaps it.
         let mut got = self.p2p(
             "ring_pass",
+            true,
             &[(next, t.clone())],
             &[prev],
             t.dims(),
@@ -410,6 +484,7 @@ impl Communicator for NcclComm {
         let mut got = self
             .p2p(
                 "all_to_all",
+                false,
                 &sends,
                 &others,
                 parts[0].dims(),
@@ -433,8 +508,10 @@ impl Drop for NcclComm {
         self.inner.stop.store(true, Ordering::SeqCst);
         // Release the communicator here, on the owner's thread while its CUDA context lives, not
         // whenever the watchdog thread lets go of `inner` (its abort then fails and cudarc panics).
-        if let Ok(mut c) = self.inner.comm.lock() {
-            drop(c.take());
+        for comm in [&self.inner.side, &self.inner.comm] {
+            if let Ok(mut c) = comm.lock() {
+                drop(c.take());
+            }
         }
     }
 }

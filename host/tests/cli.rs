@@ -1063,6 +1063,23 @@ fn train_heads_and_eval_refuse_bad_arguments() {
         &[],
     );
     assert_clean_error(&out, "apb-heads needs --heads");
+    for (column, why) in [
+        ("star-heads", "retaining heads are for apb, spava only"),
+        ("apb@0", "ranks after @ must be a number above 0"),
+        ("apb@x", "ranks after @ must be a number above 0"),
+    ] {
+        let out = apb(
+            &[
+                "eval",
+                "--attention",
+                column,
+                "--json",
+                "/tmp/apb-eval-z.jsonl",
+            ],
+            &[],
+        );
+        assert_clean_error(&out, why);
+    }
     // A model without a chat template cannot be evaluated: a clear error, no empty rows file.
     let dir = tempfile::tempdir().unwrap();
     let rows = dir.path().join("rows.jsonl");

@@ -1,11 +1,15 @@
 //! [`Communicator`] over NCCL: one process per GPU. Blocking collectives run on the rank's candle
 //! stream, so they are ordered with the kernels around them without extra synchronisation.
-//! Transfers that may be in flight ([`Communicator::all_gather_pending`], `ring_pass`) run on a
-//! second stream with a second communicator (its id broadcast over the first at start), so they
-//! overlap the kernels queued after them: the second stream waits for the input's last write and
-//! the compute stream waits for the output only where a kernel first reads it (cudarc's event
-//! tracking, on for candle's streams: every slice carries the events of its last read and
-//! write). Receive buffers are allocated on the second stream, so their memory is ordered there.
+//! With `APB_NCCL_OVERLAP=1` (off by default until its GPU test has run on a device), transfers
+//! that may be in flight ([`Communicator::all_gather_pending`], `ring_pass`) run on a
+//! second stream with a second communicator (its id all-gathered over the first at start), so
+//! they overlap the kernels queued after them. The ordering is explicit, not left to cudarc's
+//! per-buffer events (our raw-pointer kernels record those before the kernel is queued, not
+//! behind it): the transfer stream first waits for everything queued on the compute stream (the
+//! input's producer, the receive buffers' allocation), an event is recorded behind the
+//! transfer, and [`Pending::wait`] makes the compute stream wait for it. Receive buffers are
+//! allocated on the compute stream and the inputs are held until the wait, so no memory is
+//! freed or reused while the transfer may still touch it.
 //! Set `NCCL_NVLS_ENABLE=0` in the environment (NVLink SHARP multicast is not used).
 //!
 //! Every rank must pass tensors of the same shape and dtype to `all_gather`, `ring_pass` and
@@ -91,9 +95,28 @@ impl Inner {
     }
 }
 
+/// The environment switch for transfers in flight on NCCL ([`NcclComm::new`]): `1` turns them on.
+pub const OVERLAP_ENV: &str = "APB_NCCL_OVERLAP";
+
 impl NcclComm {
     /// Joins the group `id` as `rank` of `world` on `device` (blocks until all ranks joined).
+    /// Transfers in flight get their own stream only with `APB_NCCL_OVERLAP=1` in every rank's
+    /// environment ([`Self::new_with`]); otherwise they complete on the compute stream.
     pub fn new(device: &Device, rank: usize, world: usize, id: UniqueId) -> Result<Self> {
+        let overlap = std::env::var(OVERLAP_ENV).is_ok_and(|v| v == "1");
+        Self::new_with(device, rank, world, id, overlap)
+    }
+
+    /// [`Self::new`] with the transfer stream on or off (`overlap`: a second communicator on a
+    /// second stream for `all_gather_pending` and `ring_pass`; every rank must pass the same).
+    /// Off by default until its GPU test (`nccl_one_gpu`) has run on a device.
+    pub fn new_with(
+        device: &Device,
+        rank: usize,
+        world: usize,
+        id: UniqueId,
+        overlap: bool,
+    ) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             return Err(Error::Comm(format!(
                 "NCCL needs a CUDA device, got {device:?}"
@@ -121,6 +144,9 @@ impl NcclComm {
             rank,
             world,
         };
+        if !overlap {
+            return Ok(me);
+        }
         // The side communicator: rank 0's new id, all-gathered over the first.
         let side_id = if rank == 0 { unique_id()? } else { [0u8; 128] };
         let ids = Tensor::new(side_id.map(u32::from).to_vec(), device)?;
@@ -135,6 +161,11 @@ impl NcclComm {
     /// The stream transfers in flight run on (tests queue work there to show the waits).
     pub fn transfer_stream(&self) -> Arc<CudaStream> {
         self.side_stream.clone()
+    }
+
+    /// Whether transfers in flight have their own stream and communicator.
+    pub fn overlaps(&self) -> bool {
+        self.inner.side.lock().is_ok_and(|s| s.is_some())
     }
 
     /// Starts the stall watchdog: when a collective has not finished `timeout` after it became
@@ -214,7 +245,7 @@ impl NcclComm {
                 .stream()
                 .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING));
             if let Ok(mut q) = self.inner.pending.lock() {
-                // Our entry is the newest: calls are serialised by the communicator's mutex.
+                // Our entry is the newest: a rank issues its collectives from one thread.
                 match (&out, ev) {
                     (Ok(_), Ok(ev)) => {
                         if let Some(last) = q.back_mut() {
@@ -231,8 +262,33 @@ impl NcclComm {
         out
     }
 
+    /// Makes the transfer stream wait for all work queued so far on the compute stream (before a
+    /// transfer in flight: its input's producer and its buffers' allocation).
+    fn side_after_compute(&self) -> Result<()> {
+        self.side_stream
+            .join(&self.dev.cuda_stream())
+            .map_err(|e| Error::Comm(format!("ordering the transfer stream: {e:?}")))
+    }
+
+    /// `out` once the transfers queued on the transfer stream so far are done: the compute stream
+    /// waits for them in [`Pending::wait`]; `keep` (their inputs and outputs) lives until then.
+    fn in_flight<T: Send + 'static>(&self, keep: Vec<Tensor>, out: T) -> Result<Pending<T>> {
+        let done = self
+            .side_stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| Error::Comm(format!("recording a CUDA event: {e:?}")))?;
+        let compute = self.dev.cuda_stream();
+        Ok(Pending::new(move || {
+            compute
+                .wait(&done)
+                .map_err(|e| Error::Comm(format!("waiting for a transfer: {e:?}")))?;
+            drop(keep);
+            Ok(out)
+        }))
+    }
+
     /// All-gathers `t` (contiguous, same shape on every rank) as `(world, ..t.shape)`; with
-    /// `side`, on the transfer stream (in flight when this returns).
+    /// `side`, on the transfer stream (the caller orders it: [`Self::in_flight`]).
     fn gather_stacked(&self, t: &Tensor, side: bool) -> Result<Tensor> {
         let t = t.contiguous()?;
         let mut shape = vec![self.world];
@@ -246,15 +302,14 @@ impl NcclComm {
         macro_rules! go {
             ($ty:ty) => {{
                 let src = cs.as_cuda_slice::<$ty>()?.slice(off..off + n);
-                // Uninitialised: the gather writes every element. Allocated on the stream that
-                // writes it.
-                let stream = if side {
-                    self.side_stream.clone()
-                } else {
-                    self.dev.cuda_stream()
-                };
-                let mut dst: CudaSlice<$ty> = unsafe { stream.alloc::<$ty>(n * self.world) }
-                    .map_err(|e| Error::Comm(format!("NCCL all_gather: allocating: {e:?}")))?;
+                // Uninitialised: the gather writes every element. On the compute stream, whose
+                // kernels read and free it.
+                let mut dst: CudaSlice<$ty> =
+                    unsafe { self.dev.cuda_stream().alloc::<$ty>(n * self.world) }
+                        .map_err(|e| Error::Comm(format!("NCCL all_gather: allocating: {e:?}")))?;
+                if side {
+                    self.side_after_compute()?;
+                }
                 self.with_comm("all_gather", side, |c| {
                     c.all_gather(&src, &mut dst)
                         .map(|_| ())
@@ -314,15 +369,13 @@ impl NcclComm {
                 let mut dsts = recv_from
                     .iter()
                     .map(|_| {
-                        let stream = if side {
-                            self.side_stream.clone()
-                        } else {
-                            self.dev.cuda_stream()
-                        };
-                        unsafe { stream.alloc::<$ty>(n) }
+                        unsafe { self.dev.cuda_stream().alloc::<$ty>(n) }
                             .map_err(|e| Error::Comm(format!("NCCL {op}: allocating: {e:?}")))
                     })
                     .collect::<std::result::Result<Vec<CudaSlice<$ty>>, _>>()?;
+                if side {
+                    self.side_after_compute()?;
+                }
                 let mut srcs = Vec::with_capacity(guards.len());
                 for (st, layout) in &guards {
                     let Storage::Cuda(cs) = &**st else {
@@ -388,14 +441,18 @@ impl Communicator for NcclComm {
             .map(|r| Ok(all.get(r)?))
             .collect::<Result<Vec<_>>>()
     }
-    /// On the transfer stream: kernels queued after this call overlap it; the first kernel that
-    /// reads the result waits for it.
+    /// On the transfer stream: kernels queued after this call overlap it; [`Pending::wait`]
+    /// makes the compute stream wait for it.
     fn all_gather_pending(&self, t: &Tensor) -> Result<Pending<Vec<Tensor>>> {
-        let all = self.gather_stacked(t, true)?;
+        if !self.overlaps() {
+            return Ok(Pending::ready(self.all_gather(t)?));
+        }
+        let t = t.contiguous()?;
+        let all = self.gather_stacked(&t, true)?;
         let parts = (0..self.world)
             .map(|r| Ok(all.get(r)?))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Pending::ready(parts))
+        self.in_flight(vec![t, all], parts)
     }
     fn broadcast(&self, t: Option<&Tensor>, root: usize) -> Result<Tensor> {
         // Header: dtype code, rank count, dims (at most 6), as u32 on the device.
@@ -448,16 +505,30 @@ impl Communicator for NcclComm {
             (self.rank + 1) % self.world,
             (self.rank + self.world - 1) % self.world,
         );
+        if !self.overlaps() {
+            let mut got = self.p2p(
+                "ring_pass",
+                false,
+                &[(next, t.clone())],
+                &[prev],
+                t.dims(),
+                t.dtype(),
+            )?;
+            return Ok(Pending::ready(got.remove(0)));
+        }
         // On the transfer stream: the attention queued next overlaps it.
-        let mut got = self.p2p(
-            "ring_pass",
-            true,
-            &[(next, t.clone())],
-            &[prev],
-            t.dims(),
-            t.dtype(),
-        )?;
-        Ok(Pending::ready(got.remove(0)))
+        let t = t.contiguous()?;
+        let got = self
+            .p2p(
+                "ring_pass",
+                true,
+                &[(next, t.clone())],
+                &[prev],
+                t.dims(),
+                t.dtype(),
+            )?
+            .remove(0);
+        self.in_flight(vec![t, got.clone()], got)
     }
     fn all_to_all(&self, parts: &[Tensor]) -> Result<Vec<Tensor>> {
         if parts.len() != self.world {

@@ -36,57 +36,77 @@ fn one_rank_ring_pass_and_all_to_all_return_the_input() {
     assert!(e.contains("1 parts"), "{e}");
 }
 
-/// A transfer in flight runs on its own stream, and whoever reads its result waits for it: with
-/// ~0.1–0.2 s of copies queued on the transfer stream ahead of a one-rank gather, the gather call
-/// returns at once (it is queued behind them, not waited for), and the compute stream's read of
-/// the result still sees the gathered data, not the uninitialised buffer (a missing event wait
-/// would read it before the gather ran).
+/// A transfer in flight runs on its own stream and is ordered both ways. (1) Behind ~0.1 s of
+/// copies queued on the transfer stream, a one-rank gather is still pending after the call (an
+/// event recorded behind it is not complete) and the compute stream's read after
+/// [`Pending::wait`] sees the gathered data, not the uninitialised buffer. (2) With the transfer
+/// stream idle and ~0.1 s of matmuls producing the input on the compute stream, the gather still
+/// reads the finished input. (3) A pending transfer dropped unwaited leaves nothing broken.
 #[test]
-fn a_gather_in_flight_is_waited_for_where_its_result_is_read() {
-    use std::time::Instant;
+fn a_transfer_in_flight_is_ordered_after_its_input_and_before_its_reader() {
+    use candle_core::cuda::cudarc::driver::sys::CUevent_flags;
     let dev = Device::new_cuda(0).unwrap();
-    let comm = NcclComm::new(&dev, 0, 1, unique_id().unwrap()).unwrap();
+    let comm = NcclComm::new_with(&dev, 0, 1, unique_id().unwrap(), true).unwrap();
+    assert!(comm.overlaps());
     let side = comm.transfer_stream();
-    // 1 GiB copied back and forth on the transfer stream, long enough to see.
-    let n = 1usize << 28;
-    let mut a = side.alloc_zeros::<f32>(n).unwrap();
-    let mut b = side.alloc_zeros::<f32>(n).unwrap();
-    side.synchronize().unwrap();
-    let t0 = Instant::now();
-    for _ in 0..150 {
-        side.memcpy_dtod(&a, &mut b).unwrap();
-        side.memcpy_dtod(&b, &mut a).unwrap();
-    }
-    let queued = t0.elapsed();
-    for (i, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
-        let t = Tensor::randn(0f32, 1.0, (1, 3, 129, 64), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let t1 = Instant::now();
-        let pending = comm.all_gather_pending(&t).unwrap();
-        let issued = t1.elapsed();
-        let got = pending.wait().unwrap();
-        // Read on the compute stream (a kernel, then a copy to the host).
-        let diff = (got[0].to_dtype(DType::F32).unwrap() - t.to_dtype(DType::F32).unwrap())
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{dtype:?}: the read did not wait for the gather");
-        if i == 0 {
-            // The copies were still running when the gather was issued behind them.
-            let total = t0.elapsed();
-            assert!(
-                issued.as_secs_f64() < 0.5 * (total - queued).as_secs_f64(),
-                "the gather call waited: issued in {issued:?}, copies took {total:?}"
-            );
-        }
+            .unwrap()
+    };
+    // (1) 1 GiB copied back and forth on the transfer stream, then the gather behind it.
+    let n = 1usize << 28;
+    let mut a = side.alloc_zeros::<f32>(n).unwrap();
+    let mut b = side.alloc_zeros::<f32>(n).unwrap();
+    side.synchronize().unwrap();
+    for _ in 0..150 {
+        side.memcpy_dtod(&a, &mut b).unwrap();
+        side.memcpy_dtod(&b, &mut a).unwrap();
     }
+    let t = Tensor::randn(0f32, 1.0, (1, 3, 129, 64), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let pending = comm.all_gather_pending(&t).unwrap();
+    let behind = side
+        .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .unwrap();
+    assert!(
+        !behind.is_complete(),
+        "the gather did not queue on the transfer stream behind the copies"
+    );
+    let got = pending.wait().unwrap();
+    assert_eq!(
+        diff(&got[0], &t),
+        0.0,
+        "the reader did not wait for the gather"
+    );
     drop((a, b));
+    // (2) The input produced by a long run of compute-stream kernels.
+    let m = Tensor::randn(0f32, 1.0, (8192, 8192), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let mut x = m.clone();
+    for _ in 0..40 {
+        // Scaled by 1/√8192 ≈ 1/90.5 so the values stay of order one.
+        x = (x.matmul(&m).unwrap() * (1.0 / 90.5)).unwrap();
+    }
+    let t = x.narrow(0, 0, 64).unwrap().contiguous().unwrap();
+    let got = comm.all_gather_pending(&t).unwrap().wait().unwrap();
+    assert_eq!(
+        diff(&got[0], &t),
+        0.0,
+        "the gather read its input before it was written"
+    );
+    // (3) Dropped unwaited, then the device is still usable.
+    drop(comm.all_gather_pending(&t).unwrap());
+    dev.synchronize().unwrap();
     // Passes go the same way.
     let t = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev).unwrap();
     let got = comm.ring_pass(&t).unwrap().wait().unwrap();

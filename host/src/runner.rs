@@ -220,10 +220,9 @@ pub fn check_question_mask(
     method: Method,
     mask: apb_plugin::QuestionMask,
 ) -> std::result::Result<(), InputError> {
-    if mask != apb_plugin::QuestionMask::Full && !method.selects() {
+    if mask != apb_plugin::QuestionMask::Full && !method.has_reference_question_mask() {
         return Err(InputError(format!(
-            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention {} only, not {}",
-            Method::selecting_names(),
+            "--apb-question-mask causal mirrors thunlp/APB and applies to --attention apb only, not {}",
             method.name()
         )));
     }
@@ -541,8 +540,8 @@ pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> R
         .method
         .imp()
         .rank_inputs(&job.prompt, &prep.plan, rank, scorer);
-    // The selecting methods' switch only: a fallback (dense) runs the exact full question segment.
-    if prep.method.selects() {
+    // APB's switch only: a fallback (dense) runs the exact full question segment.
+    if prep.method.has_reference_question_mask() {
         share.layout.question_mask = job.question_mask;
     }
     share

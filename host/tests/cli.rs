@@ -782,6 +782,18 @@ fn apb_question_mask_switch() {
         &run(&["--apb-question-mask", "causal"]),
         "applies to --attention apb only",
     );
+    // Spava's rank caches hold two chunks each: the reference's mask has no meaning there.
+    assert_clean_error(
+        &run(&[
+            "--attention",
+            "spava",
+            "--world-size",
+            "2",
+            "--apb-question-mask",
+            "causal",
+        ]),
+        "applies to --attention apb only, not spava",
+    );
     assert_clean_error(
         &run(&[
             "--attention",
@@ -971,7 +983,7 @@ fn train_heads_then_eval_with_them_on_the_default_model() {
     assert!(table.contains("| **average** | 600 |"), "{table}");
     // Which scorer APB ran is said beside the numbers, in the table and in every row.
     assert!(
-        table.contains("- `apb-heads`: APB with retaining-heads"),
+        table.contains("- `apb-heads`: apb on 2 ranks with retaining-heads"),
         "{table}"
     );
     let text = std::fs::read_to_string(&rows).unwrap();

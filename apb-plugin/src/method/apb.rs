@@ -4,7 +4,9 @@
 //! the picks are all-gathered, and rank h attends over [passing blocks of ranks < h | anchor |
 //! local] with APB's mask, then drops the passing blocks.
 
-use super::{block_inputs, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{
+    block_inputs, push_anchor, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
+};
 use crate::distributed::RankLayout;
 use crate::plan::{plan, Plan, PlanRequest};
 use crate::profile::span;
@@ -27,6 +29,9 @@ impl SeqMethod for Apb {
     fn selects(&self) -> bool {
         true
     }
+    fn has_reference_question_mask(&self) -> bool {
+        true
+    }
     fn plan(&self, parts: &PromptParts, a: &PlanArgs) -> Result<Plan> {
         plan(&PlanRequest {
             n: parts.context.len(),
@@ -44,7 +49,6 @@ impl SeqMethod for Apb {
     /// scorer, a question probe after it.
     fn rank_inputs(&self, parts: &PromptParts, p: &Plan, h: usize, scorer: &Scorer) -> RankInputs {
         let block = block_inputs(parts, p, h);
-        let ctx = &parts.context;
         let mut r = RankInputs {
             tokens: vec![],
             positions: vec![],
@@ -52,16 +56,7 @@ impl SeqMethod for Apb {
         };
         r.layout.l_p = p.l_p;
         if h > 0 && p.l_a > 0 {
-            if parts.question.is_empty() {
-                r.tokens.extend(&ctx[..p.l_a]);
-            } else {
-                let (pre, q) = (parts.prefix_len, parts.question.len());
-                r.tokens.extend(&ctx[..pre]);
-                r.tokens.extend(&parts.question);
-                r.tokens.extend(&ctx[pre..p.l_a - q]);
-                r.layout.question_rows = pre..pre + q;
-            }
-            r.positions.extend(0..p.l_a as u32);
+            push_anchor(&mut r, parts, p.l_a);
             r.layout.anchor = p.l_a;
         }
         r.tokens.extend(block.tokens);

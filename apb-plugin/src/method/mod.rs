@@ -126,6 +126,11 @@ pub trait SeqMethod: Send + Sync {
     fn selects(&self) -> bool {
         false
     }
+    /// Whether `QuestionMask::Causal` (thunlp/APB's bottom-right causal question segment on
+    /// non-last ranks) means something here: APB only (a rank's cache is one contiguous block).
+    fn has_reference_question_mask(&self) -> bool {
+        false
+    }
     /// The layout over ranks; prompts too short for `args.world` ranks get fewer, with a note.
     fn plan(&self, parts: &PromptParts, args: &PlanArgs) -> Result<Plan>;
     /// Rank `h`'s prefill tokens, positions and layout under `plan`.
@@ -208,6 +213,11 @@ impl Method {
     /// Whether a scorer picks the K/V it passes ([`SeqMethod::selects`]).
     pub fn selects(self) -> bool {
         self.0.selects()
+    }
+
+    /// Whether `--apb-question-mask causal` applies ([`SeqMethod::has_reference_question_mask`]).
+    pub fn has_reference_question_mask(self) -> bool {
+        self.0.has_reference_question_mask()
     }
 
     /// The names of the methods that select (`apb, spava`), for messages.
@@ -337,6 +347,41 @@ pub(crate) fn block_inputs(parts: &PromptParts, plan: &Plan, h: usize) -> RankIn
             ..Default::default()
         },
         after: parts.query.len(),
+    }
+}
+
+/// APB's anchor of `l_a` tokens at positions `0..l_a`: `prefix ++ question ++ context[prefix ..
+/// l_a − |question|]` (the document's start with the question embedded), or the context's first
+/// `l_a` tokens without a question. Appended to `r`, whose `question_rows` it sets (APB, Spava).
+pub(crate) fn push_anchor(r: &mut RankInputs, parts: &PromptParts, l_a: usize) {
+    if l_a == 0 {
+        return;
+    }
+    let ctx = &parts.context;
+    if parts.question.is_empty() {
+        r.tokens.extend(&ctx[..l_a]);
+    } else {
+        let (pre, q) = (parts.prefix_len, parts.question.len());
+        r.tokens.extend(&ctx[..pre]);
+        r.tokens.extend(&parts.question);
+        r.tokens.extend(&ctx[pre..l_a - q]);
+        r.layout.question_rows = pre..pre + q;
+    }
+    r.positions.extend(0..l_a as u32);
+}
+
+/// Zigzag chunks `h` and `2H−1−h` of length `c` appended to `r` (the last chunk padded with token 0
+/// at position 0): zigzag's and Spava's local rows.
+pub(crate) fn push_zigzag_chunks(r: &mut RankInputs, parts: &PromptParts, plan: &Plan, h: usize) {
+    let c = plan.l_b / 2;
+    for chunk in [h, 2 * plan.world - 1 - h] {
+        let (start, end) = (chunk * c, ((chunk + 1) * c).min(plan.n));
+        r.tokens.extend(&parts.context[start..end]);
+        r.positions.extend(start as u32..end as u32);
+        r.tokens
+            .extend(std::iter::repeat_n(0u32, c - (end - start)));
+        r.positions
+            .extend(std::iter::repeat_n(0u32, c - (end - start)));
     }
 }
 

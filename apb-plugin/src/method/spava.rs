@@ -14,7 +14,10 @@
 //! Rows of rank r: `[anchor | chunk r | chunk 2H−1−r | probe (rank 0, training-free scorer)]`;
 //! only the last chunk (rank 0's second) is padded, at its end.
 
-use super::{block_inputs, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{
+    block_inputs, push_anchor, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs,
+    SeqMethod,
+};
 use crate::distributed::RankLayout;
 use crate::plan::{plan, Plan, PlanRequest};
 use crate::profile::span;
@@ -68,12 +71,10 @@ impl SeqMethod for Spava {
                 });
             }
             misfit.get_or_insert_with(|| {
+                let c = n.div_ceil(2 * world);
                 format!(
-                    "{n} context tokens are too few for {world} ranks ({} chunks of {} must each hold an anchor of {} and leave room for {} passing)",
-                    2 * world,
-                    n.div_ceil(2 * world),
-                    virt.l_a,
-                    virt.l_p
+                    "{n} context tokens are too few for {world} ranks ({} chunks of {c}, each holding an anchor and leaving room for its passing keys)",
+                    2 * world
                 )
             });
         }
@@ -86,33 +87,13 @@ impl SeqMethod for Spava {
         if p.world == 1 {
             return block_inputs(parts, p, h);
         }
-        let (c, ctx) = (p.l_b / 2, &parts.context);
+        let c = p.l_b / 2;
         let mut r = RankInputs {
             after: parts.query.len(),
             ..Default::default()
         };
-        // The anchor, as APB's: prefix ++ question ++ context[prefix .. l_a − |question|].
-        if p.l_a > 0 {
-            if parts.question.is_empty() {
-                r.tokens.extend(&ctx[..p.l_a]);
-            } else {
-                let (pre, q) = (parts.prefix_len, parts.question.len());
-                r.tokens.extend(&ctx[..pre]);
-                r.tokens.extend(&parts.question);
-                r.tokens.extend(&ctx[pre..p.l_a - q]);
-                r.layout.question_rows = pre..pre + q;
-            }
-            r.positions.extend(0..p.l_a as u32);
-        }
-        for chunk in [h, 2 * p.world - 1 - h] {
-            let (start, end) = (chunk * c, ((chunk + 1) * c).min(p.n));
-            r.tokens.extend(&ctx[start..end]);
-            r.positions.extend(start as u32..end as u32);
-            r.tokens
-                .extend(std::iter::repeat_n(0u32, c - (end - start)));
-            r.positions
-                .extend(std::iter::repeat_n(0u32, c - (end - start)));
-        }
+        push_anchor(&mut r, parts, p.l_a);
+        push_zigzag_chunks(&mut r, parts, p, h);
         r.layout = RankLayout {
             anchor: p.l_a,
             local: 2 * c,
@@ -167,7 +148,11 @@ impl SeqMethod for Spava {
             } else {
                 scores.clone()
             };
-            let (cands_a, cands_b) = (l.exclude_front..a + c, a..a + c - l.pad);
+            // Chunk A's rows start at `from_a`: on rank 0 the anchor is not in front of chunk 0
+            // (its pooling must not read the anchor's rows, as APB's rank 0 has none).
+            let from_a = if rank == 0 { a } else { 0 };
+            let scores_a = scores_a.narrow(0, from_a, scores_a.dim(0)? - from_a)?;
+            let (cands_a, cands_b) = (l.exclude_front - from_a..a + c - from_a, a..a + c - l.pad);
             for (chunk, cands) in [(rank, &cands_a), (second, &cands_b)] {
                 if chunk + 1 < 2 * world && cands.len() < l.l_p {
                     return Err(Error::Config(format!(
@@ -186,7 +171,10 @@ impl SeqMethod for Spava {
                 ))
             })?;
             // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-            let packed_a = span("topk", dev, || apb_kernels::gather_kv(x.k, x.v, &picks_a))?;
+            let packed_a = span("topk", dev, || {
+                let len = a + c - from_a;
+                apb_kernels::gather_kv(&rows(x.k, from_a, len)?, &rows(x.v, from_a, len)?, &picks_a)
+            })?;
             // Chunk B's picks index [anchor | chunk B]; all are ≥ a, so rows c.. of x map them.
             let packed_b = span("topk", dev, || {
                 apb_kernels::gather_kv(&rows(x.k, c, a + c)?, &rows(x.v, c, a + c)?, &picks_b)

@@ -11,7 +11,9 @@
 //!
 //! [`Communicator::ring_pass`]: crate::Communicator::ring_pass
 
-use super::{block_inputs, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{
+    block_inputs, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
+};
 use crate::distributed::{merge_lse, RankLayout};
 use crate::plan::Plan;
 use crate::profile::span;
@@ -71,15 +73,7 @@ impl SeqMethod for Zigzag {
             after: parts.query.len(),
             ..Default::default()
         };
-        for chunk in [h, 2 * p.world - 1 - h] {
-            let (start, end) = (chunk * c, ((chunk + 1) * c).min(p.n));
-            r.tokens.extend(&parts.context[start..end]);
-            r.positions.extend(start as u32..end as u32);
-            r.tokens
-                .extend(std::iter::repeat_n(0u32, c - (end - start)));
-            r.positions
-                .extend(std::iter::repeat_n(0u32, c - (end - start)));
-        }
+        push_zigzag_chunks(&mut r, parts, p, h);
         // Only the last chunk (rank 0's second) has padding, at its end.
         r.layout = RankLayout {
             local: 2 * c,

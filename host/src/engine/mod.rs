@@ -430,11 +430,11 @@ impl<T> Seq<'_, T> {
             .prefill_ms
             .unwrap_or_else(|| self.t0.elapsed().as_secs_f64() * 1e3);
         let prep = &self.prep;
-        let selects = crate::runner::selects_on_ranks(prep);
+        let masked = prep.method.has_reference_question_mask() && prep.plan.world > 1;
         let mut g = Generation {
             method: prep.ran(),
             scorer: runner.scorer_of(prep),
-            question_mask: selects.then_some(self.req.job.question_mask),
+            question_mask: masked.then_some(self.req.job.question_mask),
             text,
             tokens: std::mem::take(&mut self.out),
             first_logits: std::mem::take(&mut self.first_logits),

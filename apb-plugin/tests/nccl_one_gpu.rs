@@ -36,7 +36,7 @@ fn one_rank_ring_pass_and_all_to_all_return_the_input() {
     assert!(e.contains("1 parts"), "{e}");
 }
 
-/// A transfer in flight runs on its own stream and is ordered both ways. (1) Behind ~0.1 s of
+/// A transfer in flight runs on its own stream and is ordered both ways. (1) Behind ~0.5 s of
 /// copies queued on the transfer stream, a one-rank gather is still pending after the call (an
 /// event recorded behind it is not complete) and the compute stream's read after
 /// [`Pending::wait`] sees the gathered data, not the uninitialised buffer. (2) With the transfer
@@ -59,12 +59,19 @@ fn a_transfer_in_flight_is_ordered_after_its_input_and_before_its_reader() {
             .to_scalar::<f32>()
             .unwrap()
     };
-    // (1) 1 GiB copied back and forth on the transfer stream, then the gather behind it.
+    // Warm up first (module loads, NCCL's first call): they take longer than the copies below.
+    let t = Tensor::randn(0f32, 1.0, (1, 3, 129, 64), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    comm.all_gather_pending(&t).unwrap().wait().unwrap();
+    dev.synchronize().unwrap();
+    // (1) 1 GiB copied back and forth on the transfer stream (~0.5 s), then the gather behind it.
     let n = 1usize << 28;
     let mut a = side.alloc_zeros::<f32>(n).unwrap();
     let mut b = side.alloc_zeros::<f32>(n).unwrap();
     side.synchronize().unwrap();
-    for _ in 0..150 {
+    for _ in 0..500 {
         side.memcpy_dtod(&a, &mut b).unwrap();
         side.memcpy_dtod(&b, &mut a).unwrap();
     }

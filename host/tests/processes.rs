@@ -252,6 +252,7 @@ fn rank_processes_equal_thread_ranks_bit_for_bit() {
         ("ulysses", "3"), // SmolLM2's 3 KV heads split over 3 ranks
         ("star", "4"),
         ("apb", "4"),
+        ("spava", "2"), // 4 chunks; its second gather in flight over the host communicator
     ] {
         let extra = [
             "--prompt",
@@ -261,7 +262,7 @@ fn rank_processes_equal_thread_ranks_bit_for_bit() {
             "--passing-len",
             "16",
         ];
-        let extra = if matches!(method, "apb" | "star") {
+        let extra = if matches!(method, "apb" | "star" | "spava") {
             &extra[..]
         } else {
             &extra[..2]

@@ -16,6 +16,20 @@ use candle_core::Tensor;
 
 pub struct Apb;
 
+/// APB's planner request for `world` hosts (Spava plans its 2H virtual hosts with it).
+pub(crate) fn apb_plan_request(parts: &PromptParts, a: &PlanArgs, world: usize) -> PlanRequest {
+    PlanRequest {
+        n: parts.context.len(),
+        world,
+        anchor_len: a.anchor_len,
+        passing_len: a.passing_len,
+        anchor_min: parts.prefix_len + parts.question.len(),
+        uses_anchor: true,
+        uses_passing: true,
+        anchor_is_first_block: false,
+    }
+}
+
 impl SeqMethod for Apb {
     fn name(&self) -> &'static str {
         "apb"
@@ -33,16 +47,7 @@ impl SeqMethod for Apb {
         true
     }
     fn plan(&self, parts: &PromptParts, a: &PlanArgs) -> Result<Plan> {
-        plan(&PlanRequest {
-            n: parts.context.len(),
-            world: a.world,
-            anchor_len: a.anchor_len,
-            passing_len: a.passing_len,
-            anchor_min: parts.prefix_len + parts.question.len(),
-            uses_anchor: true,
-            uses_passing: true,
-            anchor_is_first_block: false,
-        })
+        plan(&apb_plan_request(parts, a, a.world))
     }
     /// `[anchor | block h]` on ranks h > 0, the anchor being `prefix ++ question ++
     /// context[prefix .. l_a − |question|]`; rank 0 runs its block and, for the training-free

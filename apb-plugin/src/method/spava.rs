@@ -14,12 +14,13 @@
 //! Rows of rank r: `[anchor | chunk r | chunk 2H−1−r | probe (rank 0, training-free scorer)]`;
 //! only the last chunk (rank 0's second) is padded, at its end.
 
+use super::apb::apb_plan_request;
 use super::{
     block_inputs, push_anchor, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs,
     SeqMethod,
 };
 use crate::distributed::RankLayout;
-use crate::plan::{plan, Plan, PlanRequest};
+use crate::plan::{plan, Plan};
 use crate::profile::span;
 use crate::scorer::{select_top, Scorer};
 use crate::{attention, AttnInput, Error, Mask, Result};
@@ -50,16 +51,7 @@ impl SeqMethod for Spava {
         }
         let mut misfit: Option<String> = None;
         for world in (2..=a.world).rev() {
-            let virt = plan(&PlanRequest {
-                n,
-                world: 2 * world,
-                anchor_len: a.anchor_len,
-                passing_len: a.passing_len,
-                anchor_min: parts.prefix_len + parts.question.len(),
-                uses_anchor: true,
-                uses_passing: true,
-                anchor_is_first_block: false,
-            })?;
+            let virt = plan(&apb_plan_request(parts, a, 2 * world))?;
             if virt.world == 2 * world {
                 return Ok(Plan {
                     world,

@@ -3,8 +3,8 @@
 # `apb serve` with Llama-3.1-8B shapes (random bf16 weights made here with PyTorch, the default
 # model's tokenizer: dist/tokenizer.json), dense on one GPU, N concurrent requests of P prompt
 # tokens and T output tokens (ignore_eos), once with --max-num-seqs 1 (the peer: today's server)
-# and once with --max-num-seqs N; then, with N requests decoding, one short request's time to
-# first token next to its idle time. Writes $OUT/batch.json.
+# and once with --max-num-seqs N+8; then, with the N requests decoding, one short request's time
+# to first token next to its idle time. Writes $OUT/batch.json.
 # Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
 set -euo pipefail
 APB=${APB:-/tmp/apb-bin/apb}
@@ -16,11 +16,13 @@ cp dist/tokenizer.json "$W/tokenizer.json"
 port=18090
 results=()
 for seqs in 1 "$N"; do
-  $APB serve -m "$W" --device cuda --dtype bf16 --port $port --max-num-seqs "$seqs" --max-queued 256 \
+  # Batched: room for the N requests and the short one sent while they decode.
+  cap=$seqs; [ "$seqs" -gt 1 ] && cap=$((N + 8))
+  $APB serve -m "$W" --device cuda --dtype bf16 --port $port --max-num-seqs "$cap" --max-queued 256 \
     2> "$OUT/batch-serve-$seqs.txt" &
   pid=$!
   for _ in $(seq 900); do grep -q '^ready:' "$OUT/batch-serve-$seqs.txt" && break; sleep 0.2; done
-  python3 - "$port" "$N" "$P" "$T" "$seqs" "$OUT/batch-$seqs.json" <<'PY'
+  python3 - "$port" "$N" "$P" "$T" "$cap" "$OUT/batch-$seqs.json" <<'PY'
 import http.client, json, random, statistics, sys, threading, time
 port, n, p, t, seqs, out = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
 words = ("the river runs past old mill into valley farmers bring apples pears market every saturday "
@@ -45,8 +47,16 @@ res = {}
 t0 = time.perf_counter()
 th = [threading.Thread(target=request, args=(prompt(i + 1, p), t, res, i)) for i in range(n)]
 [x.start() for x in th]
-# A short request once all are decoding (or, one at a time, right away): its time to first token.
+# A short request once all are decoding (one at a time: 0.5 s in, behind the queue): its time to
+# first token, against the same request's on an idle server.
 time.sleep(0.5)
+if seqs > 1:
+    for _ in range(600):
+        c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        c.request("GET", "/health")
+        if json.loads(c.getresponse().read()).get("running_sequences", 0) >= n:
+            break
+        time.sleep(0.05)
 short = {}
 idle = {}
 th.append(threading.Thread(target=request, args=(prompt(999, 64), 8, short, 0))); th[-1].start()

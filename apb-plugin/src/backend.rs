@@ -57,4 +57,13 @@ pub trait AttentionBackend: Send + Sync {
     /// are merged by LSE ([`crate::gather_merge`]): a host batching many sequences gathers all
     /// their parts in one collective.
     fn decode_part(&self, input: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)>;
+
+    /// For hosts that run the decode rows of many sequences in one attention kernel
+    /// ([`apb_kernels::attention_rows`]): `Some(appends)` when this rank's decode part is
+    /// "append the rows' K/V here if `appends`, then attend every key held here", which is what
+    /// [`decode_part`](Self::decode_part) then does row by row. `None` (the default): the host
+    /// calls `decode_part` for each row.
+    fn decode_appends(&self) -> Option<bool> {
+        None
+    }
 }

@@ -33,6 +33,30 @@ impl LayerKv {
 
     /// Appends `k`, `v` (`(b, n_kv, s, d)`) along the sequence axis.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let at = self.reserve(k, v)?;
+        let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        ck.slice_set(&k.contiguous()?, 2, at)?;
+        cv.slice_set(&v.contiguous()?, 2, at)?;
+        Ok(())
+    }
+
+    /// One more position for a host that writes many sequences' new rows in one kernel
+    /// ([`apb_kernels::write_rows`]): grows as [`append`](Self::append) does (`k`, `v`: the row,
+    /// `(b, n_kv, 1, d)`, for shape and dtype) and returns the K and V buffers
+    /// `(b, n_kv, capacity, d)` and the position to write. The position counts as cached from
+    /// now on: write it before the cache is read.
+    pub fn push_slot(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, usize)> {
+        let at = self.reserve(k, v)?;
+        Ok((
+            self.k.clone().expect("reserved"),
+            self.v.clone().expect("reserved"),
+            at,
+        ))
+    }
+
+    /// Makes room for `k`'s positions after the cached ones and counts them; returns where
+    /// they go.
+    fn reserve(&mut self, k: &Tensor, v: &Tensor) -> Result<usize> {
         let add = k.dim(2)?;
         let cap = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if self.len + add > cap {
@@ -53,11 +77,9 @@ impl LayerKv {
             self.k = Some(grow(&self.k, k)?);
             self.v = Some(grow(&self.v, v)?);
         }
-        let (ck, cv) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let at = self.len;
         self.len += add;
-        Ok(())
+        Ok(at)
     }
 
     /// An empty cache whose first allocation holds `room` positions (or what the first append

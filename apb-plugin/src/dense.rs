@@ -25,6 +25,10 @@ impl AttentionBackend for Dense {
         Ok(out)
     }
 
+    fn decode_appends(&self) -> Option<bool> {
+        Some(true)
+    }
+
     fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
         cache.append(x.k, x.v)?;
         let (k, v) = cache

@@ -150,6 +150,12 @@ impl AttentionBackend for RankBackend {
         }
     }
 
+    /// The last rank keeps new tokens; every rank's rows see all its keys (a single new row is
+    /// past every cached position, so even the reference's causal question mask sees them all).
+    fn decode_appends(&self) -> Option<bool> {
+        Some(self.comm.rank() + 1 == self.comm.world_size())
+    }
+
     fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
         let last = self.comm.rank() + 1 == self.comm.world_size();
         let (out, lse) = if last {

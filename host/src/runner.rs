@@ -445,7 +445,20 @@ impl Runner {
     ) -> Result<Tensor> {
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<u32> = rows.iter().map(|r| r.pos).collect();
+        // On the GPU every backend that can says what its decode part is, and all rows attend in
+        // one kernel; elsewhere (and for backends that cannot) each row runs its decode part.
+        let one_kernel = |seqs: &RankSeqs, q: &Tensor| {
+            apb_kernels::flash_supported(q)
+                && rows.iter().all(|r| {
+                    r.seq
+                        .and_then(|id| seqs.0.get(&id))
+                        .is_none_or(|s| s.backend.decode_appends().is_some())
+                })
+        };
         let mut attend = |layer: usize, x: &AttnInput<'_>| -> apb_plugin::Result<Tensor> {
+            if one_kernel(seqs, x.q) {
+                return attend_rows(seqs, rows, layer, x, comm);
+            }
             let mut outs = Vec::with_capacity(rows.len());
             let mut lses = Vec::with_capacity(rows.len());
             for (i, row) in rows.iter().enumerate() {
@@ -476,6 +489,45 @@ impl Runner {
             .forward_with(&tokens, &positions, &mut attend, &mut |_| Ok(()), true)
             .context("decode")
     }
+}
+
+/// [`Runner::decode_rows`]' attention on the GPU: the new K/V of the rows whose sequence keeps
+/// new tokens on this rank written in one kernel, every row attending its sequence's keys here
+/// in another, and all rows' parts merged in one all-gather.
+fn attend_rows(
+    seqs: &mut RankSeqs,
+    rows: &[Row],
+    layer: usize,
+    x: &AttnInput<'_>,
+    comm: &dyn Communicator,
+) -> apb_plugin::Result<Tensor> {
+    let mut k_to = Vec::with_capacity(rows.len());
+    let mut v_to = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
+            Some(s) if s.backend.decode_appends() == Some(true) => {
+                let (k, v) = (x.k.narrow(2, i, 1)?, x.v.narrow(2, i, 1)?);
+                let (kb, vb, at) = s.cache.layers[layer].push_slot(&k, &v)?;
+                k_to.push(Some((kb, at)));
+                v_to.push(Some((vb, at)));
+            }
+            _ => {
+                k_to.push(None);
+                v_to.push(None);
+            }
+        }
+    }
+    apb_kernels::write_rows(x.k, &k_to)?;
+    apb_kernels::write_rows(x.v, &v_to)?;
+    let kv = rows
+        .iter()
+        .map(|r| match r.seq.and_then(|id| seqs.0.get(&id)) {
+            Some(s) => s.cache.layers[layer].kv(),
+            None => Ok(None),
+        })
+        .collect::<apb_plugin::Result<Vec<_>>>()?;
+    let (out, lse) = apb_kernels::attention_rows(x.q, &kv)?;
+    Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
 }
 
 /// A sequence's number, the same on every rank (rank 0 assigns it).

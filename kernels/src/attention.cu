@@ -127,7 +127,18 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row0, int
                    row0 + r0 + k * (NT / C) < limit);
 }
 
+// One decode row of a batch over separate caches (`Params::rows`): its keys and values
+// (n_kv, ≥ sk, d) with head strides, how many keys it has, and its own split length (a function
+// of sk alone, so a row's result does not depend on the batch it runs in).
+struct RowKv {
+    const void* k;
+    const void* v;
+    int64_t k_hstride, v_hstride;
+    int sk, split_len;
+};
+
 struct Params {
+    const RowKv* rows;  // per batch entry (b rows of sq = 1), or null: k, v, sk, split_len below
     const void* q;
     const void* k;
     const void* v;
@@ -164,8 +175,13 @@ __device__ void flash_fwd(const Params& p) {
     const int split = blockIdx.z / p.b;
 
     const T* q = static_cast<const T*>(p.q) + ((int64_t)(bi * p.n_kv + kvh) * rows_total) * D;
-    const T* k = static_cast<const T*>(p.k) + bi * p.k_bstride + kvh * p.k_hstride;
-    const T* v = static_cast<const T*>(p.v) + bi * p.v_bstride + kvh * p.v_hstride;
+    const RowKv* rk = p.rows ? p.rows + bi : nullptr;
+    const T* k = rk ? static_cast<const T*>(rk->k) + kvh * rk->k_hstride
+                    : static_cast<const T*>(p.k) + bi * p.k_bstride + kvh * p.k_hstride;
+    const T* v = rk ? static_cast<const T*>(rk->v) + kvh * rk->v_hstride
+                    : static_cast<const T*>(p.v) + bi * p.v_bstride + kvh * p.v_hstride;
+    const int sk = rk ? rk->sk : p.sk;
+    const int split_len = rk ? rk->split_len : p.split_len;
     const int64_t out_row0 = (int64_t)(bi * p.n_kv + kvh) * rows_total;
 
     // Positions this block covers (a block can straddle two heads of the group).
@@ -178,12 +194,12 @@ __device__ void flash_fwd(const Params& p) {
         minpos = 0;
         maxpos = p.sq - 1;
     }
-    const int off = p.sk - p.sq;
-    int hi = p.causal ? min(p.sk, maxpos + off + 1) : p.sk;
-    int lo = maxpos < p.anchor_rows ? min(p.passing, p.sk) : 0;
+    const int off = sk - p.sq;
+    int hi = p.causal ? min(sk, maxpos + off + 1) : sk;
+    int lo = maxpos < p.anchor_rows ? min(p.passing, sk) : 0;
     if (p.n_splits > 1) {
-        lo = max(lo, split * p.split_len);
-        hi = min(hi, (split + 1) * p.split_len);
+        lo = max(lo, split * split_len);
+        hi = min(hi, (split + 1) * split_len);
     }
     const int t0 = lo / BC;
     const int n_tiles = hi > lo ? (hi + BC - 1) / BC - t0 : 0;
@@ -215,8 +231,8 @@ __device__ void flash_fwd(const Params& p) {
     if (n_tiles > 0) {
         load_tile<D, BR, NT>(sq_tile, q, r0, rows_total, tid);
         cp_async_commit();
-        load_tile<D, BC, NT>(sk_tile, k, (int64_t)t0 * BC, p.sk, tid);
-        load_tile<D, BC, NT>(sv_tile, v, (int64_t)t0 * BC, p.sk, tid);
+        load_tile<D, BC, NT>(sk_tile, k, (int64_t)t0 * BC, sk, tid);
+        load_tile<D, BC, NT>(sv_tile, v, (int64_t)t0 * BC, sk, tid);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -238,8 +254,8 @@ __device__ void flash_fwd(const Params& p) {
         const int buf = it & 1;
         const int c0 = (t0 + it) * BC;
         if (it + 1 < n_tiles) {
-            load_tile<D, BC, NT>(sk_tile + (buf ^ 1) * BC * D, k, (int64_t)c0 + BC, p.sk, tid);
-            load_tile<D, BC, NT>(sv_tile + (buf ^ 1) * BC * D, v, (int64_t)c0 + BC, p.sk, tid);
+            load_tile<D, BC, NT>(sk_tile + (buf ^ 1) * BC * D, k, (int64_t)c0 + BC, sk, tid);
+            load_tile<D, BC, NT>(sv_tile + (buf ^ 1) * BC * D, v, (int64_t)c0 + BC, sk, tid);
             cp_async_commit();
             cp_async_wait<1>();
         } else {

@@ -63,3 +63,23 @@ __device__ void rope_split(const T* __restrict__ qkv, const T* __restrict__ cos,
 ROPE_SPLIT(rope_split_bf16, __nv_bfloat16)
 ROPE_SPLIT(rope_split_f16, __half)
 ROPE_SPLIT(rope_split_f32, float)
+
+// Writes one decode step's new keys (or values) into each row's own cache: src (n_kv, b, row)
+// contiguous (head-major rows of `row_bytes`, a multiple of 4), dst[i] = {base of row i's cache
+// buffer, its head stride in bytes, the byte offset of its slot}; a null base skips the row.
+// Grid (b, n_kv), one block per (row, head).
+struct RowDst {
+    char* base;
+    int64_t hstride_bytes, offset_bytes;
+};
+
+extern "C" __global__ void write_rows(const char* __restrict__ src, const RowDst* __restrict__ dst,
+                                      int b, int row_bytes) {
+    const int i = blockIdx.x, h = blockIdx.y;
+    const RowDst r = dst[i];
+    if (!r.base) return;
+    const char* s = src + ((int64_t)h * b + i) * row_bytes;
+    char* t = r.base + h * r.hstride_bytes + r.offset_bytes;
+    for (int x = threadIdx.x * 4; x < row_bytes; x += blockDim.x * 4)
+        *reinterpret_cast<uint32_t*>(t + x) = *reinterpret_cast<const uint32_t*>(s + x);
+}

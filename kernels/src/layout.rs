@@ -82,6 +82,87 @@ fn cuda_copy_rows(t: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(out))
 }
 
+/// Writes one decode step's new rows into each sequence's own cache buffer: row `i` of `src`
+/// `(1, n_kv, rows, d)` goes to position `dst[i].1` of buffer `dst[i].0` `(1, n_kv, cap, d)`
+/// (None: row `i` is not kept here). The buffers are written in place: on CUDA by one kernel for
+/// every row (a decode step of many sequences would otherwise cost two copies per row and
+/// layer), elsewhere by one `slice_set` per row.
+pub fn write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {
+    let (b, n_kv, rows, d) = src.dims4()?;
+    if b != 1 || rows != dst.len() {
+        candle_core::bail!("write_rows: src {:?} for {} rows", src.dims(), dst.len());
+    }
+    for (buf, pos) in dst.iter().flatten() {
+        let (bb, h, cap, dd) = buf.dims4()?;
+        if (bb, h, dd) != (1, n_kv, d) || *pos >= cap || buf.dtype() != src.dtype() {
+            candle_core::bail!(
+                "write_rows: buffer {:?} {:?} at {pos} for rows {:?} {:?}",
+                buf.dims(),
+                buf.dtype(),
+                src.dims(),
+                src.dtype()
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if src.device().is_cuda() {
+        return cuda_write_rows(src, dst);
+    }
+    for (i, x) in dst.iter().enumerate() {
+        if let Some((buf, pos)) = x {
+            buf.slice_set(&src.narrow(2, i, 1)?.contiguous()?, 2, *pos)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {
+    use crate::cuda::{cuda_device, function, ptr, upload_words, LAYOUT_PTX};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (_, n_kv, rows, d) = src.dims4()?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let dev = cuda_device(src)?;
+    let stream = dev.cuda_stream();
+    let src = src.contiguous()?;
+    let elem = src.dtype().size_in_bytes();
+    let mut words = Vec::with_capacity(3 * rows);
+    let mut keep = Vec::new();
+    for x in dst {
+        match x {
+            Some((buf, pos)) => {
+                let st = buf.stride();
+                if st[3] != 1 || st[2] != d {
+                    candle_core::bail!("write_rows: a cache buffer with strides {st:?}");
+                }
+                words.extend([
+                    ptr(buf, &stream)?,
+                    (st[1] * elem) as u64,
+                    (pos * d * elem) as u64,
+                ]);
+                keep.push(buf.clone());
+            }
+            None => words.extend([0, 0, 0]),
+        }
+    }
+    let table = upload_words(&dev, &words)?;
+    let f = function(&dev, LAYOUT_PTX, "write_rows", 0)?;
+    let (ps, pt) = (ptr(&src, &stream)?, ptr(&table, &stream)?);
+    let (b32, row_bytes) = (rows as i32, (d * elem) as i32);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&ps).arg(&pt).arg(&b32).arg(&row_bytes);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, n_kv as u32, 1),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+    drop(keep);
+    Ok(())
+}
+
 /// Splits a fused projection `qkv` `(b, s, (n_h + 2·n_kv)·d)` into head-major `q` `(b, n_h, s, d)`
 /// and `k`, `v` `(b, n_kv, s, d)`, all contiguous, with RoPE (rotate-half form; `cos`/`sin`
 /// `(s, d/2)`) applied to `q` and `k`. On CUDA one kernel reads the projections once and writes

@@ -16,8 +16,10 @@ mod cuda;
 pub mod layout;
 pub mod select;
 
-pub use attention::{attention, flash_supported, lse_merge, reference_attention, Mask};
-pub use layout::{contiguous, rope_split};
+pub use attention::{
+    attention, attention_rows, flash_supported, lse_merge, reference_attention, Mask,
+};
+pub use layout::{contiguous, rope_split, write_rows};
 pub use select::{gather_kv, pool5_mask, topk_positions};
 
 #[cfg(test)]

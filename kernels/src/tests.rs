@@ -151,6 +151,78 @@ fn contiguous_matches_candle_on_cpu() {
     );
 }
 
+/// The CPU path of `attention_rows` (what the GPU kernel is checked against row by row): each
+/// row against the f64 reference over its own keys; a row without keys is 0 with LSE -inf.
+#[test]
+fn attention_rows_on_the_cpu_match_the_reference() {
+    let (n_h, n_kv, d) = (6, 2, 16);
+    let lens = [Some(5), None, Some(1), Some(40)];
+    let q = Tensor::randn(0f32, 1.0, (1, n_h, lens.len(), d), &Device::Cpu).unwrap();
+    let kv: Vec<_> = lens
+        .iter()
+        .map(|l| {
+            l.map(|n| {
+                let mk = || Tensor::randn(0f32, 1.0, (1, n_kv, n + 3, d), &Device::Cpu).unwrap();
+                (mk().narrow(2, 0, n).unwrap(), mk().narrow(2, 0, n).unwrap())
+            })
+        })
+        .collect();
+    let (o, lse) = attention_rows(&q, &kv).unwrap();
+    for (i, x) in kv.iter().enumerate() {
+        let oi: Vec<f32> = o
+            .narrow(2, i, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let li: Vec<f32> = lse
+            .narrow(2, i, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        match x {
+            Some((k, v)) => {
+                let qi = q.narrow(2, i, 1).unwrap();
+                let (want, want_lse) = reference_attention(&qi, k, v, |_, _| true).unwrap();
+                for (a, w) in oi.iter().zip(&want).chain(li.iter().zip(&want_lse)) {
+                    assert!(
+                        (*a as f64 - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                        "row {i}: {a} vs {w}"
+                    );
+                }
+            }
+            None => {
+                assert!(oi.iter().all(|x| *x == 0.0) && li.iter().all(|x| *x == f32::NEG_INFINITY))
+            }
+        }
+    }
+}
+
+/// `write_rows` on the CPU: each row at its slot of its own buffer, nothing else touched.
+#[test]
+fn write_rows_by_hand() {
+    let src = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap(); // (1, 1, 2 rows, 2)
+    let a = Tensor::zeros((1, 1, 3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+    write_rows(&src, &[Some((a.clone(), 2)), None]).unwrap();
+    assert_eq!(
+        a.squeeze(0).unwrap().to_vec3::<f32>().unwrap()[0],
+        vec![vec![0., 0.], vec![0., 0.], vec![1., 2.]]
+    );
+    write_rows(&src, &[None, Some((b.clone(), 0))]).unwrap();
+    assert_eq!(
+        b.squeeze(0).unwrap().to_vec3::<f32>().unwrap()[0],
+        vec![vec![3., 4.], vec![0., 0.]]
+    );
+    assert!(
+        write_rows(&src, &[Some((b.clone(), 2)), None]).is_err(),
+        "a slot past the buffer"
+    );
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::*;
@@ -489,6 +561,176 @@ mod gpu {
                 ran_fused >= 20,
                 "fused kernels ran on only {ran_fused} cases"
             );
+        }
+    }
+
+    /// The decode rows of many sequences in one kernel (`attention_rows`), each over its own
+    /// cache (views of longer buffers, as caches are): every row against the f64 reference with
+    /// the bounds of `flash_matches_reference` (rel-L2 1e-2 bf16 / 2e-3 f16, max abs 0.05, LSE
+    /// 1e-3 + 1e-3·|ref|); a row with no cache comes out 0 with LSE -inf; and each row alone
+    /// equals, bit for bit, that row in the batch (its key splits depend on its length alone).
+    #[test]
+    fn attention_rows_match_reference_and_each_row_alone() {
+        let g = gpu();
+        for (n_h, n_kv, d, dt) in [
+            (32, 8, 128, DType::BF16),
+            (8, 2, 64, DType::F16),
+            (9, 3, 64, DType::BF16),
+        ] {
+            let lens = [
+                Some(4100),
+                Some(1),
+                None,
+                Some(63),
+                Some(64),
+                Some(300),
+                Some(20000),
+                Some(700),
+            ];
+            let rows = lens.len();
+            let q = Tensor::randn(0f32, 1.0, (1, n_h, rows, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let kv: Vec<Option<(Tensor, Tensor)>> = lens
+                .iter()
+                .map(|l| {
+                    l.map(|sk| {
+                        let mk = || {
+                            Tensor::randn(0f32, 1.0, (1, n_kv, sk + 7, d), &Device::Cpu)
+                                .unwrap()
+                                .to_dtype(dt)
+                                .unwrap()
+                        };
+                        (mk(), mk())
+                    })
+                })
+                .collect();
+            let on_gpu = |x: &Option<(Tensor, Tensor)>, sk: Option<usize>| {
+                x.as_ref().map(|(k, v)| {
+                    let n = sk.unwrap();
+                    (
+                        k.to_device(&g).unwrap().narrow(2, 0, n).unwrap(),
+                        v.to_device(&g).unwrap().narrow(2, 0, n).unwrap(),
+                    )
+                })
+            };
+            let kvg: Vec<_> = kv.iter().zip(&lens).map(|(x, l)| on_gpu(x, *l)).collect();
+            let qg = q.to_device(&g).unwrap();
+            let (o, lse) = attention_rows(&qg, &kvg).unwrap();
+            assert_eq!(o.dims(), &[1, n_h, rows, d]);
+            assert_eq!(lse.dims(), &[1, n_h, rows]);
+            for (i, (x, l)) in kv.iter().zip(&lens).enumerate() {
+                let label = format!("row {i} of {rows} ({l:?} keys) h{n_h}/{n_kv} d{d} {dt:?}");
+                let oi = flat_f32(&o.narrow(2, i, 1).unwrap());
+                let li = flat_f32(&lse.narrow(2, i, 1).unwrap());
+                assert!(oi.iter().chain(&li).all(|x| !x.is_nan()), "NaN: {label}");
+                match (x, l) {
+                    (Some((k, v)), Some(sk)) => {
+                        let qi = q.narrow(2, i, 1).unwrap();
+                        let (k, v) = (k.narrow(2, 0, *sk).unwrap(), v.narrow(2, 0, *sk).unwrap());
+                        let (want, want_lse) =
+                            reference_attention(&qi, &k, &v, |_, _| true).unwrap();
+                        let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+                        for (a, w) in oi.iter().zip(&want) {
+                            num += (*a as f64 - w).powi(2);
+                            den += w * w;
+                            worst = worst.max((*a as f64 - w).abs());
+                        }
+                        let rel = (num / den.max(1e-30)).sqrt();
+                        let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+                        assert!(
+                            rel <= bound && worst <= 0.05,
+                            "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
+                        );
+                        for (a, w) in li.iter().zip(&want_lse) {
+                            assert!(
+                                (*a as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),
+                                "{label}: LSE {a} vs {w}"
+                            );
+                        }
+                        println!("ok {label}: rel-L2 {rel:.2e}, max abs {worst:.2e}");
+                    }
+                    _ => {
+                        assert!(oi.iter().all(|x| *x == 0.0), "{label}: not 0");
+                        assert!(
+                            li.iter().all(|x| *x == f32::NEG_INFINITY),
+                            "{label}: LSE not -inf"
+                        );
+                    }
+                }
+                // Alone (a batch of one) and beside a different neighbour: the same bits.
+                for others in [vec![], vec![kvg[0].clone()]] {
+                    let mut kv1 = vec![kvg[i].clone()];
+                    kv1.extend(others);
+                    let q1 = Tensor::cat(
+                        &[
+                            qg.narrow(2, i, 1).unwrap(),
+                            qg.narrow(2, 0, kv1.len() - 1).unwrap(),
+                        ],
+                        2,
+                    )
+                    .unwrap();
+                    let (o1, l1) = attention_rows(&q1, &kv1).unwrap();
+                    assert!(
+                        flat_f32(&o1.narrow(2, 0, 1).unwrap()) == oi
+                            && flat_f32(&l1.narrow(2, 0, 1).unwrap()) == li,
+                        "{label}: differs in a batch of {}",
+                        kv1.len()
+                    );
+                }
+            }
+        }
+    }
+
+    /// `write_rows` puts each row's new K (or V) at its own slot of its own buffer, skips rows
+    /// with none, and leaves everything else as it was: equal to the CPU's `slice_set` per row.
+    #[test]
+    fn write_rows_cuda_matches_cpu() {
+        let g = gpu();
+        for dt in [DType::BF16, DType::F32] {
+            let (n_kv, d, rows) = (3, 64, 5);
+            let src = Tensor::randn(0f32, 1.0, (1, n_kv, rows, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let slots = [
+                Some((10, 0)),
+                None,
+                Some((7, 6)),
+                Some((1, 0)),
+                Some((40, 33)),
+            ];
+            let bufs = |dev: &Device| -> Vec<Option<(Tensor, usize)>> {
+                slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        s.map(|(cap, at)| {
+                            let t = Tensor::full(i as f32 + 0.5, (1, n_kv, cap, d), &Device::Cpu)
+                                .unwrap()
+                                .to_dtype(dt)
+                                .unwrap()
+                                .to_device(dev)
+                                .unwrap();
+                            (t, at)
+                        })
+                    })
+                    .collect()
+            };
+            let (cpu, gpu_bufs) = (bufs(&Device::Cpu), bufs(&g));
+            write_rows(&src, &cpu).unwrap();
+            write_rows(&src.to_device(&g).unwrap(), &gpu_bufs).unwrap();
+            for (i, (a, b)) in cpu.iter().zip(&gpu_bufs).enumerate() {
+                if let (Some((a, _)), Some((b, _))) = (a, b) {
+                    assert_eq!(flat_f32(a), flat_f32(b), "row {i} {dt:?}");
+                    assert_ne!(
+                        flat_f32(a),
+                        flat_f32(&bufs(&Device::Cpu)[i].as_ref().unwrap().0),
+                        "row {i}: nothing written"
+                    );
+                }
+            }
         }
     }
 

@@ -11,6 +11,7 @@ const BC: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Params {
+    rows: u64,
     q: u64,
     k: u64,
     v: u64,
@@ -110,6 +111,7 @@ pub(crate) fn flash(
         (None, Some(parts))
     };
     let params = Params {
+        rows: 0,
         q: ptr(&q, &stream)?,
         k: ptr(&k, &stream)?,
         v: ptr(&v, &stream)?,
@@ -172,6 +174,118 @@ pub(crate) fn flash(
     let out = out.reshape((b, n_h, sq, d))?.to_dtype(q.dtype())?;
     let out_lse = out_lse.reshape((b, n_h, sq))?;
     Ok((out, want_lse.then_some(out_lse)))
+}
+
+/// Keys per split for a decode row of `sk` keys: at least 4 tiles, at most 16 splits. A
+/// function of the row alone, so its result does not depend on the rows beside it.
+fn row_split_len(sk: usize) -> usize {
+    sk.div_ceil(BC).div_ceil(16).max(4) * BC
+}
+
+/// Decode rows over separate caches in one launch: `q` `(rows, n_h, 1, d)` contiguous, row `i`
+/// attending every key of `kv[i]` (`(1, n_kv, len, d)` views; None: none). Returns the output
+/// `(rows, n_h, 1, d)` in `q`'s dtype and the LSE `(rows, n_h, 1)` (f32).
+pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Tensor, Tensor)> {
+    let (b, n_h, _, d) = q.dims4()?;
+    let dev = cuda_device(q)?;
+    let stream = dev.cuda_stream();
+    let n_kv = kv
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.dim(1))
+        .next()
+        .transpose()?
+        .unwrap_or(n_h);
+    let g = n_h / n_kv;
+    // Per row: k, v, their head strides, then sk and split_len packed in one word (RowKv).
+    let mut words = Vec::with_capacity(5 * b);
+    let mut keep = Vec::new();
+    let mut n_splits = 1;
+    for x in kv {
+        match x {
+            Some((k, v)) => {
+                let sk = k.dim(2)?;
+                let (k, _, kh) = kv_view(k, d)?;
+                let (v, _, vh) = kv_view(v, d)?;
+                let split = row_split_len(sk);
+                n_splits = n_splits.max(sk.div_ceil(split));
+                words.extend([
+                    ptr(&k, &stream)?,
+                    ptr(&v, &stream)?,
+                    kh as u64,
+                    vh as u64,
+                    sk as u64 | ((split as u64) << 32),
+                ]);
+                keep.push((k, v));
+            }
+            None => words.extend([0, 0, 0, 0, (BC as u64) << 32]),
+        }
+    }
+    let table = crate::cuda::upload_words(&dev, &words)?;
+    // Always through f32 parts (at least two splits, the second empty for short rows), so every
+    // row takes one path whatever its neighbours' lengths.
+    let n_splits = n_splits.max(2);
+    let (op, lp) = (
+        alloc(&dev, (n_splits, b * n_h, d), DType::F32, &stream)?,
+        alloc(&dev, (n_splits, b * n_h), DType::F32, &stream)?,
+    );
+    let params = Params {
+        rows: ptr(&table, &stream)?,
+        q: ptr(q, &stream)?,
+        k: 0,
+        v: 0,
+        o: 0,
+        lse: 0,
+        o_part: op.1,
+        lse_part: lp.1,
+        k_bstride: 0,
+        k_hstride: 0,
+        v_bstride: 0,
+        v_hstride: 0,
+        b: b as i32,
+        n_kv: n_kv as i32,
+        g: g as i32,
+        sq: 1,
+        sk: 0,
+        causal: 0,
+        anchor_rows: 0,
+        passing: 0,
+        n_splits: n_splits as i32,
+        split_len: 0,
+        scale_log2: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
+    };
+    let ty = if q.dtype() == DType::BF16 {
+        "bf16"
+    } else {
+        "f16"
+    };
+    let br = 64;
+    let smem = (br + 4 * BC) * d * 2;
+    let f = function(
+        &dev,
+        ATTENTION_PTX,
+        &format!("flash_fwd_{ty}_d{d}_w4"),
+        smem,
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (g as u32).div_ceil(br as u32),
+            n_kv as u32,
+            (b * n_splits) as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let arg = ByValue(params);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&arg);
+    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+    drop(keep);
+    let (out, lse) = lse_merge(&op.0, &lp.0, n_splits, b * n_h, d)?;
+    Ok((
+        out.reshape((b, n_h, 1, d))?.to_dtype(q.dtype())?,
+        lse.reshape((b, n_h, 1))?,
+    ))
 }
 
 pub(super) fn lse_merge(

@@ -156,6 +156,72 @@ pub fn attention(
     chunked::attention(q, k, v, mask, want_lse)
 }
 
+/// The decode rows of many sequences in one call: row `i` of `q` `(1, n_h, rows, d)` (its one new
+/// token) attends every key of `kv[i]` (`(1, n_kv, len_i, d)`, typically views of that sequence's
+/// cache; None: this rank holds none of it, output 0 and LSE `-inf`). Returns the output
+/// `(1, n_h, rows, d)` in `q`'s dtype and the LSE `(1, n_h, rows)` in f32.
+///
+/// Where [`flash_supported`], one kernel for all rows over a table of their caches (row by row,
+/// a decode step of 32 sequences launched ~10 small kernels per row and layer and took 10× its
+/// memory roofline); each row's keys are split by its own length alone, so a row comes out the
+/// same whatever rows run beside it. Elsewhere row by row through [`attention`].
+pub fn attention_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Tensor, Tensor)> {
+    let (b, n_h, rows, d) = q.dims4()?;
+    if b != 1 || rows != kv.len() {
+        candle_core::bail!("attention_rows: q {:?} for {} rows", q.dims(), kv.len());
+    }
+    for (k, v) in kv.iter().flatten() {
+        let (bk, n_kv, sk, dk) = k.dims4()?;
+        if bk != 1 || dk != d || v.dims4()? != (1, n_kv, sk, d) || n_kv == 0 || n_h % n_kv != 0 {
+            candle_core::bail!(
+                "attention_rows: q {:?}, k {:?}, v {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if flash_supported(q)
+        && kv
+            .iter()
+            .flatten()
+            .all(|(k, v)| k.dtype() == q.dtype() && v.dtype() == q.dtype())
+        && kv
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.dim(1))
+            .collect::<Result<std::collections::BTreeSet<_>>>()?
+            .len()
+            <= 1
+    {
+        let q = q.squeeze(0)?.unsqueeze(2)?.transpose(0, 1)?.contiguous()?; // (rows, n_h, 1, d)
+        let (out, lse) = mma::flash_rows(&q, kv)?;
+        return Ok((
+            out.squeeze(2)?.transpose(0, 1)?.unsqueeze(0)?,
+            lse.squeeze(2)?.transpose(0, 1)?.unsqueeze(0)?,
+        ));
+    }
+    let mut outs = Vec::with_capacity(rows);
+    let mut lses = Vec::with_capacity(rows);
+    for (i, x) in kv.iter().enumerate() {
+        let qi = q.narrow(2, i, 1)?;
+        let (o, l) = match x {
+            Some((k, v)) => {
+                let (o, l) = attention(&qi, k, v, Mask::full(), true)?;
+                (o, l.expect("asked for the LSE"))
+            }
+            None => (
+                qi.zeros_like()?,
+                Tensor::full(f32::NEG_INFINITY, (1, n_h, 1), q.device())?,
+            ),
+        };
+        outs.push(o);
+        lses.push(l);
+    }
+    Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
+}
+
 #[cfg(feature = "cuda")]
 mod cudnn;
 #[cfg(feature = "cuda")]

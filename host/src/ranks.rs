@@ -141,8 +141,11 @@ enum Message {
         id: SeqId,
         job: Box<Job>,
     },
-    /// One decode step of these rows.
-    Decode(Vec<Row>),
+    /// One decode step of these rows (`lead`: rank 0 alone computes, see [`Runner::decode_rows`]).
+    Decode {
+        rows: Vec<Row>,
+        lead: bool,
+    },
     /// Drop these sequences' caches.
     Free(Vec<SeqId>),
     Shutdown,
@@ -159,6 +162,7 @@ enum ThreadStep {
     Decode {
         rows: Arc<Vec<Row>>,
         comm: Arc<dyn Communicator>,
+        lead: bool,
     },
     Free(Vec<SeqId>),
 }
@@ -189,6 +193,9 @@ pub struct Group {
     /// Rank 0's sequences.
     seqs: Mutex<RankSeqs>,
     next_id: AtomicU64,
+    /// The ranks share compute (threads; processes on fewer GPUs than ranks): rank 0 alone runs
+    /// a decode step's projections and MLP ([`Runner::decode_rows`]).
+    lead: bool,
 }
 
 /// Starts the group of `spec`, loading each rank's [`Runner`] with `load` on its device. Returns
@@ -207,7 +214,7 @@ pub fn start(
     let runner = load(&device)?;
     if ctx.rank == 0 {
         eprintln!("{}", spec.describe());
-        return Ok(Some(Group::new(
+        let mut group = Group::new(
             runner,
             spec.world,
             spec.info(),
@@ -216,7 +223,11 @@ pub fn start(
                 comm,
                 solo: LocalGroup::new(1).remove(0),
             },
-        )));
+        );
+        // Processes with a GPU each compute every row in parallel at no cost; processes sharing
+        // a GPU would each run all of it again. CPU processes each have their share of the cores.
+        group.lead = spec.device.is_cuda() && spec.gpus() < spec.world / spec.launch.nnodes.max(1);
+        return Ok(Some(group));
     }
     process_worker(&ctx, &runner, comm)?;
     ctx.finish()?;
@@ -298,8 +309,8 @@ fn process_worker(ctx: &RankCtx, runner: &Runner, comm: Arc<dyn Communicator>) -
                     .prefill_seq(&mut seqs, id, &job, &prep, comm.clone(), &never)
                     .map(drop)
             }
-            Message::Decode(rows) => runner
-                .decode_rows(&mut seqs, &rows, comm.as_ref())
+            Message::Decode { rows, lead } => runner
+                .decode_rows(&mut seqs, &rows, comm.as_ref(), lead)
                 .map(drop),
             Message::Free(ids) => {
                 ids.iter().for_each(|id| seqs.free(*id));
@@ -330,9 +341,9 @@ fn thread_worker(rank: usize, runner: Runner, steps: mpsc::Receiver<ThreadStep>)
                     .prefill_seq(&mut seqs, *id, job, prep, comm.clone(), &never)
                     .map(drop)
             }
-            ThreadStep::Decode { rows, comm } => {
-                runner.decode_rows(&mut seqs, rows, comm.as_ref()).map(drop)
-            }
+            ThreadStep::Decode { rows, comm, lead } => runner
+                .decode_rows(&mut seqs, rows, comm.as_ref(), *lead)
+                .map(drop),
             ThreadStep::Free(ids) => {
                 ids.iter().for_each(|id| seqs.free(*id));
                 Ok(())
@@ -407,6 +418,7 @@ impl Group {
             links,
             seqs: Mutex::new(RankSeqs::default()),
             next_id: AtomicU64::new(0),
+            lead: true,
         }
     }
 
@@ -566,12 +578,19 @@ impl Group {
             |comm| ThreadStep::Decode {
                 rows: shared.clone(),
                 comm,
+                lead: self.lead,
             },
-            || Message::Decode(plain.clone()),
+            || Message::Decode {
+                rows: plain.clone(),
+                lead: self.lead,
+            },
         )?;
         let model = self.runner.model();
         self.rank0(k, |seqs, comm| {
-            let hidden = self.runner.decode_rows(seqs, &plain, comm.as_ref())?;
+            let hidden = self
+                .runner
+                .decode_rows(seqs, &plain, comm.as_ref(), self.lead)?
+                .ok_or_else(|| err!("rank 0 got no rows from its decode step"))?;
             let logits = model.row_logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
             Ok(logits
                 .into_iter()

@@ -437,35 +437,45 @@ impl Runner {
     /// own sequence's cache on this rank (nothing where this rank holds none of it), and every
     /// row's partial output and LSE travel in one all-gather per layer over `comm` (the step's
     /// ranks). Returns the hidden states `(1, rows, hidden)`, the same on every rank.
+    ///
+    /// `lead`: the ranks share compute (threads of one process, processes on one GPU), so rank 0
+    /// alone runs the projections and MLP and broadcasts each layer's q/k/v to the others, which
+    /// only attend (a second collective per layer instead of every rank computing every row).
+    /// The other ranks then return None. Rank 0's rows are bit for bit what they are without it.
     pub fn decode_rows(
         &self,
         seqs: &mut RankSeqs,
         rows: &[Row],
         comm: &dyn Communicator,
-    ) -> Result<Tensor> {
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        let positions: Vec<u32> = rows.iter().map(|r| r.pos).collect();
-        // On the GPU every backend that can says what its decode part is, and all rows attend in
-        // one kernel; elsewhere (and for backends that cannot) each row runs its decode part.
-        let one_kernel = |seqs: &RankSeqs, q: &Tensor| {
-            apb_kernels::flash_supported(q)
-                && rows.iter().all(|r| {
-                    r.seq
-                        .and_then(|id| seqs.0.get(&id))
-                        .is_none_or(|s| s.backend.decode_appends().is_some())
-                })
-        };
-        let mut attend = |layer: usize, x: &AttnInput<'_>| -> apb_plugin::Result<Tensor> {
-            if one_kernel(seqs, x.q) {
-                return attend_rows(seqs, rows, layer, x, comm);
-            }
-            let mut outs = Vec::with_capacity(rows.len());
-            let mut lses = Vec::with_capacity(rows.len());
-            for (i, row) in rows.iter().enumerate() {
-                let one = |t: &Tensor, dim: usize| t.narrow(dim, i, 1);
-                let (q, k, v) = (one(x.q, 2)?, one(x.k, 2)?, one(x.v, 2)?);
-                let (q_raw, k_raw, v_raw) = (one(x.q_raw, 1)?, one(x.k_raw, 1)?, one(x.v_raw, 1)?);
-                let xi = AttnInput {
+        lead: bool,
+    ) -> Result<Option<Tensor>> {
+        let lead = lead && comm.world_size() > 1;
+        if lead && comm.rank() != 0 {
+            let c = &self.model().cfg;
+            let (b, d) = (rows.len(), c.head_dim);
+            let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+            for layer in 0..c.num_hidden_layers {
+                let all = comm
+                    .broadcast(None, 0)
+                    .context("decode: q/k/v from rank 0")?;
+                let mut off = 0;
+                let mut part = |shape: &[usize]| -> candle_core::Result<Tensor> {
+                    let n: usize = shape.iter().product();
+                    let t = all.narrow(0, off, n)?.reshape(shape)?;
+                    off += n;
+                    Ok(t)
+                };
+                let (q, k, v) = (
+                    part(&[1, nq, b, d])?,
+                    part(&[1, nkv, b, d])?,
+                    part(&[1, nkv, b, d])?,
+                );
+                let (q_raw, k_raw, v_raw) = (
+                    part(&[1, b, nq * d])?,
+                    part(&[1, b, nkv * d])?,
+                    part(&[1, b, nkv * d])?,
+                );
+                let x = AttnInput {
                     layer,
                     q: &q,
                     k: &k,
@@ -474,21 +484,74 @@ impl Runner {
                     k_raw: &k_raw,
                     v_raw: &v_raw,
                 };
-                let (o, l) = match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
-                    Some(s) => s.backend.decode_part(&xi, &mut s.cache.layers[layer])?,
-                    None => apb_plugin::nothing_attended(&q)?,
-                };
-                outs.push(o.to_dtype(candle_core::DType::F32)?);
-                lses.push(l);
+                attend_part(seqs, rows, &x, comm).context("decode")?;
             }
-            let out = Tensor::cat(&outs, 2)?;
-            let lse = Tensor::cat(&lses, 2)?;
-            Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
+            return Ok(None);
+        }
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let positions: Vec<u32> = rows.iter().map(|r| r.pos).collect();
+        let mut attend = |_: usize, x: &AttnInput<'_>| -> apb_plugin::Result<Tensor> {
+            if lead {
+                let flat = [x.q, x.k, x.v, x.q_raw, x.k_raw, x.v_raw]
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                comm.broadcast(Some(&Tensor::cat(&flat, 0)?), 0)?;
+            }
+            attend_part(seqs, rows, x, comm)
         };
         self.model()
             .forward_with(&tokens, &positions, &mut attend, &mut |_| Ok(()), true)
             .context("decode")
+            .map(Some)
     }
+}
+
+/// One layer of [`Runner::decode_rows`] on this rank: every row attends its own sequence's
+/// keys here, and all rows' parts are merged in one all-gather. On the GPU, where every backend
+/// says what its decode part is, all rows attend in one kernel ([`attend_rows`]); elsewhere
+/// (and for backends that cannot) each row runs its decode part.
+fn attend_part(
+    seqs: &mut RankSeqs,
+    rows: &[Row],
+    x: &AttnInput<'_>,
+    comm: &dyn Communicator,
+) -> apb_plugin::Result<Tensor> {
+    let layer = x.layer;
+    let one_kernel = apb_kernels::flash_supported(x.q)
+        && rows.iter().all(|r| {
+            r.seq
+                .and_then(|id| seqs.0.get(&id))
+                .is_none_or(|s| s.backend.decode_appends().is_some())
+        });
+    if one_kernel {
+        return attend_rows(seqs, rows, layer, x, comm);
+    }
+    let mut outs = Vec::with_capacity(rows.len());
+    let mut lses = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let one = |t: &Tensor, dim: usize| t.narrow(dim, i, 1);
+        let (q, k, v) = (one(x.q, 2)?, one(x.k, 2)?, one(x.v, 2)?);
+        let (q_raw, k_raw, v_raw) = (one(x.q_raw, 1)?, one(x.k_raw, 1)?, one(x.v_raw, 1)?);
+        let xi = AttnInput {
+            layer,
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &q_raw,
+            k_raw: &k_raw,
+            v_raw: &v_raw,
+        };
+        let (o, l) = match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
+            Some(s) => s.backend.decode_part(&xi, &mut s.cache.layers[layer])?,
+            None => apb_plugin::nothing_attended(&q)?,
+        };
+        outs.push(o.to_dtype(candle_core::DType::F32)?);
+        lses.push(l);
+    }
+    let out = Tensor::cat(&outs, 2)?;
+    let lse = Tensor::cat(&lses, 2)?;
+    Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
 }
 
 /// [`Runner::decode_rows`]' attention on the GPU: the new K/V of the rows whose sequence keeps

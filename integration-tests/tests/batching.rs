@@ -1,6 +1,8 @@
-//! Batched decode at the rank program's level (threads over `LocalGroup`, SmolLM2 in f32): a decode step of several sequences that each span both ranks is one
-//! all-gather per layer, and each row comes out bit for bit as the sequence alone would get it
-//! (a batch of one runs as two rows: see `apb_host::engine`).
+//! Batched decode at the rank program's level (threads over `LocalGroup`, SmolLM2 in f32): a
+//! decode step of several sequences that each span both ranks is one all-gather per layer, and
+//! each row comes out bit for bit as the sequence alone would get it (a batch of one runs as two
+//! rows: see `apb_host::engine`); with rank 0 alone computing (ranks sharing compute), two
+//! collectives per layer and the same rows.
 
 use apb_host::prompt::PromptParts;
 use apb_host::runner::{prepare, RankSeqs, Row};
@@ -50,8 +52,15 @@ impl Communicator for Counting {
     }
 }
 
-/// One rank's collectives in a batched step, its batched rows, and each row alone.
-type RankResult = (usize, Vec<Vec<f32>>, Vec<Vec<f32>>);
+/// One rank's collectives in a batched step, its batched rows, each row alone, and the
+/// collectives and rows (rank 0) of the same step with rank 0 alone computing (`lead`).
+type RankResult = (
+    usize,
+    Vec<Vec<f32>>,
+    Vec<Vec<f32>>,
+    usize,
+    Option<Vec<Vec<f32>>>,
+);
 
 /// A prompt of `n` context tokens (arbitrary ids), a 9-token query and a question inside it.
 fn prompt(n: usize) -> PromptParts {
@@ -116,7 +125,10 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         .map(|(id, (j, _))| row(id as u64, j.prompt.len()))
                         .collect();
                     let counting = Counting(c.clone(), AtomicUsize::new(0));
-                    let h = runner.decode_rows(&mut batch, &rows, &counting).unwrap();
+                    let h = runner
+                        .decode_rows(&mut batch, &rows, &counting, false)
+                        .unwrap()
+                        .unwrap();
                     let collectives = counting.1.load(Ordering::SeqCst);
                     let batched: Vec<Vec<f32>> = h.squeeze(0).unwrap().to_vec2().unwrap();
                     let mut alone = RankSeqs::default();
@@ -126,18 +138,41 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         .map(|r| {
                             let pad = Row { seq: None, ..*r };
                             let h = runner
-                                .decode_rows(&mut alone, &[*r, pad], c.as_ref())
+                                .decode_rows(&mut alone, &[*r, pad], c.as_ref(), false)
+                                .unwrap()
                                 .unwrap();
                             h.squeeze(0).unwrap().to_vec2::<f32>().unwrap().remove(0)
                         })
                         .collect();
-                    (collectives, batched, singles)
+                    // Rank 0 alone runs the projections and MLP (ranks sharing compute).
+                    let mut led = RankSeqs::default();
+                    fill(&mut led);
+                    let counting = Counting(c.clone(), AtomicUsize::new(0));
+                    let h = runner
+                        .decode_rows(&mut led, &rows, &counting, true)
+                        .unwrap();
+                    let lead_rows = h.map(|h| h.squeeze(0).unwrap().to_vec2().unwrap());
+                    let lead_collectives = counting.1.load(Ordering::SeqCst);
+                    (collectives, batched, singles, lead_collectives, lead_rows)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (rank, (collectives, batched, singles)) in per_rank.iter().enumerate() {
+    for (rank, (collectives, batched, singles, lead_collectives, lead_rows)) in
+        per_rank.iter().enumerate()
+    {
+        // A broadcast of q/k/v and the gather of the parts per layer; rank 0 alone gets rows,
+        // bit for bit those of every rank computing them.
+        assert_eq!(
+            *lead_collectives,
+            2 * layers,
+            "rank {rank}: collectives, lead"
+        );
+        assert_eq!(lead_rows.is_some(), rank == 0, "rank {rank}: rows, lead");
+        if let Some(l) = lead_rows {
+            assert!(l == batched, "rank 0 alone computing changed the rows");
+        }
         assert_eq!(
             *collectives, layers,
             "rank {rank}: collectives in one decode step"

@@ -84,6 +84,11 @@ struct ServeArgs {
     /// (each long one is overtaken by at most --max-num-seqs short ones).
     #[arg(long, default_value_t = 2048)]
     long_prefill_token_threshold: usize,
+    /// Running requests get a decode step between a prefill's layers once they have waited this
+    /// long (milliseconds; the ranks of a prefill check every layer on one rank, every 4 on
+    /// several), so a long prompt does not stall every stream; 0: at every check.
+    #[arg(long, default_value_t = 200)]
+    max_decode_gap_ms: u64,
     /// KV memory (bytes) the running requests may hold: a request waits until its KV fits, one
     /// that never can gets 400. Per rank process, or shared by thread ranks. Default: half the
     /// memory available at start on the CPU; no limit on a GPU (set it there).
@@ -1018,6 +1023,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_queued: a.max_queued,
         max_num_seqs: a.max_num_seqs,
         long_prefill_token_threshold: a.long_prefill_token_threshold,
+        max_decode_gap: std::time::Duration::from_millis(a.max_decode_gap_ms),
         kv_cache_memory_bytes: a.kv_cache_memory_bytes,
         api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),

@@ -7,7 +7,7 @@
 
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
-use crate::runner::{prepare, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use crate::runner::{prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -148,6 +148,8 @@ enum Message {
     },
     /// Drop these sequences' caches.
     Free(Vec<SeqId>),
+    /// Back to the prefill that let rank 0 interleave steps ([`Between`]).
+    Resume,
     Shutdown,
 }
 
@@ -165,6 +167,8 @@ enum ThreadStep {
         lead: bool,
     },
     Free(Vec<SeqId>),
+    /// Back to the prefill that let rank 0 interleave steps ([`Between`]).
+    Resume,
 }
 
 enum Links {
@@ -296,70 +300,152 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
 /// A worker process's loop: run each step rank 0 sends; any failure ends the process with an
 /// error, which takes the group down (the launcher's liveness check).
 fn process_worker(ctx: &RankCtx, runner: &Runner, comm: Arc<dyn Communicator>) -> Result<()> {
-    let never = AtomicBool::new(false);
     let mut seqs = RankSeqs::default();
-    while let Some(bytes) = ctx.next_message() {
-        let msg: Message =
-            serde_json::from_slice(&bytes).context("a malformed step from rank 0")?;
-        let r = match msg {
-            Message::Prefill { id, job } => {
-                fault_injection(ctx.rank);
-                let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
-                runner
-                    .prefill_seq(&mut seqs, id, &job, &prep, comm.clone(), &never)
-                    .map(drop)
-            }
-            Message::Decode { rows, lead } => runner
-                .decode_rows(&mut seqs, &rows, comm.as_ref(), lead)
-                .map(drop),
-            Message::Free(ids) => {
-                ids.iter().for_each(|id| seqs.free(*id));
-                Ok(())
-            }
-            Message::Shutdown => break,
-        };
-        r.inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", ctx.rank)))?;
+    while let Some(msg) = next_message(ctx)? {
+        if let Message::Shutdown = msg {
+            break;
+        }
+        process_step(ctx, runner, &comm, &mut seqs, msg)?;
     }
     Ok(())
+}
+
+/// The next step from rank 0 (None: it closed the connection).
+fn next_message(ctx: &RankCtx) -> Result<Option<Message>> {
+    ctx.next_message()
+        .map(|b| serde_json::from_slice(&b).context("a malformed step from rank 0"))
+        .transpose()
+}
+
+/// One step on a worker process; a failure aborts the group with its cause.
+fn process_step(
+    ctx: &RankCtx,
+    runner: &Runner,
+    comm: &Arc<dyn Communicator>,
+    seqs: &mut RankSeqs,
+    msg: Message,
+) -> Result<()> {
+    let never = AtomicBool::new(false);
+    let r = match msg {
+        Message::Prefill { id, job } => {
+            fault_injection(ctx.rank);
+            let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
+            let mut between = ProcessBetween { ctx, runner, comm };
+            runner
+                .prefill_seq(seqs, id, &job, &prep, comm.clone(), &never, &mut between)
+                .map(drop)
+        }
+        Message::Decode { rows, lead } => runner
+            .decode_rows(seqs, &rows, comm.as_ref(), lead)
+            .map(drop),
+        Message::Free(ids) => {
+            ids.iter().for_each(|id| seqs.free(*id));
+            Ok(())
+        }
+        Message::Resume | Message::Shutdown => Err(err!("a resume or shutdown step out of turn")),
+    };
+    r.inspect_err(|e| comm.abort(&format!("rank {} failed: {e:#}", ctx.rank)))
+}
+
+/// A worker process inside a prefill: the steps rank 0 interleaves, until it says resume.
+struct ProcessBetween<'a> {
+    ctx: &'a RankCtx,
+    runner: &'a Runner,
+    comm: &'a Arc<dyn Communicator>,
+}
+
+impl Between for ProcessBetween<'_> {
+    fn run(&mut self, seqs: &mut RankSeqs) -> Result<()> {
+        loop {
+            match next_message(self.ctx)?.ok_or_else(|| err!("rank 0 is gone"))? {
+                Message::Resume => return Ok(()),
+                Message::Prefill { .. } | Message::Shutdown => {
+                    return Err(err!("a prefill or shutdown step inside a prefill"))
+                }
+                m => process_step(self.ctx, self.runner, self.comm, seqs, m)?,
+            }
+        }
+    }
 }
 
 /// A worker thread's loop. A failure or panic aborts the step's group and ends the thread: the
 /// group is then broken and rank 0 reports the cause (its collective fails with it).
 fn thread_worker(rank: usize, runner: Runner, steps: mpsc::Receiver<ThreadStep>) {
-    let never = AtomicBool::new(false);
     let mut seqs = RankSeqs::default();
     while let Ok(step) = steps.recv() {
-        let res = catch_unwind(AssertUnwindSafe(|| match &step {
-            ThreadStep::Prefill {
-                id,
-                job,
-                prep,
-                comm,
-            } => {
-                fault_injection(rank);
-                runner
-                    .prefill_seq(&mut seqs, *id, job, prep, comm.clone(), &never)
-                    .map(drop)
-            }
-            ThreadStep::Decode { rows, comm, lead } => runner
-                .decode_rows(&mut seqs, rows, comm.as_ref(), *lead)
-                .map(drop),
-            ThreadStep::Free(ids) => {
-                ids.iter().for_each(|id| seqs.free(*id));
-                Ok(())
-            }
-        }));
-        let why = match res {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => format!("rank {rank} failed: {e:#}"),
-            Err(panic) => format!("rank {rank} panicked: {}", panic_text(&panic)),
-        };
-        match &step {
-            ThreadStep::Prefill { comm, .. } | ThreadStep::Decode { comm, .. } => comm.abort(&why),
-            ThreadStep::Free(_) => {}
+        if let Err(why) = thread_step(rank, &runner, &steps, &mut seqs, &step) {
+            tracing::error!("{why}");
+            return;
         }
-        tracing::error!("{why}");
-        return;
+    }
+}
+
+/// One step on worker thread `rank`. A failure or panic aborts the step's communicator (rank
+/// 0's collective fails with the cause) and comes back as the cause.
+fn thread_step(
+    rank: usize,
+    runner: &Runner,
+    steps: &mpsc::Receiver<ThreadStep>,
+    seqs: &mut RankSeqs,
+    step: &ThreadStep,
+) -> std::result::Result<(), String> {
+    let never = AtomicBool::new(false);
+    let res = catch_unwind(AssertUnwindSafe(|| match step {
+        ThreadStep::Prefill {
+            id,
+            job,
+            prep,
+            comm,
+        } => {
+            fault_injection(rank);
+            let mut between = ThreadBetween {
+                rank,
+                runner,
+                steps,
+            };
+            runner
+                .prefill_seq(seqs, *id, job, prep, comm.clone(), &never, &mut between)
+                .map(drop)
+        }
+        ThreadStep::Decode { rows, comm, lead } => runner
+            .decode_rows(seqs, rows, comm.as_ref(), *lead)
+            .map(drop),
+        ThreadStep::Free(ids) => {
+            ids.iter().for_each(|id| seqs.free(*id));
+            Ok(())
+        }
+        ThreadStep::Resume => Err(err!("a resume outside a prefill")),
+    }));
+    let why = match res {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("rank {rank} failed: {e:#}"),
+        Err(panic) => format!("rank {rank} panicked: {}", panic_text(&panic)),
+    };
+    match step {
+        ThreadStep::Prefill { comm, .. } | ThreadStep::Decode { comm, .. } => comm.abort(&why),
+        ThreadStep::Free(_) | ThreadStep::Resume => {}
+    }
+    Err(why)
+}
+
+/// A worker thread inside a prefill: the steps rank 0 interleaves, until it says resume.
+struct ThreadBetween<'a> {
+    rank: usize,
+    runner: &'a Runner,
+    steps: &'a mpsc::Receiver<ThreadStep>,
+}
+
+impl Between for ThreadBetween<'_> {
+    fn run(&mut self, seqs: &mut RankSeqs) -> Result<()> {
+        loop {
+            let step = self.steps.recv().map_err(|_| err!("rank 0 is gone"))?;
+            match step {
+                ThreadStep::Resume => return Ok(()),
+                ThreadStep::Prefill { .. } => return Err(err!("a prefill inside a prefill")),
+                step => thread_step(self.rank, self.runner, self.steps, seqs, &step)
+                    .map_err(|why| err!("{why}"))?,
+            }
+        }
     }
 }
 
@@ -490,11 +576,10 @@ impl Group {
     fn rank0<R>(
         &self,
         k: usize,
-        f: impl FnOnce(&mut RankSeqs, Arc<dyn Communicator>) -> Result<R>,
+        f: impl FnOnce(Arc<dyn Communicator>) -> Result<R>,
     ) -> std::result::Result<R, RunError> {
         let comm = self.comm0(k);
-        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
-        let r = catch_unwind(AssertUnwindSafe(|| f(&mut seqs, comm.clone())))
+        let r = catch_unwind(AssertUnwindSafe(|| f(comm.clone())))
             .unwrap_or_else(|p| Err(err!("rank 0 panicked: {}", panic_text(&p))));
         r.map_err(|e| {
             let why = format!("{e:#}");
@@ -538,12 +623,14 @@ impl Group {
 
     /// Prefills sequence `id` of a placed job on its plan's ranks. Returns the ranks it spans
     /// and rank 0's hidden state of its last prompt token, or None when `cancel` stopped it.
+    /// Between layers `between` may run decode steps of the running sequences (the engine's).
     pub fn prefill(
         &self,
         id: SeqId,
         job: &Job,
         prep: &Prepared,
         cancel: &AtomicBool,
+        between: &mut dyn Between,
     ) -> std::result::Result<Option<(usize, Tensor)>, RunError> {
         let k = prep.plan.world;
         let (job_a, prep_a) = (Arc::new(job.clone()), Arc::new(prep.clone()));
@@ -560,10 +647,25 @@ impl Group {
                 job: Box::new(job.clone()),
             },
         )?;
-        let hidden = self.rank0(k, |seqs, comm| {
-            self.runner.prefill_seq(seqs, id, job, prep, comm, cancel)
+        // Rank 0's sequences stay unlocked while it prefills: `between` may run decode steps.
+        let hidden = self.rank0(k, |comm| {
+            let mut mine = RankSeqs::default();
+            let h = self
+                .runner
+                .prefill_seq(&mut mine, id, job, prep, comm, cancel, between)?;
+            self.lock_seqs().absorb(mine);
+            Ok(h)
         })?;
         Ok(hidden.map(|h| (k, h)))
+    }
+
+    /// Sends the workers of a prefill over ranks `0..k` back to it after interleaved steps.
+    pub fn resume(&self, k: usize) -> std::result::Result<(), RunError> {
+        self.relay(k, |_| ThreadStep::Resume, || Message::Resume)
+    }
+
+    fn lock_seqs(&self) -> std::sync::MutexGuard<'_, RankSeqs> {
+        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One decode step: `rows` with the ranks each row's sequence spans (a padding row: 1). Every
@@ -586,10 +688,11 @@ impl Group {
             },
         )?;
         let model = self.runner.model();
-        self.rank0(k, |seqs, comm| {
+        self.rank0(k, |comm| {
+            let mut seqs = self.lock_seqs();
             let hidden = self
                 .runner
-                .decode_rows(seqs, &plain, comm.as_ref(), self.lead)?
+                .decode_rows(&mut seqs, &plain, comm.as_ref(), self.lead)?
                 .ok_or_else(|| err!("rank 0 got no rows from its decode step"))?;
             let logits = model.row_logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
             Ok(logits

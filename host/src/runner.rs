@@ -345,7 +345,9 @@ impl Runner {
     /// exactly those): this rank's share, then the question segment, keeping the cache and
     /// backend in `seqs` for its decode steps. Returns the last prompt token's hidden state
     /// `(1, 1, hidden)`, the same on every rank of the plan, or None when `cancel` stopped it (the
-    /// ranks agree every few layers).
+    /// ranks agree every few layers). At the same points `between` may interleave other steps:
+    /// when rank 0's says running sequences are due a decode step, every rank of the prefill
+    /// runs what rank 0 interleaves ([`Between`]) and then goes on with its layers.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_seq(
         &self,
@@ -355,6 +357,7 @@ impl Runner {
         prep: &Prepared,
         comm: Arc<dyn Communicator>,
         cancel: &AtomicBool,
+        between: &mut dyn Between,
     ) -> Result<Option<Tensor>> {
         let model = self.model();
         let (p, parts) = (&prep.plan, &job.prompt);
@@ -368,8 +371,9 @@ impl Runner {
         let bar = (rank == 0)
             .then(|| prefill_bar(parts.len(), model.cfg.num_hidden_layers))
             .flatten();
-        // Between layers the ranks may stop a prefill nobody waits for any more: one rank checks
-        // its flag every layer; several agree every CANCEL_EVERY layers (one tiny all-gather).
+        // Between layers the ranks may stop a prefill nobody waits for any more, or let running
+        // sequences take a decode step: one rank decides every layer; several agree every
+        // CANCEL_EVERY layers (one tiny all-gather).
         let layers = model.cfg.num_hidden_layers;
         let mut stopped_at = None;
         let mut tick = |i: usize| -> apb_plugin::Result<()> {
@@ -377,17 +381,20 @@ impl Runner {
                 b.inc(1)
             }
             let check = world == 1 || (i % CANCEL_EVERY == CANCEL_EVERY - 1 && i + 1 < layers);
-            let stop = check
-                && if world == 1 {
-                    cancel.load(Ordering::Relaxed)
-                } else {
-                    agree(&*comm, model, 0, cancel.load(Ordering::Relaxed))
-                        .map_err(|e| apb_plugin::Error::Comm(format!("{e:#}")))?
-                        .1
-                };
+            if !check || i + 1 == layers {
+                return Ok(());
+            }
+            let (stop, due) = (cancel.load(Ordering::Relaxed), between.due());
+            let (stop, due) = agree(&*comm, model, stop, due)
+                .map_err(|e| apb_plugin::Error::Comm(format!("{e:#}")))?;
             if stop {
                 stopped_at = Some(i + 1);
                 return Err(apb_plugin::Error::Cancelled);
+            }
+            if due {
+                between
+                    .run(seqs)
+                    .map_err(|e| apb_plugin::Error::Comm(format!("{e:#}")))?;
             }
             Ok(())
         };
@@ -634,6 +641,11 @@ impl RankSeqs {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Takes in `other`'s sequences.
+    pub fn absorb(&mut self, other: RankSeqs) {
+        self.0.extend(other.0);
+    }
 }
 
 /// A rank after its prefill: the cache it keeps, its backend (it holds the rank's layout), the
@@ -708,21 +720,42 @@ pub fn prefill(
     })
 }
 
-/// One step's agreement: the last rank's token and whether any rank cancels.
-fn agree(comm: &dyn Communicator, model: &Model, token: u32, cancel: bool) -> Result<(u32, bool)> {
-    let world = comm.world_size();
-    if world == 1 {
-        return Ok((token, cancel));
+/// The prefill ranks' agreement between layers: whether any rank cancels, and whether rank 0
+/// interleaves a step.
+fn agree(comm: &dyn Communicator, model: &Model, cancel: bool, due: bool) -> Result<(bool, bool)> {
+    if comm.world_size() == 1 {
+        return Ok((cancel, due));
     }
     // On the rank's device: NCCL gathers device memory.
-    let mine = Tensor::new(&[token, cancel as u32], model.device())?;
+    let mine = Tensor::new(&[cancel as u32, due as u32], model.device())?;
     let all = comm.all_gather(&mine)?;
     let mut any_cancel = false;
     for t in &all {
-        any_cancel |= t.to_vec1::<u32>()?[1] != 0;
+        any_cancel |= t.to_vec1::<u32>()?[0] != 0;
     }
-    let next = all[world - 1].to_vec1::<u32>()?[0];
-    Ok((next, any_cancel))
+    Ok((any_cancel, all[0].to_vec1::<u32>()?[1] != 0))
+}
+
+/// What the ranks of a prefill do between its layers for the other sequences (rank 0 decides):
+/// rank 0's runs a decode step of the running sequences and tells the prefill's other ranks to
+/// resume; theirs runs the steps rank 0 sends until then.
+pub trait Between {
+    /// Rank 0: whether the running sequences are due a decode step (other ranks: never asked).
+    fn due(&mut self) -> bool {
+        false
+    }
+    /// Runs the interleaved steps on this rank (`seqs`: its sequences, the prefilling one not
+    /// among them yet).
+    fn run(&mut self, seqs: &mut RankSeqs) -> Result<()>;
+}
+
+/// A prefill with nothing interleaved (`apb generate`, benchmarks, tests).
+pub struct Alone;
+
+impl Between for Alone {
+    fn run(&mut self, _: &mut RankSeqs) -> Result<()> {
+        Err(err!("a step interleaved with a prefill that runs alone"))
+    }
 }
 
 /// Ranks of a group agree whether to stop a prefill every this many layers.

@@ -4,8 +4,9 @@
 //! rows: see `apb_host::engine`); with rank 0 alone computing (ranks sharing compute), two
 //! collectives per layer and the same rows.
 
+use apb_host::engine::{Engine, Request};
 use apb_host::prompt::PromptParts;
-use apb_host::runner::{prepare, RankSeqs, Row};
+use apb_host::runner::{prepare, Alone, RankSeqs, Row};
 use apb_host::{GenParams, Method};
 use apb_integration_tests::*;
 use apb_plugin::{Communicator, LocalGroup, Pending};
@@ -112,7 +113,7 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         for (id, (j, p)) in jobs.iter().enumerate() {
                             let c: Arc<dyn Communicator> = c.clone();
                             runner
-                                .prefill_seq(seqs, id as u64, j, p, c, never)
+                                .prefill_seq(seqs, id as u64, j, p, c, never, &mut Alone)
                                 .unwrap()
                                 .unwrap();
                         }
@@ -186,4 +187,85 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
     }
     // Every rank holds the same merged rows.
     assert!(per_rank[0].1 == per_rank[1].1);
+}
+
+/// Runs `job` alone in a batching engine (a lone row runs as two, as it does beside others).
+fn alone(group: &apb_host::ranks::Group, job: &apb_host::Job) -> Vec<u32> {
+    let mut eng = Engine::batching(None);
+    let mut done = eng
+        .add(group, request(job.clone(), 0))
+        .map_err(|e| e.1)
+        .unwrap();
+    while done.is_none() {
+        done = eng.step(group).unwrap().pop();
+    }
+    done.unwrap().1.tokens
+}
+
+fn request<'a>(job: apb_host::Job, tag: usize) -> Request<'a, usize> {
+    Request {
+        job,
+        cancel: Arc::new(AtomicBool::new(false)),
+        on_text: Box::new(|_| {}),
+        tag,
+    }
+}
+
+/// A prefill lets the running sequences decode between its layers
+/// (`Engine::with_decode_gap`): over 2 thread ranks, a 2-rank sequence decodes inside another's
+/// 2-rank prefill (the prefill's worker runs the interleaved steps, then resumes) and inside a
+/// 1-rank prefill; every request still gets, token for token, what it gets alone.
+#[test]
+fn running_sequences_decode_inside_a_prefill_and_keep_their_tokens() {
+    let group = apb_host::ranks::Group::threads(smollm2_runner(), 2).unwrap();
+    let params = GenParams {
+        max_new_tokens: 20,
+        ignore_eos: true,
+        ..GenParams::default()
+    };
+    let mut b = job(&prompt(300), Method::APB, 2, &params);
+    (b.anchor_len, b.passing_len) = (Some(8), Some(4));
+    let jobs = [
+        job(&prompt(61), Method::ZIGZAG, 2, &params),
+        b,
+        job(&prompt(12), Method::DENSE, 1, &params),
+    ];
+    let want: Vec<Vec<u32>> = jobs.iter().map(|j| alone(&group, j)).collect();
+    let mut eng = Engine::batching(None).with_decode_gap(std::time::Duration::ZERO);
+    let mut got = vec![Vec::new(); jobs.len()];
+    let mut inside = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let Some((t, g)) = eng
+            .add(&group, request(j.clone(), i))
+            .map_err(|e| e.1)
+            .unwrap()
+        {
+            got[t] = g.tokens;
+        }
+        inside.push(eng.take_stats().len());
+        for (t, g) in eng.take_finished() {
+            got[t] = g.tokens;
+        }
+    }
+    // The first prefill had nothing to interleave; the 2-rank one (30 layers, the ranks agree
+    // every 4) and the 1-rank one (every layer) let the running sequences step.
+    assert_eq!(inside[0], 0);
+    assert!(
+        inside[1] >= 5,
+        "steps inside the 2-rank prefill: {}",
+        inside[1]
+    );
+    assert!(
+        inside[2] >= 5,
+        "steps inside the 1-rank prefill: {}",
+        inside[2]
+    );
+    while eng.running() > 0 {
+        for (t, g) in eng.step(&group).unwrap() {
+            got[t] = g.tokens;
+        }
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}: tokens differ from its run alone");
+    }
 }

@@ -10,14 +10,16 @@
 
 pub mod scheduler;
 
+use crate::error::err;
 use crate::ranks::{Group, RunError};
 use crate::runner::{
-    rank_share, Finish, GenStats, Generation, Job, Prepared, Row, SeqId, TextStream,
+    rank_share, Between, Finish, GenStats, Generation, Job, Prepared, RankSeqs, Row, SeqId,
+    TextStream,
 };
 use crate::sampling::Sampler;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A request for the engine: the job, its cancel flag (set by anyone; checked every step), where
 /// its text goes, and the caller's tag, handed back with the result.
@@ -91,6 +93,19 @@ impl<T> Placed<'_, T> {
     }
 }
 
+/// One decode step, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStat {
+    /// Sequences in it.
+    pub rows: usize,
+    /// Of them, those whose KV spans several ranks.
+    pub spanning: usize,
+    /// How long they waited for it since their last step (None: their first).
+    pub gap_s: Option<f64>,
+    /// How long it took.
+    pub secs: f64,
+}
+
 /// The running sequences of a group.
 pub struct Engine<'a, T> {
     seqs: Vec<Seq<'a, T>>,
@@ -99,6 +114,14 @@ pub struct Engine<'a, T> {
     budget: Option<KvBudget>,
     /// KV positions held per rank.
     used: Vec<usize>,
+    /// Running sequences get a decode step between a prefill's layers once they have waited
+    /// this long (None: they wait for the whole prefill).
+    max_gap: Option<Duration>,
+    /// Since when the running sequences wait for a step.
+    waiting_since: Option<Instant>,
+    /// Requests finished by steps run inside a prefill, for the caller to take.
+    finished: Vec<Done<T>>,
+    stats: Vec<StepStat>,
 }
 
 impl<T> Default for Engine<'_, T> {
@@ -108,6 +131,10 @@ impl<T> Default for Engine<'_, T> {
             pad_lone_rows: false,
             budget: None,
             used: Vec::new(),
+            max_gap: None,
+            waiting_since: None,
+            finished: Vec::new(),
+            stats: Vec::new(),
         }
     }
 }
@@ -131,6 +158,33 @@ impl<'a, T> Engine<'a, T> {
             pad_lone_rows: true,
             budget,
             ..Self::default()
+        }
+    }
+
+    /// Lets running sequences take a decode step between a prefill's layers once they have
+    /// waited `gap` (the ranks of a prefill agree every layer on one rank, every few on several),
+    /// so a long prefill does not stall every stream for its whole length. Values are unchanged:
+    /// each sequence's computation is the same, only the order of steps differs.
+    pub fn with_decode_gap(mut self, gap: Duration) -> Self {
+        self.max_gap = Some(gap);
+        self
+    }
+
+    /// Requests finished by decode steps that ran inside a prefill ([`Engine::start`]).
+    pub fn take_finished(&mut self) -> Vec<Done<T>> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// The decode steps run since the last call.
+    pub fn take_stats(&mut self) -> Vec<StepStat> {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Whether the running sequences are due a step inside a prefill.
+    fn due(&self) -> bool {
+        match (self.max_gap, self.waiting_since) {
+            (Some(gap), Some(t)) => !self.seqs.is_empty() && t.elapsed() >= gap,
+            _ => false,
         }
     }
 
@@ -236,7 +290,9 @@ impl<'a, T> Engine<'a, T> {
 
     /// Prefills a placed request on its ranks and chooses its first token. Returns it at once
     /// when it is already done (a stop token first, `max_tokens` 1, cancelled during prefill);
-    /// a failure comes back with the request's tag.
+    /// a failure comes back with the request's tag. Running sequences may take decode steps
+    /// inside the prefill ([`Engine::with_decode_gap`]); what they finish is in
+    /// [`Engine::take_finished`].
     pub fn start(
         &mut self,
         group: &Group,
@@ -245,7 +301,12 @@ impl<'a, T> Engine<'a, T> {
         let Placed { req, prep, need } = placed;
         let t0 = Instant::now();
         let id = group.new_id();
-        let placed = match group.prefill(id, &req.job, &prep, &req.cancel) {
+        let mut between = Interleave {
+            eng: self,
+            group,
+            k: prep.plan.world,
+        };
+        let placed = match group.prefill(id, &req.job, &prep, &req.cancel, &mut between) {
             Ok(p) => p,
             Err(e) => return Err((req.tag, e)),
         };
@@ -291,6 +352,7 @@ impl<'a, T> Engine<'a, T> {
         match seq.accept(group, logits) {
             Ok(None) => {
                 self.seqs.push(seq);
+                self.waiting_since.get_or_insert_with(Instant::now);
                 Ok(None)
             }
             Ok(Some(f)) => {
@@ -320,6 +382,13 @@ impl<'a, T> Engine<'a, T> {
             }
         }
         if !self.seqs.is_empty() {
+            let t0 = Instant::now();
+            let stat = StepStat {
+                rows: self.seqs.len(),
+                spanning: self.spanning(),
+                gap_s: self.waiting_since.map(|t| (t0 - t).as_secs_f64()),
+                secs: 0.0,
+            };
             let mut rows: Vec<(Row, usize)> = self
                 .seqs
                 .iter()
@@ -363,7 +432,12 @@ impl<'a, T> Engine<'a, T> {
                 }
             }
             self.seqs = keep;
+            self.stats.push(StepStat {
+                secs: t0.elapsed().as_secs_f64(),
+                ..stat
+            });
         }
+        self.waiting_since = (!self.seqs.is_empty()).then(Instant::now);
         if !freed.is_empty() {
             group.free(&freed);
         }
@@ -373,6 +447,7 @@ impl<'a, T> Engine<'a, T> {
     /// The running requests' tags, taking them out (after a group failure).
     pub fn drain(&mut self) -> Vec<T> {
         self.used.clear();
+        self.waiting_since = None;
         self.seqs.drain(..).map(|s| s.req.tag).collect()
     }
 
@@ -381,6 +456,26 @@ impl<'a, T> Engine<'a, T> {
         for s in &self.seqs {
             s.req.cancel.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// The engine inside a prefill over ranks `0..k`: when the running sequences are due, one
+/// decode step of them, then the prefill's workers resume.
+struct Interleave<'e, 'a, T> {
+    eng: &'e mut Engine<'a, T>,
+    group: &'e Group,
+    k: usize,
+}
+
+impl<T> Between for Interleave<'_, '_, T> {
+    fn due(&mut self) -> bool {
+        self.eng.due()
+    }
+
+    fn run(&mut self, _: &mut RankSeqs) -> crate::error::Result<()> {
+        let done = self.eng.step(self.group).map_err(|e| err!("{e}"))?;
+        self.eng.finished.extend(done);
+        self.group.resume(self.k).map_err(|e| err!("{e}"))
     }
 }
 

@@ -86,6 +86,9 @@ pub struct ServeConfig {
     pub max_num_seqs: usize,
     /// Prompts of at least this many tokens are long (see [`crate::engine::scheduler`]).
     pub long_prefill_token_threshold: usize,
+    /// Running requests get a decode step inside a prefill once they have waited this long
+    /// ([`Engine::with_decode_gap`]).
+    pub max_decode_gap: std::time::Duration,
     /// KV memory running requests may hold (bytes; per rank process, or shared by thread
     /// ranks). Default: half the memory available at start on the CPU; none on a GPU.
     pub kv_cache_memory_bytes: Option<u64>,
@@ -712,14 +715,12 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         );
     }
     let mut eng: Engine<Running> = if s.cfg.max_num_seqs > 1 {
-        Engine::batching(budget)
+        Engine::batching(budget).with_decode_gap(s.cfg.max_decode_gap)
     } else {
         Engine::with_budget(budget)
     };
     // A request waiting for KV room: it keeps its turn (nothing overtakes it).
     let mut held: Option<Placed<Running>> = None;
-    // When the running requests last got a decode step.
-    let mut last_step: Option<Instant> = None;
     loop {
         if let Some(p) = held.take() {
             if p.cancelled() {
@@ -751,18 +752,8 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             Pick::Empty | Pick::Closed => {}
         }
         if eng.running() > 0 {
-            let m = &s.metrics;
-            m.running.set(eng.running() as i64);
-            m.batch.observe(eng.running() as f64);
-            m.spanning.observe(eng.spanning() as f64);
-            let t = Instant::now();
-            if let Some(last) = last_step {
-                m.gap.observe((t - last).as_secs_f64());
-            }
-            let r = eng.step(&group);
-            m.step.observe(t.elapsed().as_secs_f64());
-            last_step = (eng.running() > 0).then(Instant::now);
-            match r {
+            s.metrics.running.set(eng.running() as i64);
+            match eng.step(&group) {
                 Ok(done) => done.into_iter().for_each(|(r, g)| answer(s, r, Ok(g))),
                 Err(e) => {
                     for r in eng.drain() {
@@ -770,6 +761,19 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
                     }
                 }
             }
+        }
+        // Decode steps, also those run inside a prefill, and what they finished.
+        for st in eng.take_stats() {
+            let m = &s.metrics;
+            m.batch.observe(st.rows as f64);
+            m.spanning.observe(st.spanning as f64);
+            if let Some(g) = st.gap_s {
+                m.gap.observe(g);
+            }
+            m.step.observe(st.secs);
+        }
+        for (r, g) in eng.take_finished() {
+            answer(s, r, Ok(g));
         }
         s.metrics.running.set(eng.running() as i64);
         s.metrics

@@ -56,6 +56,9 @@ pub struct Sample {
     pub ttft_s: f64,
     /// End to end (s).
     pub e2e_s: f64,
+    /// The longest wait between two text chunks after the first (s): a stream's worst stall,
+    /// e.g. behind another request's prefill.
+    pub max_gap_s: f64,
     /// Tokens generated (`usage`).
     pub output_tokens: usize,
     /// Prompt tokens (`usage`).
@@ -107,6 +110,8 @@ pub struct Report {
     pub ttft_s: Percentiles,
     /// Time per output token after the first (s).
     pub tpot_s: Percentiles,
+    /// Each request's longest wait between two tokens (s).
+    pub max_gap_s: Percentiles,
     /// End-to-end latency (s).
     pub e2e_s: Percentiles,
     /// Each request, in order sent.
@@ -166,6 +171,7 @@ fn one(load: &Load, addr: &str, i: usize) -> Result<Sample> {
         bail!("request {i}: {} {}", status.trim(), rest.trim());
     }
     let (mut ttft, mut usage, mut apb) = (None, Value::Null, Value::Null);
+    let (mut last, mut max_gap) = (None::<f64>, 0f64);
     for line in r.lines() {
         let line = line?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -178,12 +184,16 @@ fn one(load: &Load, addr: &str, i: usize) -> Result<Sample> {
         if let Some(e) = v.get("error") {
             bail!("request {i}: {e}");
         }
-        if ttft.is_none()
-            && v["choices"][0]["text"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
         {
-            ttft = Some(t0.elapsed().as_secs_f64());
+            let now = t0.elapsed().as_secs_f64();
+            ttft.get_or_insert(now);
+            if let Some(l) = last {
+                max_gap = max_gap.max(now - l);
+            }
+            last = Some(now);
         }
         if v.get("apb").is_some() {
             apb = v["apb"].clone();
@@ -196,6 +206,7 @@ fn one(load: &Load, addr: &str, i: usize) -> Result<Sample> {
     Ok(Sample {
         ttft_s: ttft.unwrap_or(e2e),
         e2e_s: e2e,
+        max_gap_s: max_gap,
         output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0) as usize,
         prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as usize,
         ranks: apb["ranks"].as_u64().unwrap_or(0) as usize,
@@ -258,6 +269,7 @@ pub fn run(load: &Load) -> Result<Report> {
         output_throughput: tokens as f64 / duration,
         ttft_s: Percentiles::of(samples.iter().map(|s| s.ttft_s).collect()),
         tpot_s: Percentiles::of(tpot),
+        max_gap_s: Percentiles::of(samples.iter().map(|s| s.max_gap_s).collect()),
         e2e_s: Percentiles::of(samples.iter().map(|s| s.e2e_s).collect()),
         samples,
     })
@@ -283,7 +295,7 @@ impl Report {
         ranks.sort();
         ranks.dedup();
         format!(
-            "completed {} requests in {:.2} s: {:.3} req/s, {:.1} output tokens/s; ran as {}\n{:<22} {:>10} {:>10} {:>10} {:>10}\n{}{}{}",
+            "completed {} requests in {:.2} s: {:.3} req/s, {:.1} output tokens/s; ran as {}\n{:<22} {:>10} {:>10} {:>10} {:>10}\n{}{}{}{}",
             self.completed,
             self.duration_s,
             self.request_throughput,
@@ -296,6 +308,7 @@ impl Report {
             "p99",
             row("time to first token", &self.ttft_s, 1e3, "ms"),
             row("time per output token", &self.tpot_s, 1e3, "ms"),
+            row("longest token gap", &self.max_gap_s, 1e3, "ms"),
             row("end to end", &self.e2e_s, 1e3, "ms"),
         )
     }

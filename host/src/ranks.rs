@@ -441,7 +441,13 @@ impl Between for ThreadBetween<'_> {
             let step = self.steps.recv().map_err(|_| err!("rank 0 is gone"))?;
             match step {
                 ThreadStep::Resume => return Ok(()),
-                ThreadStep::Prefill { .. } => return Err(err!("a prefill inside a prefill")),
+                ThreadStep::Prefill { comm, .. } => {
+                    // Rank 0 gave up on the prefill this rank is in (it failed): fail the new
+                    // one too rather than leave its ranks waiting for this one.
+                    let why = format!("rank {}: a prefill inside a prefill", self.rank);
+                    comm.abort(&why);
+                    return Err(err!("{why}"));
+                }
                 step => thread_step(self.rank, self.runner, self.steps, seqs, &step)
                     .map_err(|why| err!("{why}"))?,
             }

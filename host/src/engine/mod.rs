@@ -119,8 +119,10 @@ pub struct Engine<'a, T> {
     max_gap: Option<Duration>,
     /// Since when the running sequences wait for a step.
     waiting_since: Option<Instant>,
-    /// Requests finished by steps run inside a prefill, for the caller to take.
+    /// Requests finished by steps run inside a prefill, for the caller to take (unless
+    /// `on_done` answers them at once).
     finished: Vec<Done<T>>,
+    on_done: Option<Box<dyn FnMut(Done<T>) + 'a>>,
     stats: Vec<StepStat>,
 }
 
@@ -134,6 +136,7 @@ impl<T> Default for Engine<'_, T> {
             max_gap: None,
             waiting_since: None,
             finished: Vec::new(),
+            on_done: None,
             stats: Vec::new(),
         }
     }
@@ -167,6 +170,14 @@ impl<'a, T> Engine<'a, T> {
     /// each sequence's computation is the same, only the order of steps differs.
     pub fn with_decode_gap(mut self, gap: Duration) -> Self {
         self.max_gap = Some(gap);
+        self
+    }
+
+    /// Hands requests that finish in decode steps inside a prefill to `f` at once (a server
+    /// answers them then, not when the prefill ends); without it they wait in
+    /// [`Engine::take_finished`].
+    pub fn on_done_inside_prefill(mut self, f: impl FnMut(Done<T>) + 'a) -> Self {
+        self.on_done = Some(Box::new(f));
         self
     }
 
@@ -474,7 +485,10 @@ impl<T> Between for Interleave<'_, '_, T> {
 
     fn run(&mut self, _: &mut RankSeqs) -> crate::error::Result<()> {
         let done = self.eng.step(self.group).map_err(|e| err!("{e}"))?;
-        self.eng.finished.extend(done);
+        match &mut self.eng.on_done {
+            Some(f) => done.into_iter().for_each(f),
+            None => self.eng.finished.extend(done),
+        }
         self.group.resume(self.k).map_err(|e| err!("{e}"))
     }
 }

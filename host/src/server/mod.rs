@@ -714,8 +714,11 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             b.bytes_per_position
         );
     }
+    let answer_now = s.clone();
     let mut eng: Engine<Running> = if s.cfg.max_num_seqs > 1 {
-        Engine::batching(budget).with_decode_gap(s.cfg.max_decode_gap)
+        Engine::batching(budget)
+            .with_decode_gap(s.cfg.max_decode_gap)
+            .on_done_inside_prefill(move |(r, g)| answer(&answer_now, r, Ok(g)))
     } else {
         Engine::with_budget(budget)
     };
@@ -723,7 +726,9 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
     let mut held: Option<Placed<Running>> = None;
     loop {
         if let Some(p) = held.take() {
-            if p.cancelled() {
+            if let Some(why) = s.fatal_cause() {
+                answer(s, p.into_tag(), Err(RunError::Failed(why)));
+            } else if p.cancelled() {
                 gone_while_queued(s, p.into_tag());
             } else if eng.fits(&p) {
                 start_seq(s, &group, &mut eng, p);
@@ -762,7 +767,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
                 }
             }
         }
-        // Decode steps, also those run inside a prefill, and what they finished.
+        // Decode steps, also those run inside a prefill.
         for st in eng.take_stats() {
             let m = &s.metrics;
             m.batch.observe(st.rows as f64);
@@ -772,9 +777,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             }
             m.step.observe(st.secs);
         }
-        for (r, g) in eng.take_finished() {
-            answer(s, r, Ok(g));
-        }
+
         s.metrics.running.set(eng.running() as i64);
         s.metrics
             .kv_used

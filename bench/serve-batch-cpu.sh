@@ -2,7 +2,8 @@
 # Continuous batching on the CPU (SmolLM2, f32): `apb bench serve` against `apb serve` with
 # --max-num-seqs N and with --max-num-seqs 1 (one request at a time: the peer), one after the
 # other in one run. Two loads: dense on one rank, 16 concurrent short prompts, 128 output tokens
-# (decode-bound); apb on 4 thread ranks, 8 concurrent ~2K-token prompts, 128 output tokens.
+# (decode-bound); apb on 4 thread ranks, 8 concurrent ~2K-token prompts, 128 output tokens (and
+# batched again with prefills that do not yield to decode steps).
 # Writes bench/results/cpu-serve-batching-DATE.{json,md} (raw reports under .cache/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,15 @@ for seqs in 8 1; do
   serve_bench "apb4-seqs$seqs" --attention apb --world-size 4 --max-num-seqs $seqs -- \
     --num-prompts 8 --concurrency 8 --input-len 2048 --output-len 128 --question "What is the last word?"
 done
+# The same batched load with prefills that never yield to decode steps: what yielding buys
+# (each stream's longest token gap) and costs (throughput).
+serve_bench "apb4-seqs8-noyield" --attention apb --world-size 4 --max-num-seqs 8 \
+  --max-decode-gap-ms 1000000000 -- \
+  --num-prompts 8 --concurrency 8 --input-len 2048 --output-len 128 --question "What is the last word?"
 python3 - "$out" <<'PY'
 import json, os, subprocess, sys, time
 out = sys.argv[1]
-r = {k: json.load(open(f"{out}/{k}.json"))["report"] for k in ["dense-seqs16", "dense-seqs1", "apb4-seqs8", "apb4-seqs1"]}
+r = {k: json.load(open(f"{out}/{k}.json"))["report"] for k in ["dense-seqs16", "dense-seqs1", "apb4-seqs8", "apb4-seqs1", "apb4-seqs8-noyield"]}
 for k in r: r[k].pop("samples_detail", None)
 date = time.strftime("%Y-%m-%d")
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

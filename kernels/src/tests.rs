@@ -242,6 +242,24 @@ mod gpu {
             .unwrap()
     }
 
+    /// Attention outputs against the f64 reference: rel-L2 within 1e-2 (bf16) / 2e-3 (f16), every
+    /// element within 0.05. Returns (rel-L2, max abs).
+    fn assert_close(o: &[f32], want: &[f64], dt: DType, label: &str) -> (f64, f64) {
+        let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
+        for (a, w) in o.iter().zip(want) {
+            num += (*a as f64 - w).powi(2);
+            den += w * w;
+            worst = worst.max((*a as f64 - w).abs());
+        }
+        let rel = (num / den.max(1e-30)).sqrt();
+        let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+        assert!(
+            rel <= bound && worst <= 0.05,
+            "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
+        );
+        (rel, worst)
+    }
+
     /// Random scores with many exact ties (rounded to 1/8) and some -inf, like pooled scores.
     fn tied_scores(rows: usize, seq: usize) -> Tensor {
         let t = Tensor::randn(0f32, 4.0, (rows, seq), &Device::Cpu).unwrap();
@@ -522,18 +540,7 @@ mod gpu {
                 let (o, lse) = (flat_f32(&o), flat_f32(&lse.unwrap()));
                 let label = format!("{kernel}: b{b} h{n_h}/{n_kv} sq{sq} sk{sk} d{d} causal {causal} anchor {anchor_rows} passing {passing} {dt:?}");
                 assert!(o.iter().chain(&lse).all(|x| !x.is_nan()), "NaN: {label}");
-                let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
-                for (a, w) in o.iter().zip(&want) {
-                    num += (*a as f64 - w).powi(2);
-                    den += w * w;
-                    worst = worst.max((*a as f64 - w).abs());
-                }
-                let rel = (num / den.max(1e-30)).sqrt();
-                let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
-                assert!(
-                    rel <= bound && worst <= 0.05,
-                    "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
-                );
+                let (rel, worst) = assert_close(&o, &want, dt, &label);
                 for (r, (a, w)) in lse.iter().zip(&want_lse).enumerate() {
                     if w.is_infinite() {
                         assert!(
@@ -631,18 +638,7 @@ mod gpu {
                         let (k, v) = (k.narrow(2, 0, *sk).unwrap(), v.narrow(2, 0, *sk).unwrap());
                         let (want, want_lse) =
                             reference_attention(&qi, &k, &v, |_, _| true).unwrap();
-                        let (mut num, mut den, mut worst) = (0f64, 0f64, 0f64);
-                        for (a, w) in oi.iter().zip(&want) {
-                            num += (*a as f64 - w).powi(2);
-                            den += w * w;
-                            worst = worst.max((*a as f64 - w).abs());
-                        }
-                        let rel = (num / den.max(1e-30)).sqrt();
-                        let bound = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
-                        assert!(
-                            rel <= bound && worst <= 0.05,
-                            "{label}: rel-L2 {rel:.2e}, max abs {worst:.3}"
-                        );
+                        let (rel, worst) = assert_close(&oi, &want, dt, &label);
                         for (a, w) in li.iter().zip(&want_lse) {
                             assert!(
                                 (*a as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),

@@ -7,6 +7,18 @@ use apb_plugin::nccl::{unique_id, NcclComm};
 use apb_plugin::Communicator;
 use candle_core::{DType, Device, Tensor};
 
+/// The largest absolute difference between `a` and `b` (in f32).
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn one_rank_ring_pass_and_all_to_all_return_the_input() {
     let dev = Device::new_cuda(0).unwrap();
@@ -17,15 +29,7 @@ fn one_rank_ring_pass_and_all_to_all_return_the_input() {
             .to_dtype(dtype)
             .unwrap();
         let got = comm.ring_pass(&t).unwrap().wait().unwrap();
-        let diff = (got.to_dtype(DType::F32).unwrap() - t.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{dtype:?}");
+        assert_eq!(diff(&got, &t), 0.0, "{dtype:?}");
         assert_eq!(got.dims(), t.dims());
         let back = comm.all_to_all(std::slice::from_ref(&t)).unwrap();
         assert_eq!(back.len(), 1);
@@ -49,16 +53,6 @@ fn a_transfer_in_flight_is_ordered_after_its_input_and_before_its_reader() {
     let comm = NcclComm::new_with(&dev, 0, 1, unique_id().unwrap(), true).unwrap();
     assert!(comm.overlaps());
     let side = comm.transfer_stream();
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     // Warm up first (module loads, NCCL's first call): they take longer than the copies below.
     let t = Tensor::randn(0f32, 1.0, (1, 3, 129, 64), &dev)
         .unwrap()

@@ -459,39 +459,12 @@ impl Runner {
         let lead = lead && comm.world_size() > 1;
         if lead && comm.rank() != 0 {
             let c = &self.model().cfg;
-            let (b, d) = (rows.len(), c.head_dim);
-            let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
             for layer in 0..c.num_hidden_layers {
                 let all = comm
                     .broadcast(None, 0)
                     .context("decode: q/k/v from rank 0")?;
-                let mut off = 0;
-                let mut part = |shape: &[usize]| -> candle_core::Result<Tensor> {
-                    let n: usize = shape.iter().product();
-                    let t = all.narrow(0, off, n)?.reshape(shape)?;
-                    off += n;
-                    Ok(t)
-                };
-                let (q, k, v) = (
-                    part(&[1, nq, b, d])?,
-                    part(&[1, nkv, b, d])?,
-                    part(&[1, nkv, b, d])?,
-                );
-                let (q_raw, k_raw, v_raw) = (
-                    part(&[1, b, nq * d])?,
-                    part(&[1, b, nkv * d])?,
-                    part(&[1, b, nkv * d])?,
-                );
-                let x = AttnInput {
-                    layer,
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    q_raw: &q_raw,
-                    k_raw: &k_raw,
-                    v_raw: &v_raw,
-                };
-                attend_part(seqs, rows, &x, comm).context("decode")?;
+                let x = Qkv::unpack(&all, rows.len(), c)?;
+                attend_part(seqs, rows, &x.input(layer), comm).context("decode")?;
             }
             return Ok(None);
         }
@@ -499,11 +472,7 @@ impl Runner {
         let positions: Vec<u32> = rows.iter().map(|r| r.pos).collect();
         let mut attend = |_: usize, x: &AttnInput<'_>| -> apb_plugin::Result<Tensor> {
             if lead {
-                let flat = [x.q, x.k, x.v, x.q_raw, x.k_raw, x.v_raw]
-                    .iter()
-                    .map(|t| t.flatten_all())
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                comm.broadcast(Some(&Tensor::cat(&flat, 0)?), 0)?;
+                comm.broadcast(Some(&Qkv::pack(x)?), 0)?;
             }
             attend_part(seqs, rows, x, comm)
         };
@@ -537,21 +506,11 @@ fn attend_part(
     let mut outs = Vec::with_capacity(rows.len());
     let mut lses = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
-        let one = |t: &Tensor, dim: usize| t.narrow(dim, i, 1);
-        let (q, k, v) = (one(x.q, 2)?, one(x.k, 2)?, one(x.v, 2)?);
-        let (q_raw, k_raw, v_raw) = (one(x.q_raw, 1)?, one(x.k_raw, 1)?, one(x.v_raw, 1)?);
-        let xi = AttnInput {
-            layer,
-            q: &q,
-            k: &k,
-            v: &v,
-            q_raw: &q_raw,
-            k_raw: &k_raw,
-            v_raw: &v_raw,
-        };
+        let one = Qkv::row(x, i)?;
+        let xi = one.input(layer);
         let (o, l) = match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
             Some(s) => s.backend.decode_part(&xi, &mut s.cache.layers[layer])?,
-            None => apb_plugin::nothing_attended(&q)?,
+            None => apb_plugin::nothing_attended(xi.q)?,
         };
         outs.push(o.to_dtype(candle_core::DType::F32)?);
         lses.push(l);
@@ -559,6 +518,78 @@ fn attend_part(
     let out = Tensor::cat(&outs, 2)?;
     let lse = Tensor::cat(&lses, 2)?;
     Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
+}
+
+/// One layer's q, k, v and their pre-RoPE projections, owned (what [`AttnInput`] borrows), in
+/// the one order rank 0 packs them for the ranks that only attend.
+struct Qkv([Tensor; 6]);
+
+impl Qkv {
+    /// Rank 0's layer input as one flat tensor, for the others ([`Qkv::unpack`]).
+    fn pack(x: &AttnInput<'_>) -> candle_core::Result<Tensor> {
+        let flat = [x.q, x.k, x.v, x.q_raw, x.k_raw, x.v_raw]
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 0)
+    }
+
+    /// [`Qkv::pack`]'s tensor back as `rows` rows of a model of `c`'s shapes: q `(1, n_h, rows,
+    /// d)`, k and v `(1, n_kv, rows, d)`, the projections `(1, rows, heads·d)`.
+    fn unpack(all: &Tensor, rows: usize, c: &apb_loaders::Config) -> candle_core::Result<Self> {
+        let (b, d, nq, nkv) = (
+            rows,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
+        let shapes = [
+            vec![1, nq, b, d],
+            vec![1, nkv, b, d],
+            vec![1, nkv, b, d],
+            vec![1, b, nq * d],
+            vec![1, b, nkv * d],
+            vec![1, b, nkv * d],
+        ];
+        let mut off = 0;
+        let parts = shapes.map(|shape| {
+            let n: usize = shape.iter().product();
+            let t = all.narrow(0, off, n).and_then(|t| t.reshape(shape));
+            off += n;
+            t
+        });
+        let [q, k, v, q_raw, k_raw, v_raw] = parts;
+        Ok(Self([q?, k?, v?, q_raw?, k_raw?, v_raw?]))
+    }
+
+    /// Row `i` of `x` (views).
+    fn row(x: &AttnInput<'_>, i: usize) -> candle_core::Result<Self> {
+        let (h, t) = (
+            |t: &Tensor| t.narrow(2, i, 1),
+            |t: &Tensor| t.narrow(1, i, 1),
+        );
+        Ok(Self([
+            h(x.q)?,
+            h(x.k)?,
+            h(x.v)?,
+            t(x.q_raw)?,
+            t(x.k_raw)?,
+            t(x.v_raw)?,
+        ]))
+    }
+
+    fn input(&self, layer: usize) -> AttnInput<'_> {
+        let [q, k, v, q_raw, k_raw, v_raw] = &self.0;
+        AttnInput {
+            layer,
+            q,
+            k,
+            v,
+            q_raw,
+            k_raw,
+            v_raw,
+        }
+    }
 }
 
 /// [`Runner::decode_rows`]' attention on the GPU: the new K/V of the rows whose sequence keeps

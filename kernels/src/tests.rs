@@ -168,21 +168,16 @@ fn attention_rows_on_the_cpu_match_the_reference() {
         })
         .collect();
     let (o, lse) = attention_rows(&q, &kv).unwrap();
+    let row = |t: &Tensor, i: usize| -> Vec<f32> {
+        t.narrow(2, i, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     for (i, x) in kv.iter().enumerate() {
-        let oi: Vec<f32> = o
-            .narrow(2, i, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let li: Vec<f32> = lse
-            .narrow(2, i, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (oi, li) = (row(&o, i), row(&lse, i));
         match x {
             Some((k, v)) => {
                 let qi = q.narrow(2, i, 1).unwrap();

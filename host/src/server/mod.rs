@@ -485,7 +485,8 @@ pub async fn serve(
             _ = &mut stop => break,
         }
     }
-    if state.fatal_cause().is_some() {
+    let fatal = state.fatal_cause().is_some();
+    if fatal {
         // A failed group: keep answering until the process exits (`/health` says failed, new
         // requests get 503), so clients and probes learn why instead of a refused connection.
         let app = app.clone();
@@ -510,14 +511,12 @@ pub async fn serve(
     // Requests still uploading or waiting to be tokenized get 503 instead of a place.
     state.bodies.close();
     state.tokenize.close();
-    let grace = if state.fatal_cause().is_some() {
-        Duration::from_secs(5)
-    } else {
-        state.cfg.shutdown_timeout
-    };
+    // A failed group answered every request already (`fail`): its connections are left open,
+    // since a graceful shutdown would close one just accepted (a probe's) without an answer.
+    let grace = state.cfg.shutdown_timeout;
     let drained = graceful.shutdown();
     tokio::pin!(drained);
-    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+    if !fatal && tokio::time::timeout(grace, &mut drained).await.is_err() {
         // Set before looking: a request the engine is just starting sees it and stops itself.
         state.cut_by_shutdown.store(true, Ordering::SeqCst);
         let cancels: Vec<Arc<AtomicBool>> = state

@@ -442,6 +442,14 @@ fn apb_server_on_4_ranks() {
         .unwrap()
         .to_string();
     assert!(text.contains("73914"), "{v}");
+
+    // Streamed == JSON over the ranks (a ~640-token prompt on 2 ranks, to keep CI short).
+    let req = json!({"messages": [{"role": "user",
+        "content": format!("{}\n\nWhat is the special magic number?", needle_doc(60))}], "max_tokens": 12});
+    let (code, v) = s.chat(req.clone());
+    assert_eq!(code, 200, "{v}");
+    assert!(v["apb"]["ranks"].as_u64().unwrap() >= 2, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
     let (code, body) = s.chat_raw(&sreq.to_string());
@@ -487,8 +495,8 @@ fn apb_server_on_4_ranks() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["apb"]["ranks"], 1, "{v}");
 
-    // 16 at once: all answered, none lost.
-    let short = needle_doc(90);
+    // 16 at once: all answered, none lost (~300-token prompts: one rank each, batched).
+    let short = needle_doc(24);
     let handles: Vec<_> = (0..16)
         .map(|i| {
             let body = json!({"messages": [{"role": "user",

@@ -1101,6 +1101,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Commands that start ranks fix their thread count as their ranks share the cores.
+    if !matches!(
+        cli.cmd,
+        Cmd::Generate(_) | Cmd::Serve(_) | Cmd::Bench(BenchCmd::Prefill(_))
+    ) {
+        apb_host::launch::fix_threads();
+    }
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::TrainHeads(a) => train_heads(a),

@@ -94,11 +94,14 @@ impl GroupSpec {
         Ok(())
     }
 
-    /// Rank processes limit their compute threads to their share of the node's cores (before
-    /// any other thread starts: it sets `RAYON_NUM_THREADS`).
+    /// Rank processes limit their compute threads to their share of the node's cores; one
+    /// process keeps candle's default, fixed once (before any other thread starts: both set
+    /// `RAYON_NUM_THREADS`).
     pub fn limit_threads(&self) {
         if self.processes() {
             launch::limit_threads(self.world / self.launch.nnodes.max(1));
+        } else {
+            launch::fix_threads();
         }
     }
 

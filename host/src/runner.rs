@@ -484,9 +484,9 @@ impl Runner {
 }
 
 /// One layer of [`Runner::decode_rows`] on this rank: every row attends its own sequence's
-/// keys here, and all rows' parts are merged in one all-gather. On the GPU, where every backend
-/// says what its decode part is, all rows attend in one kernel ([`attend_rows`]); elsewhere
-/// (and for backends that cannot) each row runs its decode part.
+/// keys here, and all rows' parts are merged in one all-gather. Where every backend says what
+/// its decode part is and the device fuses rows (the GPU; the CPU in f32), all rows attend in one
+/// call ([`attend_rows`]); elsewhere each row runs its decode part.
 fn attend_part(
     seqs: &mut RankSeqs,
     rows: &[Row],
@@ -494,7 +494,7 @@ fn attend_part(
     comm: &dyn Communicator,
 ) -> apb_plugin::Result<Tensor> {
     let layer = x.layer;
-    let one_kernel = apb_kernels::flash_supported(x.q)
+    let one_kernel = apb_kernels::rows_fused(x.q)
         && rows.iter().all(|r| {
             r.seq
                 .and_then(|id| seqs.0.get(&id))

@@ -17,7 +17,7 @@ pub mod layout;
 pub mod select;
 
 pub use attention::{
-    attention, attention_rows, flash_supported, lse_merge, reference_attention, Mask,
+    attention, attention_rows, flash_supported, lse_merge, reference_attention, rows_fused, Mask,
 };
 pub use layout::{contiguous, rope_split, write_rows};
 pub use select::{gather_kv, pool5_mask, topk_positions};

@@ -151,46 +151,67 @@ fn contiguous_matches_candle_on_cpu() {
     );
 }
 
-/// The CPU path of `attention_rows` (what the GPU kernel is checked against row by row): each
-/// row against the f64 reference over its own keys; a row without keys is 0 with LSE -inf.
+/// The CPU path of `attention_rows` (f32: one call for all rows; what the GPU kernel is checked
+/// against row by row): each row against the f64 reference over its own keys (1e-5), bit for bit
+/// the same as that row alone; a row without keys is 0 with LSE -inf. Small calls run inline,
+/// large ones on several threads; caches are strided views (a buffer's first `len` of `cap`
+/// slots, and K|V packed along the head dim).
 #[test]
 fn attention_rows_on_the_cpu_match_the_reference() {
-    let (n_h, n_kv, d) = (6, 2, 16);
-    let lens = [Some(5), None, Some(1), Some(40)];
-    let q = Tensor::randn(0f32, 1.0, (1, n_h, lens.len(), d), &Device::Cpu).unwrap();
-    let kv: Vec<_> = lens
-        .iter()
-        .map(|l| {
-            l.map(|n| {
-                let mk = || Tensor::randn(0f32, 1.0, (1, n_kv, n + 3, d), &Device::Cpu).unwrap();
-                (mk().narrow(2, 0, n).unwrap(), mk().narrow(2, 0, n).unwrap())
+    let cases: [(usize, usize, usize, &[Option<usize>]); 2] = [
+        (6, 2, 16, &[Some(5), None, Some(1), Some(40)]),
+        (9, 3, 64, &[Some(700), Some(3), None, Some(1500), Some(64)]),
+    ];
+    for (n_h, n_kv, d, lens) in cases {
+        let q = Tensor::randn(0f32, 1.0, (1, n_h, lens.len(), d), &Device::Cpu).unwrap();
+        let kv: Vec<_> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.map(|n| {
+                    if i % 2 == 0 {
+                        let mk =
+                            || Tensor::randn(0f32, 1.0, (1, n_kv, n + 3, d), &Device::Cpu).unwrap();
+                        (mk().narrow(2, 0, n).unwrap(), mk().narrow(2, 0, n).unwrap())
+                    } else {
+                        let kv =
+                            Tensor::randn(0f32, 1.0, (1, n_kv, n, 2 * d), &Device::Cpu).unwrap();
+                        (kv.narrow(3, 0, d).unwrap(), kv.narrow(3, d, d).unwrap())
+                    }
+                })
             })
-        })
-        .collect();
-    let (o, lse) = attention_rows(&q, &kv).unwrap();
-    let row = |t: &Tensor, i: usize| -> Vec<f32> {
-        t.narrow(2, i, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    for (i, x) in kv.iter().enumerate() {
-        let (oi, li) = (row(&o, i), row(&lse, i));
-        match x {
-            Some((k, v)) => {
-                let qi = q.narrow(2, i, 1).unwrap();
-                let (want, want_lse) = reference_attention(&qi, k, v, |_, _| true).unwrap();
-                for (a, w) in oi.iter().zip(&want).chain(li.iter().zip(&want_lse)) {
-                    assert!(
-                        (*a as f64 - w).abs() <= 1e-5 + 1e-5 * w.abs(),
-                        "row {i}: {a} vs {w}"
-                    );
+            .collect();
+        let (o, lse) = attention_rows(&q, &kv).unwrap();
+        let row = |t: &Tensor, i: usize| -> Vec<f32> {
+            t.narrow(2, i, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for (i, x) in kv.iter().enumerate() {
+            let (oi, li) = (row(&o, i), row(&lse, i));
+            let qi = q.narrow(2, i, 1).unwrap();
+            let (o1, l1) = attention_rows(&qi, std::slice::from_ref(x)).unwrap();
+            assert_eq!(
+                (row(&o1, 0), row(&l1, 0)),
+                (oi.clone(), li.clone()),
+                "row {i} alone"
+            );
+            match x {
+                Some((k, v)) => {
+                    let (want, want_lse) = reference_attention(&qi, k, v, |_, _| true).unwrap();
+                    for (a, w) in oi.iter().zip(&want).chain(li.iter().zip(&want_lse)) {
+                        assert!(
+                            (*a as f64 - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                            "row {i}: {a} vs {w}"
+                        );
+                    }
                 }
-            }
-            None => {
-                assert!(oi.iter().all(|x| *x == 0.0) && li.iter().all(|x| *x == f32::NEG_INFINITY))
+                None => assert!(
+                    oi.iter().all(|x| *x == 0.0) && li.iter().all(|x| *x == f32::NEG_INFINITY)
+                ),
             }
         }
     }

@@ -17,6 +17,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 mod chunked;
 mod cpu_flash;
+mod cpu_rows;
 mod reference;
 pub use reference::reference_attention;
 
@@ -156,6 +157,12 @@ pub fn attention(
     chunked::attention(q, k, v, mask, want_lse)
 }
 
+/// Whether [`attention_rows`] runs all rows of `q` in one fused call (not row by row): where
+/// callers batch a decode step's cache writes and attention for every sequence at once.
+pub fn rows_fused(q: &Tensor) -> bool {
+    flash_supported(q) || (q.device().is_cpu() && q.dtype() == DType::F32)
+}
+
 /// The decode rows of many sequences in one call: row `i` of `q` `(1, n_h, rows, d)` (its one new
 /// token) attends every key of `kv[i]` (`(1, n_kv, len_i, d)`, typically views of that sequence's
 /// cache; None: this rank holds none of it, output 0 and LSE `-inf`). Returns the output
@@ -164,7 +171,9 @@ pub fn attention(
 /// Where [`flash_supported`], one kernel for all rows over a table of their caches (row by row,
 /// a decode step of 32 sequences launched ~10 small kernels per row and layer and took 10× its
 /// memory roofline); each row's keys are split by its own length alone, so a row comes out the
-/// same whatever rows run beside it. Elsewhere row by row through [`attention`].
+/// same whatever rows run beside it. On the CPU in f32 one call for all rows (`cpu_rows.rs`),
+/// likewise batch-invariant. Elsewhere row by row through [`attention`]. [`rows_fused`] says
+/// which.
 pub fn attention_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Tensor, Tensor)> {
     let (b, n_h, rows, d) = q.dims4()?;
     if b != 1 || rows != kv.len() {
@@ -201,6 +210,9 @@ pub fn attention_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Te
             out.squeeze(2)?.transpose(0, 1)?.unsqueeze(0)?,
             lse.squeeze(2)?.transpose(0, 1)?.unsqueeze(0)?,
         ));
+    }
+    if cpu_rows::supported(q, kv) {
+        return cpu_rows::attention_rows(q, kv);
     }
     let mut outs = Vec::with_capacity(rows);
     let mut lses = Vec::with_capacity(rows);

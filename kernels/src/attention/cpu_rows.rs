@@ -1,13 +1,13 @@
 //! The decode rows of many sequences on the CPU (f32), in one call: each row's one query attends
 //! its own sequence's cache, read in place through the cache view's strides (no copies). One task
-//! per row and KV head (its `g` query heads share the keys), spread over candle's thread count.
+//! per row and KV head (its `g` query heads share the keys) on rayon's pool, both products by
+//! `gemm` on the task's thread.
 //! Row by row through the general path, a decode step of 16 sequences spent more time in the
 //! ~10 small tensor ops per row and layer than in its projections. Each task's arithmetic is
 //! sequential and fixed, so a row comes out bit for bit the same whatever rows run beside it.
 
 use super::chunked::{exp_sum, row_max};
 use candle_core::{DType, Result, Storage, Tensor};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Below this many multiply-adds a call runs on the calling thread (starting threads costs more).
 const INLINE_WORK: usize = 1 << 16;
@@ -76,52 +76,27 @@ pub(super) fn attention_rows(
     let mut lse = vec![f32::NEG_INFINITY; rows * n_h];
     let tasks = rows * n_kv;
     let work: usize = views.iter().flatten().map(|(k, _)| k.len).sum::<usize>() * n_h * d;
-    let threads = if work < INLINE_WORK {
-        1
-    } else {
-        candle_core::utils::get_num_threads().clamp(1, tasks.max(1))
-    };
     let scale = 1.0 / (d as f32).sqrt();
     // Tasks write disjoint (row, head group) ranges of `out` / `lse`; shared as raw addresses.
     let (out_addr, lse_addr) = (out.as_mut_ptr() as usize, lse.as_mut_ptr() as usize);
-    let next = AtomicUsize::new(0);
-    let run = || {
-        let mut scores = Vec::new();
-        loop {
-            let t = next.fetch_add(1, Ordering::Relaxed);
-            if t >= tasks {
-                break;
-            }
-            let (r, kh) = (t / n_kv, t % n_kv);
-            let Some((k, v)) = &views[r] else { continue };
-            let h0 = r * n_h + kh * g;
-            // SAFETY: task (r, kh) alone writes heads h0..h0+g of row r.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut((out_addr as *mut f32).add(h0 * d), g * d)
-            };
-            let l = unsafe { std::slice::from_raw_parts_mut((lse_addr as *mut f32).add(h0), g) };
-            one_group(
-                &qv[h0 * d..(h0 + g) * d],
-                k,
-                v,
-                kh,
-                d,
-                scale,
-                &mut scores,
-                o,
-                l,
-            );
-        }
+    let task = |scores: &mut Vec<f32>, t: usize| {
+        let (r, kh) = (t / n_kv, t % n_kv);
+        let Some((k, v)) = &views[r] else { return };
+        let h0 = r * n_h + kh * g;
+        // SAFETY: task (r, kh) alone writes heads h0..h0+g of row r.
+        let o =
+            unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(h0 * d), g * d) };
+        let l = unsafe { std::slice::from_raw_parts_mut((lse_addr as *mut f32).add(h0), g) };
+        one_group(&qv[h0 * d..(h0 + g) * d], k, v, kh, d, scale, scores, o, l);
     };
-    if threads == 1 {
-        run();
+    if work < INLINE_WORK {
+        let mut scores = Vec::new();
+        (0..tasks).for_each(|t| task(&mut scores, t));
     } else {
-        std::thread::scope(|s| {
-            for _ in 1..threads {
-                s.spawn(run);
-            }
-            run();
-        });
+        use rayon::prelude::*;
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |scores, t| task(scores, t));
     }
     drop(held);
     let out = Tensor::from_vec(out, (rows, n_h, d), q.device())?
@@ -134,6 +109,7 @@ pub(super) fn attention_rows(
 }
 
 /// The `g` query heads `q` `(g, d)` of one row over KV head `kh`: outputs `o` `(g, d)`, LSEs `l`.
+/// Both products through `gemm` on this thread (its runtime-chosen SIMD kernels).
 #[allow(clippy::too_many_arguments)]
 fn one_group(
     q: &[f32],
@@ -146,28 +122,71 @@ fn one_group(
     o: &mut [f32],
     l: &mut [f32],
 ) {
-    let n = k.len;
+    let (n, g) = (k.len, l.len());
     if n == 0 {
         return;
     }
-    for (hq, (oh, lh)) in q
-        .chunks_exact(d)
-        .zip(o.chunks_exact_mut(d).zip(l.iter_mut()))
-    {
-        scores.clear();
-        scores.extend((0..n).map(|j| dot(hq, k.row(kh, j, d)) * scale));
-        let m = row_max(scores);
-        let sum = exp_sum(scores, m);
-        for (j, &p) in scores.iter().enumerate() {
-            for (a, &x) in oh.iter_mut().zip(v.row(kh, j, d)) {
-                *a += p * x;
-            }
-        }
-        let inv = 1.0 / sum;
-        for a in oh.iter_mut() {
-            *a *= inv;
-        }
+    let (k0, v0) = (k.row(kh, 0, d).as_ptr(), v.row(kh, 0, d).as_ptr());
+    // The last key's row must be in bounds too (slices check it).
+    let _ = (k.row(kh, n - 1, d), v.row(kh, n - 1, d));
+    scores.clear();
+    scores.resize(g * n, 0.0);
+    // SAFETY: every operand's extent was checked above: q (g × d), K/V rows 0..n of head kh.
+    unsafe {
+        // scores (g × n) = scale · q (g × d) · Kᵀ (d × n)
+        gemm::gemm(
+            g,
+            n,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            q.as_ptr(),
+            1,
+            d as isize,
+            k0,
+            k.pos as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    // Each head's probabilities, normalised before the product with V.
+    for (s, lh) in scores.chunks_exact_mut(n).zip(l.iter_mut()) {
+        let m = row_max(s);
+        let sum = exp_sum(s, m);
         *lh = m + sum.ln();
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|p| *p *= inv);
+    }
+    unsafe {
+        // o (g × d) = p (g × n) · V (n × d)
+        gemm::gemm(
+            g,
+            d,
+            n,
+            o.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            n as isize,
+            v0,
+            1,
+            v.pos as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -184,24 +203,4 @@ fn view<'a>(s: &'a Storage, l: &candle_core::Layout) -> Result<View<'a>> {
         pos: st[2],
         len: l.dims()[2],
     })
-}
-
-/// `a · b` in 8 lanes (spelled out so it vectorises).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -184,7 +184,9 @@ impl RankCtx {
 /// requests in flight and turns unhealthy); the exit follows after [`FAILURE_GRACE`].
 type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 static FAILURE_HOOK: OnceLock<FailureHook> = OnceLock::new();
-const FAILURE_GRACE: Duration = Duration::from_secs(2);
+/// How long a failed group's server keeps answering (the cause, to requests and probes) before
+/// its process exits.
+pub const FAILURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Registers what this process does when its group fails, before exiting non-zero.
 pub fn on_group_failure(hook: impl Fn(&str) + Send + Sync + 'static) {

@@ -516,7 +516,10 @@ pub async fn serve(
     let grace = state.cfg.shutdown_timeout;
     let drained = graceful.shutdown();
     tokio::pin!(drained);
-    if !fatal && tokio::time::timeout(grace, &mut drained).await.is_err() {
+    if fatal {
+        // The answers `fail` queued still have to reach their sockets before the runtime drops.
+        tokio::time::sleep(crate::launch::FAILURE_GRACE).await;
+    } else if tokio::time::timeout(grace, &mut drained).await.is_err() {
         // Set before looking: a request the engine is just starting sees it and stops itself.
         state.cut_by_shutdown.store(true, Ordering::SeqCst);
         let cancels: Vec<Arc<AtomicBool>> = state

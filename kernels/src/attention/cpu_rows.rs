@@ -29,10 +29,14 @@ impl View<'_> {
     }
 }
 
-/// Whether [`attention_rows`] takes these operands: f32 on the CPU, caches with contiguous rows.
+/// Whether [`attention_rows`] takes these operands: f32 on the CPU, caches with contiguous rows
+/// and one KV head count.
 pub(super) fn supported(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> bool {
+    let mut heads = kv.iter().flatten().map(|(k, _)| k.dims()[1]);
+    let first = heads.next();
     q.device().is_cpu()
         && q.dtype() == DType::F32
+        && heads.all(|h| Some(h) == first)
         && kv.iter().flatten().all(|(k, v)| {
             [k, v]
                 .iter()

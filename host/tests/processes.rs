@@ -8,7 +8,6 @@ mod common;
 use common::needle_doc;
 use common::server::*;
 use serde_json::{json, Value};
-use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -320,10 +319,10 @@ fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String 
     let seen = read_until(&mut c, ready);
     let t = Instant::now();
     kill("-9", pids[1]);
-    // The rest of the stream: an error event, then [DONE].
+    // The rest of the stream: an error event, then [DONE] (the connection itself stays open
+    // until the process exits).
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut rest = String::new();
-    let _ = c.read_to_string(&mut rest);
+    let rest = read_until(&mut c, |r| r.contains("data: [DONE]"));
     let error_at = rest
         .find("\"error\"")
         .unwrap_or_else(|| panic!("no error event: {rest}"));

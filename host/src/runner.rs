@@ -592,9 +592,9 @@ impl Qkv {
     }
 }
 
-/// [`Runner::decode_rows`]' attention on the GPU: the new K/V of the rows whose sequence keeps
-/// new tokens on this rank written in one kernel, every row attending its sequence's keys here
-/// in another, and all rows' parts merged in one all-gather.
+/// [`Runner::decode_rows`]' attention where rows fuse (the GPU; the CPU in f32): the new K/V of
+/// the rows whose sequence keeps new tokens on this rank written in one call, every row
+/// attending its sequence's keys here in another, and all rows' parts merged in one all-gather.
 fn attend_rows(
     seqs: &mut RankSeqs,
     rows: &[Row],

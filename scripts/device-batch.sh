@@ -6,6 +6,7 @@
 # and once with --max-num-seqs N+8; then, with the N requests decoding, one short request's time
 # to first token next to its idle time. Writes $OUT/batch.json.
 # Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
+# SEQS="32" runs only the batched server (default "1 N": the peer, then batched).
 set -euo pipefail
 APB=${APB:-/tmp/apb-bin/apb}
 N=${N:-16}; P=${P:-2048}; T=${T:-64}
@@ -15,7 +16,7 @@ mkdir -p "$W"
 cp dist/tokenizer.json "$W/tokenizer.json"
 port=18090
 results=()
-for seqs in 1 "$N"; do
+for seqs in ${SEQS:-1 $N}; do
   # Batched: room for the N requests and the short one sent while they decode.
   cap=$seqs; [ "$seqs" -gt 1 ] && cap=$((N + 8))
   $APB serve -m "$W" --device cuda --dtype bf16 --port $port --max-num-seqs "$cap" --max-queued 256 \
@@ -92,6 +93,7 @@ s = e0.elapsed_time(e1) / 1e3 / 10
 print(json.dumps({"bytes_moved_per_copy": 2 * x.numel() * 2, "seconds": s, "gb_per_s": 2 * x.numel() * 2 / s / 1e9}))
 PY
 cat "$OUT/copy-bandwidth.json"
+[ -f "$OUT/batch-1.json" ] && [ -f "$OUT/batch-$N.json" ] || exit 0
 python3 - "$OUT" "$N" <<'PY'
 import json, os, subprocess, sys, time
 out, n = sys.argv[1], sys.argv[2]

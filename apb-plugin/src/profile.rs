@@ -1,21 +1,64 @@
-//! Opt-in time breakdown for benchmarks: when enabled, [`span`] synchronises the device around
-//! its closure and adds the wall time to a named bucket. Off (the default) it only calls the
-//! closure, so normal runs pay nothing and keep GPU work asynchronous. Spans may nest: buckets
-//! are reported as measured, the caller decides what is inside what.
+//! Opt-in time breakdown: [`span`] adds its closure's wall time to a named bucket. Two modes, as
+//! a user asks with `APB_PROFILE` ([`Mode::from_env`]):
+//! - `synced`: the device is synchronised around each span, so a bucket is the span's whole
+//!   cost (host and GPU); the run is slower and GPU work no longer overlaps the host.
+//! - `host`: nothing is synchronised; a bucket is the host's time in the span, GPU work queued
+//!   in it runs on. With GPU work queued asynchronously, a span that ends by waiting for results
+//!   (a copy back) holds the GPU's lag; the others, how long the host took to queue their work.
+//!
+//! Off (the default) [`span`] only calls the closure. Spans may nest: buckets are reported as
+//! measured, the caller decides what is inside what.
 
 use candle_core::Device;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// How spans are timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Not at all.
+    Off,
+    /// Device synchronised around each span.
+    Synced,
+    /// Host time only (no synchronisation).
+    Host,
+}
+
+impl Mode {
+    /// `APB_PROFILE`: `synced` or `host`; unset or `off`: [`Mode::Off`].
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("APB_PROFILE").as_deref() {
+            Err(_) | Ok("") | Ok("off") => Ok(Mode::Off),
+            Ok("synced") => Ok(Mode::Synced),
+            Ok("host") => Ok(Mode::Host),
+            Ok(v) => Err(format!("APB_PROFILE={v}: expected synced, host or off")),
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
 static BUCKETS: Mutex<BTreeMap<&'static str, f64>> = Mutex::new(BTreeMap::new());
 
-/// Turns the breakdown on or off and clears it.
-pub fn enable(on: bool) {
-    ENABLED.store(on, Ordering::SeqCst);
+/// Sets how spans are timed and clears the buckets.
+pub fn set_mode(m: Mode) {
+    MODE.store(m as u8, Ordering::SeqCst);
     reset();
+}
+
+/// The mode in force.
+pub fn mode() -> Mode {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Mode::Synced,
+        2 => Mode::Host,
+        _ => Mode::Off,
+    }
+}
+
+/// [`Mode::Synced`] on, or off; clears the buckets.
+pub fn enable(on: bool) {
+    set_mode(if on { Mode::Synced } else { Mode::Off });
 }
 
 /// Clears the buckets.
@@ -25,7 +68,7 @@ pub fn reset() {
     }
 }
 
-/// Seconds per bucket since the last reset.
+/// Seconds per bucket since the last reset, clearing them.
 pub fn take() -> BTreeMap<&'static str, f64> {
     BUCKETS
         .lock()
@@ -33,17 +76,35 @@ pub fn take() -> BTreeMap<&'static str, f64> {
         .unwrap_or_default()
 }
 
-/// Runs `f`, adding its time (device synchronised around it) to bucket `name` while enabled.
+/// Seconds per bucket since the last reset.
+pub fn snapshot() -> BTreeMap<&'static str, f64> {
+    BUCKETS.lock().map(|b| b.clone()).unwrap_or_default()
+}
+
+/// Adds `d` to bucket `name` (a time the caller measured itself) unless profiling is off.
+pub fn add(name: &'static str, d: Duration) {
+    if mode() == Mode::Off {
+        return;
+    }
+    if let Ok(mut b) = BUCKETS.lock() {
+        *b.entry(name).or_default() += d.as_secs_f64();
+    }
+}
+
+/// Runs `f`, adding its time to bucket `name` as the [`mode`] says.
 pub fn span<T>(name: &'static str, device: &Device, f: impl FnOnce() -> T) -> T {
-    if !ENABLED.load(Ordering::Relaxed) {
+    let m = mode();
+    if m == Mode::Off {
         return f();
     }
-    let _ = device.synchronize();
+    if m == Mode::Synced {
+        let _ = device.synchronize();
+    }
     let t = Instant::now();
     let out = f();
-    let _ = device.synchronize();
-    if let Ok(mut b) = BUCKETS.lock() {
-        *b.entry(name).or_default() += t.elapsed().as_secs_f64();
+    if m == Mode::Synced {
+        let _ = device.synchronize();
     }
+    add(name, t.elapsed());
     out
 }

@@ -1108,6 +1108,13 @@ fn main() -> ExitCode {
     ) {
         apb_host::launch::fix_threads();
     }
+    match apb_plugin::profile::Mode::from_env() {
+        Ok(m) => apb_plugin::profile::set_mode(m),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::TrainHeads(a) => train_heads(a),

@@ -8,6 +8,7 @@
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
 use crate::runner::{prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use apb_plugin::profile::span;
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -678,9 +679,13 @@ impl Group {
     }
 
     /// One decode step: `rows` with the ranks each row's sequence spans (a padding row: 1). Every
-    /// rank of the widest sequence runs all rows; returns the next-token logits (f32) of each
-    /// sequence row, in order.
-    pub fn decode(&self, rows: &[(Row, usize)]) -> std::result::Result<Vec<Vec<f32>>, RunError> {
+    /// rank of the widest sequence runs all rows; returns each sequence row's [`Pick`], in order:
+    /// its greedy token where `greedy[i]`, else its next-token logits (f32).
+    pub fn decode(
+        &self,
+        rows: &[(Row, usize)],
+        greedy: &[bool],
+    ) -> std::result::Result<Vec<Pick>, RunError> {
         let k = rows.iter().map(|r| r.1).max().unwrap_or(1);
         let plain: Vec<Row> = rows.iter().map(|r| r.0).collect();
         let shared = Arc::new(plain.clone());
@@ -699,17 +704,15 @@ impl Group {
         let model = self.runner.model();
         self.rank0(k, |comm| {
             let mut seqs = self.lock_seqs();
-            let hidden = self
-                .runner
-                .decode_rows(&mut seqs, &plain, comm.as_ref(), self.lead)?
-                .ok_or_else(|| err!("rank 0 got no rows from its decode step"))?;
-            let logits = model.row_logits(&hidden)?.squeeze(0)?.to_vec2::<f32>()?;
-            Ok(logits
-                .into_iter()
-                .zip(&plain)
-                .filter(|(_, r)| r.seq.is_some())
-                .map(|(l, _)| l)
-                .collect())
+            let hidden = span("decode.forward", model.device(), || {
+                self.runner
+                    .decode_rows(&mut seqs, &plain, comm.as_ref(), self.lead)
+            })?
+            .ok_or_else(|| err!("rank 0 got no rows from its decode step"))?;
+            span("decode.pick", model.device(), || {
+                let logits = model.row_logits(&hidden)?.squeeze(0)?;
+                Ok(pick(&logits, &plain, greedy)?)
+            })
         })
     }
 
@@ -757,4 +760,46 @@ impl Group {
             }
         }
     }
+}
+
+/// A row's outcome of a decode step: its greedy token (chosen where the logits are: on the GPU
+/// one id comes back instead of 128256 logits), or its logits for a sampler.
+#[derive(Debug)]
+pub enum Pick {
+    /// The largest logit's id.
+    Token(u32),
+    /// The row's logits (f32, the vocabulary).
+    Logits(Vec<f32>),
+}
+
+/// The picks of a step's real rows (padding dropped) from its `logits` `(rows, vocab)`:
+/// `greedy[i]` takes row `i`'s argmax on the device, the others' logits come back.
+fn pick(logits: &Tensor, rows: &[Row], greedy: &[bool]) -> candle_core::Result<Vec<Pick>> {
+    let real: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].seq.is_some()).collect();
+    let is_greedy = |i: usize| greedy.get(i).copied().unwrap_or(false);
+    let ids = if real.iter().any(|&i| is_greedy(i)) {
+        apb_kernels::argmax_rows(logits)?.to_vec1::<u32>()?
+    } else {
+        Vec::new()
+    };
+    let want: Vec<u32> = real
+        .iter()
+        .filter(|&&i| !is_greedy(i))
+        .map(|&i| i as u32)
+        .collect();
+    let mut sampled = if want.is_empty() {
+        Vec::new()
+    } else {
+        let at = Tensor::new(want.as_slice(), logits.device())?;
+        logits.index_select(&at, 0)?.to_vec2::<f32>()?
+    }
+    .into_iter();
+    Ok(real
+        .iter()
+        .map(|&i| match sampled.next() {
+            _ if is_greedy(i) => Pick::Token(ids[i]),
+            Some(l) => Pick::Logits(l),
+            None => unreachable!("a sampled row's logits"),
+        })
+        .collect())
 }

@@ -9,6 +9,7 @@
 use crate::error::{err, Context, Result};
 use crate::prompt::PromptParts;
 use apb_loaders::{Cache, Loaded, Model, Tokenizer};
+use apb_plugin::profile::span;
 use apb_plugin::{
     AttentionBackend, AttnInput, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
 };
@@ -618,8 +619,11 @@ fn attend_rows(
             }
         }
     }
-    apb_kernels::write_rows(x.k, &k_to)?;
-    apb_kernels::write_rows(x.v, &v_to)?;
+    let dev = x.q.device();
+    span("rows.write", dev, || -> candle_core::Result<()> {
+        apb_kernels::write_rows(x.k, &k_to)?;
+        apb_kernels::write_rows(x.v, &v_to)
+    })?;
     let kv = rows
         .iter()
         .map(|r| match r.seq.and_then(|id| seqs.0.get(&id)) {
@@ -627,8 +631,10 @@ fn attend_rows(
             None => Ok(None),
         })
         .collect::<apb_plugin::Result<Vec<_>>>()?;
-    let (out, lse) = apb_kernels::attention_rows(x.q, &kv)?;
-    Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
+    let (out, lse) = span("rows.attend", dev, || apb_kernels::attention_rows(x.q, &kv))?;
+    span("rows.merge", dev, || {
+        Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
+    })
 }
 
 /// A sequence's number, the same on every rank (rank 0 assigns it).

@@ -20,6 +20,12 @@ impl Sampler {
         }
     }
 
+    /// Whether it always takes the largest logit (the device may then pick it:
+    /// [`apb_kernels::argmax_rows`]).
+    pub fn greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     /// Picks a token id from f32 logits over the vocabulary.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature <= 0.0 {
@@ -54,16 +60,8 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (lowest index on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+/// Index of the largest logit (lowest index on ties): greedy decoding's choice.
+pub use apb_kernels::argmax;
 
 #[cfg(test)]
 mod tests {

@@ -127,7 +127,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row0, int
                    row0 + r0 + k * (NT / C) < limit);
 }
 
-// One decode row of a batch over separate caches (`Params::rows`): its keys and values
+// One decode row of a batch over separate caches (`RowsParams::rows`): its keys and values
 // (n_kv, ≥ sk, d) with head strides, how many keys it has, and its own split length (a function
 // of sk alone, so a row's result does not depend on the batch it runs in).
 struct RowKv {
@@ -137,8 +137,8 @@ struct RowKv {
     int sk, split_len;
 };
 
+// Every field but the decode rows' table (`flash_rows_*` take that beside these, by value).
 struct Params {
-    const RowKv* rows;  // per batch entry (b rows of sq = 1), or null: k, v, sk, split_len below
     const void* q;
     const void* k;
     const void* v;
@@ -156,8 +156,9 @@ struct Params {
 // Each of the NW warps owns MT tiles of 16 query rows. MT = 1 keeps Q fragments in registers;
 // MT = 2 re-reads them from shared memory but loads each K/V fragment once for 32 rows, halving
 // shared-memory traffic per tensor-core op (what long prefills are bound by).
+// `rows`: one entry per batch entry (b rows of sq = 1), or null: k, v, sk, split_len of `p`.
 template <typename T, int D, int NW, int MT>
-__device__ void flash_fwd(const Params& p) {
+__device__ void flash_fwd(const Params& p, const RowKv* rows) {
     constexpr int BR = 16 * NW * MT;
     constexpr int NT = 32 * NW;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -175,7 +176,7 @@ __device__ void flash_fwd(const Params& p) {
     const int split = blockIdx.z / p.b;
 
     const T* q = static_cast<const T*>(p.q) + ((int64_t)(bi * p.n_kv + kvh) * rows_total) * D;
-    const RowKv* rk = p.rows ? p.rows + bi : nullptr;
+    const RowKv* rk = rows ? rows + bi : nullptr;
     const T* k = rk ? static_cast<const T*>(rk->k) + kvh * rk->k_hstride
                     : static_cast<const T*>(p.k) + bi * p.k_bstride + kvh * p.k_hstride;
     const T* v = rk ? static_cast<const T*>(rk->v) + kvh * rk->v_hstride
@@ -405,7 +406,7 @@ __device__ void flash_fwd(const Params& p) {
 
 #define FLASH(NAME, T, D, NW, MT)                                                    \
     extern "C" __global__ void __launch_bounds__(32 * NW) NAME(const Params p) { \
-        flash_fwd<T, D, NW, MT>(p);                                                \
+        flash_fwd<T, D, NW, MT>(p, nullptr);                                       \
     }
 
 // Short query blocks: 4 warps × 16 rows. Long prefills: 4 warps × 32 rows (MT = 2).
@@ -421,6 +422,24 @@ FLASH(flash_fwd_bf16_d64_w4m2, __nv_bfloat16, 64, 4, 2)
 FLASH(flash_fwd_bf16_d128_w4m2, __nv_bfloat16, 128, 4, 2)
 FLASH(flash_fwd_f16_d64_w4m2, __half, 64, 4, 2)
 FLASH(flash_fwd_f16_d128_w4m2, __half, 128, 4, 2)
+
+// Decode rows over separate caches, their table by value (kernel parameter space): a step runs
+// this once per layer, and uploading the table from pageable host memory each time could hold
+// the host until the GPU caught up, so the host could never run ahead. Up to ROWS_BY_VALUE rows a
+// launch (2.7 KB of parameters; the limit is 4 KB).
+#define ROWS_BY_VALUE 64
+struct RowsParams {
+    Params p;
+    RowKv rows[ROWS_BY_VALUE];
+};
+#define FLASH_ROWS(NAME, T, D)                                                               \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const __grid_constant__ RowsParams rp) { \
+        flash_fwd<T, D, 4, 1>(rp.p, rp.rows);                                                \
+    }
+FLASH_ROWS(flash_rows_bf16_d64, __nv_bfloat16, 64)
+FLASH_ROWS(flash_rows_bf16_d128, __nv_bfloat16, 128)
+FLASH_ROWS(flash_rows_f16_d64, __half, 64)
+FLASH_ROWS(flash_rows_f16_d128, __half, 128)
 
 // Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
 // out (rows, d) and out_lse (rows). Parts with LSE -inf weigh 0; a row no part saw comes out 0

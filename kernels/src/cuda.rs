@@ -136,14 +136,3 @@ pub(crate) unsafe trait Pod: Copy {}
 #[derive(Clone, Copy)]
 pub(crate) struct ByValue<T: Pod>(pub T);
 unsafe impl<T: Pod> DeviceRepr for ByValue<T> {}
-
-/// `words` as a device array of little-endian u64 (kept in a U32 tensor), for kernels that take
-/// per-row structs of pointers and sizes. The tensor must outlive the launch that reads it.
-pub(crate) fn upload_words(dev: &CudaDevice, words: &[u64]) -> Result<Tensor> {
-    let halves: Vec<u32> = words
-        .iter()
-        .flat_map(|w| [*w as u32, (*w >> 32) as u32])
-        .collect();
-    let n = halves.len();
-    Tensor::from_vec(halves, n, &Device::Cuda(dev.clone()))
-}

@@ -65,20 +65,26 @@ ROPE_SPLIT(rope_split_f16, __half)
 ROPE_SPLIT(rope_split_f32, float)
 
 // Writes one decode step's new keys (or values) into each row's own cache: src (n_kv, b, row)
-// contiguous (head-major rows of `row_bytes`, a multiple of 4), dst[i] = {base of row i's cache
-// buffer, its head stride in bytes, the byte offset of its slot}; a null base skips the row.
-// Grid (b, n_kv), one block per (row, head).
+// contiguous (head-major rows of `row_bytes`, a multiple of 4); rows row0.. of it go where
+// dst.r[i] says = {base of the row's cache buffer, its head stride in bytes, the byte offset of its
+// slot}; a null base skips the row. The table travels by value (kernel parameter space): a step
+// launches this once per layer, and an upload from pageable host memory each time could hold the
+// host until the GPU caught up. Grid (rows of this launch ≤ ROWS_BY_VALUE, n_kv).
+#define ROWS_BY_VALUE 64
 struct RowDst {
     char* base;
     int64_t hstride_bytes, offset_bytes;
 };
+struct RowDsts {
+    RowDst r[ROWS_BY_VALUE];
+};
 
-extern "C" __global__ void write_rows(const char* __restrict__ src, const RowDst* __restrict__ dst,
-                                      int b, int row_bytes) {
+extern "C" __global__ void write_rows(const char* __restrict__ src, const __grid_constant__ RowDsts dst,
+                                      int b, int row0, int row_bytes) {
     const int i = blockIdx.x, h = blockIdx.y;
-    const RowDst r = dst[i];
+    const RowDst r = dst.r[i];
     if (!r.base) return;
-    const char* s = src + ((int64_t)h * b + i) * row_bytes;
+    const char* s = src + ((int64_t)h * b + row0 + i) * row_bytes;
     char* t = r.base + h * r.hstride_bytes + r.offset_bytes;
     for (int x = threadIdx.x * 4; x < row_bytes; x += blockDim.x * 4)
         *reinterpret_cast<uint32_t*>(t + x) = *reinterpret_cast<const uint32_t*>(s + x);

@@ -116,9 +116,28 @@ pub fn write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {
     Ok(())
 }
 
+/// layout.cu `RowDst`.
+#[cfg(feature = "cuda")]
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RowDst {
+    base: u64,
+    hstride_bytes: i64,
+    offset_bytes: i64,
+}
+
+/// layout.cu `RowDsts`: the table of one launch, by value (nothing uploaded).
+#[cfg(feature = "cuda")]
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowDsts([RowDst; crate::attention::ROWS_BY_VALUE]);
+#[cfg(feature = "cuda")]
+unsafe impl crate::cuda::Pod for RowDsts {}
+
 #[cfg(feature = "cuda")]
 fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {
-    use crate::cuda::{cuda_device, function, ptr, upload_words, LAYOUT_PTX};
+    use crate::attention::ROWS_BY_VALUE;
+    use crate::cuda::{cuda_device, function, ptr, ByValue, LAYOUT_PTX};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     let (_, n_kv, rows, d) = src.dims4()?;
     if rows == 0 {
@@ -128,38 +147,36 @@ fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> 
     let stream = dev.cuda_stream();
     let src = src.contiguous()?;
     let elem = src.dtype().size_in_bytes();
-    let mut words = Vec::with_capacity(3 * rows);
-    let mut keep = Vec::new();
-    for x in dst {
-        match x {
-            Some((buf, pos)) => {
+    let f = function(&dev, LAYOUT_PTX, "write_rows", 0)?;
+    let ps = ptr(&src, &stream)?;
+    let (b32, row_bytes) = (rows as i32, (d * elem) as i32);
+    for (c, chunk) in dst.chunks(ROWS_BY_VALUE).enumerate() {
+        let mut table = RowDsts([RowDst::default(); ROWS_BY_VALUE]);
+        for (x, t) in chunk.iter().zip(table.0.iter_mut()) {
+            if let Some((buf, pos)) = x {
                 let st = buf.stride();
                 if st[3] != 1 || st[2] != d {
                     candle_core::bail!("write_rows: a cache buffer with strides {st:?}");
                 }
-                words.extend([
-                    ptr(buf, &stream)?,
-                    (st[1] * elem) as u64,
-                    (pos * d * elem) as u64,
-                ]);
-                keep.push(buf.clone());
+                *t = RowDst {
+                    base: ptr(buf, &stream)?,
+                    hstride_bytes: (st[1] * elem) as i64,
+                    offset_bytes: (pos * d * elem) as i64,
+                };
             }
-            None => words.extend([0, 0, 0]),
         }
+        let row0 = (c * ROWS_BY_VALUE) as i32;
+        let arg = ByValue(table);
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&ps).arg(&arg).arg(&b32).arg(&row0).arg(&row_bytes);
+        let cfg = LaunchConfig {
+            grid_dim: (chunk.len() as u32, n_kv as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // The buffers are the caller's (alive until it returns): the launch is queued by then.
+        unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
     }
-    let table = upload_words(&dev, &words)?;
-    let f = function(&dev, LAYOUT_PTX, "write_rows", 0)?;
-    let (ps, pt) = (ptr(&src, &stream)?, ptr(&table, &stream)?);
-    let (b32, row_bytes) = (rows as i32, (d * elem) as i32);
-    let mut lb = stream.launch_builder(&f);
-    lb.arg(&ps).arg(&pt).arg(&b32).arg(&row_bytes);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, n_kv as u32, 1),
-        block_dim: (64, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
-    drop(keep);
     Ok(())
 }
 

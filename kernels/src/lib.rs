@@ -20,7 +20,7 @@ pub use attention::{
     attention, attention_rows, flash_supported, lse_merge, reference_attention, rows_fused, Mask,
 };
 pub use layout::{contiguous, rope_split, write_rows};
-pub use select::{gather_kv, pool5_mask, topk_positions};
+pub use select::{argmax, argmax_rows, gather_kv, pool5_mask, topk_positions};
 
 #[cfg(test)]
 mod tests;

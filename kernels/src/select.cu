@@ -1,6 +1,7 @@
 // Retaining-head post-processing kernels of APB-rs: pooling, top-k, packing the passing block.
 // Generic over models: they see scores, indices and buffers, not layers.
 #include <math_constants.h>
+#include <climits>
 
 // Retaining-head post-processing: max-pool (kernel 5, stride 1, padding 2) along the sequence of
 // `scores` (seq, n_kv) row-major, written transposed to `out` (n_kv, seq); positions outside the
@@ -141,4 +142,39 @@ extern "C" __global__ void gather_kv_u32(const unsigned* k, const unsigned* v, c
                                          unsigned* out, unsigned n_kv, unsigned kk, unsigned d,
                                          long long ks, long long vs) {
     gather_kv(k, v, picks, out, n_kv, kk, d, ks, vs);
+}
+
+// Greedy decoding's choice, per row of x (rows, n) f32 contiguous: the index of the row's largest
+// value, the lowest on ties; NaN never wins, except that a row starting with NaN gives 0 (as the
+// CPU reference's scan, `apb_kernels::argmax`). One block of 1024 threads per row; out (rows) u32.
+__device__ __forceinline__ void argmax_take(float& bv, int& bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
+    }
+}
+
+extern "C" __global__ void argmax_rows_f32(const float* __restrict__ x, unsigned* __restrict__ out,
+                                           int n) {
+    const float* r = x + (int64_t)blockIdx.x * n;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    float bv = -CUDART_INF_F;
+    int bi = INT_MAX;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) argmax_take(bv, bi, r[i], i);
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_take(bv, bi, __shfl_down_sync(0xffffffffu, bv, o), __shfl_down_sync(0xffffffffu, bi, o));
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    if (lane == 0) {
+        sv[warp] = bv;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const int warps = blockDim.x / 32;
+    bv = lane < warps ? sv[lane] : -CUDART_INF_F;
+    bi = lane < warps ? si[lane] : INT_MAX;
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_take(bv, bi, __shfl_down_sync(0xffffffffu, bv, o), __shfl_down_sync(0xffffffffu, bi, o));
+    if (lane == 0) out[blockIdx.x] = (n == 0 || r[0] != r[0] || bi == INT_MAX) ? 0u : (unsigned)bi;
 }

@@ -1,6 +1,7 @@
-//! Retaining-head post-processing: max-pool + candidate mask (`pool5_mask`), top-k positions per
-//! KV head (`topk_positions`), and packing the chosen K|V rows into the all-gather buffer
-//! (`gather_kv`). Each has a CPU implementation (the CPU path and the GPU tests' reference).
+//! Choosing on the device: retaining-head post-processing (max-pool + candidate mask
+//! `pool5_mask`, top-k positions per KV head `topk_positions`, packing the chosen K|V rows into the
+//! all-gather buffer `gather_kv`) and greedy decoding's pick (`argmax_rows`). Each has a CPU
+//! implementation (the CPU path and the GPU tests' reference).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
@@ -246,4 +247,76 @@ fn cuda_gather(
     };
     unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
     Ok(out)
+}
+
+/// Index of the largest of `xs`: the lowest on ties, NaN never chosen unless it comes first (a
+/// plain scan from index 0). Greedy decoding's choice, and [`argmax_rows`]' reference.
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// [`argmax`] of every row of `x` `(rows, n)` f32 → `(rows)` u32, where `x` is: a decode step
+/// then brings back one id per greedy row instead of its logits (128256 f32 for Llama-3, which
+/// the host then scanned).
+pub fn argmax_rows(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&ArgmaxRows)
+}
+
+struct ArgmaxRows;
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "argmax-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, n) = layout.shape().dims2()?;
+        let x = match storage {
+            CpuStorage::F32(v) => &v[layout.start_offset()..],
+            _ => candle_core::bail!("argmax-rows expects f32"),
+        };
+        let out = (0..rows).map(|r| argmax(&x[r * n..(r + 1) * n])).collect();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+        let (rows, n) = layout.shape().dims2()?;
+        let dev = storage.device.clone();
+        let x = storage
+            .as_cuda_slice::<f32>()?
+            .slice(layout.start_offset()..);
+        let out = dev.alloc_zeros::<u32>(rows)?;
+        if rows > 0 {
+            let func = crate::cuda::function(&dev, crate::cuda::SELECT_PTX, "argmax_rows_f32", 0)?;
+            let n32 = i32::try_from(n)
+                .map_err(|_| candle_core::Error::Msg(format!("argmax-rows: {n} columns")))?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x).arg(&out).arg(&n32);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(rows),
+        ))
+    }
 }

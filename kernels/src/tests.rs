@@ -239,6 +239,25 @@ fn write_rows_by_hand() {
     );
 }
 
+#[test]
+fn argmax_by_hand() {
+    let nan = f32::NAN;
+    let rows: [[f32; 4]; 5] = [
+        [0.5, 2.0, 2.0, 1.0],             // tie: the lower index
+        [nan, 3.0, 1.0, 0.0],             // NaN first: 0
+        [1.0, nan, 3.0, nan],             // NaN elsewhere: never
+        [f32::NEG_INFINITY; 4],           // all -inf: 0
+        [-1.0, -1.0, f32::INFINITY, 7.0], // +inf
+    ];
+    let want = [1, 0, 2, 0, 2];
+    for (r, w) in rows.iter().zip(want) {
+        assert_eq!(argmax(r), w, "{r:?}");
+    }
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let t = Tensor::from_vec(flat, (5, 4), &Device::Cpu).unwrap();
+    assert_eq!(argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap(), want);
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::*;
@@ -743,6 +762,139 @@ mod gpu {
                     );
                 }
             }
+        }
+    }
+
+    /// More rows than one launch's by-value table (`ROWS_BY_VALUE`): every row against the f64
+    /// reference and bit for bit what it gives alone; K/V writes of as many rows equal the CPU's.
+    #[test]
+    fn rows_beyond_one_launch() {
+        let g = gpu();
+        let (n_h, n_kv, d, dt, rows) = (
+            8,
+            2,
+            64,
+            DType::BF16,
+            2 * crate::attention::ROWS_BY_VALUE + 22,
+        );
+        let lens: Vec<Option<usize>> = (0..rows)
+            .map(|i| (i % 7 != 3).then_some((i * 37) % 500 + 1))
+            .collect();
+        let q = Tensor::randn(0f32, 1.0, (1, n_h, rows, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let kv: Vec<Option<(Tensor, Tensor)>> = lens
+            .iter()
+            .map(|l| {
+                l.map(|sk| {
+                    let mk = || {
+                        Tensor::randn(0f32, 1.0, (1, n_kv, sk, d), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dt)
+                            .unwrap()
+                    };
+                    (mk(), mk())
+                })
+            })
+            .collect();
+        let kvg: Vec<_> = kv
+            .iter()
+            .map(|x| {
+                x.as_ref()
+                    .map(|(k, v)| (k.to_device(&g).unwrap(), v.to_device(&g).unwrap()))
+            })
+            .collect();
+        let qg = q.to_device(&g).unwrap();
+        let (o, lse) = attention_rows(&qg, &kvg).unwrap();
+        assert_eq!(o.dims(), &[1, n_h, rows, d]);
+        for i in 0..rows {
+            let label = format!("row {i} of {rows} ({:?} keys)", lens[i]);
+            let oi = flat_f32(&o.narrow(2, i, 1).unwrap());
+            let li = flat_f32(&lse.narrow(2, i, 1).unwrap());
+            match &kv[i] {
+                Some((k, v)) => {
+                    let (want, _) =
+                        reference_attention(&q.narrow(2, i, 1).unwrap(), k, v, |_, _| true)
+                            .unwrap();
+                    assert_close(&oi, &want, dt, &label);
+                }
+                None => assert!(oi.iter().all(|x| *x == 0.0), "{label}: not 0"),
+            }
+            let (o1, l1) = attention_rows(&qg.narrow(2, i, 1).unwrap(), &kvg[i..=i]).unwrap();
+            assert!(
+                flat_f32(&o1) == oi && flat_f32(&l1) == li,
+                "{label}: differs alone"
+            );
+        }
+        // write_rows over as many rows: every third row skipped.
+        let src = Tensor::randn(0f32, 1.0, (1, n_kv, rows, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let bufs = |dev: &Device| -> Vec<Option<(Tensor, usize)>> {
+            (0..rows)
+                .map(|i| {
+                    (i % 3 != 1).then(|| {
+                        let t = Tensor::full(i as f32, (1, n_kv, 5, d), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dt)
+                            .unwrap()
+                            .to_device(dev)
+                            .unwrap();
+                        (t, i % 5)
+                    })
+                })
+                .collect()
+        };
+        let (cpu, gpu_bufs) = (bufs(&Device::Cpu), bufs(&g));
+        write_rows(&src, &cpu).unwrap();
+        write_rows(&src.to_device(&g).unwrap(), &gpu_bufs).unwrap();
+        for (i, (a, b)) in cpu.iter().zip(&gpu_bufs).enumerate() {
+            if let (Some((a, _)), Some((b, _))) = (a, b) {
+                assert_eq!(flat_f32(a), flat_f32(b), "write_rows row {i}");
+            }
+        }
+    }
+
+    /// Greedy picks on the GPU equal the CPU scan: random rows, ties (the lowest index wins),
+    /// NaN (never chosen, unless first), all -inf, +inf, widths around the block size and
+    /// Llama-3's vocabulary.
+    #[test]
+    fn argmax_rows_cuda_matches_cpu() {
+        let g = gpu();
+        for n in [1, 5, 1000, 1024, 1025, 49152, 128256] {
+            let rows = 9;
+            let mut x = Tensor::randn(0f32, 3.0, (rows, n), &Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            // Rounded to 1/4: many exact ties, the maximum among them.
+            for v in x[1].iter_mut() {
+                *v = (*v * 4.0).round() / 4.0;
+            }
+            let m = x[2].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let last = n - 1;
+            x[2][last] = m;
+            x[3][0] = f32::NAN;
+            if n > 3 {
+                x[4][n / 2] = f32::NAN;
+                x[4][n / 3] = 1e30;
+            }
+            x[5].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+            x[6][last] = f32::INFINITY;
+            x[7].iter_mut().for_each(|v| *v = f32::NAN);
+            x[8].iter_mut().for_each(|v| *v = 1.0);
+            let flat: Vec<f32> = x.iter().flatten().copied().collect();
+            let t = Tensor::from_vec(flat, (rows, n), &Device::Cpu).unwrap();
+            let want: Vec<u32> = x.iter().map(|r| argmax(r)).collect();
+            let cpu = argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap();
+            let got = argmax_rows(&t.to_device(&g).unwrap())
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(cpu, want, "CPU op, width {n}");
+            assert_eq!(got, want, "GPU, width {n}");
         }
     }
 

@@ -11,12 +11,13 @@
 pub mod scheduler;
 
 use crate::error::err;
-use crate::ranks::{Group, RunError};
+use crate::ranks::{Group, Pick, RunError};
 use crate::runner::{
     rank_share, Between, Finish, GenStats, Generation, Job, Prepared, RankSeqs, Row, SeqId,
     TextStream,
 };
 use crate::sampling::Sampler;
+use apb_plugin::profile;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -360,7 +361,7 @@ impl<'a, T> Engine<'a, T> {
             Ok(l) => l,
             Err(e) => return Err((seq.req.tag, e)),
         };
-        match seq.accept(group, logits) {
+        match seq.accept(group, Pick::Logits(logits)) {
             Ok(None) => {
                 self.seqs.push(seq);
                 self.waiting_since.get_or_insert_with(Instant::now);
@@ -428,12 +429,14 @@ impl<'a, T> Engine<'a, T> {
                     1,
                 ));
             }
-            let logits = group.decode(&rows)?;
+            let greedy: Vec<bool> = self.seqs.iter().map(|s| s.sampler.greedy()).collect();
+            let picks = group.decode(&rows, &greedy)?;
+            let t1 = Instant::now();
             let mut keep = Vec::with_capacity(self.seqs.len());
-            for (mut s, logits) in std::mem::take(&mut self.seqs).into_iter().zip(logits) {
+            for (mut s, pick) in std::mem::take(&mut self.seqs).into_iter().zip(picks) {
                 s.pos += 1;
                 s.steps += 1;
-                match s.accept(group, logits)? {
+                match s.accept(group, pick)? {
                     None => keep.push(s),
                     Some(f) => {
                         freed.push((s.id, s.ranks));
@@ -443,6 +446,7 @@ impl<'a, T> Engine<'a, T> {
                 }
             }
             self.seqs = keep;
+            profile::add("decode.accept", t1.elapsed());
             self.stats.push(StepStat {
                 secs: t0.elapsed().as_secs_f64(),
                 ..stat
@@ -494,16 +498,21 @@ impl<T> Between for Interleave<'_, '_, T> {
 }
 
 impl<T> Seq<'_, T> {
-    /// Chooses the next token from `logits` and applies the stop rules; None: keep going (the
-    /// token is fed at the next step).
-    fn accept(&mut self, group: &Group, logits: Vec<f32>) -> Result<Option<Finish>, RunError> {
+    /// Takes the next token (greedy, picked on the device) or chooses it from the logits, and
+    /// applies the stop rules; None: keep going (the token is fed at the next step).
+    fn accept(&mut self, group: &Group, pick: Pick) -> Result<Option<Finish>, RunError> {
         let tok = group.runner().tok();
-        let next = self.sampler.sample(&logits);
+        let next = match &pick {
+            Pick::Token(t) => *t,
+            Pick::Logits(l) => self.sampler.sample(l),
+        };
         if self.prefill_ms.is_none() {
             self.prefill_ms = Some(self.t0.elapsed().as_secs_f64() * 1e3);
             self.t1 = Instant::now();
             // What backends are compared on (rank 0 holds the merged rows, as every rank does).
-            self.first_logits = logits;
+            if let Pick::Logits(l) = pick {
+                self.first_logits = l;
+            }
         }
         if self.req.cancel.load(Ordering::SeqCst) {
             return Ok(Some(Finish::Cancelled));

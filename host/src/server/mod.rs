@@ -207,6 +207,7 @@ struct Metrics {
     generated_tokens: IntCounterVec,
     ttft: HistogramVec,
     prefill_tps: HistogramVec,
+    profile: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -316,7 +317,15 @@ impl Metrics {
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generated_tokens.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
+        let profile = prometheus::GaugeVec::new(
+            Opts::new(
+                "profile_seconds",
+                "Time spent in each profiled span since the start (only with APB_PROFILE=host or synced: see docs/serving.md)",
+            ),
+            &["span"],
+        )?;
         registry.register(Box::new(prefill_tps.clone()))?;
+        registry.register(Box::new(profile.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -334,6 +343,7 @@ impl Metrics {
             generated_tokens,
             ttft,
             prefill_tps,
+            profile,
         })
     }
 }
@@ -1160,6 +1170,9 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Server>>) -> Response {
+    for (span, secs) in apb_plugin::profile::snapshot() {
+        s.metrics.profile.with_label_values(&[span]).set(secs);
+    }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&s.metrics.registry.gather(), &mut buf) {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();

@@ -11,7 +11,6 @@ const BC: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Params {
-    rows: u64,
     q: u64,
     k: u64,
     v: u64,
@@ -111,7 +110,6 @@ pub(crate) fn flash(
         (None, Some(parts))
     };
     let params = Params {
-        rows: 0,
         q: ptr(&q, &stream)?,
         k: ptr(&k, &stream)?,
         v: ptr(&v, &stream)?,
@@ -182,9 +180,36 @@ fn row_split_len(sk: usize) -> usize {
     sk.div_ceil(BC).div_ceil(16).max(4) * BC
 }
 
-/// Decode rows over separate caches in one launch: `q` `(rows, n_h, 1, d)` contiguous, row `i`
-/// attending every key of `kv[i]` (`(1, n_kv, len, d)` views; None: none). Returns the output
-/// `(rows, n_h, 1, d)` in `q`'s dtype and the LSE `(rows, n_h, 1)` (f32).
+/// Rows a `flash_rows_*` launch takes (attention.cu `ROWS_BY_VALUE`): their table travels in
+/// the kernel's parameters, so a step uploads nothing.
+pub(crate) const ROWS_BY_VALUE: usize = 64;
+
+/// One decode row's keys and values (attention.cu `RowKv`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RowKv {
+    k: u64,
+    v: u64,
+    k_hstride: i64,
+    v_hstride: i64,
+    sk: i32,
+    split_len: i32,
+}
+
+/// attention.cu `RowsParams`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowsParams {
+    p: Params,
+    rows: [RowKv; ROWS_BY_VALUE],
+}
+unsafe impl Pod for RowsParams {}
+
+/// Decode rows over separate caches, one launch per [`ROWS_BY_VALUE`] rows: `q` `(rows, n_h, 1,
+/// d)` contiguous, row `i` attending every key of `kv[i]` (`(1, n_kv, len, d)` views; None:
+/// none). Returns the output `(rows, n_h, 1, d)` in `q`'s dtype and the LSE `(rows, n_h, 1)`
+/// (f32). A row's result depends on its own keys alone (its split length is a function of its
+/// length; empty splits weigh exactly 0), so the launch it lands in does not matter.
 pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Tensor, Tensor)> {
     let (b, n_h, _, d) = q.dims4()?;
     let dev = cuda_device(q)?;
@@ -196,64 +221,13 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
         .next()
         .transpose()?
         .unwrap_or(n_h);
-    let g = n_h / n_kv;
-    // Per row: k, v, their head strides, then sk and split_len packed in one word (RowKv).
-    let mut words = Vec::with_capacity(5 * b);
-    let mut keep = Vec::new();
-    let mut n_splits = 1;
-    for x in kv {
-        match x {
-            Some((k, v)) => {
-                let sk = k.dim(2)?;
-                let (k, _, kh) = kv_view(k, d)?;
-                let (v, _, vh) = kv_view(v, d)?;
-                let split = row_split_len(sk);
-                n_splits = n_splits.max(sk.div_ceil(split));
-                words.extend([
-                    ptr(&k, &stream)?,
-                    ptr(&v, &stream)?,
-                    kh as u64,
-                    vh as u64,
-                    sk as u64 | ((split as u64) << 32),
-                ]);
-                keep.push((k, v));
-            }
-            None => words.extend([0, 0, 0, 0, (BC as u64) << 32]),
-        }
+    if b == 0 {
+        return Ok((
+            q.zeros_like()?,
+            Tensor::zeros((0, n_h, 1), DType::F32, q.device())?,
+        ));
     }
-    let table = crate::cuda::upload_words(&dev, &words)?;
-    // Always through f32 parts (at least two splits, the second empty for short rows), so every
-    // row takes one path whatever its neighbours' lengths.
-    let n_splits = n_splits.max(2);
-    let (op, lp) = (
-        alloc(&dev, (n_splits, b * n_h, d), DType::F32, &stream)?,
-        alloc(&dev, (n_splits, b * n_h), DType::F32, &stream)?,
-    );
-    let params = Params {
-        rows: ptr(&table, &stream)?,
-        q: ptr(q, &stream)?,
-        k: 0,
-        v: 0,
-        o: 0,
-        lse: 0,
-        o_part: op.1,
-        lse_part: lp.1,
-        k_bstride: 0,
-        k_hstride: 0,
-        v_bstride: 0,
-        v_hstride: 0,
-        b: b as i32,
-        n_kv: n_kv as i32,
-        g: g as i32,
-        sq: 1,
-        sk: 0,
-        causal: 0,
-        anchor_rows: 0,
-        passing: 0,
-        n_splits: n_splits as i32,
-        split_len: 0,
-        scale_log2: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
-    };
+    let g = n_h / n_kv;
     let ty = if q.dtype() == DType::BF16 {
         "bf16"
     } else {
@@ -261,27 +235,97 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
     };
     let br = 64;
     let smem = (br + 4 * BC) * d * 2;
-    let f = function(
-        &dev,
-        ATTENTION_PTX,
-        &format!("flash_fwd_{ty}_d{d}_w4"),
-        smem,
-    )?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (g as u32).div_ceil(br as u32),
-            n_kv as u32,
-            (b * n_splits) as u32,
-        ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: smem as u32,
+    let f = function(&dev, ATTENTION_PTX, &format!("flash_rows_{ty}_d{d}"), smem)?;
+    let q_at = ptr(q, &stream)?;
+    let elem = q.dtype().size_in_bytes();
+    let mut outs = Vec::with_capacity(b.div_ceil(ROWS_BY_VALUE));
+    for (c, chunk) in kv.chunks(ROWS_BY_VALUE).enumerate() {
+        let rows = chunk.len();
+        let mut table = [RowKv::default(); ROWS_BY_VALUE];
+        // Views copied to contiguous rows (rare: caches are) must live until the launch.
+        let mut keep = Vec::new();
+        let mut n_splits = 1;
+        for (x, row) in chunk.iter().zip(table.iter_mut()) {
+            *row = match x {
+                Some((k, v)) => {
+                    let sk = k.dim(2)?;
+                    let (k, _, kh) = kv_view(k, d)?;
+                    let (v, _, vh) = kv_view(v, d)?;
+                    let split = row_split_len(sk);
+                    n_splits = n_splits.max(sk.div_ceil(split));
+                    let r = RowKv {
+                        k: ptr(&k, &stream)?,
+                        v: ptr(&v, &stream)?,
+                        k_hstride: kh,
+                        v_hstride: vh,
+                        sk: sk as i32,
+                        split_len: split as i32,
+                    };
+                    keep.push((k, v));
+                    r
+                }
+                None => RowKv {
+                    split_len: BC as i32,
+                    ..Default::default()
+                },
+            };
+        }
+        // Always through f32 parts (at least two splits, the second empty for short rows), so
+        // every row takes one path whatever its neighbours' lengths.
+        let n_splits = n_splits.max(2);
+        let (op, lp) = (
+            alloc(&dev, (n_splits, rows * n_h, d), DType::F32, &stream)?,
+            alloc(&dev, (n_splits, rows * n_h), DType::F32, &stream)?,
+        );
+        let params = RowsParams {
+            p: Params {
+                q: q_at + (c * ROWS_BY_VALUE * n_h * d * elem) as u64,
+                k: 0,
+                v: 0,
+                o: 0,
+                lse: 0,
+                o_part: op.1,
+                lse_part: lp.1,
+                k_bstride: 0,
+                k_hstride: 0,
+                v_bstride: 0,
+                v_hstride: 0,
+                b: rows as i32,
+                n_kv: n_kv as i32,
+                g: g as i32,
+                sq: 1,
+                sk: 0,
+                causal: 0,
+                anchor_rows: 0,
+                passing: 0,
+                n_splits: n_splits as i32,
+                split_len: 0,
+                scale_log2: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
+            },
+            rows: table,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (g as u32).div_ceil(br as u32),
+                n_kv as u32,
+                (rows * n_splits) as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let arg = ByValue(params);
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&arg);
+        unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+        drop(keep);
+        outs.push(lse_merge(&op.0, &lp.0, n_splits, rows * n_h, d)?);
+    }
+    let (out, lse) = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        let (o, l): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
+        (Tensor::cat(&o, 0)?, Tensor::cat(&l, 0)?)
     };
-    let arg = ByValue(params);
-    let mut lb = stream.launch_builder(&f);
-    lb.arg(&arg);
-    unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
-    drop(keep);
-    let (out, lse) = lse_merge(&op.0, &lp.0, n_splits, b * n_h, d)?;
     Ok((
         out.reshape((b, n_h, 1, d))?.to_dtype(q.dtype())?,
         lse.reshape((b, n_h, 1))?,

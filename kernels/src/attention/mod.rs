@@ -242,3 +242,5 @@ mod flashinfer;
 pub mod hopper;
 #[cfg(feature = "cuda")]
 pub(crate) mod mma;
+#[cfg(feature = "cuda")]
+pub(crate) use mma::ROWS_BY_VALUE;

@@ -632,6 +632,11 @@ fn attend_rows(
         })
         .collect::<apb_plugin::Result<Vec<_>>>()?;
     let (out, lse) = span("rows.attend", dev, || apb_kernels::attention_rows(x.q, &kv))?;
+    if comm.world_size() == 1 {
+        // Merging one part is the identity (weight exactly 1; a row with nothing is 0 either
+        // way): skip its copies and kernels.
+        return Ok(out);
+    }
     span("rows.merge", dev, || {
         Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
     })

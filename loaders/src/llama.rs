@@ -127,18 +127,21 @@ impl Attention {
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nq, nkv) = (self.n_h * self.d, self.n_kv * self.d);
-        let (q_raw, k_raw, v_raw, q, k, v) = span("qkv", x.device(), || -> Result<_> {
-            let qkv = project(&self.qkv_proj, x, rows)?;
-            // Token-major projections → head-major (b, n, s, d) q/k/v with RoPE, in one pass.
-            let (q, k, v) = apb_plugin::rope_split(&qkv, cos, sin, self.n_h, self.n_kv)?;
-            // Pre-RoPE projections for retaining heads: views of the fused output.
-            let (q_raw, k_raw, v_raw) = (
-                qkv.narrow(2, 0, nq)?,
-                qkv.narrow(2, nq, nkv)?,
-                qkv.narrow(2, nq + nkv, nkv)?,
-            );
-            Ok((q_raw, k_raw, v_raw, q, k, v))
-        })?;
+        let name =
+            |prefill: &'static str, decode: &'static str| if rows { decode } else { prefill };
+        let (q_raw, k_raw, v_raw, q, k, v) =
+            span(name("qkv", "rows.qkv"), x.device(), || -> Result<_> {
+                let qkv = project(&self.qkv_proj, x, rows)?;
+                // Token-major projections → head-major (b, n, s, d) q/k/v with RoPE, in one pass.
+                let (q, k, v) = apb_plugin::rope_split(&qkv, cos, sin, self.n_h, self.n_kv)?;
+                // Pre-RoPE projections for retaining heads: views of the fused output.
+                let (q_raw, k_raw, v_raw) = (
+                    qkv.narrow(2, 0, nq)?,
+                    qkv.narrow(2, nq, nkv)?,
+                    qkv.narrow(2, nq + nkv, nkv)?,
+                );
+                Ok((q_raw, k_raw, v_raw, q, k, v))
+            })?;
         let input = AttnInput {
             layer,
             q: &q,
@@ -149,11 +152,18 @@ impl Attention {
             v_raw: &v_raw,
         };
         let y = attend(layer, &input)?;
-        span("o_proj", x.device(), || -> apb_plugin::Result<Tensor> {
-            let y =
-                apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((b, s, self.n_h * self.d))?;
-            Ok(project(&self.o_proj, &y, rows)?)
-        })
+        span(
+            name("o_proj", "rows.o_proj"),
+            x.device(),
+            || -> apb_plugin::Result<Tensor> {
+                let y = apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((
+                    b,
+                    s,
+                    self.n_h * self.d,
+                ))?;
+                Ok(project(&self.o_proj, &y, rows)?)
+            },
+        )
     }
 }
 
@@ -335,7 +345,8 @@ impl Model {
             let a = block.self_attn.forward(&h, i, &cos, &sin, attend, rows)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x)?;
-            x = (&x + span("ffn", x.device(), || block.mlp.forward(&h, rows))?)?;
+            let ffn = if rows { "rows.ffn" } else { "ffn" };
+            x = (&x + span(ffn, x.device(), || block.mlp.forward(&h, rows))?)?;
             on_layer(i)?;
         }
         Ok(self.norm.forward(&x)?)

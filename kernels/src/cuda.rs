@@ -102,11 +102,38 @@ pub(crate) fn alloc(
     dtype: DType,
     stream: &Arc<CudaStream>,
 ) -> Result<(Tensor, u64)> {
-    let shape = shape.into();
+    alloc_with(dev, shape.into(), dtype, stream, true)
+}
+
+/// [`alloc`] without the zero fill (one memset kernel less), for outputs a kernel writes whole.
+///
+/// # Safety
+/// The caller's kernel must write every element before anything reads the tensor.
+pub(crate) unsafe fn alloc_unset(
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    stream: &Arc<CudaStream>,
+) -> Result<(Tensor, u64)> {
+    alloc_with(dev, shape.into(), dtype, stream, false)
+}
+
+fn alloc_with(
+    dev: &CudaDevice,
+    shape: Shape,
+    dtype: DType,
+    stream: &Arc<CudaStream>,
+    zero: bool,
+) -> Result<(Tensor, u64)> {
     let n = shape.elem_count();
     macro_rules! mk {
         ($t:ty) => {{
-            let mut s = dev.alloc_zeros::<$t>(n)?;
+            // Unset memory is only handed to kernels that overwrite it (`alloc_unset`'s contract).
+            let mut s = if zero {
+                dev.alloc_zeros::<$t>(n)?
+            } else {
+                unsafe { dev.alloc::<$t>(n)? }
+            };
             let p = s.device_ptr_mut(stream).0;
             (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
         }};

@@ -2,7 +2,7 @@
 //! mask, and splits the keys across blocks for short queries (decode).
 
 use super::Mask;
-use crate::cuda::{alloc, cuda_device, function, ptr, ByValue, Pod, ATTENTION_PTX};
+use crate::cuda::{alloc, alloc_unset, cuda_device, function, ptr, ByValue, Pod, ATTENTION_PTX};
 use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{DType, Result, Tensor};
 
@@ -283,10 +283,13 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
         // Always through f32 parts (at least two splits, the second empty for short rows), so
         // every row takes one path whatever its neighbours' lengths.
         let n_splits = n_splits.max(2);
-        let (op, lp) = (
-            alloc(&dev, (n_splits, rows * n_h, d), DType::F32, &stream)?,
-            alloc(&dev, (n_splits, rows * n_h), DType::F32, &stream)?,
-        );
+        // Every block writes its rows of its split, an empty split 0 with LSE -inf.
+        let (op, lp) = unsafe {
+            (
+                alloc_unset(&dev, (n_splits, rows * n_h, d), DType::F32, &stream)?,
+                alloc_unset(&dev, (n_splits, rows * n_h), DType::F32, &stream)?,
+            )
+        };
         let params = RowsParams {
             p: Params {
                 q: q_at + (c * ROWS_BY_VALUE * n_h * d * elem) as u64,
@@ -351,8 +354,13 @@ pub(super) fn lse_merge(
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(o)?;
     let stream = dev.cuda_stream();
-    let (out, out_ptr) = alloc(&dev, (rows, d), DType::F32, &stream)?;
-    let (out_lse, lse_ptr) = alloc(&dev, rows, DType::F32, &stream)?;
+    // One block a row writes all of it and its LSE.
+    let ((out, out_ptr), (out_lse, lse_ptr)) = unsafe {
+        (
+            alloc_unset(&dev, (rows, d), DType::F32, &stream)?,
+            alloc_unset(&dev, rows, DType::F32, &stream)?,
+        )
+    };
     if rows == 0 {
         return Ok((out, out_lse));
     }

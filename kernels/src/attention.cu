@@ -432,20 +432,16 @@ struct RowsParams {
     Params p;
     RowKv rows[ROWS_BY_VALUE];
 };
-// W warps a block: 4 (a warp per 16 query rows, all but the first idle for g ≤ 16 rows of a
-// decode row) or 1 (less shared memory a block, so more blocks and key tiles in flight a SM).
-#define FLASH_ROWS(NAME, T, D, W)                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * W) NAME(const __grid_constant__ RowsParams rp) { \
-        flash_fwd<T, D, W, 1>(rp.p, rp.rows);                                                     \
+// 4 warps a block, a warp per 16 query rows (all but the first idle for a decode row's g ≤ 16
+// rows; one warp a block measured no faster on an H100, and this kernel needs several).
+#define FLASH_ROWS(NAME, T, D)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const __grid_constant__ RowsParams rp) { \
+        flash_fwd<T, D, 4, 1>(rp.p, rp.rows);                                                     \
     }
-FLASH_ROWS(flash_rows_bf16_d64_w4, __nv_bfloat16, 64, 4)
-FLASH_ROWS(flash_rows_bf16_d128_w4, __nv_bfloat16, 128, 4)
-FLASH_ROWS(flash_rows_f16_d64_w4, __half, 64, 4)
-FLASH_ROWS(flash_rows_f16_d128_w4, __half, 128, 4)
-FLASH_ROWS(flash_rows_bf16_d64_w1, __nv_bfloat16, 64, 1)
-FLASH_ROWS(flash_rows_bf16_d128_w1, __nv_bfloat16, 128, 1)
-FLASH_ROWS(flash_rows_f16_d64_w1, __half, 64, 1)
-FLASH_ROWS(flash_rows_f16_d128_w1, __half, 128, 1)
+FLASH_ROWS(flash_rows_bf16_d64, __nv_bfloat16, 64)
+FLASH_ROWS(flash_rows_bf16_d128, __nv_bfloat16, 128)
+FLASH_ROWS(flash_rows_f16_d64, __half, 64)
+FLASH_ROWS(flash_rows_f16_d128, __half, 128)
 
 // Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
 // out (rows, d) and out_lse (rows). Parts with LSE -inf weigh 0; a row no part saw comes out 0

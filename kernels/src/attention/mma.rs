@@ -233,19 +233,9 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
     } else {
         "f16"
     };
-    // Warps a block (attention.cu `FLASH_ROWS`): APB_ROWS_WARPS=1 or 4 (the default).
-    let nw = match std::env::var("APB_ROWS_WARPS").as_deref() {
-        Ok("1") => 1,
-        _ => 4,
-    };
-    let br = 16 * nw;
+    let br = 64;
     let smem = (br + 4 * BC) * d * 2;
-    let f = function(
-        &dev,
-        ATTENTION_PTX,
-        &format!("flash_rows_{ty}_d{d}_w{nw}"),
-        smem,
-    )?;
+    let f = function(&dev, ATTENTION_PTX, &format!("flash_rows_{ty}_d{d}"), smem)?;
     let q_at = ptr(q, &stream)?;
     let elem = q.dtype().size_in_bytes();
     let mut outs = Vec::with_capacity(b.div_ceil(ROWS_BY_VALUE));
@@ -323,7 +313,7 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
                 n_kv as u32,
                 (rows * n_splits) as u32,
             ),
-            block_dim: (32 * nw as u32, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let arg = ByValue(params);

@@ -3,8 +3,9 @@
 # `apb serve` with Llama-3.1-8B shapes (random bf16 weights made here with PyTorch, the default
 # model's tokenizer: dist/tokenizer.json), dense on one GPU, N concurrent requests of P prompt
 # tokens and T output tokens (ignore_eos), once with --max-num-seqs 1 (the peer: today's server)
-# and once with --max-num-seqs N+8; then, with the N requests decoding, one short request's time
-# to first token next to its idle time. Writes $OUT/batch.json.
+# and once with --max-num-seqs N+8; then, with the N requests decoding, short requests' time to
+# first token next to their idle time (the first text chunk of an 8-token request, and the
+# median end of five 1-token requests: exactly the first token). Writes $OUT/batch.json.
 # Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
 # SEQS="32" runs only the batched server (default "1 N": the peer, then batched).
 set -euo pipefail
@@ -58,19 +59,29 @@ if seqs > 1:
         if json.loads(c.getresponse().read()).get("running_sequences", 0) >= n:
             break
         time.sleep(0.05)
+# Then five requests of max_tokens 1, one after the other: their end is their first token (the
+# first text chunk above can come tokens later: ids the tokenizer renders as nothing).
+def shorts(res):
+    request(prompt(999, 64), 8, res, 0)
+    for k in range(1, 6):
+        request(prompt(1000 + k, 64), 1, res, k)
 short = {}
 idle = {}
-th.append(threading.Thread(target=request, args=(prompt(999, 64), 8, short, 0))); th[-1].start()
+th.append(threading.Thread(target=shorts, args=(short,))); th[-1].start()
 [x.join() for x in th]
 wall = time.perf_counter() - t0
-request(prompt(999, 64), 8, idle, 0)
+shorts(idle)
+first = lambda d: statistics.median(d[k]["e2e_s"] for k in range(1, 6))
 out_tokens = n * t
 r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t,
      "wall_s": wall, "output_tokens_per_s": out_tokens / wall,
      "ttft_p50_s": statistics.median(v["ttft_s"] for v in res.values()),
      "ttft_max_s": max(v["ttft_s"] for v in res.values()),
      "e2e_p50_s": statistics.median(v["e2e_s"] for v in res.values()),
-     "short_ttft_under_load_s": short[0]["ttft_s"], "short_ttft_idle_s": idle[0]["ttft_s"]}
+     "short_ttft_under_load_s": short[0]["ttft_s"], "short_ttft_idle_s": idle[0]["ttft_s"],
+     "short_first_token_under_load_s": first(short), "short_first_token_idle_s": first(idle),
+     "short_first_token_under_load_all_s": [short[k]["e2e_s"] for k in range(1, 6)],
+     "short_first_token_idle_all_s": [idle[k]["e2e_s"] for k in range(1, 6)]}
 json.dump(r, open(out, "w"), indent=1)
 print(json.dumps(r))
 PY

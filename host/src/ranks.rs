@@ -794,12 +794,49 @@ fn pick(logits: &Tensor, rows: &[Row], greedy: &[bool]) -> candle_core::Result<V
         logits.index_select(&at, 0)?.to_vec2::<f32>()?
     }
     .into_iter();
-    Ok(real
-        .iter()
-        .map(|&i| match sampled.next() {
-            _ if is_greedy(i) => Pick::Token(ids[i]),
-            Some(l) => Pick::Logits(l),
-            None => unreachable!("a sampled row's logits"),
+    real.iter()
+        .map(|&i| match is_greedy(i) {
+            true => Ok(Pick::Token(ids[i])),
+            false => sampled
+                .next()
+                .map(Pick::Logits)
+                .ok_or_else(|| candle_core::Error::Msg("a sampled row without logits".into())),
         })
-        .collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greedy rows get their argmax, sampled rows their own logits in order, padding nothing:
+    /// in a batch that mixes them (a sampled row between greedy ones, padding last).
+    #[test]
+    fn picks_of_a_mixed_step() {
+        let logits = [
+            [0.1f32, 3.0, 2.0],
+            [5.0, 1.0, 2.0],
+            [0.0, 0.5, 7.0],
+            [9.0, 0.0, 0.0],
+        ];
+        let t = Tensor::new(&logits, &Device::Cpu).unwrap();
+        let row = |seq| Row {
+            seq,
+            token: 0,
+            pos: 0,
+        };
+        let rows = [row(Some(1)), row(Some(2)), row(Some(3)), row(None)];
+        let picks = pick(&t, &rows, &[true, false, true]).unwrap();
+        assert_eq!(picks.len(), 3);
+        assert!(matches!(picks[0], Pick::Token(1)), "{picks:?}");
+        assert!(
+            matches!(&picks[1], Pick::Logits(l) if l == &logits[1]),
+            "{picks:?}"
+        );
+        assert!(matches!(picks[2], Pick::Token(2)), "{picks:?}");
+        let all_sampled = pick(&t, &rows[..3], &[false; 3]).unwrap();
+        for (p, want) in all_sampled.iter().zip(&logits) {
+            assert!(matches!(p, Pick::Logits(l) if l == want), "{all_sampled:?}");
+        }
+    }
 }

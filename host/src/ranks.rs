@@ -680,7 +680,8 @@ impl Group {
 
     /// One decode step: `rows` with the ranks each row's sequence spans (a padding row: 1). Every
     /// rank of the widest sequence runs all rows; returns each sequence row's [`Pick`], in order:
-    /// its greedy token where `greedy[i]`, else its next-token logits (f32).
+    /// its greedy token where `greedy[i]`, else its next-token logits (f32). `greedy` is indexed
+    /// by row, so padding rows come after every sequence row.
     pub fn decode(
         &self,
         rows: &[(Row, usize)],

@@ -133,6 +133,9 @@ struct RowDst {
 struct RowDsts([RowDst; crate::attention::ROWS_BY_VALUE]);
 #[cfg(feature = "cuda")]
 unsafe impl crate::cuda::Pod for RowDsts {}
+// layout.cu's layout: a pointer and two i64 a row.
+#[cfg(feature = "cuda")]
+const _: () = assert!(std::mem::size_of::<RowDsts>() == 24 * crate::attention::ROWS_BY_VALUE);
 
 #[cfg(feature = "cuda")]
 fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {

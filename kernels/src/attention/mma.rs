@@ -204,6 +204,10 @@ struct RowsParams {
     rows: [RowKv; ROWS_BY_VALUE],
 }
 unsafe impl Pod for RowsParams {}
+// attention.cu's layout: 7 pointers, 4 i64, 10 i32 and an f32 (136 bytes with padding), then
+// 64 rows of 40 bytes; under the 4 KB of kernel parameters.
+const _: () = assert!(std::mem::size_of::<RowsParams>() == 136 + ROWS_BY_VALUE * 40);
+const _: () = assert!(std::mem::size_of::<RowsParams>() <= 4096);
 
 /// Decode rows over separate caches, one launch per [`ROWS_BY_VALUE`] rows: `q` `(rows, n_h, 1,
 /// d)` contiguous, row `i` attending every key of `kv[i]` (`(1, n_kv, len, d)` views; None:

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 3] = ["attention", "layout", "select"];
+const SOURCES: [&str; 5] = ["attention", "layout", "linear", "norm", "select"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");

@@ -4,11 +4,12 @@
 # (--max-num-seqs 1; NEW_SEQS=N: batched only), and batched under
 # APB_PROFILE=host and =synced (per-span times in /metrics); then 8 x 32K with its peer. An older
 # build ($OLD: dist/apb-$OLD.xz), if given, runs batched too. All under $OUT/step.tar.gz.
-# RUNS picks some of: kernels new host synced 32k (default all; old runs when OLD is given).
+# RUNS picks some of: kernels linear new host synced 32k (default all; old runs when OLD is given).
+# `linear`: `apb bench linear` (the decode step's projections, ours against cuBLAS).
 # Usage: OLD=ff5d66a COMMIT=<this build's commit> scripts/device-run.sh scripts/device-step.sh
 set -euo pipefail
 R=$OUT
-read -r -a runs <<< "${RUNS:-kernels new host synced 32k}"
+read -r -a runs <<< "${RUNS:-kernels linear new host synced 32k}"
 [ -n "${OLD:-}" ] && runs+=(old)
 has() { [[ " ${runs[*]} " == *" $1 "* ]]; }
 for d in "${runs[@]}"; do mkdir -p "$R/$d"; done
@@ -17,6 +18,10 @@ if has kernels; then
   /tmp/apb-bin/apb-kernels-tests --test-threads 1 --nocapture gpu:: > "$R/kernels/tests.txt" 2>&1 \
     || echo "KERNEL TESTS FAILED" >> "$R/kernels/tests.txt"
   tail -2 "$R/kernels/tests.txt"
+fi
+if has linear; then
+  /tmp/apb-bin/apb bench linear > "$R/linear/linear.jsonl" 2> "$R/linear/stderr.txt" || echo "LINEAR BENCH FAILED" >> "$R/linear/linear.jsonl"
+  cat "$R/linear/linear.jsonl"
 fi
 export N=${N:-32} P=${P:-4096} T=128
 batch() { local d=$1; shift; has "$d" || return 0; env OUT="$R/$d" "$@" scripts/device-batch.sh > "$R/$d/log.txt" 2>&1 || echo "$d failed" >> "$R/$d/log.txt"; }

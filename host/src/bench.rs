@@ -437,3 +437,100 @@ pub fn kernel_name(device: &Device, rows: usize, head_dim: usize) -> &'static st
     let _ = (device, rows, head_dim);
     "cpu"
 }
+
+/// One projection of a decode step timed both ways (see [`linear_rows`]).
+#[derive(Debug, serde::Serialize)]
+pub struct LinearTiming {
+    /// Which projection: `qkv`, `o_proj`, `gate_up` (with the SiLU product), `down`, `lm_head`.
+    pub name: &'static str,
+    /// Rows (sequences of the step).
+    pub rows: usize,
+    /// Weight `(n, k)`.
+    pub n: usize,
+    /// Input width.
+    pub k: usize,
+    /// Our few-rows kernel (`apb_kernels::linear_rows*`), seconds a call.
+    pub ours_s: f64,
+    /// candle's GEMM (cuBLAS on CUDA; with `gate_up` plus the SiLU product), seconds a call.
+    pub gemm_s: f64,
+    /// Weight bytes / our time, GB/s.
+    pub ours_gbps: f64,
+    /// Weight bytes / the GEMM's time, GB/s.
+    pub gemm_gbps: f64,
+}
+
+/// Device-to-device copy bandwidth (read + written bytes a second) of a 1 GiB tensor: the
+/// roofline a memory-bound kernel is measured against.
+pub fn copy_bandwidth(device: &Device) -> Result<f64> {
+    let t = Tensor::zeros(1 << 29, DType::BF16, device)?;
+    for _ in 0..2 {
+        t.copy()?;
+    }
+    device.synchronize()?;
+    let iters = 10;
+    let start = Instant::now();
+    for _ in 0..iters {
+        t.copy()?;
+    }
+    device.synchronize()?;
+    Ok(2.0 * (1u64 << 30) as f64 * iters as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A decode step's projections of `cfg` for each count of `rows`: our few-rows kernels against
+/// candle's GEMM on the same random bf16 inputs, in one run.
+pub fn linear_rows(cfg: &Config, device: &Device, rows: &[usize]) -> Result<Vec<LinearTiming>> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
+    let shapes: [(&'static str, usize, usize); 5] = [
+        ("qkv", qkv, h),
+        ("o_proj", h, cfg.num_attention_heads * cfg.head_dim),
+        ("gate_up", 2 * i, h),
+        ("down", h, i),
+        ("lm_head", cfg.vocab_size, h),
+    ];
+    let mut out = Vec::new();
+    for (name, n, k) in shapes {
+        let w = (Tensor::randn(0f32, 1.0, (n, k), device)? * 0.02)?.to_dtype(DType::BF16)?;
+        for &m in rows {
+            let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
+            let silu = name == "gate_up";
+            let ours = || -> Result<Tensor> {
+                Ok(if silu {
+                    apb_kernels::linear_rows_silu_mul(&x, &w)?
+                } else {
+                    apb_kernels::linear_rows(&x, &w)?
+                })
+            };
+            let gemm = || -> Result<Tensor> {
+                let y = x.matmul(&w.t()?)?;
+                Ok(if silu { apb_kernels::silu_mul(&y)? } else { y })
+            };
+            let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+                for _ in 0..3 {
+                    f()?;
+                }
+                device.synchronize()?;
+                let iters = 50;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    f()?;
+                }
+                device.synchronize()?;
+                Ok(start.elapsed().as_secs_f64() / iters as f64)
+            };
+            let (ours_s, gemm_s) = (time(&ours)?, time(&gemm)?);
+            let bytes = (n * k * 2) as f64;
+            out.push(LinearTiming {
+                name,
+                rows: m,
+                n,
+                k,
+                ours_s,
+                gemm_s,
+                ours_gbps: bytes / ours_s / 1e9,
+                gemm_gbps: bytes / gemm_s / 1e9,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -583,6 +583,10 @@ enum BenchCmd {
     /// Our fused attention alone (causal, bf16, GQA) per length and head dim: time and TFLOP/s,
     /// one JSON line each. APB_ATTENTION=mma times our own kernel instead of cuDNN's on Hopper.
     Attention(AttentionBenchArgs),
+    /// A decode step's projections (q|k|v, o_proj, gate|up with SiLU, down, lm_head) of a
+    /// model's shapes for a few rows: our few-rows kernels against candle's GEMM (cuBLAS), time
+    /// and weight GB/s against the device's copy bandwidth, one JSON line each.
+    Linear(LinearBenchArgs),
     /// Load a running `apb serve`: N streaming completions at a fixed concurrency, prompts of
     /// --input-len tokens, --output-len tokens each (ignore_eos); time to first token, time per
     /// output token, end-to-end latency (mean, p50, p90, p99) and throughput, as a table (and
@@ -700,6 +704,42 @@ struct AttentionBenchArgs {
     head_dims: Vec<usize>,
     #[arg(long, default_value = "cuda")]
     device: String,
+}
+
+#[derive(Args)]
+struct LinearBenchArgs {
+    /// Model shapes: llama-3.1-8b, qwen-2.5-14b, yi-34b, or a path to a config.json.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    config: String,
+    /// Rows (sequences in a decode step), comma-separated; at most 64.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16,24,32,64")]
+    rows: Vec<usize>,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+}
+
+fn bench_linear(a: LinearBenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    if a.rows
+        .iter()
+        .any(|&m| m == 0 || m > apb_kernels::linear::MAX_ROWS)
+    {
+        bail!(
+            "--rows must be between 1 and {}",
+            apb_kernels::linear::MAX_ROWS
+        );
+    }
+    let cfg = apb_loaders::random::config_by_name(&a.config)?;
+    let copy = apb_host::bench::copy_bandwidth(&device)?;
+    println!("{}", serde_json::json!({ "copy_gbps": copy / 1e9 }));
+    for t in apb_host::bench::linear_rows(&cfg, &device, &a.rows)? {
+        let mut v = serde_json::to_value(&t)?;
+        v["ours_of_copy"] = serde_json::json!(t.ours_gbps * 1e9 / copy);
+        v["gemm_of_copy"] = serde_json::json!(t.gemm_gbps * 1e9 / copy);
+        v["speedup"] = serde_json::json!(t.gemm_s / t.ours_s);
+        println!("{v}");
+    }
+    Ok(())
 }
 
 fn bench_prefill(a: PrefillArgs) -> Result<()> {
@@ -1123,6 +1163,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => bench_prefill(a),
         Cmd::Bench(BenchCmd::Attention(a)) => bench_attention(a),
+        Cmd::Bench(BenchCmd::Linear(a)) => bench_linear(a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve(a),
     };
     match res {

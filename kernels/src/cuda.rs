@@ -18,6 +18,12 @@ pub(crate) const LAYOUT_PTX: (&str, &str) = (
     "layout",
     include_str!(concat!(env!("OUT_DIR"), "/layout.ptx")),
 );
+pub(crate) const LINEAR_PTX: (&str, &str) = (
+    "linear",
+    include_str!(concat!(env!("OUT_DIR"), "/linear.ptx")),
+);
+pub(crate) const NORM_PTX: (&str, &str) =
+    ("norm", include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")));
 pub(crate) const SELECT_PTX: (&str, &str) = (
     "select",
     include_str!(concat!(env!("OUT_DIR"), "/select.ptx")),

@@ -258,6 +258,117 @@ fn argmax_by_hand() {
     assert_eq!(argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap(), want);
 }
 
+/// `x · Wᵀ` in f64 for `x (m, k)`, `w (n, k)` given as f32 rows.
+fn linear_f64(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0f64; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            y[r * n + c] = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+/// `silu(gate) · up` in f64 of `y (m, 2h)` = `[gate | up]`.
+fn silu_mul_f64(y: &[f64], m: usize, h: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(m * h);
+    for r in 0..m {
+        for c in 0..h {
+            let (g, u) = (y[r * 2 * h + c], y[r * 2 * h + h + c]);
+            out.push(g / (1.0 + (-g).exp()) * u);
+        }
+    }
+    out
+}
+
+/// The few-rows projections on the CPU (f32) against f64: `x · Wᵀ` for 1 to 9 rows of a
+/// 3-d input, and the gate|up projection with its SiLU product; each row equals its run alone.
+#[test]
+fn linear_rows_on_the_cpu_match_the_reference() {
+    let (n, k) = (24, 40);
+    let w = Tensor::randn(0f32, 0.2, (n, k), &Device::Cpu).unwrap();
+    let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    for m in [1, 2, 9] {
+        let x = Tensor::randn(0f32, 1.0, (1, m, k), &Device::Cpu).unwrap();
+        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let want = linear_f64(&xv, &wv, m, n, k);
+        let y = linear_rows(&x, &w).unwrap();
+        assert_eq!(y.dims(), &[1, m, n]);
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-4, "rows {m}: {a} vs {b}");
+        }
+        let a = linear_rows_silu_mul(&x, &w).unwrap();
+        assert_eq!(a.dims(), &[1, m, n / 2]);
+        let got: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in got.iter().zip(silu_mul_f64(&want, m, n / 2)) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-4,
+                "silu·up, rows {m}: {a} vs {b}"
+            );
+        }
+        let last = linear_rows(&x.narrow(1, m - 1, 1).unwrap(), &w).unwrap();
+        assert_eq!(
+            last.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            got_row(&y, m - 1),
+            "the last row alone"
+        );
+    }
+    assert!(linear_rows(
+        &Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        &w
+    )
+    .is_err());
+    assert!(linear_rows_silu_mul(
+        &Tensor::zeros((2, k), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        &w.narrow(0, 0, 3).unwrap()
+    )
+    .is_err());
+}
+
+fn got_row(y: &Tensor, r: usize) -> Vec<f32> {
+    y.narrow(1, r, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `(x + a, (x + a) / sqrt(mean((x + a)²) + eps) · w)` in f64, rows of width `d`.
+fn add_rms_norm_f64(x: &[f32], a: &[f32], w: &[f32], d: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let s: Vec<f64> = x
+        .iter()
+        .zip(a)
+        .map(|(x, a)| *x as f64 + *a as f64)
+        .collect();
+    let mut h = Vec::with_capacity(s.len());
+    for row in s.chunks(d) {
+        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+        h.extend(row.iter().zip(w).map(|(v, w)| v * inv * *w as f64));
+    }
+    (s, h)
+}
+
+/// The residual add and RMSNorm (CPU, f32) against f64 for 3 tokens of width 70.
+#[test]
+fn add_rms_norm_on_the_cpu_matches_the_reference() {
+    let (t, d) = (3, 70);
+    let r = |shape: (usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let (x, a) = (r((1, t, d)), r((1, t, d)));
+    let w = Tensor::randn(1f32, 0.1, d, &Device::Cpu).unwrap();
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (s_want, h_want) = add_rms_norm_f64(&v(&x), &v(&a), &v(&w), d, 1e-5);
+    let (s, h) = add_rms_norm(&x, &a, &w, 1e-5).unwrap();
+    assert_eq!(h.dims(), &[1, t, d]);
+    for (got, want) in v(&s).iter().zip(&s_want).chain(v(&h).iter().zip(&h_want)) {
+        assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    assert!(add_rms_norm(&x, &a, &w.narrow(0, 0, 5).unwrap(), 1e-5).is_err());
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::*;
@@ -895,6 +1006,109 @@ mod gpu {
                 .unwrap();
             assert_eq!(cpu, want, "CPU op, width {n}");
             assert_eq!(got, want, "GPU, width {n}");
+        }
+    }
+
+    /// The few-rows kernels (`linear.cu`) against f64 on fresh random bf16 and f16 inputs:
+    /// rows 1 to 64 (every tile count, partial tiles), widths not a multiple of the block's 32
+    /// weight rows, k of one chunk up to Llama-3's 14336; rel-L2 within 1e-2 (bf16) / 2e-3 (f16)
+    /// and every element within 0.05. Each row equals the same row alone bit for bit, whatever
+    /// the rows beside it (the batch invariance decode relies on).
+    #[test]
+    fn linear_rows_cuda_match_reference_and_each_row_alone() {
+        let g = gpu();
+        let cases = [
+            (1, 32, 32),
+            (3, 100, 64),
+            (8, 48, 576),
+            (9, 6144, 4096),
+            (24, 200, 1536),
+            (33, 96, 14336),
+            (64, 130, 256),
+        ];
+        for dt in [DType::BF16, DType::F16] {
+            for (m, n, k) in cases {
+                let label = format!("{dt:?} m {m} n {n} k {k}");
+                let w = (Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap()
+                    * (1.0 / (k as f64).sqrt()))
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let (wv, xv) = (flat_f32(&w), flat_f32(&x));
+                let want = crate::tests::linear_f64(&xv, &wv, m, n, k);
+                let (wg, xg) = (w.to_device(&g).unwrap(), x.to_device(&g).unwrap());
+                let y = linear_rows(&xg, &wg).unwrap();
+                assert_eq!(y.dims(), &[m, n], "{label}");
+                assert_close(&flat_f32(&y), &want, dt, &label);
+                let a = linear_rows_silu_mul(&xg, &wg).unwrap();
+                let h = n / 2;
+                let want_a = crate::tests::silu_mul_f64(&want, m, h);
+                assert_close(&flat_f32(&a), &want_a, dt, &format!("silu·up {label}"));
+                // Rows alone (and beside fewer rows) give the same bits.
+                for r in [0, m / 2, m - 1] {
+                    let xr = xg.narrow(0, r, 1).unwrap();
+                    let alone = flat_f32(&linear_rows(&xr, &wg).unwrap());
+                    assert_eq!(
+                        alone,
+                        flat_f32(&y.narrow(0, r, 1).unwrap()),
+                        "{label}: row {r}"
+                    );
+                    let alone = flat_f32(&linear_rows_silu_mul(&xr, &wg).unwrap());
+                    assert_eq!(
+                        alone,
+                        flat_f32(&a.narrow(0, r, 1).unwrap()),
+                        "silu·up {label}: row {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The fused residual add + RMSNorm (`norm.cu`) against f64 (bf16, f16; widths 64 to 8192,
+    /// 1 and 37 tokens): the sum equals candle's add bit for bit, the norm within bf16/f16
+    /// rounding (rel-L2 and max abs as the attention tests).
+    #[test]
+    fn add_rms_norm_cuda_matches_reference() {
+        let g = gpu();
+        for dt in [DType::BF16, DType::F16] {
+            for (t, d) in [(1, 64), (37, 576), (5, 4096), (2, 8192)] {
+                let label = format!("{dt:?} {t}×{d}");
+                let r = |std: f32| {
+                    Tensor::randn(0f32, std, (1, t, d), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap()
+                };
+                let (x, a) = (r(1.0), r(0.5));
+                let w = Tensor::randn(1f32, 0.1, d, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let (want_s, want_h) = crate::tests::add_rms_norm_f64(
+                    &flat_f32(&x),
+                    &flat_f32(&a),
+                    &flat_f32(&w),
+                    d,
+                    1e-5,
+                );
+                let (xg, ag, wg) = (
+                    x.to_device(&g).unwrap(),
+                    a.to_device(&g).unwrap(),
+                    w.to_device(&g).unwrap(),
+                );
+                let (s, h) = add_rms_norm(&xg, &ag, &wg, 1e-5).unwrap();
+                assert_eq!(
+                    flat_f32(&s),
+                    flat_f32(&(&xg + &ag).unwrap()),
+                    "{label}: x + a"
+                );
+                assert_close(&flat_f32(&s), &want_s, dt, &format!("{label}: sum"));
+                assert_close(&flat_f32(&h), &want_h, dt, &format!("{label}: norm"));
+            }
         }
     }
 

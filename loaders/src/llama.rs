@@ -8,7 +8,7 @@ use crate::config::Config;
 use apb_plugin::profile::span;
 use apb_plugin::{AttentionBackend, AttnInput, LayerKv, Phase};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 
 fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((out, inp), &format!("{name}.weight"))?;
@@ -20,26 +20,42 @@ fn linear(vb: &VarBuilder, name: &str, out: usize, inp: usize, bias: bool) -> Re
     Ok(Linear::new(w, b))
 }
 
-/// `x · Wᵀ (+ b)` for `x` `(b, s, in)`. With `rows` on the CPU (a decode step's rows, one per
-/// sequence) as `(W · xᵀ)ᵀ`: candle's CPU GEMM computes `x · Wᵀ` for a few rows with a kernel
-/// that packs all of W each call (16 rows of SmolLM2 cost 9× one row), while W as the row-major
-/// left operand costs ~2–5× one row for 16, and every row comes out alike whatever their number.
+/// `x · Wᵀ (+ b)` for `x` `(b, s, in)`; with `rows` (a decode step's rows, one per sequence)
+/// through [`apb_kernels::linear_rows`], the few-rows path.
 fn project(l: &Linear, x: &Tensor, rows: bool) -> Result<Tensor> {
-    if !(rows && x.device().is_cpu()) {
+    if !rows {
         return l.forward(x);
     }
-    let (b, s, k) = x.dims3()?;
-    let w = l.weight();
-    let y = w.matmul(&x.reshape((b * s, k))?.t()?)?.t()?.contiguous()?;
-    let y = y.reshape((b, s, w.dim(0)?))?;
+    let y = apb_kernels::linear_rows(x, l.weight())?;
     match l.bias() {
         Some(bias) => y.broadcast_add(bias),
         None => Ok(y),
     }
 }
 
-fn rms_norm(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get(size, &format!("{name}.weight"))?, eps))
+/// An RMSNorm's weight and epsilon. Every norm but the first follows a residual add, and runs
+/// fused with it ([`apb_kernels::add_rms_norm`]).
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, &format!("{name}.weight"))?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+
+    /// `(x + a, norm(x + a))`.
+    fn add_forward(&self, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        apb_kernels::add_rms_norm(x, a, &self.weight, self.eps)
+    }
 }
 
 /// Cos/sin tables for arbitrary position ids.
@@ -171,17 +187,19 @@ impl Attention {
 pub type Attend<'a> = dyn FnMut(usize, &AttnInput<'_>) -> apb_plugin::Result<Tensor> + 'a;
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj stacked: one GEMM (and on a decode step one kernel with the SiLU
+    /// product) for both.
+    gate_up: Linear,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn load(vb: &VarBuilder, cfg: &Config) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate = vb.get((i, h), "gate_proj.weight")?;
+        let up = vb.get((i, h), "up_proj.weight")?;
         Ok(Self {
-            gate_proj: linear(vb, "gate_proj", i, h, false)?,
-            up_proj: linear(vb, "up_proj", i, h, false)?,
+            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None),
             down_proj: linear(vb, "down_proj", h, i, false)?,
         })
     }
@@ -190,14 +208,14 @@ impl Mlp {
     /// would otherwise dominate memory.
     fn forward(&self, x: &Tensor, rows: bool) -> Result<Tensor> {
         const CHUNK: usize = 2048;
+        if rows {
+            let a = apb_kernels::linear_rows_silu_mul(x, self.gate_up.weight())?;
+            return project(&self.down_proj, &a, true);
+        }
         let s = x.dim(1)?;
         let run = |x: &Tensor| -> Result<Tensor> {
-            let g = candle_nn::ops::silu(&project(&self.gate_proj, x, rows)?)?;
-            project(
-                &self.down_proj,
-                &(g * project(&self.up_proj, x, rows)?)?,
-                rows,
-            )
+            let y = self.gate_up.forward(x)?;
+            self.down_proj.forward(&apb_kernels::silu_mul(&y)?)
         };
         if s <= CHUNK {
             return run(x);
@@ -263,9 +281,14 @@ impl Model {
             .map(|i| {
                 let vb = vb.pp(format!("model.layers.{i}"));
                 Ok(Block {
-                    input_layernorm: rms_norm(&vb, "input_layernorm", h, eps)?,
+                    input_layernorm: RmsNorm::load(&vb, "input_layernorm", h, eps)?,
                     self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
-                    post_attention_layernorm: rms_norm(&vb, "post_attention_layernorm", h, eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &vb,
+                        "post_attention_layernorm",
+                        h,
+                        eps,
+                    )?,
                     mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
                 })
             })
@@ -279,7 +302,7 @@ impl Model {
             cfg: cfg.clone(),
             embed_tokens: Embedding::new(embed, h),
             layers,
-            norm: rms_norm(&vb, "model.norm", h, eps)?,
+            norm: RmsNorm::load(&vb, "model.norm", h, eps)?,
             lm_head,
             rope: Rope::new(cfg, vb.device())?,
             dtype: vb.dtype(),
@@ -320,7 +343,7 @@ impl Model {
 
     /// [`forward`](Self::forward) with attention left to `attend`: a host batching the decode
     /// step of many sequences runs their rows as one sequence of tokens (every projection one
-    /// GEMM over the rows; `rows`: on the CPU as `(W · xᵀ)ᵀ`, the cheap kernel for a few rows) and attends
+    /// GEMM over the rows; `rows`: [`apb_kernels::linear_rows`], the few-rows kernels) and attends
     /// each row to its own sequence's cache.
     pub fn forward_with(
         &self,
@@ -340,16 +363,25 @@ impl Model {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let (cos, sin) = self.rope.cos_sin(positions, self.dtype)?;
         let mut x = self.embed_tokens.forward(&ids)?;
+        // `h` is always the norm of `x` the next sub-layer reads; each residual add runs fused
+        // with the norm after it (the next layer's input norm, or the final one).
+        let mut h = match self.layers.first() {
+            Some(block) => block.input_layernorm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
         for (i, block) in self.layers.iter().enumerate() {
-            let h = block.input_layernorm.forward(&x)?;
             let a = block.self_attn.forward(&h, i, &cos, &sin, attend, rows)?;
-            x = (x + a)?;
-            let h = block.post_attention_layernorm.forward(&x)?;
+            (x, h) = block.post_attention_layernorm.add_forward(&x, &a)?;
             let ffn = if rows { "rows.ffn" } else { "ffn" };
-            x = (&x + span(ffn, x.device(), || block.mlp.forward(&h, rows))?)?;
+            let f = span(ffn, x.device(), || block.mlp.forward(&h, rows))?;
+            let next = match self.layers.get(i + 1) {
+                Some(b) => &b.input_layernorm,
+                None => &self.norm,
+            };
+            (x, h) = next.add_forward(&x, &f)?;
             on_layer(i)?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(h)
     }
 
     /// Logits (f32) of the last position of `hidden` `(1, seq, hidden)`.

@@ -1,0 +1,200 @@
+// Linear layers of a decode step: Y (m, n) = X (m, k) · Wᵀ for few rows (m ≤ 64) and a weight
+// W (n, k) row-major, the shape every projection of a batched decode step has. Such a GEMM reads
+// W once and is bound by memory; the library GEMMs leave much of the bandwidth unused there (few
+// output tiles for o_proj-sized weights). Here the weight is the tensor-core A operand ("swap
+// AB"): each warp streams 16-byte pieces of weight rows straight into A fragments and the m rows
+// of X are the n8 columns, so one weight read serves every row.
+//
+// The k order inside a 32-wide chunk is permuted the same way for W and X (thread t of a quad
+// takes elements 8t..8t+7 of the chunk: 16 bytes, one load), which a dot product does not mind.
+//
+// A block of 8 warps owns 32 weight rows (two 16-row tiles) and splits k over its warps; the
+// partial sums are added in shared memory in a fixed order. A row of Y therefore depends on its
+// own row of X alone, never on how many rows run beside it: batched and alone decode agree bit
+// for bit.
+//
+// `silu_mul`: W is [gate; up] (2·half rows); tile 0 holds gate rows, tile 1 the up rows `half`
+// further, and the block writes silu(gate)·up (m, half): the MLP's first half in one kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int WARPS = 8;
+
+template <typename T>
+struct Ty;
+template <>
+struct Ty<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Ty<__half> {
+    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
+
+// Weights are read once: do not keep them in L1 (X, read by every block, stays there).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// MT: n8 tiles of X rows (m ≤ 8·MT). U: 32-wide k chunks each warp loads before it computes.
+template <typename T, int MT, bool SILU>
+__device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                            int m, int n, int k, int half) {
+    constexpr int U = MT >= 8 ? 2 : 4;
+    extern __shared__ float red[];  // (WARPS, 2·MT·4, 32)
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+
+    // The two 16-row weight tiles of this block, and the weight rows this lane reads.
+    int tile_row[2];
+    if (SILU) {
+        tile_row[0] = blockIdx.x * 16;
+        tile_row[1] = half + blockIdx.x * 16;
+    } else {
+        tile_row[0] = blockIdx.x * 32;
+        tile_row[1] = blockIdx.x * 32 + 16;
+    }
+    const int limit[2] = {SILU ? half : n, n};
+    const T* wrow[2][2];
+    bool wok[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = tile_row[t] + gq + 8 * h;
+            wok[t][h] = r < limit[t];
+            wrow[t][h] = w + (int64_t)(wok[t][h] ? r : 0) * k + 8 * tq;
+        }
+    const T* xrow[MT];
+    bool xok[MT];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+        const int r = 8 * j + gq;
+        xok[j] = r < m;
+        xrow[j] = x + (int64_t)(xok[j] ? r : 0) * k + 8 * tq;
+    }
+
+    float acc[2][MT][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][j][e] = 0.f;
+
+    const int chunks = k / 32;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
+        uint4 wa[U][2][2], xb[U][MT];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + WARPS * u;
+            const bool in = c < chunks;
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    wa[u][t][h] = in && wok[t][h] ? ld_stream(wrow[t][h] + c * 32) : zero;
+#pragma unroll
+            for (int j = 0; j < MT; ++j)
+                xb[u][j] = in && xok[j] ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + c * 32))
+                                        : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c0 + WARPS * u >= chunks) break;
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    const uint32_t a[4] = {word(wa[u][t][0], 2 * s), word(wa[u][t][1], 2 * s),
+                                           word(wa[u][t][0], 2 * s + 1),
+                                           word(wa[u][t][1], 2 * s + 1)};
+#pragma unroll
+                    for (int j = 0; j < MT; ++j) {
+                        const uint32_t b[2] = {word(xb[u][j], 2 * s), word(xb[u][j], 2 * s + 1)};
+                        Ty<T>::mma(acc[t][j], a, b);
+                    }
+                }
+            }
+        }
+    }
+
+    // The warps' partial sums, added in warp order.
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                red[(warp * 2 * MT * 4 + (t * MT + j) * 4 + e) * 32 + lane] = acc[t][j][e];
+    __syncthreads();
+    auto total = [&](int idx, int ln) {
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += red[(v * 2 * MT * 4 + idx) * 32 + ln];
+        return sum;
+    };
+    // Value (t, j, e) of lane (gq, tq): weight row tile_row[t] + gq + 8·(e / 2), X row
+    // 8·j + 2·tq + (e & 1).
+    const int per_tile = MT * 4 * 32;
+    for (int f = tid; f < (SILU ? 1 : 2) * per_tile; f += WARPS * 32) {
+        const int ln = f % 32, idx = f / 32;
+        const int t = idx / (MT * 4), j = (idx / 4) % MT, e = idx % 4;
+        const int row = 8 * j + 2 * (ln % 4) + (e & 1);
+        const int col = tile_row[t] + ln / 4 + 8 * (e / 2);
+        if (row >= m) continue;
+        if (SILU) {
+            if (col >= half) continue;
+            const float g = total(idx, ln), u = total(MT * 4 + idx, ln);
+            y[(int64_t)row * half + col] = Ty<T>::from(g / (1.f + __expf(-g)) * u);
+        } else {
+            if (col >= n) continue;
+            y[(int64_t)row * n + col] = Ty<T>::from(total(idx, ln));
+        }
+    }
+}
+
+}  // namespace
+
+#define ROWS_LINEAR(NAME, T, MT, SILU)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const T* x, const T* w, T* y, int m, \
+                                                           int n, int k, int half) {            \
+        rows_linear<T, MT, SILU>(x, w, y, m, n, k, half);                                      \
+    }
+#define ROWS_LINEAR_ALL(TY, T)                               \
+    ROWS_LINEAR(rows_linear_##TY##_m8, T, 1, false)          \
+    ROWS_LINEAR(rows_linear_##TY##_m16, T, 2, false)         \
+    ROWS_LINEAR(rows_linear_##TY##_m32, T, 4, false)         \
+    ROWS_LINEAR(rows_linear_##TY##_m64, T, 8, false)         \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m8, T, 1, true)         \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m16, T, 2, true)        \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m32, T, 4, true)        \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m64, T, 8, true)
+ROWS_LINEAR_ALL(bf16, __nv_bfloat16)
+ROWS_LINEAR_ALL(f16, __half)

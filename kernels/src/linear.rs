@@ -1,0 +1,141 @@
+//! Linear layers of a decode step's rows: `x · Wᵀ` for a few rows (one per sequence) against a
+//! weight `W (n, k)`, and the MLP's `silu(x · Gᵀ) · (x · Uᵀ)` with `W = [G; U]` in one pass.
+//!
+//! - CUDA (bf16/f16, at most [`MAX_ROWS`] rows): `linear.cu`, one weight read for all rows at
+//!   memory speed, and a row's result independent of the rows beside it (batched decode equals
+//!   alone bit for bit).
+//! - CPU: as `(W · xᵀ)ᵀ`. candle's CPU GEMM computes `x · Wᵀ` for a few rows with a kernel that
+//!   packs all of W each call (16 rows of SmolLM2 cost 9× one row), while W as the row-major left
+//!   operand costs ~2–5× one row for 16, and every row comes out alike whatever their number.
+//! - Elsewhere (f32 on CUDA, more rows): candle's GEMM.
+
+use candle_core::{Result, Tensor, D};
+
+/// Rows the CUDA kernel takes in one launch (more go through candle's GEMM).
+pub const MAX_ROWS: usize = 64;
+
+/// `x (.., k) · wᵀ` with `w (n, k)` → `(.., n)`, for a decode step's few rows.
+pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    if x.dim(D::Minus1)? != k {
+        candle_core::bail!("linear_rows: x {:?} against w {:?}", x.dims(), w.dims());
+    }
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has a last dim") = n;
+    let x2 = x.reshape(((), k))?;
+    #[cfg(feature = "cuda")]
+    if cuda_supported(&x2, w)? {
+        return cuda::rows_linear(&x2, w, false)?.reshape(out_shape);
+    }
+    let y = if x.device().is_cpu() {
+        w.matmul(&x2.t()?)?.t()?.contiguous()?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    y.reshape(out_shape)
+}
+
+/// `silu(x · Gᵀ) · (x · Uᵀ)` for `w = [G; U]` `(2·h, k)` → `(.., h)`: the gate and up
+/// projections of an MLP as one weight, for a decode step's few rows (see [`linear_rows`]).
+pub fn linear_rows_silu_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    if n % 2 != 0 || x.dim(D::Minus1)? != k {
+        candle_core::bail!(
+            "linear_rows_silu_mul: x {:?} against [gate; up] {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let x2 = x.reshape(((), k))?;
+        if cuda_supported(&x2, w)? {
+            let mut out_shape = x.dims().to_vec();
+            *out_shape.last_mut().expect("x has a last dim") = n / 2;
+            return cuda::rows_linear(&x2, w, true)?.reshape(out_shape);
+        }
+    }
+    silu_mul(&linear_rows(x, w)?)
+}
+
+/// `silu(a) · b` for `y = [a | b]` along the last dimension: the MLP's activation after a fused
+/// gate|up projection.
+pub fn silu_mul(y: &Tensor) -> Result<Tensor> {
+    let h = y.dim(D::Minus1)? / 2;
+    y.narrow(D::Minus1, 0, h)?.silu()? * y.narrow(D::Minus1, h, h)?
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_supported(x: &Tensor, w: &Tensor) -> Result<bool> {
+    use candle_core::DType;
+    let (m, k) = x.dims2()?;
+    Ok(x.device().is_cuda()
+        && w.device().same_device(x.device())
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && w.dtype() == x.dtype()
+        && (1..=MAX_ROWS).contains(&m)
+        && k % 32 == 0
+        && x.is_contiguous()
+        && w.is_contiguous())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::cuda::{alloc_unset, cuda_device, function, ptr, LINEAR_PTX};
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Result, Tensor};
+
+    /// `x (m, k) · wᵀ`, or with `silu_mul` the MLP's `silu(gate) · up` of `w = [gate; up]`.
+    pub(super) fn rows_linear(x: &Tensor, w: &Tensor, silu_mul: bool) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let half = n / 2;
+        let width = if silu_mul { half } else { n };
+        let dev = cuda_device(x)?;
+        let stream = dev.cuda_stream();
+        let (px, pw) = (ptr(x, &stream)?, ptr(w, &stream)?);
+        if px % 16 != 0 || pw % 16 != 0 {
+            candle_core::bail!("linear_rows: operands not 16-byte aligned");
+        }
+        let mt = m.div_ceil(8).next_power_of_two();
+        let ty = if x.dtype() == DType::BF16 {
+            "bf16"
+        } else {
+            "f16"
+        };
+        let name = if silu_mul {
+            "rows_silu_mul"
+        } else {
+            "rows_linear"
+        };
+        // The warps' partial sums: (8 warps, 2 tiles · mt · 4, 32 lanes) f32.
+        let smem = 8 * 2 * mt * 4 * 32 * 4;
+        let f = function(&dev, LINEAR_PTX, &format!("{name}_{ty}_m{}", 8 * mt), smem)?;
+        // Every element of y is written by exactly one thread of one block.
+        let (y, py) = unsafe { alloc_unset(&dev, (m, width), x.dtype(), &stream)? };
+        let blocks = if silu_mul {
+            half.div_ceil(16)
+        } else {
+            n.div_ceil(32)
+        };
+        let as_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("linear_rows: {v}")))
+        };
+        let (m32, n32, k32, h32) = (as_i32(m)?, as_i32(n)?, as_i32(k)?, as_i32(half)?);
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&px)
+            .arg(&pw)
+            .arg(&py)
+            .arg(&m32)
+            .arg(&n32)
+            .arg(&k32)
+            .arg(&h32);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
+        Ok(y)
+    }
+}

@@ -5,7 +5,8 @@
 # tokens and T output tokens (ignore_eos), once with --max-num-seqs 1 (the peer: today's server)
 # and once with --max-num-seqs N+8; then, with the N requests decoding, short requests' time to
 # first token next to their idle time (the first text chunk of an 8-token request, and the
-# median end of five 1-token requests: exactly the first token). Writes $OUT/batch.json.
+# median end of five 1-token requests: exactly the first token); batched only, six greedy
+# requests sent together and then each alone (their texts must match). Writes $OUT/batch.json.
 # Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
 # SEQS="32" runs only the batched server (default "1 N": the peer, then batched).
 set -euo pipefail
@@ -71,6 +72,24 @@ th.append(threading.Thread(target=shorts, args=(short,))); th[-1].start()
 [x.join() for x in th]
 wall = time.perf_counter() - t0
 shorts(idle)
+# Batch invariance: six greedy requests of different lengths at once, then each alone; on the
+# GPU every decode kernel computes a row independently of its neighbours, so the texts must match.
+def plain(text, max_tokens, res, i):
+    c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=600)
+    body = json.dumps({"prompt": text, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse(); assert r.status == 200, r.read()
+    res[i] = json.loads(r.read())["choices"][0]["text"]
+invariant = None
+if seqs > 1:
+    lens = [40, 300, 1200, 77, 2500, 640]
+    together, alone = {}, {}
+    ts = [threading.Thread(target=plain, args=(prompt(500 + i, l), 48, together, i)) for i, l in enumerate(lens)]
+    [x.start() for x in ts]; [x.join() for x in ts]
+    for i, l in enumerate(lens):
+        plain(prompt(500 + i, l), 48, alone, i)
+    invariant = {"requests": len(lens), "equal": sum(together[i] == alone[i] for i in range(len(lens))),
+                 "differ": [i for i in range(len(lens)) if together[i] != alone[i]]}
 first = lambda d: statistics.median(d[k]["e2e_s"] for k in range(1, 6))
 out_tokens = n * t
 r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t,
@@ -81,7 +100,8 @@ r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t
      "short_ttft_under_load_s": short[0]["ttft_s"], "short_ttft_idle_s": idle[0]["ttft_s"],
      "short_first_token_under_load_s": first(short), "short_first_token_idle_s": first(idle),
      "short_first_token_under_load_all_s": [short[k]["e2e_s"] for k in range(1, 6)],
-     "short_first_token_idle_all_s": [idle[k]["e2e_s"] for k in range(1, 6)]}
+     "short_first_token_idle_all_s": [idle[k]["e2e_s"] for k in range(1, 6)],
+     "batched_equals_alone": invariant}
 json.dump(r, open(out, "w"), indent=1)
 print(json.dumps(r))
 PY

@@ -438,7 +438,7 @@ pub fn kernel_name(device: &Device, rows: usize, head_dim: usize) -> &'static st
     "cpu"
 }
 
-/// One projection of a decode step timed both ways (see [`linear_rows`]).
+/// One projection of a decode step timed every way (see [`linear_rows`]).
 #[derive(Debug, serde::Serialize)]
 pub struct LinearTiming {
     /// Which projection: `qkv`, `o_proj`, `gate_up` (with the SiLU product), `down`, `lm_head`.
@@ -449,31 +449,29 @@ pub struct LinearTiming {
     pub n: usize,
     /// Input width.
     pub k: usize,
-    /// Our few-rows kernel (`apb_kernels::linear_rows*`), seconds a call.
+    /// Weight bytes (bf16).
+    pub bytes: usize,
+    /// Our few-rows path as the model calls it (`apb_kernels::linear_rows*`), seconds a call.
     pub ours_s: f64,
-    /// candle's GEMM (cuBLAS on CUDA; with `gate_up` plus the SiLU product), seconds a call.
+    /// candle's GEMM (cuBLAS on CUDA; for `gate_up` plus the SiLU product), seconds a call.
     pub gemm_s: f64,
-    /// Weight bytes / our time, GB/s.
-    pub ours_gbps: f64,
-    /// Weight bytes / the GEMM's time, GB/s.
-    pub gemm_gbps: f64,
+    /// On CUDA, each shape of our kernel (`t{tiles}_u{chunks}`), seconds a call.
+    pub shapes_s: std::collections::BTreeMap<String, f64>,
 }
 
-/// Device-to-device copy bandwidth (read + written bytes a second) of a 1 GiB tensor: the
-/// roofline a memory-bound kernel is measured against.
-pub fn copy_bandwidth(device: &Device) -> Result<f64> {
-    let t = Tensor::zeros(1 << 29, DType::BF16, device)?;
-    for _ in 0..2 {
-        t.copy()?;
+/// Seconds a call of `f` (after 3 warm-up calls; 50 timed).
+fn time_call(device: &Device, f: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
     }
     device.synchronize()?;
-    let iters = 10;
+    let iters = 50;
     let start = Instant::now();
     for _ in 0..iters {
-        t.copy()?;
+        f()?;
     }
     device.synchronize()?;
-    Ok(2.0 * (1u64 << 30) as f64 * iters as f64 / start.elapsed().as_secs_f64())
+    Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
 /// A decode step's projections of `cfg` for each count of `rows`: our few-rows kernels against
@@ -488,47 +486,70 @@ pub fn linear_rows(cfg: &Config, device: &Device, rows: &[usize]) -> Result<Vec<
         ("down", h, i),
         ("lm_head", cfg.vocab_size, h),
     ];
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     let mut out = Vec::new();
     for (name, n, k) in shapes {
-        let w = (Tensor::randn(0f32, 1.0, (n, k), device)? * 0.02)?.to_dtype(DType::BF16)?;
+        // Copies of the weight, used in turn, of at least 256 MB in all: a weight read again
+        // would come from L2 (50 MB on an H100), which a model's step never does.
+        let copies = (256usize << 20).div_ceil(n * k * 2).max(1);
+        let ws = (0..copies)
+            .map(|_| (Tensor::randn(0f32, 1.0, (n, k), device)? * 0.02)?.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let turn = std::cell::Cell::new(0usize);
+        let next = || {
+            turn.set((turn.get() + 1) % copies);
+            &ws[turn.get()]
+        };
         for &m in rows {
-            let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
             let silu = name == "gate_up";
             let ours = || -> Result<Tensor> {
+                let w = next();
                 Ok(if silu {
-                    apb_kernels::linear_rows_silu_mul(&x, &w)?
+                    apb_kernels::linear_rows_silu_mul(&x, w)?
                 } else {
-                    apb_kernels::linear_rows(&x, &w)?
+                    apb_kernels::linear_rows(&x, w)?
                 })
             };
             let gemm = || -> Result<Tensor> {
-                let y = x.matmul(&w.t()?)?;
+                let y = x.matmul(&next().t()?)?;
                 Ok(if silu { apb_kernels::silu_mul(&y)? } else { y })
             };
-            let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-                for _ in 0..3 {
-                    f()?;
+            #[allow(unused_mut)]
+            let mut shapes_s = std::collections::BTreeMap::new();
+            #[cfg(feature = "cuda")]
+            if device.is_cuda() {
+                for tiles in [1, 2] {
+                    for chunks in [1, 2, 4] {
+                        if silu && tiles != 2 {
+                            continue;
+                        }
+                        let f = || -> Result<Tensor> {
+                            Ok(apb_kernels::linear::linear_rows_shape(
+                                &x,
+                                next(),
+                                silu,
+                                tiles,
+                                chunks,
+                            )?)
+                        };
+                        shapes_s.insert(format!("t{tiles}_u{chunks}"), time_call(device, &f)?);
+                    }
                 }
-                device.synchronize()?;
-                let iters = 50;
-                let start = Instant::now();
-                for _ in 0..iters {
-                    f()?;
-                }
-                device.synchronize()?;
-                Ok(start.elapsed().as_secs_f64() / iters as f64)
-            };
-            let (ours_s, gemm_s) = (time(&ours)?, time(&gemm)?);
-            let bytes = (n * k * 2) as f64;
+            }
             out.push(LinearTiming {
                 name,
                 rows: m,
                 n,
                 k,
-                ours_s,
-                gemm_s,
-                ours_gbps: bytes / ours_s / 1e9,
-                gemm_gbps: bytes / gemm_s / 1e9,
+                bytes: n * k * 2,
+                ours_s: time_call(device, &ours)?,
+                gemm_s: time_call(device, &gemm)?,
+                shapes_s,
             });
         }
     }

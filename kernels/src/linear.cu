@@ -51,7 +51,7 @@ struct Ty<__half> {
 // Weights are read once: do not keep them in L1 (X, read by every block, stays there).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
@@ -61,29 +61,27 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// MT: n8 tiles of X rows (m ≤ 8·MT). U: 32-wide k chunks each warp loads before it computes.
-template <typename T, int MT, bool SILU>
+// MT: n8 tiles of X rows (m ≤ 8·MT). TM: 16-row weight tiles of a block (2 with SILU: gate and
+// up). U: 32-wide k chunks each warp loads before it computes.
+template <typename T, int MT, int TM, int U, bool SILU>
 __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                             int m, int n, int k, int half) {
-    constexpr int U = MT >= 8 ? 2 : 4;
-    extern __shared__ float red[];  // (WARPS, 2·MT·4, 32)
+    static_assert(!SILU || TM == 2, "silu_mul pairs a gate tile with an up tile");
+    extern __shared__ float red[];  // (WARPS, TM·MT·4, 32)
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int gq = lane / 4, tq = lane % 4;
 
-    // The two 16-row weight tiles of this block, and the weight rows this lane reads.
-    int tile_row[2];
-    if (SILU) {
-        tile_row[0] = blockIdx.x * 16;
-        tile_row[1] = half + blockIdx.x * 16;
-    } else {
-        tile_row[0] = blockIdx.x * 32;
-        tile_row[1] = blockIdx.x * 32 + 16;
-    }
-    const int limit[2] = {SILU ? half : n, n};
-    const T* wrow[2][2];
-    bool wok[2][2];
+    // The 16-row weight tiles of this block, and the weight rows this lane reads.
+    int tile_row[TM], limit[TM];
 #pragma unroll
-    for (int t = 0; t < 2; ++t)
+    for (int t = 0; t < TM; ++t) {
+        tile_row[t] = SILU ? t * half + blockIdx.x * 16 : (blockIdx.x * TM + t) * 16;
+        limit[t] = SILU && t == 0 ? half : n;
+    }
+    const T* wrow[TM][2];
+    bool wok[TM][2];
+#pragma unroll
+    for (int t = 0; t < TM; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = tile_row[t] + gq + 8 * h;
@@ -99,9 +97,9 @@ __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T*
         xrow[j] = x + (int64_t)(xok[j] ? r : 0) * k + 8 * tq;
     }
 
-    float acc[2][MT][4];
+    float acc[TM][MT][4];
 #pragma unroll
-    for (int t = 0; t < 2; ++t)
+    for (int t = 0; t < TM; ++t)
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
@@ -110,13 +108,13 @@ __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T*
     const int chunks = k / 32;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
-        uint4 wa[U][2][2], xb[U][MT];
+        uint4 wa[U][TM][2], xb[U][MT];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + WARPS * u;
             const bool in = c < chunks;
 #pragma unroll
-            for (int t = 0; t < 2; ++t)
+            for (int t = 0; t < TM; ++t)
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
                     wa[u][t][h] = in && wok[t][h] ? ld_stream(wrow[t][h] + c * 32) : zero;
@@ -131,7 +129,7 @@ __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T*
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
 #pragma unroll
-                for (int t = 0; t < 2; ++t) {
+                for (int t = 0; t < TM; ++t) {
                     const uint32_t a[4] = {word(wa[u][t][0], 2 * s), word(wa[u][t][1], 2 * s),
                                            word(wa[u][t][0], 2 * s + 1),
                                            word(wa[u][t][1], 2 * s + 1)};
@@ -147,23 +145,23 @@ __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T*
 
     // The warps' partial sums, added in warp order.
 #pragma unroll
-    for (int t = 0; t < 2; ++t)
+    for (int t = 0; t < TM; ++t)
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                red[(warp * 2 * MT * 4 + (t * MT + j) * 4 + e) * 32 + lane] = acc[t][j][e];
+                red[(warp * TM * MT * 4 + (t * MT + j) * 4 + e) * 32 + lane] = acc[t][j][e];
     __syncthreads();
     auto total = [&](int idx, int ln) {
         float sum = 0.f;
 #pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += red[(v * 2 * MT * 4 + idx) * 32 + ln];
+        for (int v = 0; v < WARPS; ++v) sum += red[(v * TM * MT * 4 + idx) * 32 + ln];
         return sum;
     };
     // Value (t, j, e) of lane (gq, tq): weight row tile_row[t] + gq + 8·(e / 2), X row
     // 8·j + 2·tq + (e & 1).
     const int per_tile = MT * 4 * 32;
-    for (int f = tid; f < (SILU ? 1 : 2) * per_tile; f += WARPS * 32) {
+    for (int f = tid; f < (SILU ? 1 : TM) * per_tile; f += WARPS * 32) {
         const int ln = f % 32, idx = f / 32;
         const int t = idx / (MT * 4), j = (idx / 4) % MT, e = idx % 4;
         const int row = 8 * j + 2 * (ln % 4) + (e & 1);
@@ -182,19 +180,28 @@ __device__ void rows_linear(const T* __restrict__ x, const T* __restrict__ w, T*
 
 }  // namespace
 
-#define ROWS_LINEAR(NAME, T, MT, SILU)                                                          \
+#define ROWS_LINEAR(NAME, T, MT, TM, U, SILU)                                                   \
     extern "C" __global__ void __launch_bounds__(256) NAME(const T* x, const T* w, T* y, int m, \
                                                            int n, int k, int half) {            \
-        rows_linear<T, MT, SILU>(x, w, y, m, n, k, half);                                      \
+        rows_linear<T, MT, TM, U, SILU>(x, w, y, m, n, k, half);                               \
     }
-#define ROWS_LINEAR_ALL(TY, T)                               \
-    ROWS_LINEAR(rows_linear_##TY##_m8, T, 1, false)          \
-    ROWS_LINEAR(rows_linear_##TY##_m16, T, 2, false)         \
-    ROWS_LINEAR(rows_linear_##TY##_m32, T, 4, false)         \
-    ROWS_LINEAR(rows_linear_##TY##_m64, T, 8, false)         \
-    ROWS_LINEAR(rows_silu_mul_##TY##_m8, T, 1, true)         \
-    ROWS_LINEAR(rows_silu_mul_##TY##_m16, T, 2, true)        \
-    ROWS_LINEAR(rows_silu_mul_##TY##_m32, T, 4, true)        \
-    ROWS_LINEAR(rows_silu_mul_##TY##_m64, T, 8, true)
+// Every shape the launcher may pick: _m{rows}_t{weight tiles}_u{chunks in flight}.
+#define ROWS_LINEAR_U(TY, T, M, MT, TM)                                  \
+    ROWS_LINEAR(rows_linear_##TY##_m##M##_t##TM##_u1, T, MT, TM, 1, false) \
+    ROWS_LINEAR(rows_linear_##TY##_m##M##_t##TM##_u2, T, MT, TM, 2, false) \
+    ROWS_LINEAR(rows_linear_##TY##_m##M##_t##TM##_u4, T, MT, TM, 4, false)
+#define ROWS_SILU_U(TY, T, M, MT)                                       \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m##M##_t2_u1, T, MT, 2, 1, true) \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m##M##_t2_u2, T, MT, 2, 2, true) \
+    ROWS_LINEAR(rows_silu_mul_##TY##_m##M##_t2_u4, T, MT, 2, 4, true)
+#define ROWS_LINEAR_M(TY, T, M, MT) \
+    ROWS_LINEAR_U(TY, T, M, MT, 1)  \
+    ROWS_LINEAR_U(TY, T, M, MT, 2)  \
+    ROWS_SILU_U(TY, T, M, MT)
+#define ROWS_LINEAR_ALL(TY, T)       \
+    ROWS_LINEAR_M(TY, T, 8, 1)       \
+    ROWS_LINEAR_M(TY, T, 16, 2)      \
+    ROWS_LINEAR_M(TY, T, 32, 4)      \
+    ROWS_LINEAR_M(TY, T, 64, 8)
 ROWS_LINEAR_ALL(bf16, __nv_bfloat16)
 ROWS_LINEAR_ALL(f16, __half)

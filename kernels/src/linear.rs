@@ -25,7 +25,7 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x2 = x.reshape(((), k))?;
     #[cfg(feature = "cuda")]
     if cuda_supported(&x2, w)? {
-        return cuda::rows_linear(&x2, w, false)?.reshape(out_shape);
+        return cuda::rows_linear(&x2, w, false, None)?.reshape(out_shape);
     }
     let y = if x.device().is_cpu() {
         w.matmul(&x2.t()?)?.t()?.contiguous()?
@@ -52,7 +52,7 @@ pub fn linear_rows_silu_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         if cuda_supported(&x2, w)? {
             let mut out_shape = x.dims().to_vec();
             *out_shape.last_mut().expect("x has a last dim") = n / 2;
-            return cuda::rows_linear(&x2, w, true)?.reshape(out_shape);
+            return cuda::rows_linear(&x2, w, true, None)?.reshape(out_shape);
         }
     }
     silu_mul(&linear_rows(x, w)?)
@@ -63,6 +63,28 @@ pub fn linear_rows_silu_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn silu_mul(y: &Tensor) -> Result<Tensor> {
     let h = y.dim(D::Minus1)? / 2;
     y.narrow(D::Minus1, 0, h)?.silu()? * y.narrow(D::Minus1, h, h)?
+}
+
+/// [`linear_rows`] (or with `silu_mul` [`linear_rows_silu_mul`]) on CUDA through one shape of
+/// the kernel: `tiles` 16-row weight tiles a block (1 or 2; 2 with `silu_mul`) and `chunks`
+/// (1, 2 or 4) 32-wide pieces of k each warp loads before it computes. For `apb bench linear`,
+/// which times every shape; `x` must be `(m ≤ 64, k)` bf16/f16 with `k % 32 == 0`.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn linear_rows_shape(
+    x: &Tensor,
+    w: &Tensor,
+    silu_mul: bool,
+    tiles: usize,
+    chunks: usize,
+) -> Result<Tensor> {
+    if !cuda_supported(x, w)? || ![1, 2].contains(&tiles) || ![1, 2, 4].contains(&chunks) {
+        candle_core::bail!("linear_rows_shape: unsupported operands or shape");
+    }
+    if silu_mul && tiles != 2 {
+        candle_core::bail!("linear_rows_shape: silu_mul takes 2 tiles");
+    }
+    cuda::rows_linear(x, w, silu_mul, Some((tiles, chunks)))
 }
 
 #[cfg(feature = "cuda")]
@@ -85,8 +107,27 @@ mod cuda {
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Result, Tensor};
 
-    /// `x (m, k) · wᵀ`, or with `silu_mul` the MLP's `silu(gate) · up` of `w = [gate; up]`.
-    pub(super) fn rows_linear(x: &Tensor, w: &Tensor, silu_mul: bool) -> Result<Tensor> {
+    /// The kernel shape (weight tiles a block, k chunks in flight a warp) for `mt` n8 tiles of
+    /// rows.
+    fn shape_for(mt: usize, silu_mul: bool) -> (usize, usize) {
+        // The fastest of `apb bench linear` on an H100 (bench/results/gpu-h100-linear-*.md) on
+        // Llama-3.1-8B's weights that do not fit in L2 (gate|up, down, lm_head).
+        match (silu_mul, mt >= 8) {
+            (true, false) => (2, 2),
+            (true, true) => (2, 4),
+            (false, false) => (1, 4),
+            (false, true) => (2, 4),
+        }
+    }
+
+    /// `x (m, k) · wᵀ`, or with `silu_mul` the MLP's `silu(gate) · up` of `w = [gate; up]`;
+    /// `shape` forces a kernel shape (see `shape_for`).
+    pub(super) fn rows_linear(
+        x: &Tensor,
+        w: &Tensor,
+        silu_mul: bool,
+        shape: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
         let half = n / 2;
@@ -98,6 +139,7 @@ mod cuda {
             candle_core::bail!("linear_rows: operands not 16-byte aligned");
         }
         let mt = m.div_ceil(8).next_power_of_two();
+        let (tiles, chunks) = shape.unwrap_or_else(|| shape_for(mt, silu_mul));
         let ty = if x.dtype() == DType::BF16 {
             "bf16"
         } else {
@@ -108,15 +150,20 @@ mod cuda {
         } else {
             "rows_linear"
         };
-        // The warps' partial sums: (8 warps, 2 tiles · mt · 4, 32 lanes) f32.
-        let smem = 8 * 2 * mt * 4 * 32 * 4;
-        let f = function(&dev, LINEAR_PTX, &format!("{name}_{ty}_m{}", 8 * mt), smem)?;
+        // The warps' partial sums: (8 warps, tiles · mt · 4, 32 lanes) f32.
+        let smem = 8 * tiles * mt * 4 * 32 * 4;
+        let f = function(
+            &dev,
+            LINEAR_PTX,
+            &format!("{name}_{ty}_m{}_t{tiles}_u{chunks}", 8 * mt),
+            smem,
+        )?;
         // Every element of y is written by exactly one thread of one block.
         let (y, py) = unsafe { alloc_unset(&dev, (m, width), x.dtype(), &stream)? };
         let blocks = if silu_mul {
             half.div_ceil(16)
         } else {
-            n.div_ceil(32)
+            n.div_ceil(16 * tiles)
         };
         let as_i32 = |v: usize| {
             i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("linear_rows: {v}")))

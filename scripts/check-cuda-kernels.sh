@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cuda-env.sh
 out=$(mktemp -d)
-for f in kernels/src/{attention,layout,select}.cu; do
+for f in kernels/src/{attention,layout,linear,norm,select}.cu; do
   n=$(basename "$f" .cu)
   nvcc --ptx -O3 -arch=compute_80 -std=c++17 "$f" -o "$out/$n.ptx"
   nvcc -cubin -O3 -arch=sm_90 -std=c++17 --resource-usage "$f" -o "$out/$n.cubin" 2>&1 \

@@ -444,11 +444,21 @@ FLASH_ROWS(flash_rows_f16_d64, __half, 64)
 FLASH_ROWS(flash_rows_f16_d128, __half, 128)
 
 // Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
-// out (rows, d) and out_lse (rows). Parts with LSE -inf weigh 0; a row no part saw comes out 0
-// with LSE -inf. One block per row.
-extern "C" __global__ void lse_merge_f32(const float* __restrict__ o, const float* __restrict__ lse,
-                                         float* __restrict__ out, float* __restrict__ out_lse,
-                                         int parts, int64_t rows, int d) {
+// out (rows, d) in TO (f32, or the model's dtype: no cast after) and out_lse (rows). Parts with
+// LSE -inf weigh 0; a row no part saw comes out 0 with LSE -inf. One block per row.
+template <typename TO>
+__device__ __forceinline__ TO out_as(float v);
+template <>
+__device__ __forceinline__ float out_as(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 out_as(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half out_as(float v) { return __float2half_rn(v); }
+
+template <typename TO>
+__device__ void lse_merge(const float* __restrict__ o, const float* __restrict__ lse,
+                          TO* __restrict__ out, float* __restrict__ out_lse, int parts,
+                          int64_t rows, int d) {
     const int64_t r = blockIdx.x;
     float m = -CUDART_INF_F;
     for (int i = 0; i < parts; ++i) m = fmaxf(m, lse[i * rows + r]);
@@ -462,7 +472,17 @@ extern "C" __global__ void lse_merge_f32(const float* __restrict__ o, const floa
                 float w = exp2f((lse[i * rows + r] - m) * 1.4426950408889634f) / den;
                 if (w > 0.f) acc += w * o[(i * rows + r) * d + x];
             }
-        out[r * d + x] = acc;
+        out[r * d + x] = out_as<TO>(acc);
     }
     if (threadIdx.x == 0 && out_lse) out_lse[r] = den > 0.f ? m + logf(den) : -CUDART_INF_F;
 }
+
+#define LSE_MERGE(NAME, TO)                                                                     \
+    extern "C" __global__ void NAME(const float* __restrict__ o, const float* __restrict__ lse, \
+                                    TO* __restrict__ out, float* __restrict__ out_lse,          \
+                                    int parts, int64_t rows, int d) {                           \
+        lse_merge<TO>(o, lse, out, out_lse, parts, rows, d);                                    \
+    }
+LSE_MERGE(lse_merge_f32, float)
+LSE_MERGE(lse_merge_bf16, __nv_bfloat16)
+LSE_MERGE(lse_merge_f16, __half)

@@ -168,8 +168,8 @@ pub(crate) fn flash(
         let (o, lse) = direct.expect("one split writes directly");
         return Ok((o.0, lse.map(|l| l.0)));
     };
-    let (out, out_lse) = lse_merge(&op, &lp, n_splits, b * n_h * sq, d)?;
-    let out = out.reshape((b, n_h, sq, d))?.to_dtype(q.dtype())?;
+    let (out, out_lse) = lse_merge(&op, &lp, n_splits, b * n_h * sq, d, q.dtype())?;
+    let out = out.reshape((b, n_h, sq, d))?;
     let out_lse = out_lse.reshape((b, n_h, sq))?;
     Ok((out, want_lse.then_some(out_lse)))
 }
@@ -325,7 +325,7 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
         lb.arg(&arg);
         unsafe { lb.launch(cfg) }.map_err(crate::cuda::err)?;
         drop(keep);
-        outs.push(lse_merge(&op.0, &lp.0, n_splits, rows * n_h, d)?);
+        outs.push(lse_merge(&op.0, &lp.0, n_splits, rows * n_h, d, q.dtype())?);
     }
     let (out, lse) = if outs.len() == 1 {
         outs.pop().expect("one chunk")
@@ -333,32 +333,37 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
         let (o, l): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
         (Tensor::cat(&o, 0)?, Tensor::cat(&l, 0)?)
     };
-    Ok((
-        out.reshape((b, n_h, 1, d))?.to_dtype(q.dtype())?,
-        lse.reshape((b, n_h, 1))?,
-    ))
+    Ok((out.reshape((b, n_h, 1, d))?, lse.reshape((b, n_h, 1))?))
 }
 
+/// The merge of f32 parts into `out_dtype` (f32, bf16 or f16) and f32 LSEs.
 pub(super) fn lse_merge(
     o: &Tensor,
     lse: &Tensor,
     parts: usize,
     rows: usize,
     d: usize,
+    out_dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(o)?;
     let stream = dev.cuda_stream();
+    let name = match out_dtype {
+        DType::F32 => "lse_merge_f32",
+        DType::BF16 => "lse_merge_bf16",
+        DType::F16 => "lse_merge_f16",
+        dt => candle_core::bail!("lse_merge: no {dt:?} output"),
+    };
     // One block a row writes all of it and its LSE.
     let ((out, out_ptr), (out_lse, lse_ptr)) = unsafe {
         (
-            alloc_unset(&dev, (rows, d), DType::F32, &stream)?,
+            alloc_unset(&dev, (rows, d), out_dtype, &stream)?,
             alloc_unset(&dev, rows, DType::F32, &stream)?,
         )
     };
     if rows == 0 {
         return Ok((out, out_lse));
     }
-    let f = function(&dev, ATTENTION_PTX, "lse_merge_f32", 0)?;
+    let f = function(&dev, ATTENTION_PTX, name, 0)?;
     let (po, pl) = (ptr(o, &stream)?, ptr(lse, &stream)?);
     let (parts, rows64, d32) = (parts as i32, rows as i64, d as i32);
     let mut lb = stream.launch_builder(&f);

@@ -97,7 +97,7 @@ pub fn lse_merge(o: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor)> {
     let lse = lse.to_dtype(DType::F32)?.contiguous()?;
     #[cfg(feature = "cuda")]
     if o.device().is_cuda() {
-        return mma::lse_merge(&o, &lse, parts, rows, d);
+        return mma::lse_merge(&o, &lse, parts, rows, d, DType::F32);
     }
     let _ = d;
     // -inf → -1e30 keeps `lse − m` finite where some part attended and −inf where none did.

@@ -449,7 +449,7 @@ pub struct LinearTiming {
     pub n: usize,
     /// Input width.
     pub k: usize,
-    /// Weight bytes (bf16).
+    /// Weight bytes (bf16 on CUDA, f32 on the CPU).
     pub bytes: usize,
     /// Our few-rows path as the model calls it (`apb_kernels::linear_rows*`), seconds a call.
     pub ours_s: f64,
@@ -546,7 +546,7 @@ pub fn linear_rows(cfg: &Config, device: &Device, rows: &[usize]) -> Result<Vec<
                 rows: m,
                 n,
                 k,
-                bytes: n * k * 2,
+                bytes: n * k * dtype.size_in_bytes(),
                 ours_s: time_call(device, &ours)?,
                 gemm_s: time_call(device, &gemm)?,
                 shapes_s,

@@ -1,17 +1,18 @@
 //! Linear layers of a decode step's rows: `x · Wᵀ` for a few rows (one per sequence) against a
 //! weight `W (n, k)`, and the MLP's `silu(x · Gᵀ) · (x · Uᵀ)` with `W = [G; U]` in one pass.
 //!
-//! - CUDA (bf16/f16, at most [`MAX_ROWS`] rows): `linear.cu`, one weight read for all rows at
-//!   memory speed, and a row's result independent of the rows beside it (batched decode equals
-//!   alone bit for bit).
+//! - CUDA (bf16/f16): `linear.cu`, one weight read for up to [`MAX_ROWS`] rows at memory speed
+//!   (more rows in several launches), and a row's result independent of the rows beside it
+//!   (batched decode equals alone bit for bit, whatever the batch).
 //! - CPU: as `(W · xᵀ)ᵀ`. candle's CPU GEMM computes `x · Wᵀ` for a few rows with a kernel that
 //!   packs all of W each call (16 rows of SmolLM2 cost 9× one row), while W as the row-major left
 //!   operand costs ~2–5× one row for 16, and every row comes out alike whatever their number.
-//! - Elsewhere (f32 on CUDA, more rows): candle's GEMM.
+//! - Elsewhere (f32 on CUDA, k not a multiple of 32): candle's GEMM.
 
 use candle_core::{Result, Tensor, D};
 
-/// Rows the CUDA kernel takes in one launch (more go through candle's GEMM).
+/// Rows the CUDA kernel takes in one launch; more run in launches of this many (each row still
+/// independent of the others).
 pub const MAX_ROWS: usize = 64;
 
 /// `x (.., k) · wᵀ` with `w (n, k)` → `(.., n)`, for a decode step's few rows.
@@ -25,7 +26,7 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x2 = x.reshape(((), k))?;
     #[cfg(feature = "cuda")]
     if cuda_supported(&x2, w)? {
-        return cuda::rows_linear(&x2, w, false, None)?.reshape(out_shape);
+        return cuda::rows_linear_all(&x2, w, false)?.reshape(out_shape);
     }
     let y = if x.device().is_cpu() {
         w.matmul(&x2.t()?)?.t()?.contiguous()?
@@ -52,7 +53,7 @@ pub fn linear_rows_silu_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         if cuda_supported(&x2, w)? {
             let mut out_shape = x.dims().to_vec();
             *out_shape.last_mut().expect("x has a last dim") = n / 2;
-            return cuda::rows_linear(&x2, w, true, None)?.reshape(out_shape);
+            return cuda::rows_linear_all(&x2, w, true)?.reshape(out_shape);
         }
     }
     silu_mul(&linear_rows(x, w)?)
@@ -78,7 +79,11 @@ pub fn linear_rows_shape(
     tiles: usize,
     chunks: usize,
 ) -> Result<Tensor> {
-    if !cuda_supported(x, w)? || ![1, 2].contains(&tiles) || ![1, 2, 4].contains(&chunks) {
+    if !cuda_supported(x, w)?
+        || x.dim(0)? > MAX_ROWS
+        || ![1, 2].contains(&tiles)
+        || ![1, 2, 4].contains(&chunks)
+    {
         candle_core::bail!("linear_rows_shape: unsupported operands or shape");
     }
     if silu_mul && tiles != 2 {
@@ -95,10 +100,13 @@ fn cuda_supported(x: &Tensor, w: &Tensor) -> Result<bool> {
         && w.device().same_device(x.device())
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && w.dtype() == x.dtype()
-        && (1..=MAX_ROWS).contains(&m)
+        && m >= 1
         && k % 32 == 0
         && x.is_contiguous()
-        && w.is_contiguous())
+        && w.is_contiguous()
+        // 16-byte loads: views must start on 8 elements (allocations are aligned).
+        && x.layout().start_offset().is_multiple_of(8)
+        && w.layout().start_offset().is_multiple_of(8))
 }
 
 #[cfg(feature = "cuda")]
@@ -120,7 +128,27 @@ mod cuda {
         }
     }
 
-    /// `x (m, k) · wᵀ`, or with `silu_mul` the MLP's `silu(gate) · up` of `w = [gate; up]`;
+    /// [`rows_linear`] in launches of at most [`MAX_ROWS`](super::MAX_ROWS) rows.
+    pub(super) fn rows_linear_all(x: &Tensor, w: &Tensor, silu_mul: bool) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        if m <= super::MAX_ROWS {
+            return rows_linear(x, w, silu_mul, None);
+        }
+        let parts = (0..m)
+            .step_by(super::MAX_ROWS)
+            .map(|r| {
+                rows_linear(
+                    &x.narrow(0, r, super::MAX_ROWS.min(m - r))?,
+                    w,
+                    silu_mul,
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// `x (m ≤ 64, k) · wᵀ`, or with `silu_mul` the MLP's `silu(gate) · up` of `w = [gate; up]`;
     /// `shape` forces a kernel shape (see `shape_for`).
     pub(super) fn rows_linear(
         x: &Tensor,

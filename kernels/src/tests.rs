@@ -1010,7 +1010,7 @@ mod gpu {
     }
 
     /// The few-rows kernels (`linear.cu`) against f64 on fresh random bf16 and f16 inputs:
-    /// rows 1 to 64 (every tile count, partial tiles), widths not a multiple of the block's 32
+    /// rows 1 to 64 (every tile count, partial tiles) and 150 (three launches), widths not a multiple of the block's 32
     /// weight rows, k of one chunk up to Llama-3's 14336; rel-L2 within 1e-2 (bf16) / 2e-3 (f16)
     /// and every element within 0.05. Each row equals the same row alone bit for bit, whatever
     /// the rows beside it (the batch invariance decode relies on).
@@ -1025,6 +1025,7 @@ mod gpu {
             (24, 200, 1536),
             (33, 96, 14336),
             (64, 130, 256),
+            (150, 96, 64),
         ];
         for dt in [DType::BF16, DType::F16] {
             for (m, n, k) in cases {

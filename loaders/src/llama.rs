@@ -187,9 +187,13 @@ impl Attention {
 pub type Attend<'a> = dyn FnMut(usize, &AttnInput<'_>) -> apb_plugin::Result<Tensor> + 'a;
 
 struct Mlp {
-    /// gate_proj and up_proj stacked: one GEMM (and on a decode step one kernel with the SiLU
-    /// product) for both.
-    gate_up: Linear,
+    /// gate_proj and up_proj stacked: on a decode step one kernel for both and the SiLU
+    /// product ([`apb_kernels::linear_rows_silu_mul`]).
+    gate_up: Tensor,
+    /// Views of `gate_up` (no copy) for prefill: two GEMMs and a contiguous SiLU product (the
+    /// product over strided halves of one fused output measured ~70 % slower on an H100).
+    gate_proj: Linear,
+    up_proj: Linear,
     down_proj: Linear,
 }
 
@@ -198,8 +202,11 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let gate = vb.get((i, h), "gate_proj.weight")?;
         let up = vb.get((i, h), "up_proj.weight")?;
+        let gate_up = Tensor::cat(&[gate, up], 0)?;
         Ok(Self {
-            gate_up: Linear::new(Tensor::cat(&[gate, up], 0)?, None),
+            gate_proj: Linear::new(gate_up.narrow(0, 0, i)?, None),
+            up_proj: Linear::new(gate_up.narrow(0, i, i)?, None),
+            gate_up,
             down_proj: linear(vb, "down_proj", h, i, false)?,
         })
     }
@@ -209,13 +216,13 @@ impl Mlp {
     fn forward(&self, x: &Tensor, rows: bool) -> Result<Tensor> {
         const CHUNK: usize = 2048;
         if rows {
-            let a = apb_kernels::linear_rows_silu_mul(x, self.gate_up.weight())?;
+            let a = apb_kernels::linear_rows_silu_mul(x, &self.gate_up)?;
             return project(&self.down_proj, &a, true);
         }
         let s = x.dim(1)?;
         let run = |x: &Tensor| -> Result<Tensor> {
-            let y = self.gate_up.forward(x)?;
-            self.down_proj.forward(&apb_kernels::silu_mul(&y)?)
+            let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+            self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
         };
         if s <= CHUNK {
             return run(x);

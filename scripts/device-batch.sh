@@ -5,7 +5,8 @@
 # tokens and T output tokens (ignore_eos), once with --max-num-seqs 1 (the peer: today's server)
 # and once with --max-num-seqs N+8; then, with the N requests decoding, short requests' time to
 # first token next to their idle time (the first text chunk of an 8-token request, and the
-# median end of five 1-token requests: exactly the first token); batched only, six greedy
+# median end of 1-token requests: exactly the first token; five back to back, five at random
+# moments, each split into waiting and prefill); batched only, six greedy
 # requests sent together and then each alone (their texts must match). Writes $OUT/batch.json.
 # Usage: N=16 P=2048 T=64 scripts/device-run.sh scripts/device-batch.sh
 # SEQS="32" runs only the batched server (default "1 N": the peer, then batched).
@@ -61,16 +62,36 @@ if seqs > 1:
             break
         time.sleep(0.05)
 # Then five requests of max_tokens 1, one after the other: their end is their first token (the
-# first text chunk above can come tokens later: ids the tokenizer renders as nothing).
+# first text chunk above can come tokens later: ids the tokenizer renders as nothing). Sent back to
+# back, each arrives just after the engine answered the one before and started the next decode
+# step, so each waits ~a whole step; five more, each after a random 0-30 ms pause, arrive at
+# random points of a step (what independent clients see). Their `apb.prefill_ms` (engine start of
+# the prefill to its first token) splits the time into waiting for the step and prefill.
+def one_token(text, res, i):
+    c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=600)
+    body = json.dumps({"prompt": text, "max_tokens": 1, "ignore_eos": True})
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse(); assert r.status == 200, r.read()
+    apb = json.loads(r.read()).get("apb", {})
+    res[i] = {"e2e_s": time.perf_counter() - t0, "prefill_s": apb.get("prefill_ms", 0) / 1e3}
 def shorts(res):
     request(prompt(999, 64), 8, res, 0)
     for k in range(1, 6):
-        request(prompt(1000 + k, 64), 1, res, k)
+        one_token(prompt(1000 + k, 64), res, k)
+    rng = random.Random(7)
+    for k in range(6, 11):
+        time.sleep(rng.uniform(0, 0.03))
+        one_token(prompt(1000 + k, 64), res, k)
 short = {}
 idle = {}
 th.append(threading.Thread(target=shorts, args=(short,))); th[-1].start()
 [x.join() for x in th]
 wall = time.perf_counter() - t0
+# The decode steps of the load alone (before the idle shorts and the invariance check below add
+# their own small steps to the same histograms).
+c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+c.request("GET", "/metrics"); open(out.replace(".json", "-load-metrics.txt"), "wb").write(c.getresponse().read())
 shorts(idle)
 # Batch invariance: six greedy requests of different lengths at once, then each alone; on the
 # GPU every decode kernel computes a row independently of its neighbours, so the texts must match.
@@ -90,7 +111,8 @@ if seqs > 1:
         plain(prompt(500 + i, l), 48, alone, i)
     invariant = {"requests": len(lens), "equal": sum(together[i] == alone[i] for i in range(len(lens))),
                  "differ": [i for i in range(len(lens)) if together[i] != alone[i]]}
-first = lambda d: statistics.median(d[k]["e2e_s"] for k in range(1, 6))
+first = lambda d, ks=range(1, 6): statistics.median(d[k]["e2e_s"] for k in ks)
+wait = lambda d, ks: statistics.median(d[k]["e2e_s"] - d[k]["prefill_s"] for k in ks)
 out_tokens = n * t
 r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t,
      "wall_s": wall, "output_tokens_per_s": out_tokens / wall,
@@ -101,6 +123,14 @@ r = {"max_num_seqs": seqs, "requests": n, "prompt_tokens": p, "output_tokens": t
      "short_first_token_under_load_s": first(short), "short_first_token_idle_s": first(idle),
      "short_first_token_under_load_all_s": [short[k]["e2e_s"] for k in range(1, 6)],
      "short_first_token_idle_all_s": [idle[k]["e2e_s"] for k in range(1, 6)],
+     "short_first_token_random_arrival_under_load_s": first(short, range(6, 11)),
+     "short_first_token_random_arrival_idle_s": first(idle, range(6, 11)),
+     "short_random_arrival_under_load_all": [short[k] for k in range(6, 11)],
+     "short_wait_under_load_back_to_back_s": wait(short, range(1, 6)),
+     "short_wait_under_load_random_arrival_s": wait(short, range(6, 11)),
+     "short_wait_idle_s": wait(idle, range(1, 11)),
+     "short_prefill_under_load_s": statistics.median(short[k]["prefill_s"] for k in range(1, 11)),
+     "short_prefill_idle_s": statistics.median(idle[k]["prefill_s"] for k in range(1, 11)),
      "batched_equals_alone": invariant}
 json.dump(r, open(out, "w"), indent=1)
 print(json.dumps(r))

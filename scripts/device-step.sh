@@ -34,8 +34,9 @@ batch host APB_PROFILE=host SEQS=$N
 batch synced APB_PROFILE=synced SEQS=$N
 batch 32k N=8 P=32768
 for d in "${runs[@]}"; do
-  echo "== $d"; grep -h '"output_tokens_per_s"\|short_ttft\|short_first_token_[a-z]*_s"' "$R/$d"/batch-*.json 2>/dev/null | head -8 || true
-  grep -h '^apb_decode_step_seconds_sum\|^apb_decode_step_seconds_count\|^apb_profile' "$R/$d"/batch-metrics-*.txt 2>/dev/null || true
+  echo "== $d"; grep -h '"output_tokens_per_s"\|short_ttft\|short_first_token_[a-z_]*_s"\|short_wait\|short_prefill' "$R/$d"/batch-*.json 2>/dev/null | head -40 || true
+  # The load's own steps (before the idle shorts and the invariance check).
+  grep -H '^apb_decode_step_seconds_sum\|^apb_decode_step_seconds_count\|^apb_decode_batch_size_sum\|^apb_decode_batch_size_count\|^apb_profile' "$R/$d"/batch-*-load-metrics.txt 2>/dev/null || true
 done
 tar -C "$R" -czf "$R/step.tar.gz" "${runs[@]}"
 rm -rf "${runs[@]/#/$R/}"

@@ -10,6 +10,7 @@ const SOURCES: [&str; 5] = ["attention", "layout", "linear", "norm", "select"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-changed=src/common.cuh");
     for s in SOURCES {
         println!("cargo:rerun-if-changed=src/{s}.cu");
     }

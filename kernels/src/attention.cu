@@ -12,10 +12,9 @@
 //
 // Split-KV: with n_splits > 1 the keys are cut into n_splits ranges of split_len (a multiple of the
 // tile); each block writes f32 partial outputs and LSEs, merged by lse_merge_f32 below.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math_constants.h>
-#include <stdint.h>
+
+#include "common.cuh"
 
 namespace {
 
@@ -53,37 +52,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-
-template <typename T>
-struct Ty;
-template <>
-struct Ty<__nv_bfloat16> {
-    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ uint32_t pack(float x, float y) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
-template <>
-struct Ty<__half> {
-    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ uint32_t pack(float x, float y) {
-        __half2 h = __floats2half2_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
 
 // Shared-memory tiles are rows of D 2-byte elements in 16-byte chunks; chunk c of row r is stored
 // at c ^ (r & 7) so the 8 rows an ldmatrix reads fall in 8 different bank groups.
@@ -402,6 +370,178 @@ __device__ void flash_fwd(const Params& p, const RowKv* rows) {
         }
 }
 
+// Decode rows (sq = 1; the g ≤ 16 query heads of a KV head are a block's 16 query rows): the
+// block's 4 warps share those rows and split every 64-key tile, 16 keys a warp, so a tile's
+// tensor-core and softmax work runs on all 4 warps (on one, with 3 idle, in `flash_fwd`); each
+// warp keeps its own running max, sum and output, merged through shared memory at the end. The
+// query tile is 16 rows, so 3 blocks fit an SM. Keys [split·split_len, min(sk, (split+1)·split_len))
+// of the row; always writes f32 parts (`flash_rows` merges them).
+template <typename T, int D>
+__device__ void flash_decode(const Params& p, const RowKv* rows) {
+    constexpr int NW = 4, NT = 32 * NW, BR = 16;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* sq_tile = reinterpret_cast<T*>(smem_raw);
+    T* sk_tile = sq_tile + BR * D;      // 2 buffers of BC × D
+    T* sv_tile = sk_tile + 2 * BC * D;  // 2 buffers of BC × D
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int rows_total = p.g;
+    const int r0 = blockIdx.x * BR;
+    const int kvh = blockIdx.y;
+    const int bi = blockIdx.z % p.b;
+    const int split = blockIdx.z / p.b;
+    const RowKv& rk = rows[bi];
+    const T* q = static_cast<const T*>(p.q) + ((int64_t)(bi * p.n_kv + kvh) * rows_total) * D;
+    const T* k = static_cast<const T*>(rk.k) + kvh * rk.k_hstride;
+    const T* v = static_cast<const T*>(rk.v) + kvh * rk.v_hstride;
+    const int lo = min(split * rk.split_len, rk.sk);  // a multiple of BC
+    const int hi = min(rk.sk, lo + rk.split_len);
+    const int t0 = lo / BC;
+    const int n_tiles = (hi - lo + BC - 1) / BC;
+    const int gq = lane / 4, tq = lane % 4;
+
+    float o_acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o_acc[i][j] = 0.f;
+    float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.f, 0.f};
+
+    if (n_tiles > 0) {
+        load_tile<D, BR, NT>(sq_tile, q, r0, rows_total, tid);
+        cp_async_commit();
+        load_tile<D, BC, NT>(sk_tile, k, (int64_t)t0 * BC, rk.sk, tid);
+        load_tile<D, BC, NT>(sv_tile, v, (int64_t)t0 * BC, rk.sk, tid);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+    }
+    const FragAddr<D> qa_addr(sq_tile, (lane % 8) + ((lane / 8) & 1) * 8, lane / 16);
+    const FragAddr<D> ka_addr(sk_tile, (lane % 8) + (lane / 16) * 8, (lane / 8) & 1);
+    const FragAddr<D> va_addr(sv_tile, (lane % 8) + ((lane / 8) & 1) * 8, lane / 16);
+    uint32_t qf[D / 16][4];
+    if (n_tiles > 0) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], qa_addr.at(kk, 0));
+    }
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int buf = it & 1;
+        const int c0 = (t0 + it) * BC;
+        if (it + 1 < n_tiles) {
+            load_tile<D, BC, NT>(sk_tile + (buf ^ 1) * BC * D, k, (int64_t)c0 + BC, rk.sk, tid);
+            load_tile<D, BC, NT>(sv_tile + (buf ^ 1) * BC * D, v, (int64_t)c0 + BC, rk.sk, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const uint32_t buf_off = buf * BC * D * 2;
+
+        // S = Q Kᵀ over this warp's 16 keys of the tile.
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t b[4];
+            ldsm_x4(b, ka_addr.at(kk, 16 * warp, buf_off));
+            Ty<T>::mma(s[0], qf[kk], b);
+            Ty<T>::mma(s[1], qf[kk], b + 2);
+        }
+        const int kw = c0 + 16 * warp;
+        if (kw + 16 > hi) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (kw + nt * 8 + 2 * tq + (e & 1) >= hi) s[nt][e] = -CUDART_INF_F;
+        }
+
+        // Online softmax in base 2 over the warp's keys; P straight into A fragments.
+        uint32_t pa[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float m_new = fmaxf(m_run[h], mx * p.scale_log2);
+            const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+            const float alpha = fast_exp2(m_run[h] - m_use);
+            m_run[h] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const float e0 = fast_exp2(s[nt][2 * h] * p.scale_log2 - m_use);
+                const float e1 = fast_exp2(s[nt][2 * h + 1] * p.scale_log2 - m_use);
+                sum += e0 + e1;
+                pa[nt * 2 + h] = Ty<T>::pack(e0, e1);
+            }
+            l_run[h] = l_run[h] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o_acc[dt][2 * h] *= alpha;
+                o_acc[dt][2 * h + 1] *= alpha;
+            }
+        }
+
+        // O += P V over the warp's 16 keys.
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            uint32_t b[4];
+            ldsm_x4_t(b, va_addr.at(dp, 16 * warp, buf_off));
+            Ty<T>::mma(o_acc[2 * dp], pa, b);
+            Ty<T>::mma(o_acc[2 * dp + 1], pa, b + 2);
+        }
+        __syncthreads();
+    }
+
+    // Merge the warps: each writes its rows' max, sum and unnormalised output to shared memory
+    // (over the K/V tiles, free now), then every thread finishes some (row, column) outputs.
+    float* s_o = reinterpret_cast<float*>(sk_tile);  // NW × BR × D (≤ the K/V tiles' bytes)
+    float* s_m = reinterpret_cast<float*>(sq_tile);  // NW × BR, then s_l: NW × BR
+    float* s_l = s_m + NW * BR;
+    static_assert(NW * BR * D * 4 <= 4 * BC * D * 2, "merge buffer fits the K/V tiles");
+    static_assert(2 * NW * BR * 4 <= BR * D * 2, "row sums fit the query tile");
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float l = l_run[h];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const int r = gq + 8 * h;
+        if (tq == 0) {
+            s_m[warp * BR + r] = m_run[h];
+            s_l[warp * BR + r] = l;
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *reinterpret_cast<float2*>(s_o + (warp * BR + r) * D + dt * 8 + 2 * tq) =
+                make_float2(o_acc[dt][2 * h], o_acc[dt][2 * h + 1]);
+    }
+    __syncthreads();
+    const int64_t prow0 =
+        (int64_t)split * p.b * p.n_kv * rows_total + (int64_t)(bi * p.n_kv + kvh) * rows_total;
+    for (int i = tid; i < BR * D; i += NT) {
+        const int r = i / D, c = i % D;
+        if (r0 + r >= rows_total) break;  // rows ascend with i
+        float mx = -CUDART_INF_F;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w * BR + r]);
+        float l = 0.f, o = 0.f;
+        if (mx != -CUDART_INF_F) {
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                const float a = fast_exp2(s_m[w * BR + r] - mx);  // 0 for a warp that saw nothing
+                l += s_l[w * BR + r] * a;
+                o += s_o[(w * BR + r) * D + c] * a;
+            }
+        }
+        const int64_t prow = prow0 + r0 + r;
+        p.o_part[prow * D + c] = l > 0.f ? o / l : 0.f;
+        if (c == 0) p.lse_part[prow] = l > 0.f ? (mx + log2f(l)) * 0.69314718055994531f : -CUDART_INF_F;
+    }
+}
+
 }  // namespace
 
 #define FLASH(NAME, T, D, NW, MT)                                                    \
@@ -432,11 +572,10 @@ struct RowsParams {
     Params p;
     RowKv rows[ROWS_BY_VALUE];
 };
-// 4 warps a block, a warp per 16 query rows (all but the first idle for a decode row's g ≤ 16
-// rows; one warp a block measured no faster on an H100, and this kernel needs several).
+// 4 warps a block sharing 16 query rows, each on a quarter of every key tile (`flash_decode`).
 #define FLASH_ROWS(NAME, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(128) NAME(const __grid_constant__ RowsParams rp) { \
-        flash_fwd<T, D, 4, 1>(rp.p, rp.rows);                                                     \
+        flash_decode<T, D>(rp.p, rp.rows);                                                        \
     }
 FLASH_ROWS(flash_rows_bf16_d64, __nv_bfloat16, 64)
 FLASH_ROWS(flash_rows_bf16_d128, __nv_bfloat16, 128)
@@ -446,15 +585,6 @@ FLASH_ROWS(flash_rows_f16_d128, __half, 128)
 // Log-sum-exp merge of `parts` partial results: o (parts, rows, d) and lse (parts, rows) in f32 →
 // out (rows, d) in TO (f32, or the model's dtype: no cast after) and out_lse (rows). Parts with
 // LSE -inf weigh 0; a row no part saw comes out 0 with LSE -inf. One block per row.
-template <typename TO>
-__device__ __forceinline__ TO out_as(float v);
-template <>
-__device__ __forceinline__ float out_as(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 out_as(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half out_as(float v) { return __float2half_rn(v); }
-
 template <typename TO>
 __device__ void lse_merge(const float* __restrict__ o, const float* __restrict__ lse,
                           TO* __restrict__ out, float* __restrict__ out_lse, int parts,
@@ -472,7 +602,7 @@ __device__ void lse_merge(const float* __restrict__ o, const float* __restrict__
                 float w = exp2f((lse[i * rows + r] - m) * 1.4426950408889634f) / den;
                 if (w > 0.f) acc += w * o[(i * rows + r) * d + x];
             }
-        out[r * d + x] = out_as<TO>(acc);
+        out[r * d + x] = Ty<TO>::from(acc);
     }
     if (threadIdx.x == 0 && out_lse) out_lse[r] = den > 0.f ? m + logf(den) : -CUDART_INF_F;
 }

@@ -15,38 +15,11 @@
 //
 // `silu_mul`: W is [gate; up] (2·half rows); tile 0 holds gate rows, tile 1 the up rows `half`
 // further, and the block writes silu(gate)·up (m, half): the MLP's first half in one kernel.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
 
 constexpr int WARPS = 8;
-
-template <typename T>
-struct Ty;
-template <>
-struct Ty<__nv_bfloat16> {
-    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-template <>
-struct Ty<__half> {
-    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-    static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
 
 // Weights are read once: do not keep them in L1 (X, read by every block, stays there).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {

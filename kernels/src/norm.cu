@@ -1,20 +1,9 @@
 // A layer's residual add and the RMSNorm after it in one pass: x' = x + a (rounded to T, as an
 // add of two T tensors) and h = x' / sqrt(mean(x'²) + eps) · w, one block per token. Unfused, a
 // decode step spent four small kernels a layer on these (two adds, two norms).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
-
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
 
 template <typename T>
 __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ a,
@@ -27,9 +16,9 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ a,
     h += off;
     float ss = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const T s = from_f<T>(to_f(x[i]) + to_f(a[i]));
+        const T s = Ty<T>::from(Ty<T>::to(x[i]) + Ty<T>::to(a[i]));
         x_out[i] = s;
-        const float f = to_f(s);
+        const float f = Ty<T>::to(s);
         ss += f * f;
     }
     __shared__ float part[32];
@@ -47,7 +36,7 @@ __device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ a,
     __syncthreads();
     const float inv = rsqrtf(part[0] / d + eps);
     // Each thread reads back only what it wrote itself.
-    for (int i = threadIdx.x; i < d; i += blockDim.x) h[i] = from_f<T>(to_f(x_out[i]) * inv * to_f(w[i]));
+    for (int i = threadIdx.x; i < d; i += blockDim.x) h[i] = Ty<T>::from(Ty<T>::to(x_out[i]) * inv * Ty<T>::to(w[i]));
 }
 
 }  // namespace

@@ -729,6 +729,8 @@ mod gpu {
             (32, 8, 128, DType::BF16),
             (8, 2, 64, DType::F16),
             (9, 3, 64, DType::BF16),
+            // 20 query heads a KV head: two blocks of 16 rows.
+            (40, 2, 64, DType::BF16),
         ] {
             let lens = [
                 Some(4100),

@@ -237,7 +237,8 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
     } else {
         "f16"
     };
-    let br = 64;
+    // A block's 16 query rows (attention.cu `flash_decode`), two K/V tile buffers.
+    let br = 16;
     let smem = (br + 4 * BC) * d * 2;
     let f = function(&dev, ATTENTION_PTX, &format!("flash_rows_{ty}_d{d}"), smem)?;
     let q_at = ptr(q, &stream)?;

@@ -220,6 +220,20 @@ fn bad_requests_get_4xx_with_a_message() {
     assert_eq!(code, 400);
     assert!(error_message(&v).contains("context"), "{v}");
 
+    // max_tokens beyond what the context leaves beside the prompt (as vLLM): 400 naming both,
+    // for either field name.
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut req = ask("hi");
+        req[field] = json!(1_000_000_000u64);
+        let (code, v) = s.chat(req);
+        assert_eq!(code, 400, "{v}");
+        let m = error_message(&v);
+        assert!(
+            m.contains("context is 8192") && m.contains("max_tokens"),
+            "{v}"
+        );
+    }
+
     // A body far beyond what the context can hold is refused before it is read, parsed or
     // tokenized (a 60 MB body used to take 38 s and 5.6 GB to be refused): the answer comes
     // after the headers alone.
@@ -763,14 +777,16 @@ fn compatible_chats_and_errors_in_the_apis_words() {
     }
 }
 
-/// 16 clients that send their headers and one byte of body, then nothing, hold the body slots
-/// only until the body idle deadline (3 s), not `--read-timeout`: another client is answered
-/// within seconds, the slots show in /health, the stalled clients get 408.
+/// 64 clients that send their headers and one byte of body, then nothing: each holds only the
+/// memory of what it sent (they all read at once, none waits for another's slot), until the
+/// body idle deadline (3 s), not `--read-timeout`; another client is answered meanwhile, the
+/// readers show in /health, the stalled clients get 408.
 #[test]
 fn clients_that_stall_their_bodies_cannot_hold_the_server() {
     let s = Server::start(&["--read-timeout", "120"]);
     let body = ask("Paris is the capital of France.\n\nWhat is the capital?").to_string();
-    let stalled: Vec<TcpStream> = (0..16)
+    const STALLED: i64 = 64;
+    let stalled: Vec<TcpStream> = (0..STALLED)
         .map(|_| {
             let mut c = TcpStream::connect(&s.addr).unwrap();
             write!(
@@ -782,8 +798,10 @@ fn clients_that_stall_their_bodies_cannot_hold_the_server() {
             c
         })
         .collect();
-    wait_for(&s, "the stalled bodies never showed", |h| {
-        h["bodies_reading"].as_i64().unwrap_or(0) >= 1
+    // All at once: a count of slots would have let 16 in and kept the rest (and everyone
+    // behind them) waiting in turn.
+    wait_for(&s, "the stalled bodies were not all read at once", |h| {
+        h["bodies_reading"].as_i64().unwrap_or(0) >= STALLED
     });
     let t = std::time::Instant::now();
     let (code, text) = s.chat_raw(&body);

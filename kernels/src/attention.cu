@@ -11,7 +11,7 @@
 // A row that sees no key gets output 0 and LSE -inf.
 //
 // Split-KV: with n_splits > 1 the keys are cut into n_splits ranges of split_len (a multiple of the
-// tile); each block writes f32 partial outputs and LSEs, merged by lse_merge_f32 below.
+// tile); each block writes f32 partial outputs and LSEs, merged by lse_merge_* below.
 #include <math_constants.h>
 
 #include "common.cuh"

@@ -46,15 +46,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
+use tokio::sync::{mpsc as tmpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Requests tokenized at once (tokenizing a long document takes memory and cores).
 pub const TOKENIZE_PERMITS: usize = 2;
-/// Request bodies read at once; further uploads wait (memory: this many times the body bound).
+/// Request bodies in memory at once, counted in bytes: this many times the body bound. A body
+/// takes its share as its bytes arrive (in KiB), so uploads that stall hold only what they sent
+/// and never keep other clients waiting for a slot; one that cannot get room within its pace
+/// gets 503.
 pub const BODY_PERMITS: usize = 16;
 /// A body gets this long for its first bytes, and then as long again plus one second per
-/// [`BODY_MIN_RATE`] bytes received; slower, it gets 408 and frees its slot: a client cannot
-/// hold one of the `BODY_PERMITS` by trickling bytes until `--read-timeout`.
+/// [`BODY_MIN_RATE`] bytes received; slower, it gets 408 and frees what it held: a client
+/// cannot hold memory by trickling bytes until `--read-timeout`.
 pub const BODY_IDLE: Duration = Duration::from_secs(3);
 /// The slowest upload kept (bytes per second, on average since the headers).
 pub const BODY_MIN_RATE: f64 = 16_384.0;
@@ -182,7 +185,8 @@ struct Server {
     /// Set when a shutdown's grace ran out: the request cut then gets 503, not a short answer.
     cut_by_shutdown: AtomicBool,
     running: AtomicBool,
-    /// Bodies read at once (each at most the body bound): bounds the memory requests can take.
+    /// KiB of request bodies held at once ([`BODY_PERMITS`] times the body bound, added when the
+    /// model is ready): bounds the memory requests can take.
     bodies: Arc<Semaphore>,
     tokenize: Arc<Semaphore>,
     created: u64,
@@ -427,7 +431,7 @@ pub async fn serve(
         current: Mutex::new(Vec::new()),
         cut_by_shutdown: AtomicBool::new(false),
         running: AtomicBool::new(false),
-        bodies: Arc::new(Semaphore::new(BODY_PERMITS)),
+        bodies: Arc::new(Semaphore::new(0)),
         tokenize: Arc::new(Semaphore::new(TOKENIZE_PERMITS)),
         created: now_secs(),
         allowed_hosts,
@@ -696,6 +700,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         max_body,
         group: group.info(),
     });
+    s.bodies.add_permits(BODY_PERMITS * max_body.div_ceil(1024));
     let info = group.info();
     eprintln!(
         "ready: {} with {} on {} rank{}{}",
@@ -1403,13 +1408,19 @@ impl Drop for Gauged {
 }
 
 /// The body, at most `limit` bytes (Err(None): over it), within `whole` and at the pace
-/// [`BODY_IDLE`] and [`BODY_MIN_RATE`] set.
-async fn read_body(body: Body, limit: usize, whole: Duration) -> Result<Vec<u8>, Option<ApiError>> {
+/// [`BODY_IDLE`] and [`BODY_MIN_RATE`] set, with the share of `budget` (KiB) it holds.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    whole: Duration,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), Option<ApiError>> {
     use futures_util::StreamExt;
     let start = Instant::now();
     let deadline = start + whole;
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         // What has arrived so far buys time at the minimum rate.
         let paced = start + BODY_IDLE + Duration::from_secs_f64(buf.len() as f64 / BODY_MIN_RATE);
@@ -1428,7 +1439,7 @@ async fn read_body(body: Body, limit: usize, whole: Duration) -> Result<Vec<u8>,
                     BODY_MIN_RATE / 1024.0
                 )))
             }
-            Ok(None) => return Ok(buf),
+            Ok(None) => return Ok((buf, held)),
             Ok(Some(Err(e))) => {
                 return Err(Some(ApiError::bad(format!(
                     "could not read the request body: {e}"
@@ -1439,6 +1450,34 @@ async fn read_body(body: Body, limit: usize, whole: Duration) -> Result<Vec<u8>,
                     return Err(None);
                 }
                 buf.extend_from_slice(&chunk);
+                let have = held.as_ref().map_or(0, |p| p.num_permits());
+                let need = buf.len().div_ceil(1024);
+                if need > have {
+                    let more = budget.clone().acquire_many_owned((need - have) as u32);
+                    let busy = |why: &str| {
+                        Some(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            why.to_string(),
+                        ))
+                    };
+                    // As long as the pace allows with what has arrived.
+                    let paced = start
+                        + BODY_IDLE
+                        + Duration::from_secs_f64(buf.len() as f64 / BODY_MIN_RATE);
+                    let left = deadline
+                        .min(paced)
+                        .saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, more).await {
+                        Ok(Ok(p)) => match &mut held {
+                            Some(h) => h.merge(p),
+                            None => held = Some(p),
+                        },
+                        Ok(Err(_)) => return Err(busy("the server is stopping")),
+                        Err(_) => return Err(busy(
+                            "the server holds as many request bodies as it keeps in memory; retry",
+                        )),
+                    }
+                }
             }
         }
     }
@@ -1488,10 +1527,9 @@ async fn admit(
         return Err(too_large());
     }
     let stopping = |_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping");
-    // Held until the body is parsed and tokenized: at most BODY_PERMITS bodies in memory.
-    let body_permit = s.bodies.clone().acquire_owned().await.map_err(stopping)?;
+    // The body's share of the memory budget is held until it is parsed and tokenized.
     let reading = Gauged::new(&s.metrics.bodies_reading);
-    let bytes = read_body(body, limit, s.cfg.body_timeout)
+    let (bytes, body_permit) = read_body(body, limit, s.cfg.body_timeout, &s.bodies)
         .await
         .map_err(|e| e.unwrap_or_else(too_large))?;
     // Owned permits move into the blocking task: a client that leaves mid-tokenization does not
@@ -1578,8 +1616,19 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
         return Err(ApiError::bad("'stop' takes at most 4 strings"));
     }
     params.validate().map_err(ApiError::bad)?;
+    let asked = common.max_completion_tokens.or(common.max_tokens);
     let job = job(s, parts, params);
     prepare(&ready.loaded.model, &job).map_err(|e| ApiError::bad(e.0))?;
+    // As vLLM: an explicit max_tokens must fit the context beside the prompt (without one, the
+    // server's default is cut to the room left).
+    let (ctx, prompt_tokens) = (ready.loaded.model.cfg.context_len(), job.prompt.len());
+    if let Some(n) = asked.filter(|&n| prompt_tokens.saturating_add(n) > ctx) {
+        return Err(ApiError::bad(format!(
+            "the model's context is {ctx} tokens, but {} were asked for ({prompt_tokens} in the prompt, {n} in max_tokens); lower max_tokens to at most {}",
+            prompt_tokens.saturating_add(n),
+            ctx - prompt_tokens
+        )));
+    }
     Ok(Checked {
         job,
         stream: common.stream,

@@ -220,6 +220,20 @@ fn bad_requests_get_4xx_with_a_message() {
     assert_eq!(code, 400);
     assert!(error_message(&v).contains("context"), "{v}");
 
+    // A field of the wrong type: 400 naming the field, also as the error's `param`.
+    for (field, value) in [
+        ("max_tokens", json!("2")),
+        ("seed", json!(-1)),
+        ("stream", json!(1)),
+    ] {
+        let mut req = ask("hi");
+        req[field] = value;
+        let (code, v) = s.chat(req);
+        assert_eq!(code, 400, "{v}");
+        assert!(error_message(&v).contains(&format!("'{field}'")), "{v}");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+
     // max_tokens beyond what the context leaves beside the prompt (as vLLM): 400 naming both,
     // for either field name.
     for field in ["max_tokens", "max_completion_tokens"] {

@@ -352,11 +352,13 @@ impl Metrics {
     }
 }
 
-/// An OpenAI-style error: `{"error": {"message", "type", "code"}}` with an HTTP status.
+/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// The request field the error is about, where known.
+    param: Option<String>,
     retry_after: Option<u64>,
 }
 
@@ -365,6 +367,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            param: None,
             retry_after: None,
         }
     }
@@ -385,7 +388,7 @@ impl ApiError {
             429 => json!("rate_limit_exceeded"),
             _ => Value::Null,
         };
-        json!({"error": {"message": self.message, "type": kind, "param": null, "code": code}})
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
     }
 }
 
@@ -1549,8 +1552,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
     let tok = &ready.loaded.tok;
     let (common, parts) = match ep {
         Endpoint::Chat => {
-            let req: ChatRequest = serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
+            let req: ChatRequest = parse_json(body)?;
             if req.messages.is_empty() {
                 return Err(ApiError::bad("'messages' is empty"));
             }
@@ -1577,8 +1579,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
             (req.common, parts)
         }
         Endpoint::Completion => {
-            let req: CompletionRequest = serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
+            let req: CompletionRequest = parse_json(body)?;
             let text = match &req.prompt {
                 PromptField::One(t) => t.clone(),
                 PromptField::Many(v) if v.len() == 1 => v[0].clone(),
@@ -1634,6 +1635,25 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
         stream: common.stream,
         include_usage: common.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// The request body as `T`; an error names the field it is about (in the message and as
+/// `param`), e.g. `'max_tokens': invalid type: string "2", expected usize`.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("invalid request JSON: {e}")))?;
+    let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
+        let path = e.path().to_string();
+        let mut a = ApiError::bad(match path.as_str() {
+            "" | "." => format!("invalid request JSON: {}", e.inner()),
+            p => format!("invalid request JSON: '{p}': {}", e.inner()),
+        });
+        a.param = (!matches!(path.as_str(), "" | ".")).then_some(path);
+        a
+    };
+    // The shared fields alone first: behind `#[serde(flatten)]` an error loses its field.
+    serde_path_to_error::deserialize::<_, Common>(&v).map_err(bad)?;
+    serde_path_to_error::deserialize(&v).map_err(bad)
 }
 
 fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {

@@ -305,11 +305,11 @@ fn rank_processes_equal_thread_ranks_bit_for_bit() {
 /// `[DONE]`, the second request a 5xx (503 queued, 500 running), `/health` says failed, the
 /// server exits non-zero and no rank process is left. Returns the text streamed before the
 /// error.
-fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String {
+fn kill_a_worker_when(sentences: usize, max_tokens: usize, ready: impl Fn(&str) -> bool) -> String {
     let mut s = apb_server(&[], &[]);
     let pids = worker_pids(&s);
     assert_eq!(pids.len(), 3);
-    let mut req = needle(sentences, 3000);
+    let mut req = needle(sentences, max_tokens);
     req["stream"] = json!(true);
     req["ignore_eos"] = json!(true);
     let mut c = raw_chat(&s, &req);
@@ -346,14 +346,15 @@ fn kill_a_worker_when(sentences: usize, ready: impl Fn(&str) -> bool) -> String 
 
 #[test]
 fn a_worker_killed_during_prefill_fails_the_server_cleanly() {
-    // A ~7.5K-token prompt: its prefill takes many seconds; kill once the stream has opened.
-    let text = kill_a_worker_when(620, |seen| seen.contains("\"role\""));
+    // A ~7.5K-token prompt (and max_tokens within the 8K context): its prefill takes many
+    // seconds; kill once the stream has opened.
+    let text = kill_a_worker_when(620, 100, |seen| seen.contains("\"role\""));
     assert_eq!(text, "", "the kill came after the prefill");
 }
 
 #[test]
 fn a_worker_killed_during_decode_fails_the_server_cleanly() {
-    let text = kill_a_worker_when(180, |seen| streamed_text(seen).len() >= 8);
+    let text = kill_a_worker_when(180, 3000, |seen| streamed_text(seen).len() >= 8);
     assert!(!text.is_empty());
 }
 

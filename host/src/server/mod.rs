@@ -964,11 +964,13 @@ fn answer(s: &Server, r: Running, res: Result<Generation, RunError>) {
         Err(RunError::Failed(why)) => {
             let why = format!("a rank failed: {why}");
             eprintln!("error: {why}; stopping the server");
+            // The server fails first: a client told of the failure then finds /health saying
+            // so (answered first, it could ask before `fail` ran and hear "ok").
+            s.fail(&why);
             let _ = r.events.send(Ev::Fail(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                why.clone(),
+                why,
             )));
-            s.fail(&why);
         }
     }
 }

@@ -153,7 +153,8 @@ pub(crate) fn fast_exp(x_in: f32) -> f32 {
     let x = x_in.max(-87.0);
     // Round to nearest by the 1.5·2^23 trick: no libm call, so the loop vectorises.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -161,7 +162,9 @@ pub(crate) fn fast_exp(x_in: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let e = f32::from_bits(((n as i32 + 127) as u32) << 23) * p;
+    // `2^n` from `t`'s bits (`t` = MAGIC + n exactly, one ulp = 1): integer ops with no
+    // float-to-int conversion or overflow check, which would keep the loop scalar in test builds.
+    let e = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23) * p;
     if x_in < -87.0 {
         0.0
     } else {
@@ -173,7 +176,48 @@ pub(crate) fn fast_exp(x_in: f32) -> f32 {
 /// accumulation order is spelled out.
 const LANES: usize = 8;
 
-pub(crate) fn row_max(v: &[f32]) -> f32 {
+/// Defines `$name` to run `$body` compiled for AVX-512 or AVX2 when this CPU has them (the
+/// build's baseline is SSE2, four lanes): the same arithmetic in the same order on every path, so
+/// the bits do not depend on the CPU (Rust never fuses a multiply and an add on its own).
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: this CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: this CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(
+    /// The largest element (−inf for an empty slice).
+    fn row_max(v: &[f32]) -> f32 = row_max_body
+);
+simd_dispatch!(
+    /// Replaces each `x` by `e^(x − m)` and returns the sum.
+    fn exp_sum(v: &mut [f32], m: f32) -> f32 = exp_sum_body
+);
+
+#[inline(always)]
+fn row_max_body(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = v.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -187,8 +231,8 @@ pub(crate) fn row_max(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
 
-/// Replaces each `x` by `e^(x − m)` and returns the sum.
-pub(crate) fn exp_sum(v: &mut [f32], m: f32) -> f32 {
+#[inline(always)]
+fn exp_sum_body(v: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = v.chunks_exact_mut(LANES);
     for c in chunks.by_ref() {

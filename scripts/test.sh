@@ -5,20 +5,27 @@
 # `apb serve`, compile our CUDA kernels with nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/fetch-model.sh
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy --locked -p apb-host --all-targets --features fault-injection -- -D warnings
-cargo test --workspace --locked
+# Each step's wall time goes to the log (CI keeps the whole command under 30 minutes).
+start=$SECONDS
+step() {
+  local t=$SECONDS
+  "$@"
+  echo "test.sh: $1 ${2:-} took $((SECONDS - t)) s ($((SECONDS - start)) s in all)"
+}
+step ./scripts/fetch-model.sh
+step cargo fmt --all -- --check
+step cargo clippy --workspace --all-targets --locked -- -D warnings
+step cargo clippy --locked -p apb-host --all-targets --features fault-injection -- -D warnings
+step cargo test --workspace --locked
 # The failure tests need the fault hooks, which production builds leave out (a panicking thread
 # rank; a rank process stalled in the host communicator).
-cargo test --locked -p apb-host --features fault-injection --test server --test processes -- a_failed_rank fault_
+step cargo test --locked -p apb-host --features fault-injection --test server --test processes -- a_failed_rank fault_
 # The API docs build without warnings (broken or private links), and the library crates package.
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
-./scripts/check-package.sh
+RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --workspace --locked
+step ./scripts/check-package.sh
 # A host that is not ours wires apb-plugin into its own model (exact methods must equal dense).
-cargo run -q --locked -p apb-own-model
+step cargo run -q --locked -p apb-own-model
 # The official OpenAI Python client against the real server.
-./scripts/openai-client-test.sh
+step ./scripts/openai-client-test.sh
 # Our CUDA kernels compile (nvcc from PyPI; no GPU needed).
-./scripts/check-cuda-kernels.sh
+step ./scripts/check-cuda-kernels.sh

@@ -90,8 +90,8 @@ fn needle(sentences: usize, max_tokens: usize) -> Value {
         "max_tokens": max_tokens})
 }
 
-/// The checks of the thread-rank server test, over processes: a ≥ 4K-token needle, stream equals
-/// non-stream, concurrent requests all answered, a full queue gets 429, a vanished stream stops
+/// The checks of the thread-rank server test, over processes: a ≥ 2K-token needle on 4 ranks,
+/// stream equals non-stream, concurrent requests all answered, a full queue gets 429, a vanished stream stops
 /// its generation on every rank, the key is enforced; a prompt too short for 4 ranks runs on rank
 /// 0 alone and says so.
 #[test]
@@ -115,9 +115,9 @@ fn server_over_4_rank_processes() {
         log.contains("ranks: 4 processes over the host communicator"),
         "{log}"
     );
-    let (code, v) = s.chat(needle(380, 12));
+    let (code, v) = s.chat(needle(200, 12));
     assert_eq!(code, 200, "{v}");
-    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 4000, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 2000, "{v}");
     assert_eq!(v["apb"]["ranks"], 4, "{v}");
     assert_eq!(v["apb"]["rank_mode"], "processes", "{v}");
     assert_eq!(v["apb"]["comm"], "host", "{v}");

@@ -297,6 +297,19 @@ fn bad_requests_get_4xx_with_a_message() {
         }
         other => panic!("want 415, got {other:?}"),
     }
+    // A compressed body (the server reads plain JSON only): 415 naming the encoding.
+    let r = Server::agent()
+        .post(&format!("{}/v1/chat/completions", s.base))
+        .set("Content-Type", "application/json")
+        .set("Content-Encoding", "gzip")
+        .send_bytes(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]);
+    match r {
+        Err(ureq::Error::Status(415, resp)) => {
+            let v: Value = resp.into_json().unwrap();
+            assert!(error_message(&v).contains("gzip"), "{v}");
+        }
+        other => panic!("want 415, got {other:?}"),
+    }
 
     // Unknown routes and methods: OpenAI-style JSON errors.
     let (code, body) = s.get("/v1/nothing");
@@ -488,10 +501,10 @@ fn apb_server_on_4_ranks() {
         .collect();
     assert_eq!(streamed, text);
 
-    // Multi-turn: the last user turn is the question.
+    // Multi-turn: the last user turn is the question (a ~640-token document, over 2+ ranks).
     let (code, v) = s.chat(json!({"messages": [
         {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": format!("{doc}\n\nRemember this document.")},
+        {"role": "user", "content": format!("{}\n\nRemember this document.", needle_doc(60))},
         {"role": "assistant", "content": "I will."},
         {"role": "user", "content": "What is the special magic number?"}], "max_tokens": 12}));
     assert_eq!(code, 200, "{v}");

@@ -813,6 +813,12 @@ fn parse_method(at: &AttentionArgs) -> Result<Method> {
             at.world_size
         );
     }
+    if method != Method::DENSE && at.world_size == 1 {
+        eprintln!(
+            "warning: --attention {method} on one rank is dense attention: a method splits a \
+             prompt over several ranks; give --world-size N (2 or more) to use it"
+        );
+    }
     if !method.selects() && at.heads.is_some() {
         bail!(
             "--heads is only used by --attention {}",

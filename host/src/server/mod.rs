@@ -1510,6 +1510,18 @@ async fn admit(
             format!("Content-Type must be application/json, got '{ct}'"),
         ));
     }
+    // A compressed body would reach the JSON parser as bytes it cannot read: say why instead.
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+        let enc = enc.to_str().unwrap_or("?").trim();
+        if !enc.eq_ignore_ascii_case("identity") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding '{enc}' is not supported: send the JSON body uncompressed"
+                ),
+            ));
+        }
+    }
     let limit = ready.max_body;
     let too_large = || {
         let why = match s.cfg.max_body_bytes {

@@ -1,5 +1,5 @@
-//! With the `cuda` feature, compiles each `src/*.cu` to PTX (compute_80: runs on A100 and H100/H200,
-//! JIT-compiled by the driver at first load) with nvcc (scripts/cuda-env.sh provides it),
+//! With the `cuda` feature, compiles each `src/*.cu` to a fatbin (SASS for sm_80 and sm_90, PTX for
+//! other GPUs; see `FATBIN_TARGETS`) with nvcc (scripts/cuda-env.sh provides it),
 //! and builds the cuDNN attention shim (see `cudnn_shim`). Without it, nothing: CPU builds need no
 //! CUDA toolkit.
 
@@ -7,6 +7,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const SOURCES: [&str; 5] = ["attention", "layout", "linear", "norm", "select"];
+
+/// Machine code for A100 (sm_80) and H100/H200 (sm_90), so those load our modules without the
+/// driver compiling PTX at first use (seconds a module: it stalled a fresh server's first decode
+/// step 2.5–5 s), and compute_80 PTX for any other GPU, which the driver compiles once.
+/// scripts/check-cuda-kernels.sh compiles the same in CI.
+const FATBIN_TARGETS: [&str; 2] = [
+    "-gencode=arch=compute_80,code=[sm_80,compute_80]",
+    "-gencode=arch=compute_90,code=sm_90",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
@@ -19,22 +28,25 @@ fn main() {
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
-    for s in SOURCES {
-        let status = Command::new(&nvcc)
-            .args([
-                "--ptx",
-                "-O3",
-                "-arch=compute_80",
-                "-std=c++17",
-                "-lineinfo",
-            ])
-            .arg(format!("src/{s}.cu"))
-            .arg("-o")
-            .arg(out_dir.join(format!("{s}.ptx")))
-            .status()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {nvcc} ({e}); `source scripts/cuda-env.sh` first")
-            });
+    // One nvcc a source, side by side (ptxas on attention.cu and linear.cu takes seconds a target).
+    let jobs: Vec<_> = SOURCES
+        .iter()
+        .map(|s| {
+            let child = Command::new(&nvcc)
+                .args(["--fatbin", "-O3", "-std=c++17", "-lineinfo"])
+                .args(FATBIN_TARGETS)
+                .arg(format!("src/{s}.cu"))
+                .arg("-o")
+                .arg(out_dir.join(format!("{s}.fatbin")))
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {nvcc} ({e}); `source scripts/cuda-env.sh` first")
+                });
+            (s, child)
+        })
+        .collect();
+    for (s, mut child) in jobs {
+        let status = child.wait().expect("wait for nvcc");
         assert!(status.success(), "nvcc failed on kernels/src/{s}.cu");
     }
     cudnn_shim();

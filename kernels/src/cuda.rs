@@ -1,33 +1,32 @@
-//! Loading our PTX modules once per CUDA context and launching on candle's stream, so kernels are
+//! Loading our modules once per CUDA context and launching on candle's stream, so kernels are
 //! ordered with candle's own ops. Raw device pointers are taken through cudarc, which records the
 //! reads/writes for candle's cross-stream tracking.
 
 use candle_core::cuda::cudarc::driver::{
     sys, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 };
+use candle_core::cuda::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub(crate) const ATTENTION_PTX: (&str, &str) = (
-    "attention",
-    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
-);
-pub(crate) const LAYOUT_PTX: (&str, &str) = (
-    "layout",
-    include_str!(concat!(env!("OUT_DIR"), "/layout.ptx")),
-);
-pub(crate) const LINEAR_PTX: (&str, &str) = (
-    "linear",
-    include_str!(concat!(env!("OUT_DIR"), "/linear.ptx")),
-);
-pub(crate) const NORM_PTX: (&str, &str) =
-    ("norm", include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")));
-pub(crate) const SELECT_PTX: (&str, &str) = (
-    "select",
-    include_str!(concat!(env!("OUT_DIR"), "/select.ptx")),
-);
+/// Our compiled modules, by name: fatbins (kernels/build.rs), so an A100 or H100 loads machine
+/// code instead of compiling PTX first.
+macro_rules! module {
+    ($name:literal) => {
+        (
+            $name,
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".fatbin")),
+        )
+    };
+}
+pub(crate) type Module = (&'static str, &'static [u8]);
+pub(crate) const ATTENTION_MODULE: Module = module!("attention");
+pub(crate) const LAYOUT_MODULE: Module = module!("layout");
+pub(crate) const LINEAR_MODULE: Module = module!("linear");
+pub(crate) const NORM_MODULE: Module = module!("norm");
+pub(crate) const SELECT_MODULE: Module = module!("select");
 
 type ModuleKey = (usize, &'static str);
 static MODULES: Mutex<Option<HashMap<ModuleKey, Arc<CudaModule>>>> = Mutex::new(None);
@@ -40,7 +39,7 @@ pub(crate) fn err(e: impl std::error::Error + Send + Sync + 'static) -> candle_c
 /// `smem` bytes of dynamic shared memory allowed.
 pub(crate) fn function(
     dev: &CudaDevice,
-    module: (&'static str, &'static str),
+    module: Module,
     name: &str,
     smem: usize,
 ) -> Result<CudaFunction> {
@@ -53,7 +52,9 @@ pub(crate) fn function(
         match map.get(&key) {
             Some(m) => m.clone(),
             None => {
-                let m = ctx.load_module(module.1.into()).map_err(err)?;
+                // A copy: the driver reads the image from an aligned buffer.
+                let image = Ptx::from_binary(module.1.to_vec());
+                let m = ctx.load_module(image).map_err(err)?;
                 map.insert(key, m.clone());
                 m
             }

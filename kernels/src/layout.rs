@@ -22,7 +22,7 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 fn cuda_copy_rows(t: &Tensor) -> Result<Option<Tensor>> {
-    use crate::cuda::{alloc, cuda_device, function, ptr, LAYOUT_PTX};
+    use crate::cuda::{alloc, cuda_device, function, ptr, LAYOUT_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::DType;
     let (dims, stride) = (t.dims(), t.stride());
@@ -59,7 +59,7 @@ fn cuda_copy_rows(t: &Tensor) -> Result<Option<Tensor>> {
     if total == 0 {
         return Ok(Some(out));
     }
-    let f = function(&dev, LAYOUT_PTX, "copy_rows_16b", 0)?;
+    let f = function(&dev, LAYOUT_MODULE, "copy_rows_16b", 0)?;
     let src = ptr(t, &stream)?;
     let (n1, n2) = (n[1] as i64, n[2] as i64);
     let (s0, s1, s2) = (s[0] as i64, s[1] as i64, s[2] as i64);
@@ -140,7 +140,7 @@ const _: () = assert!(std::mem::size_of::<RowDsts>() == 24 * crate::attention::R
 #[cfg(feature = "cuda")]
 fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> {
     use crate::attention::ROWS_BY_VALUE;
-    use crate::cuda::{cuda_device, function, ptr, ByValue, LAYOUT_PTX};
+    use crate::cuda::{cuda_device, function, ptr, ByValue, LAYOUT_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     let (_, n_kv, rows, d) = src.dims4()?;
     if rows == 0 {
@@ -150,7 +150,7 @@ fn cuda_write_rows(src: &Tensor, dst: &[Option<(Tensor, usize)>]) -> Result<()> 
     let stream = dev.cuda_stream();
     let src = src.contiguous()?;
     let elem = src.dtype().size_in_bytes();
-    let f = function(&dev, LAYOUT_PTX, "write_rows", 0)?;
+    let f = function(&dev, LAYOUT_MODULE, "write_rows", 0)?;
     let ps = ptr(&src, &stream)?;
     let (b32, row_bytes) = (rows as i32, (d * elem) as i32);
     for (c, chunk) in dst.chunks(ROWS_BY_VALUE).enumerate() {
@@ -233,7 +233,7 @@ fn cuda_rope_split(
     sin: &Tensor,
     (b, s, n_h, n_kv, d): (usize, usize, usize, usize, usize),
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    use crate::cuda::{alloc, cuda_device, function, ptr, LAYOUT_PTX};
+    use crate::cuda::{alloc, cuda_device, function, ptr, LAYOUT_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::DType;
     let name = match qkv.dtype() {
@@ -252,7 +252,7 @@ fn cuda_rope_split(
     if b * s == 0 {
         return Ok((q, k, v));
     }
-    let f = function(&dev, LAYOUT_PTX, name, 0)?;
+    let f = function(&dev, LAYOUT_MODULE, name, 0)?;
     let (src, cp, sp) = (ptr(qkv, &stream)?, ptr(&cos, &stream)?, ptr(&sin, &stream)?);
     let (s32, nh32, nkv32, d32) = (s as i32, n_h as i32, n_kv as i32, d as i32);
     let mut lb = stream.launch_builder(&f);

@@ -111,7 +111,7 @@ fn cuda_supported(x: &Tensor, w: &Tensor) -> Result<bool> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::cuda::{alloc_unset, cuda_device, function, ptr, LINEAR_PTX};
+    use crate::cuda::{alloc_unset, cuda_device, function, ptr, LINEAR_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Result, Tensor};
 
@@ -182,7 +182,7 @@ mod cuda {
         let smem = 8 * tiles * mt * 4 * 32 * 4;
         let f = function(
             &dev,
-            LINEAR_PTX,
+            LINEAR_MODULE,
             &format!("{name}_{ty}_m{}_t{tiles}_u{chunks}", 8 * mt),
             smem,
         )?;

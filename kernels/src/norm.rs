@@ -33,7 +33,7 @@ pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f32) -> Result<(Ten
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::cuda::{alloc_unset, cuda_device, function, ptr, NORM_PTX};
+    use crate::cuda::{alloc_unset, cuda_device, function, ptr, NORM_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Result, Tensor};
 
@@ -62,7 +62,7 @@ mod cuda {
         } else {
             "f16"
         };
-        let f = function(&dev, NORM_PTX, &format!("add_rms_norm_{ty}"), 0)?;
+        let f = function(&dev, NORM_MODULE, &format!("add_rms_norm_{ty}"), 0)?;
         let (px, pa, pw) = (ptr(x, &stream)?, ptr(a, &stream)?, ptr(w, &stream)?);
         let d32 = i32::try_from(d)
             .map_err(|_| candle_core::Error::Msg(format!("add_rms_norm: width {d}")))?;

@@ -58,7 +58,7 @@ impl CustomOp1 for Pool5Mask {
             .as_cuda_slice::<f32>()?
             .slice(layout.start_offset()..);
         let out = dev.alloc_zeros::<f32>(seq * n_kv)?;
-        let func = crate::cuda::function(&dev, crate::cuda::SELECT_PTX, "pool5_mask_f32", 0)?;
+        let func = crate::cuda::function(&dev, crate::cuda::SELECT_MODULE, "pool5_mask_f32", 0)?;
         // `hi` past the sequence would let the kernel read past the scores: clamp, as the CPU path.
         let (s, k, lo, hi) = (
             seq as u32,
@@ -136,7 +136,7 @@ fn cuda_topk(
     hi: usize,
     k: usize,
 ) -> Result<Tensor> {
-    use crate::cuda::{alloc, cuda_device, function, ptr, SELECT_PTX};
+    use crate::cuda::{alloc, cuda_device, function, ptr, SELECT_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     let dev = cuda_device(scores)?;
     let stream = dev.cuda_stream();
@@ -144,7 +144,7 @@ fn cuda_topk(
     if rows == 0 || k == 0 {
         return Ok(out);
     }
-    let f = function(&dev, SELECT_PTX, "topk_positions_f32", 0)?;
+    let f = function(&dev, SELECT_MODULE, "topk_positions_f32", 0)?;
     let sp = ptr(scores, &stream)?;
     let (seq, lo, hi, k) = (seq as u32, lo as u32, hi as u32, k as u32);
     let mut lb = stream.launch_builder(&f);
@@ -200,7 +200,7 @@ fn cuda_gather(
     kk: usize,
     d: usize,
 ) -> Result<Tensor> {
-    use crate::cuda::{alloc, cuda_device, function, ptr, SELECT_PTX};
+    use crate::cuda::{alloc, cuda_device, function, ptr, SELECT_MODULE};
     use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
     let rows_ok = |t: &Tensor| t.stride()[3] == 1 && t.stride()[2] == d;
     let k = if rows_ok(k) {
@@ -226,7 +226,7 @@ fn cuda_gather(
         4 => "gather_kv_u32",
         _ => candle_core::bail!("gather_kv: unsupported dtype {:?}", k.dtype()),
     };
-    let f = function(&dev, SELECT_PTX, name, 0)?;
+    let f = function(&dev, SELECT_MODULE, name, 0)?;
     let (kp, vp, pp) = (ptr(&k, &stream)?, ptr(&v, &stream)?, ptr(&picks, &stream)?);
     let (n_kv, kk, d32) = (n_kv as u32, kk as u32, d as u32);
     let (ks, vs) = (k.stride()[1] as i64, v.stride()[1] as i64);
@@ -301,7 +301,8 @@ impl CustomOp1 for ArgmaxRows {
             .slice(layout.start_offset()..);
         let out = dev.alloc_zeros::<u32>(rows)?;
         if rows > 0 {
-            let func = crate::cuda::function(&dev, crate::cuda::SELECT_PTX, "argmax_rows_f32", 0)?;
+            let func =
+                crate::cuda::function(&dev, crate::cuda::SELECT_MODULE, "argmax_rows_f32", 0)?;
             let n32 = i32::try_from(n)
                 .map_err(|_| candle_core::Error::Msg(format!("argmax-rows: {n} columns")))?;
             let stream = dev.cuda_stream();

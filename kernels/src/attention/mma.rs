@@ -2,7 +2,7 @@
 //! mask, and splits the keys across blocks for short queries (decode).
 
 use super::Mask;
-use crate::cuda::{alloc, alloc_unset, cuda_device, function, ptr, ByValue, Pod, ATTENTION_PTX};
+use crate::cuda::{alloc, alloc_unset, cuda_device, function, ptr, ByValue, Pod, ATTENTION_MODULE};
 use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{DType, Result, Tensor};
 
@@ -144,7 +144,7 @@ pub(crate) fn flash(
     let smem = (br + 4 * BC) * d * 2;
     let f = function(
         &dev,
-        ATTENTION_PTX,
+        ATTENTION_MODULE,
         &format!(
             "flash_fwd_{ty}_d{d}_{}",
             if mt == 2 {
@@ -240,7 +240,12 @@ pub(crate) fn flash_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<
     // A block's 16 query rows (attention.cu `flash_decode`), two K/V tile buffers.
     let br = 16;
     let smem = (br + 4 * BC) * d * 2;
-    let f = function(&dev, ATTENTION_PTX, &format!("flash_rows_{ty}_d{d}"), smem)?;
+    let f = function(
+        &dev,
+        ATTENTION_MODULE,
+        &format!("flash_rows_{ty}_d{d}"),
+        smem,
+    )?;
     let q_at = ptr(q, &stream)?;
     let elem = q.dtype().size_in_bytes();
     let mut outs = Vec::with_capacity(b.div_ceil(ROWS_BY_VALUE));
@@ -364,7 +369,7 @@ pub(super) fn lse_merge(
     if rows == 0 {
         return Ok((out, out_lse));
     }
-    let f = function(&dev, ATTENTION_PTX, name, 0)?;
+    let f = function(&dev, ATTENTION_MODULE, name, 0)?;
     let (po, pl) = (ptr(o, &stream)?, ptr(lse, &stream)?);
     let (parts, rows64, d32) = (parts as i32, rows as i64, d as i32);
     let mut lb = stream.launch_builder(&f);

@@ -16,6 +16,8 @@ step ./scripts/fetch-model.sh
 step cargo fmt --all -- --check
 step cargo clippy --workspace --all-targets --locked -- -D warnings
 step cargo clippy --locked -p apb-host --all-targets --features fault-injection -- -D warnings
+# (Also runs examples/own-model: a host that is not ours wires apb-plugin into its own model,
+# exact methods must equal dense.)
 step cargo test --workspace --locked
 # The failure tests need the fault hooks, which production builds leave out (a panicking thread
 # rank; a rank process stalled in the host communicator).
@@ -23,8 +25,6 @@ step cargo test --locked -p apb-host --features fault-injection --test server --
 # The API docs build without warnings (broken or private links), and the library crates package.
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --workspace --locked
 step ./scripts/check-package.sh
-# A host that is not ours wires apb-plugin into its own model (exact methods must equal dense).
-step cargo run -q --locked -p apb-own-model
 # The official OpenAI Python client against the real server.
 step ./scripts/openai-client-test.sh
 # Our CUDA kernels compile (nvcc from PyPI; no GPU needed).

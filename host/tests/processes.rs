@@ -354,7 +354,7 @@ fn a_worker_killed_during_prefill_fails_the_server_cleanly() {
 
 #[test]
 fn a_worker_killed_during_decode_fails_the_server_cleanly() {
-    let text = kill_a_worker_when(180, 3000, |seen| streamed_text(seen).len() >= 8);
+    let text = kill_a_worker_when(90, 3000, |seen| streamed_text(seen).len() >= 8);
     assert!(!text.is_empty());
 }
 

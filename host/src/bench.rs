@@ -424,6 +424,53 @@ pub fn attention_kernel(
     })
 }
 
+/// One `apb bench attention --decode-rows` measurement.
+pub struct RowsTiming {
+    /// Seconds a call (all rows, one layer).
+    pub seconds: f64,
+    /// K and V bytes a call reads.
+    pub kv_bytes: usize,
+}
+
+/// Times a decode step's attention alone: `rows` queries `(heads, d)` bf16, each against its own
+/// cache of `keys` positions (`kv_heads` heads), as [`apb_kernels::attention_rows`] takes them in
+/// a step. Enough layers of caches rotate that no call finds its K/V in the L2 cache.
+pub fn decode_rows_kernel(
+    device: &Device,
+    rows: usize,
+    keys: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<RowsTiming> {
+    let kv_bytes = 2 * rows * kv_heads * keys * d * 2;
+    // At least 1 GB of caches in all (an H100's L2 is 50 MB), at most 64 layers.
+    let layers = (1usize << 30).div_ceil(kv_bytes).clamp(2, 64);
+    let cache = |_| -> Result<(Tensor, Tensor)> {
+        let k = Tensor::randn(0f32, 1.0, (1, kv_heads, keys, d), device)?.to_dtype(DType::BF16)?;
+        let v = Tensor::randn(0f32, 1.0, (1, kv_heads, keys, d), device)?.to_dtype(DType::BF16)?;
+        Ok((k, v))
+    };
+    let kv: Vec<Vec<Option<(Tensor, Tensor)>>> = (0..layers)
+        .map(|_| (0..rows).map(|i| cache(i).map(Some)).collect())
+        .collect::<Result<_>>()?;
+    let q = Tensor::randn(0f32, 1.0, (1, heads, rows, d), device)?.to_dtype(DType::BF16)?;
+    for layer in &kv {
+        apb_kernels::attention_rows(&q, layer)?;
+    }
+    device.synchronize()?;
+    let iters = layers * (200 / layers).max(2);
+    let t = Instant::now();
+    for i in 0..iters {
+        apb_kernels::attention_rows(&q, &kv[i % layers])?;
+    }
+    device.synchronize()?;
+    Ok(RowsTiming {
+        seconds: t.elapsed().as_secs_f64() / iters as f64,
+        kv_bytes,
+    })
+}
+
 /// The kernel the dispatcher picks for a prefill block of `rows` × `head_dim` on `device`.
 pub fn kernel_name(device: &Device, rows: usize, head_dim: usize) -> &'static str {
     #[cfg(feature = "cuda")]

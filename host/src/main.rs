@@ -582,6 +582,8 @@ enum BenchCmd {
     Prefill(PrefillArgs),
     /// Our fused attention alone (causal, bf16, GQA) per length and head dim: time and TFLOP/s,
     /// one JSON line each. APB_ATTENTION=mma times our own kernel instead of cuDNN's on Hopper.
+    /// With --decode-rows: a decode step's attention instead (that many rows, each one query
+    /// against its own cache of each length), seconds a call and KV GB/s.
     Attention(AttentionBenchArgs),
     /// A decode step's projections (q|k|v, o_proj, gate|up with SiLU, down, lm_head) of a
     /// model's shapes for a few rows: our few-rows kernels (each shape on CUDA) against candle's
@@ -702,6 +704,10 @@ struct AttentionBenchArgs {
     /// Head dimensions (64 and/or 128), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,64")]
     head_dims: Vec<usize>,
+    /// Time decode rows instead (comma-separated counts: the sequences of a decode step), each
+    /// with its own KV cache of every --lengths keys; caches rotate past the GPU's L2.
+    #[arg(long, value_delimiter = ',')]
+    decode_rows: Vec<usize>,
     #[arg(long, default_value = "cuda")]
     device: String,
 }
@@ -768,8 +774,26 @@ fn bench_attention(a: AttentionBenchArgs) -> Result<()> {
     {
         bail!("--head-dims must be 64 or 128 and --heads a multiple of --kv-heads");
     }
+    if a.decode_rows.contains(&0) {
+        bail!("--decode-rows must be at least 1");
+    }
     for &d in &a.head_dims {
         for &seq in &a.lengths {
+            for &rows in &a.decode_rows {
+                let t = apb_host::bench::decode_rows_kernel(
+                    &device, rows, seq, a.heads, a.kv_heads, d,
+                )?;
+                println!(
+                    "{}",
+                    serde_json::json!({"decode_rows": rows, "keys": seq, "heads": a.heads,
+                        "kv_heads": a.kv_heads, "head_dim": d, "dtype": "bf16",
+                        "seconds": t.seconds, "kv_bytes": t.kv_bytes,
+                        "kv_gbps": t.kv_bytes as f64 / t.seconds / 1e9})
+                );
+            }
+            if !a.decode_rows.is_empty() {
+                continue;
+            }
             let r = apb_host::bench::attention_kernel(&device, seq, a.heads, a.kv_heads, d)?;
             println!(
                 "{}",

@@ -375,14 +375,17 @@ __device__ void flash_fwd(const Params& p, const RowKv* rows) {
 // tensor-core and softmax work runs on all 4 warps (on one, with 3 idle, in `flash_fwd`); each
 // warp keeps its own running max, sum and output, merged through shared memory at the end. The
 // query tile is 16 rows, so 3 blocks fit an SM. Keys [split·split_len, min(sk, (split+1)·split_len))
-// of the row; always writes f32 parts (`flash_rows` merges them).
-template <typename T, int D>
+// of the row; always writes f32 parts (`flash_rows` merges them). S K/V tile buffers: S − 1 tiles
+// load while one is computed (S = 2: one 32 KB tile in flight at d = 128, 3 blocks an SM; S = 3:
+// two, 2 blocks an SM).
+template <typename T, int D, int S>
 __device__ void flash_decode(const Params& p, const RowKv* rows) {
     constexpr int NW = 4, NT = 32 * NW, BR = 16;
+    static_assert(S >= 2, "at least one tile loads while one is computed");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* sq_tile = reinterpret_cast<T*>(smem_raw);
-    T* sk_tile = sq_tile + BR * D;      // 2 buffers of BC × D
-    T* sv_tile = sk_tile + 2 * BC * D;  // 2 buffers of BC × D
+    T* sk_tile = sq_tile + BR * D;      // S buffers of BC × D
+    T* sv_tile = sk_tile + S * BC * D;  // S buffers of BC × D
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int rows_total = p.g;
@@ -410,10 +413,16 @@ __device__ void flash_decode(const Params& p, const RowKv* rows) {
     if (n_tiles > 0) {
         load_tile<D, BR, NT>(sq_tile, q, r0, rows_total, tid);
         cp_async_commit();
-        load_tile<D, BC, NT>(sk_tile, k, (int64_t)t0 * BC, rk.sk, tid);
-        load_tile<D, BC, NT>(sv_tile, v, (int64_t)t0 * BC, rk.sk, tid);
-        cp_async_commit();
-        cp_async_wait<1>();
+        // The first S − 1 tiles, one commit group each (empty past the split's end).
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) {
+            if (i < n_tiles) {
+                load_tile<D, BC, NT>(sk_tile + i * BC * D, k, (int64_t)(t0 + i) * BC, rk.sk, tid);
+                load_tile<D, BC, NT>(sv_tile + i * BC * D, v, (int64_t)(t0 + i) * BC, rk.sk, tid);
+            }
+            cp_async_commit();
+        }
+        cp_async_wait<S - 1>();  // the query tile
         __syncthreads();
     }
     const FragAddr<D> qa_addr(sq_tile, (lane % 8) + ((lane / 8) & 1) * 8, lane / 16);
@@ -426,18 +435,18 @@ __device__ void flash_decode(const Params& p, const RowKv* rows) {
     }
 
     for (int it = 0; it < n_tiles; ++it) {
-        const int buf = it & 1;
         const int c0 = (t0 + it) * BC;
-        if (it + 1 < n_tiles) {
-            load_tile<D, BC, NT>(sk_tile + (buf ^ 1) * BC * D, k, (int64_t)c0 + BC, rk.sk, tid);
-            load_tile<D, BC, NT>(sv_tile + (buf ^ 1) * BC * D, v, (int64_t)c0 + BC, rk.sk, tid);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+        // Tile it + S − 1 into the buffer tile it − 1 used (free since the loop's last barrier).
+        const int next = it + S - 1;
+        if (next < n_tiles) {
+            const int nb = next % S;
+            load_tile<D, BC, NT>(sk_tile + nb * BC * D, k, (int64_t)(t0 + next) * BC, rk.sk, tid);
+            load_tile<D, BC, NT>(sv_tile + nb * BC * D, v, (int64_t)(t0 + next) * BC, rk.sk, tid);
         }
+        cp_async_commit();
+        cp_async_wait<S - 1>();  // tile it has landed
         __syncthreads();
-        const uint32_t buf_off = buf * BC * D * 2;
+        const uint32_t buf_off = (it % S) * BC * D * 2;
 
         // S = Q Kᵀ over this warp's 16 keys of the tile.
         float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -500,7 +509,7 @@ __device__ void flash_decode(const Params& p, const RowKv* rows) {
     float* s_o = reinterpret_cast<float*>(sk_tile);  // NW × BR × D (≤ the K/V tiles' bytes)
     float* s_m = reinterpret_cast<float*>(sq_tile);  // NW × BR, then s_l: NW × BR
     float* s_l = s_m + NW * BR;
-    static_assert(NW * BR * D * 4 <= 4 * BC * D * 2, "merge buffer fits the K/V tiles");
+    static_assert(NW * BR * D * 4 <= 2 * S * BC * D * 2, "merge buffer fits the K/V tiles");
     static_assert(2 * NW * BR * 4 <= BR * D * 2, "row sums fit the query tile");
     __syncthreads();
 #pragma unroll
@@ -573,9 +582,11 @@ struct RowsParams {
     RowKv rows[ROWS_BY_VALUE];
 };
 // 4 warps a block sharing 16 query rows, each on a quarter of every key tile (`flash_decode`).
+// Two K/V buffers: a third (`apb bench attention --decode-rows`, H100, 2026-12-06) changed
+// nothing, the rows already stream at the copy bandwidth once a split is long enough.
 #define FLASH_ROWS(NAME, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(128) NAME(const __grid_constant__ RowsParams rp) { \
-        flash_decode<T, D>(rp.p, rp.rows);                                                        \
+        flash_decode<T, D, 2>(rp.p, rp.rows);                                                     \
     }
 FLASH_ROWS(flash_rows_bf16_d64, __nv_bfloat16, 64)
 FLASH_ROWS(flash_rows_bf16_d128, __nv_bfloat16, 128)

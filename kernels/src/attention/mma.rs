@@ -174,10 +174,25 @@ pub(crate) fn flash(
     Ok((out, want_lse.then_some(out_lse)))
 }
 
-/// Keys per split for a decode row of `sk` keys: at least 4 tiles, at most 16 splits. A
-/// function of the row alone, so its result does not depend on the rows beside it.
+/// Keys per split for a decode row of `sk` keys: at least 16 tiles (1024 keys), at most 16
+/// splits. A function of the row alone, so its result does not depend on the rows beside it.
+/// Shorter splits cost more than they gain: 25 rows of 4K keys on an H100 read their K/V at
+/// 2.54 TB/s with 4-tile splits, 2.74 with 16 (`apb bench attention --decode-rows`, 2026-12-06);
+/// long rows stream at the copy bandwidth either way. `APB_DECODE_SPLIT="tiles,splits"` sets both
+/// bounds for the process (tuning).
 fn row_split_len(sk: usize) -> usize {
-    sk.div_ceil(BC).div_ceil(16).max(4) * BC
+    static BOUNDS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (min_tiles, max_splits) = *BOUNDS.get_or_init(|| {
+        std::env::var("APB_DECODE_SPLIT")
+            .ok()
+            .and_then(|v| {
+                let (t, s) = v.split_once(',')?;
+                Some((t.trim().parse().ok()?, s.trim().parse().ok()?))
+            })
+            .filter(|&(t, s)| t > 0 && s > 0)
+            .unwrap_or((16, 16))
+    });
+    sk.div_ceil(BC).div_ceil(max_splits).max(min_tiles) * BC
 }
 
 /// Rows a `flash_rows_*` launch takes (attention.cu `ROWS_BY_VALUE`): their table travels in

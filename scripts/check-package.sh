@@ -12,9 +12,4 @@ for f in "${CARGO_TARGET_DIR:-target}"/package/apb-{kernels,plugin,loaders,host}
   echo "$f: $size bytes"
   [ "$size" -lt 2000000 ] || { echo "error: $f is over 2 MB: check cargo package --list" >&2; exit 1; }
 done
-# The packaged crate is a workspace of its own, without ours [profile]s: given the same ones here
-# (Cargo.toml's dev profile), its build reuses the dependencies the test build compiled instead
-# of compiling candle again unoptimised (~2 minutes of CI).
-cargo package -p apb-kernels --locked \
-  --config 'profile.dev.opt-level=2' --config 'profile.dev.debug="line-tables-only"' \
-  --config 'profile.dev.package."*".opt-level=3' --config 'profile.dev.package."*".debug=false'
+cargo package -p apb-kernels --locked

@@ -357,8 +357,10 @@ impl HostComm {
     }
 
     /// Fault injection for the host's failure tests: this rank hangs, alive, when it reaches
-    /// its `n`-th collective (1-based; 0: never), as a stuck peer would.
-    #[cfg(feature = "fault-injection")]
+    /// its `n`-th collective (1-based; 0: never), as a stuck peer would. Inert unless called: the
+    /// host calls it only in builds with its `fault-injection` feature (one flag there, so the
+    /// failure tests' build does not recompile this crate).
+    #[doc(hidden)]
     pub fn stall_at_collective(&self, n: u64) {
         self.inner.stall_at.store(n, Ordering::SeqCst);
     }

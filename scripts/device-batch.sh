@@ -141,18 +141,7 @@ PY
 done
 # Device copy bandwidth (read + write bytes / s of a 4 GiB device-to-device copy): the roofline's
 # denominator.
-python3 - > "$OUT/copy-bandwidth.json" <<'PY'
-import json, torch
-x = torch.empty(1 << 31, dtype=torch.uint16, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize()
-e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-e0.record()
-for _ in range(10): y.copy_(x)
-e1.record(); torch.cuda.synchronize()
-s = e0.elapsed_time(e1) / 1e3 / 10
-print(json.dumps({"bytes_moved_per_copy": 2 * x.numel() * 2, "seconds": s, "gb_per_s": 2 * x.numel() * 2 / s / 1e9}))
-PY
+python3 scripts/copy_bandwidth.py > "$OUT/copy-bandwidth.json"
 cat "$OUT/copy-bandwidth.json"
 [ -f "$OUT/batch-1.json" ] && [ -f "$OUT/batch-$N.json" ] || exit 0
 python3 - "$OUT" "$N" <<'PY'

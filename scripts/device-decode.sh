@@ -12,19 +12,8 @@ xz -dc dist/apb-kernels-tests.xz > /tmp/apb-bin/apb-kernels-tests && chmod +x /t
 /tmp/apb-bin/apb-kernels-tests --test-threads 1 gpu:: > "$OUT/tests.txt" 2>&1 \
   || echo "KERNEL TESTS FAILED" >> "$OUT/tests.txt"
 tail -2 "$OUT/tests.txt" | head -1
-# The roofline's denominator, as scripts/device-batch.sh measures it.
-python3 - > "$OUT/copy-bandwidth.json" <<'PY'
-import json, torch
-x = torch.empty(1 << 31, dtype=torch.uint16, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize()
-e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-e0.record()
-for _ in range(10): y.copy_(x)
-e1.record(); torch.cuda.synchronize()
-s = e0.elapsed_time(e1) / 1e3 / 10
-print(json.dumps({"bytes_moved_per_copy": 2 * x.numel() * 2, "seconds": s, "gb_per_s": 2 * x.numel() * 2 / s / 1e9}))
-PY
+# The roofline's denominator.
+python3 scripts/copy_bandwidth.py > "$OUT/copy-bandwidth.json"
 cat "$OUT/copy-bandwidth.json"
 for split in ${CONFIGS:-4,16 2,32 8,16 16,16 32,16}; do
   APB_DECODE_SPLIT=$split $APB bench attention --decode-rows 1,8,25,32 \

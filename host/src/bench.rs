@@ -446,15 +446,17 @@ pub fn decode_rows_kernel(
     let kv_bytes = 2 * rows * kv_heads * keys * d * 2;
     // At least 1 GB of caches in all (an H100's L2 is 50 MB), at most 64 layers.
     let layers = (1usize << 30).div_ceil(kv_bytes).clamp(2, 64);
-    let cache = |_| -> Result<(Tensor, Tensor)> {
-        let k = Tensor::randn(0f32, 1.0, (1, kv_heads, keys, d), device)?.to_dtype(DType::BF16)?;
-        let v = Tensor::randn(0f32, 1.0, (1, kv_heads, keys, d), device)?.to_dtype(DType::BF16)?;
-        Ok((k, v))
+    let half = |shape: (usize, usize, usize, usize)| {
+        Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)
+    };
+    let cache = || -> Result<Option<(Tensor, Tensor)>> {
+        let shape = (1, kv_heads, keys, d);
+        Ok(Some((half(shape)?, half(shape)?)))
     };
     let kv: Vec<Vec<Option<(Tensor, Tensor)>>> = (0..layers)
-        .map(|_| (0..rows).map(|i| cache(i).map(Some)).collect())
+        .map(|_| (0..rows).map(|_| cache()).collect())
         .collect::<Result<_>>()?;
-    let q = Tensor::randn(0f32, 1.0, (1, heads, rows, d), device)?.to_dtype(DType::BF16)?;
+    let q = half((1, heads, rows, d))?;
     for layer in &kv {
         apb_kernels::attention_rows(&q, layer)?;
     }

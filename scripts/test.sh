@@ -14,6 +14,24 @@ step() {
 }
 step ./scripts/fetch-model.sh
 step cargo fmt --all -- --check
+# Two checks that share nothing with the test build (the packaged crate's own verify build in its
+# own target directory; nvcc) run beside the steps below at the lowest CPU priority: they use the
+# CPU those leave idle (tests waiting on sockets, processes and timers; serial link steps), not
+# their share. Their logs and times print at the end; either failing fails the command.
+bg_dir=$(mktemp -d)
+bg_pids=()
+# (Each in its own process group, so that an early exit stops it with all its children.)
+trap 'for p in "${bg_pids[@]}"; do kill -- "-$p" 2>/dev/null || true; done; rm -rf "$bg_dir"' EXIT
+beside() {
+  local name=$1
+  shift
+  setsid bash -c 't=$SECONDS; rc=0; nice -n 19 "${@:2}" >"$1.log" 2>&1 || rc=$?
+    echo "$rc $((SECONDS - t))" >"$1.done"' beside "$bg_dir/$name" "$@" &
+  bg_pids+=($!)
+}
+beside package env CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/package-check" ./scripts/check-package.sh
+# Our CUDA kernels compile (nvcc from PyPI; no GPU needed).
+beside cuda ./scripts/check-cuda-kernels.sh
 step cargo clippy --workspace --all-targets --locked -- -D warnings
 step cargo clippy --locked -p apb-host --all-targets --features fault-injection -- -D warnings
 # (Also runs examples/own-model: a host that is not ours wires apb-plugin into its own model,
@@ -24,8 +42,18 @@ step cargo test --workspace --locked
 step cargo test --locked -p apb-host --features fault-injection --test server --test processes -- a_failed_rank fault_
 # The API docs build without warnings (broken or private links), and the library crates package.
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --workspace --locked
-step ./scripts/check-package.sh
 # The official OpenAI Python client against the real server.
 step ./scripts/openai-client-test.sh
-# Our CUDA kernels compile (nvcc from PyPI; no GPU needed).
-step ./scripts/check-cuda-kernels.sh
+# The checks that ran beside: their output, and their status.
+t=$SECONDS
+wait "${bg_pids[@]}" || true
+failed=0
+for name in package cuda; do
+  echo "--- $name check (ran beside the steps above, nice 19):"
+  cat "$bg_dir/$name.log"
+  read -r rc took <"$bg_dir/$name.done" || { rc=1; took=?; }
+  echo "test.sh: $name check took $took s beside the others (exit $rc)"
+  [ "$rc" = 0 ] || failed=1
+done
+echo "test.sh: waited $((SECONDS - t)) s for them ($((SECONDS - start)) s in all)"
+[ "$failed" = 0 ] || { echo "error: a check that ran beside failed (above)" >&2; exit 1; }

@@ -1,8 +1,9 @@
 //! The real default model end to end on CPU ranks, on one ≥ 4K-token needle-in-a-haystack prompt
 //! whose `dense` run (computed once, shared by both tests) is the reference:
-//! - the exact sequence-parallel methods equal it: `zigzag` on 4 ranks and `ulysses` on 3
-//!   (SmolLM2-135M has 3 KV heads); first-token logits within 1e-5 relative (‖Δ‖∞ / ‖ref‖∞) in
-//!   f32, 16 greedy tokens identical;
+//! - the exact sequence-parallel methods equal it: `zigzag` on 4 ranks; first-token logits
+//!   within 1e-5 relative (‖Δ‖∞ / ‖ref‖∞) in f32, 16 greedy tokens identical (`ulysses` on 3
+//!   ranks, as SmolLM2-135M has 3 KV heads, likewise on a ~450-token prompt: its exchange is
+//!   per head, not per length, and a 4K run of it cost CI ~40 s);
 //! - the approximate ones find the needle as it does: APB (training-free scorer) and Spava on 4
 //!   ranks, APB with the retaining heads shipped for the model (`--heads smollm2-135m-instruct`);
 //!   and Spava on 2 ranks equals APB on 4.
@@ -22,6 +23,8 @@ struct Case {
     parts: prompt::PromptParts,
     params: GenParams,
     dense: Generation,
+    /// A ~450-token needle prompt, for the comparisons that need no 4K.
+    short: prompt::PromptParts,
 }
 
 /// The model, the prompt and its dense run, once for both tests.
@@ -51,28 +54,41 @@ fn case() -> &'static Case {
         };
         let dense = run_job(&m, &job(&parts, Method::DENSE, 1, &params));
         assert!(dense.text.contains(NEEDLE), "dense: {:?}", dense.text);
+        let short = prompt::build(
+            m.tok(),
+            &haystack(40, 0.5, "The special magic number is 73914.", 3),
+            Some("What is the special magic number?"),
+            true,
+            false,
+        )
+        .unwrap();
         Case {
             m,
             parts,
             params,
             dense,
+            short,
         }
     })
 }
 
 #[test]
-fn zigzag_and_ulysses_equal_dense_on_smollm2_at_4k() {
+fn zigzag_and_ulysses_equal_dense_on_smollm2() {
     let c = case();
-    for (method, world) in [(Method::ZIGZAG, 4), (Method::ULYSSES, 3)] {
-        let got = run_job(&c.m, &job(&c.parts, method, world, &c.params));
+    let short_dense = run_job(&c.m, &job(&c.short, Method::DENSE, 1, &c.params));
+    for (method, world, parts, dense) in [
+        (Method::ZIGZAG, 4, &c.parts, &c.dense),
+        (Method::ULYSSES, 3, &c.short, &short_dense),
+    ] {
+        let got = run_job(&c.m, &job(parts, method, world, &c.params));
         assert_eq!(got.plan.world, world, "{method}");
-        let rel = first_logits_rel_diff(&got, &c.dense);
+        let rel = first_logits_rel_diff(&got, dense);
         assert!(
             rel <= 1e-5,
             "{method} H={world}: first-token logits off by {rel} relative"
         );
         assert_eq!(
-            got.tokens, c.dense.tokens,
+            got.tokens, dense.tokens,
             "{method} H={world}: greedy continuation"
         );
     }
@@ -94,20 +110,13 @@ fn apb_and_spava_find_the_needle_like_dense() {
 
     // Spava on 2 ranks is APB on 4 (a short prompt; 30 layers carry any difference in the
     // anchor rows, which the 2-layer fixtures cannot show).
-    let short = prompt::build(
-        m.tok(),
-        &haystack(40, 0.5, "The special magic number is 73914.", 3),
-        Some("What is the special magic number?"),
-        true,
-        false,
-    )
-    .unwrap();
+    let short = &c.short;
     let small = |method, world| {
         let j = apb_host::Job {
             anchor_len: Some(64),
             passing_len: Some(32),
             ..job(
-                &short,
+                short,
                 method,
                 world,
                 &GenParams {

@@ -20,3 +20,18 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     Device::new_cuda(ordinal).map_err(|e| err!("cannot open {s}: {e}"))
 }
+
+/// `(free, total)` bytes of a GPU's memory (None on the CPU).
+pub fn memory(device: &Device) -> std::result::Result<Option<(u64, u64)>, String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_err(|e| format!("cannot read the GPU's free memory: {e}"))?;
+        return Ok(Some((free as u64, total as u64)));
+    }
+    let _ = device;
+    Ok(None)
+}

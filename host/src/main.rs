@@ -91,9 +91,15 @@ struct ServeArgs {
     max_decode_gap_ms: u64,
     /// KV memory (bytes) the running requests may hold: a request waits until its KV fits, one
     /// that never can gets 400. Per rank process, or shared by thread ranks. Default: half the
-    /// memory available at start on the CPU; no limit on a GPU (set it there).
+    /// memory available at start on the CPU; on a GPU, from --gpu-memory-utilization.
     #[arg(long)]
     kv_cache_memory_bytes: Option<u64>,
+    /// On a GPU without --kv-cache-memory-bytes: the share of the GPU's memory the server may
+    /// hold (as vLLM's flag). The KV budget is this share of the device's total less what is in
+    /// use once the model is loaded (weights, CUDA context, other processes); the rest is left
+    /// for the prefill's activations. Rank processes on one GPU split it. Ignored on the CPU.
+    #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
+    gpu_memory_utilization: f64,
     /// Require `Authorization: Bearer KEY` on every /v1 route (also from APB_API_KEY).
     #[arg(long, env = "APB_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -1000,6 +1006,14 @@ fn check_origin(o: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--gpu-memory-utilization`: a share of the device, in (0, 1].
+fn gpu_memory_utilization(f: f64) -> Result<f64> {
+    if !(f > 0.0 && f <= 1.0) {
+        bail!("--gpu-memory-utilization {f}: give a fraction of the GPU's memory, above 0 and at most 1 (e.g. 0.9)");
+    }
+    Ok(f)
+}
+
 /// `--host` as an address: an IP (v4 or v6, brackets allowed) or a name that resolves.
 fn listen_addr(host: &str, port: u16) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
@@ -1093,6 +1107,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         long_prefill_token_threshold: a.long_prefill_token_threshold,
         max_decode_gap: std::time::Duration::from_millis(a.max_decode_gap_ms),
         kv_cache_memory_bytes: a.kv_cache_memory_bytes,
+        gpu_memory_utilization: gpu_memory_utilization(a.gpu_memory_utilization)?,
         api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),
         model_alias: Some(a.m.model.clone()),

@@ -1189,6 +1189,12 @@ fn serve_refuses_empty_and_malformed_flags() {
         &serve(&["--served-model-name", ""], &[]),
         "--served-model-name",
     );
+    for bad in ["0", "1.5", "-0.2", "nan"] {
+        assert_clean_error(
+            &serve(&["--gpu-memory-utilization", bad], &[]),
+            "--gpu-memory-utilization",
+        );
+    }
     for bad in [
         "localhost:3000",
         "http://x.org/",

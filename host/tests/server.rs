@@ -1019,6 +1019,17 @@ fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
     // ~600 positions each (prompt and max_tokens): the second waits for the first.
     let mut first = raw_chat(&s, &ask_doc(46, 30, true));
     read_until(&mut first, |seen| seen.contains("\"content\""));
+    // Its KV shows per rank, in /metrics and /health (set after each engine step).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut held = 0.0;
+    while held == 0.0 && Instant::now() < deadline {
+        held = s.metric("apb_kv_positions_used", "rank=\"0\"");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(held >= 500.0, "{held} positions held");
+    let (_, h) = s.get("/health");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["kv_positions_used"][0].as_f64(), Some(held), "{h}");
     let second = std::thread::spawn({
         let mut c = raw_chat(&s, &ask_doc(45, 30, true));
         move || {
@@ -1036,4 +1047,10 @@ fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
         "the second request decoded while the first held the budget"
     );
     assert_eq!(s.metric("apb_kv_positions_used", ""), 0.0);
+    // Step kinds: the two prefills (the refused request never started one) and their decode
+    // steps; the time-per-token and gap histograms saw them.
+    assert_eq!(s.metric("apb_engine_steps_total", "kind=\"prefill\""), 2.0);
+    assert!(s.metric("apb_engine_steps_total", "kind=\"decode\"") >= 58.0);
+    assert_eq!(s.metric("apb_time_per_output_token_seconds_count", ""), 2.0);
+    assert!(s.metric("apb_decode_gap_seconds_count", "") >= 58.0);
 }

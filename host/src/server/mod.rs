@@ -37,7 +37,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use conn::Client;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -93,8 +94,12 @@ pub struct ServeConfig {
     /// ([`Engine::with_decode_gap`]).
     pub max_decode_gap: std::time::Duration,
     /// KV memory running requests may hold (bytes; per rank process, or shared by thread
-    /// ranks). Default: half the memory available at start on the CPU; none on a GPU.
+    /// ranks). Default: half the memory available at start on the CPU; on a GPU from
+    /// `gpu_memory_utilization`.
     pub kv_cache_memory_bytes: Option<u64>,
+    /// On a GPU without `kv_cache_memory_bytes`: the share of the device's memory the server may
+    /// hold; the KV budget is that less what is in use once the model is loaded.
+    pub gpu_memory_utilization: f64,
     /// Bearer key required on `/v1` routes.
     pub api_key: Option<String>,
     /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
@@ -200,7 +205,8 @@ struct Metrics {
     cancelled: IntCounterVec,
     queue_depth: IntGauge,
     running: IntGauge,
-    kv_used: IntGauge,
+    kv_used: IntGaugeVec,
+    steps: IntCounterVec,
     batch: prometheus::Histogram,
     spanning: prometheus::Histogram,
     step: prometheus::Histogram,
@@ -236,9 +242,19 @@ impl Metrics {
             "running_sequences",
             "Requests generating (in the decode batch)",
         )?;
-        let kv_used = IntGauge::new(
-            "kv_positions_used",
-            "KV positions the running requests hold (all ranks; admission keeps it within the budget)",
+        let kv_used = IntGaugeVec::new(
+            Opts::new(
+                "kv_positions_used",
+                "KV positions the running requests hold, by rank (admission keeps each within the budget)",
+            ),
+            &["rank"],
+        )?;
+        let steps = IntCounterVec::new(
+            Opts::new(
+                "engine_steps_total",
+                "Engine steps, by kind: prefill, decode, or decode_in_prefill (a decode step run between a prefill's layers)",
+            ),
+            &["kind"],
         )?;
         let batch = prometheus::Histogram::with_opts(
             HistogramOpts::new("decode_batch_size", "Sequences per decode step")
@@ -312,6 +328,7 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(kv_used.clone()))?;
+        registry.register(Box::new(steps.clone()))?;
         registry.register(Box::new(batch.clone()))?;
         registry.register(Box::new(spanning.clone()))?;
         registry.register(Box::new(step.clone()))?;
@@ -337,6 +354,7 @@ impl Metrics {
             queue_depth,
             running,
             kv_used,
+            steps,
             batch,
             spanning,
             step,
@@ -697,6 +715,13 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         ctx.saturating_mul(BODY_BYTES_PER_TOKEN)
             .saturating_add(BODY_SLACK),
     );
+    let budget = match kv_budget(&s.cfg, &group) {
+        Ok(b) => b,
+        Err(why) => {
+            let _ = group.shutdown();
+            crate::error::bail!("{why}");
+        }
+    };
     let _ = s.ready.set(Ready {
         loaded,
         model_names,
@@ -720,7 +745,6 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             format!(" ({}, comm {})", info.rank_mode, info.comm)
         }
     );
-    let budget = kv_budget(&s.cfg, &group);
     if let Some(b) = &budget {
         eprintln!(
             "KV budget: {:.2} GiB = {} positions{} ({} bytes a position)",
@@ -787,30 +811,24 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
                 }
             }
         }
-        // Decode steps, also those run inside a prefill.
-        for st in eng.take_stats() {
-            let m = &s.metrics;
-            m.batch.observe(st.rows as f64);
-            m.spanning.observe(st.spanning as f64);
-            if let Some(g) = st.gap_s {
-                m.gap.observe(g);
-            }
-            m.step.observe(st.secs);
-        }
-
+        record_steps(s, &mut eng, "decode");
         s.metrics.running.set(eng.running() as i64);
-        s.metrics
-            .kv_used
-            .set(eng.kv_used().iter().sum::<usize>() as i64);
+        for (rank, &used) in eng.kv_used().iter().enumerate() {
+            s.metrics
+                .kv_used
+                .with_label_values(&[&rank.to_string()])
+                .set(used as i64);
+        }
         s.running.store(eng.running() > 0, Ordering::SeqCst);
     }
     group.shutdown()
 }
 
 /// The KV budget: `--kv-cache-memory-bytes`, else on the CPU half the memory available at
-/// start (thread ranks share it; rank processes split it by the ranks on the node). None on a
-/// GPU without the flag.
-fn kv_budget(cfg: &ServeConfig, group: &Group) -> Option<KvBudget> {
+/// start (thread ranks share it; rank processes split it by the ranks on the node), on a GPU
+/// `--gpu-memory-utilization` of its memory less what is in use now that the model is loaded
+/// (rank processes split it by the ranks on rank 0's GPU). An error when that leaves nothing.
+fn kv_budget(cfg: &ServeConfig, group: &Group) -> Result<Option<KvBudget>, String> {
     let model = group.runner().model();
     let c = &model.cfg;
     let bytes_per_position = 2
@@ -822,24 +840,46 @@ fn kv_budget(cfg: &ServeConfig, group: &Group) -> Option<KvBudget> {
     let bytes = match cfg.kv_cache_memory_bytes {
         Some(b) => b,
         None if model.device().is_cpu() => {
-            let avail = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|m| {
-                    m.lines()
-                        .find(|l| l.starts_with("MemAvailable:"))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                })?
-                * 1024;
+            let Some(avail_kib) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            }) else {
+                return Ok(None);
+            };
+            let avail = avail_kib * 1024;
             let per = if shared { 1 } else { group.world() as u64 };
             avail / 2 / per
         }
-        None => return None,
+        None => {
+            let Some((free, total)) = crate::device::memory(model.device())? else {
+                return Ok(None);
+            };
+            let allowed = (cfg.gpu_memory_utilization * total as f64) as u64;
+            let used = total - free;
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            if allowed <= used {
+                return Err(format!(
+                    "--gpu-memory-utilization {} allows {:.2} GiB of the GPU's {:.2} GiB, but {:.2} GiB are in use with the model loaded: no room for KV (raise it, or set --kv-cache-memory-bytes)",
+                    cfg.gpu_memory_utilization,
+                    gib(allowed),
+                    gib(total),
+                    gib(used)
+                ));
+            }
+            let per = if shared {
+                1
+            } else {
+                group.world().div_ceil(crate::launch::gpu_count().max(1)) as u64
+            };
+            (allowed - used) / per
+        }
     };
-    Some(KvBudget {
+    Ok(Some(KvBudget {
         positions: (bytes / bytes_per_position as u64) as usize,
         shared,
         bytes_per_position,
-    })
+    }))
 }
 
 /// A queued request's client left while it waited for KV room.
@@ -891,7 +931,10 @@ fn start_seq<'a>(
     p: Placed<'a, Running>,
 ) {
     s.running.store(true, Ordering::SeqCst);
-    match eng.start(group, p) {
+    s.metrics.steps.with_label_values(&["prefill"]).inc();
+    let started = eng.start(group, p);
+    record_steps(s, eng, "decode_in_prefill");
+    match started {
         Ok(None) => {}
         Ok(Some((r, g))) => answer(s, r, Ok(g)),
         Err((r, e)) => {
@@ -903,6 +946,21 @@ fn start_seq<'a>(
                 }
             }
         }
+    }
+}
+
+/// The decode steps the engine ran since the last call, into the metrics (`kind`: `decode`, or
+/// `decode_in_prefill` for those run between a prefill's layers).
+fn record_steps(s: &Server, eng: &mut Engine<'_, Running>, kind: &str) {
+    let m = &s.metrics;
+    for st in eng.take_stats() {
+        m.steps.with_label_values(&[kind]).inc();
+        m.batch.observe(st.rows as f64);
+        m.spanning.observe(st.spanning as f64);
+        if let Some(g) = st.gap_s {
+            m.gap.observe(g);
+        }
+        m.step.observe(st.secs);
     }
 }
 
@@ -1174,6 +1232,9 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
                 "bodies_reading": s.metrics.bodies_reading.get(),
                 "running": s.running.load(Ordering::SeqCst),
                 "running_sequences": s.metrics.running.get(),
+                "kv_positions_used": (0..s.cfg.world)
+                    .map(|r| s.metrics.kv_used.with_label_values(&[&r.to_string()]).get())
+                    .collect::<Vec<_>>(),
                 "max_num_seqs": s.cfg.max_num_seqs,
                 "max_queued": s.cfg.max_queued}))
     .into_response()

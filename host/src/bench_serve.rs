@@ -1,5 +1,6 @@
 //! `apb bench serve`: a load generator against a running `apb serve` (in the spirit of `vllm
-//! bench serve`): N streaming completions at a fixed concurrency, prompts of a given token count
+//! bench serve`): N streaming completions at a fixed concurrency (all at once, or arriving at a
+//! request rate as a Poisson process), prompts of a given token count
 //! (`ignore_eos`, a fixed output length); time to first token, time per output token and
 //! end-to-end latency (p50 / p90 / p99), request and output-token throughput.
 //!
@@ -36,6 +37,9 @@ pub struct Load {
     pub num_prompts: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// Requests a second, arriving as a Poisson process (seeded by `seed`); None: all at once
+    /// (each client sends its next request when its last one ends).
+    pub request_rate: Option<f64>,
     /// Prompt tokens per request.
     pub input_len: usize,
     /// Output tokens per request (`ignore_eos`).
@@ -135,6 +139,24 @@ fn prompt(n: usize, seed: u64) -> String {
         .to_string()
 }
 
+/// When each request is sent (s after the start) for `rate` requests a second arriving as a
+/// Poisson process: exponential gaps of mean 1 / rate, from a seeded generator.
+fn arrivals(n: usize, rate: f64, seed: u64) -> Vec<f64> {
+    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Uniform in (0, 1] from the top 53 bits.
+            let u = ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            t += -u.ln() / rate;
+            t
+        })
+        .collect()
+}
+
 /// Sends one streaming completion and times it.
 fn one(load: &Load, addr: &str, i: usize) -> Result<Sample> {
     let mut text = prompt(load.input_len, load.seed.wrapping_add(i as u64));
@@ -220,6 +242,14 @@ pub fn run(load: &Load) -> Result<Report> {
     {
         bail!("--num-prompts, --concurrency, --input-len and --output-len must be at least 1");
     }
+    if let Some(r) = load.request_rate {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!("--request-rate {r}: give requests a second above 0 (leave it out to send all at once)");
+        }
+    }
+    let at = load
+        .request_rate
+        .map(|r| arrivals(load.num_prompts, r, load.seed));
     let addr = load
         .url
         .trim_end_matches('/')
@@ -236,6 +266,10 @@ pub fn run(load: &Load) -> Result<Report> {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= load.num_prompts {
                     break;
+                }
+                if let Some(at) = &at {
+                    let due = t0 + Duration::from_secs_f64(at[i]);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 }
                 match one(load, &addr, i) {
                     Ok(x) => samples.lock().expect("samples")[i] = Some(x),
@@ -326,5 +360,22 @@ mod tests {
         assert_ne!(p, prompt(100, 4));
         let q = Percentiles::of((1..=100).map(f64::from).collect());
         assert_eq!((q.p50, q.p90, q.p99), (51.0, 90.0, 99.0));
+    }
+
+    #[test]
+    fn arrivals_are_a_seeded_poisson_process_of_the_asked_rate() {
+        let a = arrivals(4000, 8.0, 1);
+        assert_eq!(a, arrivals(4000, 8.0, 1));
+        assert_ne!(a, arrivals(4000, 8.0, 2));
+        assert!(a.windows(2).all(|w| w[1] > w[0]) && a[0] > 0.0);
+        // 4000 arrivals at 8 a second: ~500 s (the mean gap's standard error is 1.6 %), and
+        // exponential gaps: their standard deviation equals their mean.
+        let gaps: Vec<f64> = std::iter::once(a[0])
+            .chain(a.windows(2).map(|w| w[1] - w[0]))
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
+        assert!((mean - 0.125).abs() < 0.125 * 0.06, "mean gap {mean}");
+        assert!((sd / mean - 1.0).abs() < 0.1, "sd / mean {}", sd / mean);
     }
 }

@@ -613,6 +613,10 @@ struct ServeBenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Requests a second, arriving as a Poisson process (as vllm bench serve's; seeded by
+    /// --seed), at most --concurrency in flight. Default: all at once.
+    #[arg(long)]
+    request_rate: Option<f64>,
     /// Prompt tokens per request (one-token words; the server's usage gives the exact count).
     #[arg(long, default_value_t = 256)]
     input_len: usize,
@@ -639,6 +643,7 @@ fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         url: a.url,
         num_prompts: a.num_prompts,
         concurrency: a.concurrency,
+        request_rate: a.request_rate,
         input_len: a.input_len,
         output_len: a.output_len,
         seed: a.seed,
@@ -650,6 +655,7 @@ fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     if let Some(path) = a.json {
         let v = serde_json::json!({
             "num_prompts": load.num_prompts, "concurrency": load.concurrency,
+            "request_rate": load.request_rate,
             "input_len": load.input_len, "output_len": load.output_len, "url": load.url,
             "report": report,
         });

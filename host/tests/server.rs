@@ -147,6 +147,52 @@ fn completions_endpoint_json_and_stream() {
         .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(streamed, answer);
+
+    // `apb bench serve` against it: 3 requests arriving at 20 a second, 2 at a time.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_apb"))
+        .args(["bench", "serve", "--url", &s.base, "--num-prompts", "3"])
+        .args([
+            "--concurrency",
+            "2",
+            "--input-len",
+            "40",
+            "--output-len",
+            "4",
+        ])
+        .args(["--request-rate", "20", "--json"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("completed 3 requests"), "{table}");
+    assert!(table.contains("time per output token"), "{table}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["request_rate"], 20.0, "{v}");
+    let r = &v["report"];
+    assert_eq!(r["completed"], 3, "{v}");
+    for x in r["samples"].as_array().unwrap() {
+        assert_eq!(x["output_tokens"], 4, "{v}");
+        assert!(x["prompt_tokens"].as_u64().unwrap() >= 40, "{v}");
+        assert!(x["ttft_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert!(
+        r["ttft_s"]["p99"].as_f64() >= r["ttft_s"]["p50"].as_f64(),
+        "{v}"
+    );
+    // A bad rate is a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_apb"))
+        .args(["bench", "serve", "--url", &s.base, "--request-rate", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--request-rate"));
 }
 
 #[test]

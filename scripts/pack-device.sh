@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # built before the CUDA environment, which would change the CPU build's flags.
 mkdir -p dist
 cargo run -q --locked -p apb-examples --example export_tokenizer -- dist/tokenizer.json
+# The default model's metadata without its tensors, for `-m random:PRESET` (scripts/device-bench-serve.sh).
+python3 scripts/gguf_metadata_only.py "${APB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/apb-rs}/models/SmolLM2-135M-Instruct.Q4_1.gguf" dist/smollm2-metadata.gguf
 source scripts/cuda-env.sh
 # With the fault hooks: scripts/device-smoke.sh makes a rank hang or exit.
 cargo build --release --locked --features cuda,fault-injection -p apb-host --target-dir target/cuda

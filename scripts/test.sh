@@ -20,13 +20,24 @@ step cargo fmt --all -- --check
 # their share. Their logs and times print at the end; either failing fails the command.
 bg_dir=$(mktemp -d)
 bg_pids=()
-# (Each in its own process group, so that an early exit stops it with all its children.)
-trap 'for p in "${bg_pids[@]}"; do kill -- "-$p" 2>/dev/null || true; done; rm -rf "$bg_dir"' EXIT
+# (Not in a session of their own: where the kernel groups CPU time by session (autogroup), a new
+# session would get an equal share whatever its nice value. An early exit stops each with all
+# its children.)
+kill_tree() {
+  local c
+  for c in $(pgrep -P "$1"); do kill_tree "$c"; done
+  kill "$1" 2>/dev/null || true
+}
+trap 'for p in "${bg_pids[@]}"; do kill_tree "$p"; done; rm -rf "$bg_dir"' EXIT
 beside() {
   local name=$1
   shift
-  setsid bash -c 't=$SECONDS; rc=0; nice -n 19 "${@:2}" >"$1.log" 2>&1 || rc=$?
-    echo "$rc $((SECONDS - t))" >"$1.done"' beside "$bg_dir/$name" "$@" &
+  (
+    t=$SECONDS
+    rc=0
+    nice -n 19 "$@" >"$bg_dir/$name.log" 2>&1 || rc=$?
+    echo "$rc $((SECONDS - t))" >"$bg_dir/$name.done"
+  ) &
   bg_pids+=($!)
 }
 beside package env CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/package-check" ./scripts/check-package.sh

@@ -897,6 +897,56 @@ fn clients_that_stall_their_bodies_cannot_hold_the_server() {
     assert_eq!(health(&s)["bodies_reading"], 0);
 }
 
+/// Head-of-line protection: with a long prefill in flight and another long request waiting, a
+/// short request sent after both gets its first token before the waiting long one: it waits for
+/// at most the one long prefill in flight.
+#[test]
+fn a_short_request_overtakes_a_waiting_long_one() {
+    // Prompts of 200 tokens or more are long here (~300- and ~450-token needles).
+    let s = Server::start(&["--long-prefill-token-threshold", "200"]);
+    let first_token_at = |body: Value| {
+        let mut c = raw_chat(&s, &body);
+        std::thread::spawn(move || {
+            // The role chunk (`"content":""`, sent once queued), then the first token's.
+            read_until(&mut c, |seen| seen.matches("\"content\"").count() >= 2);
+            let at = Instant::now();
+            read_until(&mut c, |seen| seen.contains("[DONE]"));
+            at
+        })
+    };
+    let long = |i: usize, sentences: usize| {
+        json!({"messages": [{"role": "user", "content": format!(
+            "{}\n\nWhat is the special magic number? ({i})", needle_doc(sentences))}],
+            "max_tokens": 2, "stream": true})
+    };
+    // (The first one longer: its prefill outlasts sending the other two.)
+    let l1 = first_token_at(long(1, 40));
+    wait_for(&s, "the first long prefill never started", |h| {
+        h["running"] == true
+    });
+    let l2 = first_token_at(long(2, 24));
+    wait_for(&s, "the second long request never queued", |h| {
+        h["queue_depth"] == 1
+    });
+    let mut short = ask("Hi");
+    short["stream"] = json!(true);
+    let short = first_token_at(short);
+    let (l1, l2, short) = (
+        l1.join().unwrap(),
+        l2.join().unwrap(),
+        short.join().unwrap(),
+    );
+    assert!(
+        short < l2,
+        "the short request waited for the queued long one ({:?} after it)",
+        short - l2
+    );
+    assert!(
+        l1 < short,
+        "the long prefill in flight was not finished first"
+    );
+}
+
 /// SIGTERM with a long request running and one queued: the queued one gets 503 at once, the
 /// running one is cut at `--shutdown-timeout` with a 503, and the server exits 0 soon after.
 #[test]

@@ -1142,6 +1142,12 @@ fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
         second_started >= first_done,
         "the second request decoded while the first held the budget"
     );
+    // Both answered: their KV is freed (the gauges are set after each engine step, which may
+    // end just after the answer went out).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("apb_kv_positions_used", "") != 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(s.metric("apb_kv_positions_used", ""), 0.0);
     // Step kinds: the two prefills (the refused request never started one) and their decode
     // steps; the time-per-token and gap histograms saw them.

@@ -77,11 +77,12 @@ struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     max_queued: usize,
     /// Requests generating at once (one batched decode step for all of them); 1 runs one
-    /// request at a time.
+    /// request at a time, first come, first served.
     #[arg(long, default_value_t = 16)]
     max_num_seqs: usize,
     /// Prompts of at least this many tokens are long: waiting short requests go before them
-    /// (each long one is overtaken by at most --max-num-seqs short ones).
+    /// (each long one is overtaken by at most --max-num-seqs short ones; none with
+    /// --max-num-seqs 1).
     #[arg(long, default_value_t = 2048)]
     long_prefill_token_threshold: usize,
     /// Running requests get a decode step between a prefill's layers once they have waited this
@@ -1012,14 +1013,6 @@ fn check_origin(o: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--gpu-memory-utilization`: a share of the device, in (0, 1].
-fn gpu_memory_utilization(f: f64) -> Result<f64> {
-    if !(f > 0.0 && f <= 1.0) {
-        bail!("--gpu-memory-utilization {f}: give a fraction of the GPU's memory, above 0 and at most 1 (e.g. 0.9)");
-    }
-    Ok(f)
-}
-
 /// `--host` as an address: an IP (v4 or v6, brackets allowed) or a name that resolves.
 fn listen_addr(host: &str, port: u16) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
@@ -1113,7 +1106,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         long_prefill_token_threshold: a.long_prefill_token_threshold,
         max_decode_gap: std::time::Duration::from_millis(a.max_decode_gap_ms),
         kv_cache_memory_bytes: a.kv_cache_memory_bytes,
-        gpu_memory_utilization: gpu_memory_utilization(a.gpu_memory_utilization)?,
+        gpu_memory_utilization: apb_host::server::gpu_memory_utilization(a.gpu_memory_utilization)
+            .map_err(anyhow::Error::msg)?,
         api_key: a.api_key.clone(),
         served_model_names: a.served_model_name.clone(),
         model_alias: Some(a.m.model.clone()),

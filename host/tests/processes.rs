@@ -90,10 +90,11 @@ fn needle(sentences: usize, max_tokens: usize) -> Value {
         "max_tokens": max_tokens})
 }
 
-/// The checks of the thread-rank server test, over processes: a ≥ 2K-token needle on 4 ranks,
-/// stream equals non-stream, concurrent requests all answered, a full queue gets 429, a vanished stream stops
-/// its generation on every rank, the key is enforced; a prompt too short for 4 ranks runs on rank
-/// 0 alone and says so.
+/// The checks of the thread-rank server tests, over processes: a ≥ 2K-token needle on 4 ranks,
+/// stream equals non-stream, batched requests each equal to their run alone (two spanning the
+/// ranks in one decode step), a full queue gets 429, a vanished stream stops its generation on
+/// every rank, the key is enforced; a prompt too short for 4 ranks runs on rank 0 alone and
+/// says so.
 #[test]
 fn server_over_4_rank_processes() {
     // Two sequences at a time, so the three below run batched and two long ones fill the batch.
@@ -103,6 +104,13 @@ fn server_over_4_rank_processes() {
             "3",
             "--max-num-seqs",
             "2",
+            // (So that a ~400-token prompt spans the 4 ranks.)
+            "--min-rank-tokens",
+            "64",
+            "--anchor-len",
+            "32",
+            "--passing-len",
+            "16",
             "--api-key",
             "k3y",
         ],
@@ -163,19 +171,46 @@ fn server_over_4_rank_processes() {
         "{v}"
     );
 
-    // Three at once (two batched, one waits): all answered.
-    let handles: Vec<_> = (0..3)
-        .map(|i| {
-            let mut b = needle(40, 4);
-            b["messages"][0]["content"] = json!(format!(
-                "{}\n\nWhat is the special magic number? ({i})",
-                needle_doc(40)
-            ));
-            chat_in_background(&s, &b)
+    // Batched over rank processes, each request gets what it gets alone: two that span the 4
+    // ranks decode together (one collective a layer for both) while a third (rank 0 alone)
+    // waits for a slot, then decodes beside the one still running.
+    let q = "What is the special magic number?";
+    let spanning = |sentences: usize| {
+        json!({"messages": [{"role": "user", "content": format!("{}\n\n{q}", needle_doc(sentences))}],
+            "max_tokens": 16, "ignore_eos": true})
+    };
+    let reqs = [spanning(30), spanning(40), short()];
+    let alone: Vec<Value> = reqs
+        .iter()
+        .map(|r| {
+            let (code, v) = s.chat(r.clone());
+            assert_eq!(code, 200, "{v}");
+            v
         })
         .collect();
-    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
-    assert_eq!(codes, vec![200; 3]);
+    let ranks: Vec<u64> = alone
+        .iter()
+        .map(|v| v["apb"]["ranks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks, [4, 4, 1], "{alone:?}");
+    let mut handles: Vec<_> = reqs[..2].iter().map(|r| chat_in_background(&s, r)).collect();
+    wait_for(&s, "the two never decoded together", |h| {
+        h["running_sequences"] == 2
+    });
+    handles.push(chat_in_background(&s, &reqs[2]));
+    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
+        let (code, text) = h.join().unwrap();
+        assert_eq!(code, 200, "{text}");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        for key in ["choices", "usage"] {
+            assert_eq!(got[key], want[key], "request {i} batched vs alone");
+        }
+    }
+    assert!(
+        s.metric("apb_decode_spanning_sequences_bucket", "le=\"1\"")
+            < s.metric("apb_decode_spanning_sequences_count", ""),
+        "no decode step had two sequences spanning the ranks"
+    );
 
     // A full queue: 429 with Retry-After.
     let long = json!({"messages": [{"role": "user", "content": "Paris is a city.\n\nTell me a long story."}],
@@ -299,14 +334,20 @@ fn rank_processes_equal_thread_ranks_bit_for_bit() {
     }
 }
 
-/// A server over 4 rank processes, one request in flight (streaming, with a 4-rank prompt) and
-/// one sent behind it (queued during the long prefill, then in the decode batch); `kill -9` of
-/// worker rank 2 once `ready(stream so far)` holds: the stream gets an error event and
-/// `[DONE]`, the second request a 5xx (503 queued, 500 running), `/health` says failed, the
-/// server exits non-zero and no rank process is left. Returns the text streamed before the
-/// error.
-fn kill_a_worker_when(sentences: usize, max_tokens: usize, ready: impl Fn(&str) -> bool) -> String {
-    let mut s = apb_server(&[], &[]);
+/// A server over 4 rank processes (3 sequences at a time), one request in flight (streaming,
+/// with a 4-rank prompt) and three sent behind it, which wait until `full(/health)` (all
+/// queued during the long prefill; in the decode batch, two beside it and one queued); `kill
+/// -9` of worker rank 2 once `ready(stream so far)` holds: the stream gets an error event and
+/// `[DONE]`, every request behind it a 5xx (503 queued, 500 running), `/health` says failed,
+/// the server exits non-zero and no rank process is left. Returns the text streamed before the
+/// error and the codes of the three behind, sorted.
+fn kill_a_worker_when(
+    sentences: usize,
+    max_tokens: usize,
+    full: impl Fn(&Value) -> bool,
+    ready: impl Fn(&str) -> bool,
+) -> (String, Vec<u16>) {
+    let mut s = apb_server(&["--max-num-seqs", "3"], &[]);
     let pids = worker_pids(&s);
     assert_eq!(pids.len(), 3);
     let mut req = needle(sentences, max_tokens);
@@ -314,8 +355,11 @@ fn kill_a_worker_when(sentences: usize, max_tokens: usize, ready: impl Fn(&str) 
     req["ignore_eos"] = json!(true);
     let mut c = raw_chat(&s, &req);
     wait_for(&s, "never started", |h| h["running"] == true);
-    let queued = chat_in_background(&s, &short());
-    wait_for(&s, "never queued", |h| h["queue_depth"] == 1);
+    let mut behind = short();
+    behind["max_tokens"] = json!(400);
+    behind["ignore_eos"] = json!(true);
+    let behind: Vec<_> = (0..3).map(|_| chat_in_background(&s, &behind)).collect();
+    wait_for(&s, "the batch never filled", full);
     let seen = read_until(&mut c, ready);
     let t = Instant::now();
     kill("-9", pids[1]);
@@ -332,33 +376,50 @@ fn kill_a_worker_when(sentences: usize, max_tokens: usize, ready: impl Fn(&str) 
     let (code, h) = s.get("/health");
     assert_eq!(code, 503, "{h}");
     assert!(h.contains("failed"), "{h}");
-    let (code, text) = queued.join().unwrap();
-    assert!(code == 503 || code == 500, "{code} {text}");
-    assert!(text.contains("rank"), "{text}");
+    let mut codes = vec![];
+    for h in behind {
+        let (code, text) = h.join().unwrap();
+        assert!(code == 503 || code == 500, "{code} {text}");
+        assert!(text.contains("rank"), "{text}");
+        codes.push(code);
+    }
+    codes.sort();
     let st = s
         .wait_exit(Duration::from_secs(30))
         .expect("the server must exit");
     assert!(!st.success(), "{st}");
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     wait_gone(&pids, Duration::from_secs(10));
-    streamed_text(&(seen + &rest))
+    (streamed_text(&(seen + &rest)), codes)
 }
 
 #[test]
 fn a_worker_killed_during_prefill_fails_the_server_cleanly() {
     // A ~7.5K-token prompt (and max_tokens within the 8K context): its prefill takes many
-    // seconds; kill once the stream has opened.
-    let text = kill_a_worker_when(620, 100, |seen| seen.contains("\"role\""));
+    // seconds, the three behind it wait; kill once the stream has opened.
+    let (text, codes) = kill_a_worker_when(
+        620,
+        100,
+        |h| h["queue_depth"] == 3,
+        |seen| seen.contains("\"role\""),
+    );
     assert_eq!(text, "", "the kill came after the prefill");
+    assert_eq!(codes, [503; 3]);
 }
 
 #[test]
 fn a_worker_killed_during_decode_fails_the_server_cleanly() {
-    let text = kill_a_worker_when(90, 3000, |seen| streamed_text(seen).len() >= 8);
+    // A full batch: the long stream and two behind it decode, the third waits.
+    let (text, codes) = kill_a_worker_when(
+        90,
+        3000,
+        |h| h["running_sequences"] == 3 && h["queue_depth"] == 1,
+        |seen| streamed_text(seen).len() >= 8,
+    );
     assert!(!text.is_empty());
+    assert_eq!(codes, [500, 500, 503]);
 }
 
-/// Rank 0 killed: the workers notice on their own and exit.
 #[test]
 fn workers_exit_when_rank_0_is_killed() {
     let mut s = apb_server(&[], &[]);

@@ -897,13 +897,13 @@ fn clients_that_stall_their_bodies_cannot_hold_the_server() {
     assert_eq!(health(&s)["bodies_reading"], 0);
 }
 
-/// Head-of-line protection: with a long prefill in flight and another long request waiting, a
-/// short request sent after both gets its first token before the waiting long one: it waits for
-/// at most the one long prefill in flight.
-#[test]
-fn a_short_request_overtakes_a_waiting_long_one() {
-    // Prompts of 200 tokens or more are long here (~300- and ~450-token needles).
-    let s = Server::start(&["--long-prefill-token-threshold", "200"]);
+/// A long request (its prefill in flight), a second long one waiting, then a short one: the
+/// server started with `flags` (prompts of 200 tokens or more are long), and when each of the
+/// three got its first token (l1, l2, short).
+fn first_tokens_of_long_long_short(flags: &[&str]) -> (Server, [Instant; 3]) {
+    let mut args = vec!["--long-prefill-token-threshold", "200"];
+    args.extend(flags);
+    let s = Server::start(&args);
     let first_token_at = |body: Value| {
         let mut c = raw_chat(&s, &body);
         std::thread::spawn(move || {
@@ -914,6 +914,7 @@ fn a_short_request_overtakes_a_waiting_long_one() {
             at
         })
     };
+    // ~450- and ~300-token needles.
     let long = |i: usize, sentences: usize| {
         json!({"messages": [{"role": "user", "content": format!(
             "{}\n\nWhat is the special magic number? ({i})", needle_doc(sentences))}],
@@ -931,11 +932,16 @@ fn a_short_request_overtakes_a_waiting_long_one() {
     let mut short = ask("Hi");
     short["stream"] = json!(true);
     let short = first_token_at(short);
-    let (l1, l2, short) = (
-        l1.join().unwrap(),
-        l2.join().unwrap(),
-        short.join().unwrap(),
-    );
+    let at = [l1, l2, short].map(|h| h.join().unwrap());
+    (s, at)
+}
+
+/// Head-of-line protection: with a long prefill in flight and another long request waiting, a
+/// short request sent after both gets its first token before the waiting long one: it waits for
+/// at most the one long prefill in flight.
+#[test]
+fn a_short_request_overtakes_a_waiting_long_one() {
+    let (_s, [l1, l2, short]) = first_tokens_of_long_long_short(&[]);
     assert!(
         short < l2,
         "the short request waited for the queued long one ({:?} after it)",
@@ -945,6 +951,29 @@ fn a_short_request_overtakes_a_waiting_long_one() {
         l1 < short,
         "the long prefill in flight was not finished first"
     );
+}
+
+/// `--max-num-seqs 1` is the one-request-at-a-time server, the batching benchmarks' peer: the
+/// same three requests are served first come, first served, and no decode step ever has more
+/// than one sequence or runs inside a prefill.
+#[test]
+fn one_sequence_at_a_time_is_first_come_first_served() {
+    let (s, [l1, l2, short]) = first_tokens_of_long_long_short(&["--max-num-seqs", "1"]);
+    assert!(l1 < l2 && l2 < short, "served out of order");
+    // (The metrics of a step are recorded just after its tokens go out.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut steps = 0.0;
+    while steps < 3.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        steps = s.metric("apb_decode_batch_size_count", "");
+    }
+    assert!(steps >= 3.0, "{steps} decode steps");
+    assert_eq!(s.metric("apb_decode_batch_size_bucket", "le=\"1\""), steps);
+    assert_eq!(
+        s.metric("apb_engine_steps_total", "decode_in_prefill"),
+        0.0
+    );
+    assert_eq!(s.metric("apb_engine_steps_total", "prefill"), 3.0);
 }
 
 /// SIGTERM with a long request running and one queued: the queued one gets 503 at once, the

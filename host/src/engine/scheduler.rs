@@ -4,6 +4,8 @@
 //! its whole length, so short requests may overtake waiting long ones; each class is served
 //! first come, first served, and a long request is overtaken by at most `--max-num-seqs` short
 //! ones, so it cannot starve. Prefills run one at a time (at most one long prefill in flight).
+//! With `--max-num-seqs 1` nothing overtakes: the one-request-at-a-time server, first come, first
+//! served (the batching benchmarks' peer).
 
 /// What the scheduler knows of a waiting request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,15 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The server's policy: short requests overtake long ones only where several sequences run
+    /// at once (`max_num_seqs` > 1), each long request at most `max_num_seqs` times.
+    pub fn new(long_threshold: usize, max_num_seqs: usize) -> Self {
+        Policy {
+            long_threshold,
+            max_overtakes: if max_num_seqs > 1 { max_num_seqs } else { 0 },
+        }
+    }
+
     fn long(&self, w: &Waiting) -> bool {
         w.tokens >= self.long_threshold
     }
@@ -95,6 +106,13 @@ mod tests {
             vec![3000, 1000, 2000]
         );
         assert_eq!(serve(P, &mut queue(&[])), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn one_sequence_at_a_time_is_first_come_first_served() {
+        let p = Policy::new(1000, 1);
+        assert_eq!(serve(p, &mut queue(&[5000, 10, 3000, 20])), vec![5000, 10, 3000, 20]);
+        assert_eq!(Policy::new(1000, 16).max_overtakes, 16);
     }
 
     #[test]

@@ -640,10 +640,7 @@ impl Server {
     /// The next request to prefill, as the scheduler picks it, dropping those whose client
     /// left. With `wait`, blocks until one comes; Closed: closed and empty.
     fn next_queued(&self, wait: bool) -> Pick {
-        let policy = Policy {
-            long_threshold: self.cfg.long_prefill_token_threshold,
-            max_overtakes: self.cfg.max_num_seqs,
-        };
+        let policy = Policy::new(self.cfg.long_prefill_token_threshold, self.cfg.max_num_seqs);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             self.drop_cancelled(&mut q);
@@ -768,6 +765,10 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
     };
     // A request waiting for KV room: it keeps its turn (nothing overtakes it).
     let mut held: Option<Placed<Running>> = None;
+    // The per-rank KV gauges, looked up once (set after every step).
+    let kv_gauges: Vec<IntGauge> = (0..group.world())
+        .map(|rank| s.metrics.kv_used.with_label_values(&[&rank.to_string()]))
+        .collect();
     loop {
         if let Some(p) = held.take() {
             if let Some(why) = s.fatal_cause() {
@@ -813,15 +814,22 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
         }
         record_steps(s, &mut eng, "decode");
         s.metrics.running.set(eng.running() as i64);
-        for (rank, &used) in eng.kv_used().iter().enumerate() {
-            s.metrics
-                .kv_used
-                .with_label_values(&[&rank.to_string()])
-                .set(used as i64);
+        for (g, &used) in kv_gauges.iter().zip(eng.kv_used()) {
+            g.set(used as i64);
         }
         s.running.store(eng.running() > 0, Ordering::SeqCst);
     }
     group.shutdown()
+}
+
+/// `--gpu-memory-utilization`: a share of the device, in (0, 1] (checked at launch and again
+/// where the budget is made, for a `ServeConfig` built by hand).
+pub fn gpu_memory_utilization(f: f64) -> Result<f64, String> {
+    if f > 0.0 && f <= 1.0 {
+        Ok(f)
+    } else {
+        Err(format!("--gpu-memory-utilization {f}: give a fraction of the GPU's memory, above 0 and at most 1 (e.g. 0.9)"))
+    }
 }
 
 /// The KV budget: `--kv-cache-memory-bytes`, else on the CPU half the memory available at
@@ -852,6 +860,7 @@ fn kv_budget(cfg: &ServeConfig, group: &Group) -> Result<Option<KvBudget>, Strin
             avail / 2 / per
         }
         None => {
+            gpu_memory_utilization(cfg.gpu_memory_utilization)?;
             let Some((free, total)) = crate::device::memory(model.device())? else {
                 return Ok(None);
             };

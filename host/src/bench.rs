@@ -239,12 +239,12 @@ impl PrefillBench<'_> {
     /// total FLOPs of the slowest rank, plan summary).
     pub fn run(&self, len: usize, method: &str, world: usize) -> Result<Value> {
         let method_ = Method::parse(method)?;
-        let alone = self.only_rank.filter(|_| method_ != Method::DENSE);
+        let alone = self.only_rank.filter(|_| method_.spans_ranks());
         let rank = alone.unwrap_or(self.comm.rank());
         let dev = self.model.device().clone();
         let mut parts = self.parts(len);
-        if method_ == Method::DENSE {
-            // Dense prefills the whole prompt: exactly `len` tokens.
+        if !method_.spans_ranks() {
+            // One rank prefills the whole prompt, question included: exactly `len` tokens.
             let last = parts.context.pop().expect("len > 0");
             parts.query = vec![last];
             parts.question.clear();
@@ -252,7 +252,7 @@ impl PrefillBench<'_> {
         let job = Job {
             prompt: parts,
             method: method_,
-            world: if method_ == Method::DENSE { 1 } else { world },
+            world: method_.ranks_for(world),
             anchor_len: None,
             passing_len: None,
             question_mask: Default::default(),
@@ -283,8 +283,8 @@ impl PrefillBench<'_> {
         let tokens = std::mem::take(&mut shares[rank].tokens);
         let pairs = rank_pairs[rank];
         let plan = json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p});
-        // Dense runs on rank 0 alone; the other ranks wait at the barriers.
-        let active = method_ != Method::DENSE || rank == 0;
+        // A plan of fewer ranks (dense: rank 0 alone) leaves the others waiting at the barriers.
+        let active = rank < p.world;
         let flops = if active {
             prefill_flops(&self.model.cfg, tokens.len(), pairs)
         } else {
@@ -298,7 +298,7 @@ impl PrefillBench<'_> {
             let t = Instant::now();
             if active {
                 // The rank program's own prefill stage.
-                let comm: Arc<dyn Communicator> = if method_ == Method::DENSE {
+                let comm: Arc<dyn Communicator> = if p.world == 1 {
                     solo.clone()
                 } else if let Some(h) = alone {
                     Arc::new(OneRankOfMany { rank: h, world })
@@ -339,11 +339,7 @@ impl PrefillBench<'_> {
             .iter()
             .map(|t| t.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        let ranks: Vec<usize> = if method_ != Method::DENSE {
-            (0..all.len()).collect()
-        } else {
-            vec![0]
-        };
+        let ranks: Vec<usize> = (0..all.len().min(p.world)).collect();
         let slowest = *ranks
             .iter()
             .max_by(|a, b| all[**a][0].total_cmp(&all[**b][0]))

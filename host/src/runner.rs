@@ -150,6 +150,54 @@ pub struct Generation {
     pub question_mask: Option<apb_plugin::QuestionMask>,
 }
 
+/// What ran for one generation, in the names every report uses: the fields of `apb generate
+/// --json` and of the server's `apb` object (each adds what only it knows: the text and the model;
+/// the requested method and the ranks' mode).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The method that ran ([`Generation::method`]).
+    pub method: &'static str,
+    /// Ranks its plan used.
+    pub ranks: usize,
+    /// Context tokens per rank of the plan.
+    pub block_len: usize,
+    /// The plan's anchor length (0: none).
+    pub anchor_len: usize,
+    /// The plan's passing length (0: none).
+    pub passing_len: usize,
+    /// What picked the passing K/V ([`Generation::scorer`]).
+    pub scorer: Option<String>,
+    /// APB's question mask on non-last ranks ([`Generation::question_mask`]).
+    pub question_mask: Option<apb_plugin::QuestionMask>,
+    /// Rows each rank ran in prefill.
+    pub rank_prefill_tokens: Vec<usize>,
+    /// Why the plan differs from what was asked, if it does.
+    pub plan_notes: Vec<String>,
+    /// Time to the first token (milliseconds).
+    pub prefill_ms: f64,
+    /// Decode speed after the first token.
+    pub decode_tokens_per_s: f64,
+}
+
+impl Generation {
+    /// What ran, as reported ([`RunReport`]).
+    pub fn report(&self) -> RunReport {
+        RunReport {
+            method: self.method.name(),
+            ranks: self.plan.world,
+            block_len: self.plan.l_b,
+            anchor_len: self.plan.l_a,
+            passing_len: self.plan.l_p,
+            scorer: self.scorer.clone(),
+            question_mask: self.question_mask,
+            rank_prefill_tokens: self.rank_prefill_tokens.clone(),
+            plan_notes: self.plan.notes.clone(),
+            prefill_ms: self.stats.prefill_ms,
+            decode_tokens_per_s: self.stats.decode_tokens_per_s,
+        }
+    }
+}
+
 /// A request that cannot run as given (bad input: the caller's fault, not a rank failure).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -193,7 +193,10 @@ fn server_over_4_rank_processes() {
         .map(|v| v["apb"]["ranks"].as_u64().unwrap())
         .collect();
     assert_eq!(ranks, [4, 4, 1], "{alone:?}");
-    let mut handles: Vec<_> = reqs[..2].iter().map(|r| chat_in_background(&s, r)).collect();
+    let mut handles: Vec<_> = reqs[..2]
+        .iter()
+        .map(|r| chat_in_background(&s, r))
+        .collect();
     wait_for(&s, "the two never decoded together", |h| {
         h["running_sequences"] == 2
     });

@@ -969,10 +969,7 @@ fn one_sequence_at_a_time_is_first_come_first_served() {
     }
     assert!(steps >= 3.0, "{steps} decode steps");
     assert_eq!(s.metric("apb_decode_batch_size_bucket", "le=\"1\""), steps);
-    assert_eq!(
-        s.metric("apb_engine_steps_total", "decode_in_prefill"),
-        0.0
-    );
+    assert_eq!(s.metric("apb_engine_steps_total", "decode_in_prefill"), 0.0);
     assert_eq!(s.metric("apb_engine_steps_total", "prefill"), 3.0);
 }
 

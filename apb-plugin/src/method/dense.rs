@@ -19,6 +19,9 @@ impl SeqMethod for Dense {
     fn exact(&self) -> bool {
         true
     }
+    fn max_world(&self) -> Option<usize> {
+        Some(1)
+    }
     fn plan(&self, parts: &PromptParts, _args: &PlanArgs) -> Result<Plan> {
         Ok(Plan::one_rank(parts.context.len(), vec![]))
     }

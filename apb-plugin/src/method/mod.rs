@@ -131,6 +131,10 @@ pub trait SeqMethod: Send + Sync {
     fn has_reference_question_mask(&self) -> bool {
         false
     }
+    /// The most ranks the method spreads a prompt over (None: any number; dense: one).
+    fn max_world(&self) -> Option<usize> {
+        None
+    }
     /// The layout over ranks; prompts too short for `args.world` ranks get fewer, with a note.
     fn plan(&self, parts: &PromptParts, args: &PlanArgs) -> Result<Plan>;
     /// Rank `h`'s prefill tokens, positions and layout under `plan`.
@@ -228,6 +232,16 @@ impl Method {
             .map(|m| m.name())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// The ranks a job asking for `world` runs on ([`SeqMethod::max_world`]).
+    pub fn ranks_for(self, world: usize) -> usize {
+        self.0.max_world().map_or(world, |m| world.min(m))
+    }
+
+    /// Whether the method spreads a prompt over several ranks (all but dense).
+    pub fn spans_ranks(self) -> bool {
+        self.0.max_world() != Some(1)
     }
 
     /// Whether this is `dense` (one rank, no communication).

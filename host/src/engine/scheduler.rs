@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn one_sequence_at_a_time_is_first_come_first_served() {
         let p = Policy::new(1000, 1);
-        assert_eq!(serve(p, &mut queue(&[5000, 10, 3000, 20])), vec![5000, 10, 3000, 20]);
+        assert_eq!(
+            serve(p, &mut queue(&[5000, 10, 3000, 20])),
+            vec![5000, 10, 3000, 20]
+        );
         assert_eq!(Policy::new(1000, 16).max_overtakes, 16);
     }
 

@@ -1984,11 +1984,11 @@ fn usage(g: &Generation) -> Value {
 /// token).
 fn apb_info(g: &Generation, meta: &Meta) -> Value {
     let (rank_mode, comm) = meta.group.map_or(("", ""), |i| (i.rank_mode, i.comm));
-    json!({"method": g.method.name(), "requested_method": meta.method, "scorer": g.scorer, "question_mask": g.question_mask,
-           "ranks": g.plan.world, "rank_mode": rank_mode, "comm": comm,
-           "prefill_ms": g.stats.prefill_ms,
-           "decode_tokens_per_s": g.stats.decode_tokens_per_s, "block_len": g.plan.l_b,
-           "anchor_len": g.plan.l_a, "passing_len": g.plan.l_p, "plan_notes": g.plan.notes})
+    let mut v = json!(g.report());
+    v["requested_method"] = meta.method.into();
+    v["rank_mode"] = rank_mode.into();
+    v["comm"] = comm.into();
+    v
 }
 
 async fn whole(mut rx: tmpsc::UnboundedReceiver<Ev>, guard: CancelOnDrop, meta: Meta) -> Response {

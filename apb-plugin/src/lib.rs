@@ -39,8 +39,6 @@
 pub mod backend;
 pub mod cache;
 pub mod comm;
-pub mod dense;
-pub mod distributed;
 /// The crate's error type.
 pub mod error;
 pub mod method;
@@ -56,11 +54,10 @@ pub use apb_kernels::{attention, contiguous, lse_merge, reference_attention, rop
 pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
 pub use comm::{Communicator, HostComm, LocalComm, LocalGroup, Pending};
-pub use dense::Dense;
-pub use distributed::{
-    gather_merge, merge_lse, nothing_attended, QuestionMask, RankBackend, RankLayout,
-};
 pub use error::{Error, Result};
-pub use method::{Method, PlanArgs, PromptParts, RankInputs, SeqMethod};
+pub use method::{
+    gather_merge, merge_lse, nothing_attended, DenseBackend, Method, PlanArgs, PromptParts,
+    QuestionMask, RankBackend, RankInputs, RankLayout, SeqMethod,
+};
 pub use plan::{plan, Plan, PlanRequest};
 pub use scorer::{RetainingHeads, Scorer};

@@ -5,7 +5,7 @@
 //! combinations of values in [-1, 1]; LSE within 2e-5 + 1e-5·|lse|).
 
 use apb_plugin::{attention, reference_attention, Mask};
-use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase};
+use apb_plugin::{AttentionBackend, AttnInput, DenseBackend, LayerKv, Phase};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -111,7 +111,7 @@ fn dense_backend_decode_equals_one_pass() {
             k_raw: &raw,
             v_raw: &raw,
         };
-        outs.push(Dense.forward(phase, &x, &mut cache).unwrap());
+        outs.push(DenseBackend.forward(phase, &x, &mut cache).unwrap());
         start += len;
     }
     assert_eq!(cache.len(), n);

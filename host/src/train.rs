@@ -11,7 +11,7 @@
 use crate::error::{bail, err, Context, Result};
 use crate::tasks;
 use apb_loaders::{Cache, Model};
-use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase, Scorer};
+use apb_plugin::{AttentionBackend, AttnInput, DenseBackend, LayerKv, Phase, Scorer};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ impl AttentionBackend for Collector {
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
         let labels = scores.max(1)?.t()?.contiguous()?; // (P, n_kv)
         self.out.lock().expect("collector").push((feats, labels));
-        Dense.forward(phase, x, cache)
+        DenseBackend.forward(phase, x, cache)
     }
 
     fn decode_part(
@@ -76,7 +76,7 @@ impl AttentionBackend for Collector {
         x: &AttnInput<'_>,
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<(Tensor, Tensor)> {
-        Dense.decode_part(x, cache)
+        DenseBackend.decode_part(x, cache)
     }
 }
 

@@ -1121,12 +1121,12 @@ fn batched_requests_each_equal_their_run_alone() {
     );
 }
 
-/// KV admission: with a budget of 1000 positions (SmolLM2 f32: 2 × 30 layers × 3 KV heads × 64 ×
+/// KV admission: with a budget of 1200 positions (SmolLM2 f32: 2 × 30 layers × 3 KV heads × 64 ×
 /// 4 bytes = 46,080 bytes a position), a request that can never fit gets 400 naming the limit,
 /// and of two that fit only one at a time the second starts after the first ends.
 #[test]
 fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
-    let s = Server::start(&["--kv-cache-memory-bytes", "46080000"]);
+    let s = Server::start(&["--kv-cache-memory-bytes", "55296000"]);
     let ask_doc = |sentences: usize, max_tokens: usize, stream: bool| {
         json!({"messages": [{"role": "user", "content": format!("{}\n\nWhat is the special magic number?", needle_doc(sentences))}],
             "max_tokens": max_tokens, "ignore_eos": true, "stream": stream})
@@ -1135,10 +1135,14 @@ fn kv_budget_admits_what_fits_and_refuses_what_never_can() {
     assert_eq!(code, 400, "{v}");
     let m = error_message(&v);
     assert!(
-        m.contains("--kv-cache-memory-bytes") && m.contains("1000 positions"),
+        m.contains("--kv-cache-memory-bytes")
+            && m.contains("1200 positions")
+            && m.contains("activations"),
         "{m}"
     );
-    // ~600 positions each (prompt and max_tokens): the second waits for the first.
+    // ~600 positions each (prompt and max_tokens): both would fit the 1200 together, but not
+    // with the second's prefill activations (~400 positions' worth: 31,488 bytes a row in f32),
+    // so the second waits for the first.
     let mut first = raw_chat(&s, &ask_doc(46, 30, true));
     read_until(&mut first, |seen| seen.contains("\"content\""));
     // Its KV shows per rank, in /metrics and /health (set after each engine step).

@@ -63,7 +63,11 @@ fn yarn_matches_transformers_on_the_gpu() {
         let dir = fixture(name);
         let exp = read_json(dir.join("expected.json"));
         let m = load(&ModelSource::Dir(dir), DType::F32, &dev).unwrap();
-        let logits = all_logits(&m.model, &apb_plugin::Dense, &u32s(&exp["input_ids"]));
+        let logits = all_logits(
+            &m.model,
+            &apb_plugin::DenseBackend,
+            &u32s(&exp["input_ids"]),
+        );
         for (p, want) in u32s(&exp["positions"])
             .iter()
             .zip(exp["logits"].as_array().unwrap())

@@ -7,7 +7,7 @@
 
 use apb_integration_tests::*;
 use apb_loaders::{load, load_hub, HubRepo, ModelSource};
-use apb_plugin::Dense;
+use apb_plugin::DenseBackend;
 use candle_core::{DType, Device};
 use std::path::Path;
 
@@ -61,7 +61,7 @@ fn loads_from_hf_cache_offline() {
             offline: true,
         };
         let loaded = load_hub(&repo, DType::F32, &Device::Cpu).unwrap();
-        let logits = all_logits(&loaded.model, &Dense, &ids);
+        let logits = all_logits(&loaded.model, &DenseBackend, &ids);
         assert!(
             worst_ratio(logits.last().unwrap(), &want_last, 1e-4, 1e-4) <= 1.0,
             "revision {rev}"
@@ -98,7 +98,7 @@ fn loads_from_hf_cache_offline() {
     );
     let loaded = load(&src, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
-        greedy(&loaded.model, &Dense, &ids, 12),
+        greedy(&loaded.model, &DenseBackend, &ids, 12),
         u32s(&exp["greedy"])
     );
 

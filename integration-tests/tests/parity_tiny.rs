@@ -8,7 +8,7 @@
 
 use apb_integration_tests::*;
 use apb_loaders::{load, load_with, Arch, ModelSource, Overrides, RopeScaling};
-use apb_plugin::Dense;
+use apb_plugin::DenseBackend;
 use candle_core::{DType, Device};
 
 fn check(name: &str, arch: Arch, tied: bool, scaled: bool) {
@@ -20,7 +20,7 @@ fn check(name: &str, arch: Arch, tied: bool, scaled: bool) {
     assert_eq!(m.cfg.tie_word_embeddings, tied);
     assert_eq!(m.cfg.rope_scaling.is_some(), scaled);
     let ids = u32s(&exp["input_ids"]);
-    let logits = all_logits(m, &Dense, &ids);
+    let logits = all_logits(m, &DenseBackend, &ids);
     for (p, want) in u32s(&exp["positions"])
         .iter()
         .zip(exp["logits"].as_array().unwrap())
@@ -32,13 +32,13 @@ fn check(name: &str, arch: Arch, tied: bool, scaled: bool) {
         );
     }
     assert_eq!(
-        greedy(m, &Dense, &ids, 12),
+        greedy(m, &DenseBackend, &ids, 12),
         u32s(&exp["greedy"]),
         "{name}: greedy continuation"
     );
 
     let bf = load(&ModelSource::Dir(dir), DType::BF16, &Device::Cpu).unwrap();
-    let logits = all_logits(&bf.model, &Dense, &ids);
+    let logits = all_logits(&bf.model, &DenseBackend, &ids);
     let last = *u32s(&exp["positions"]).last().unwrap() as usize;
     let want = f32s(exp["logits"].as_array().unwrap().last().unwrap());
     let rel = rel_l2(&logits[last], &want);
@@ -98,7 +98,7 @@ fn yarn_sets_the_context_and_turning_it_off_changes_the_logits() {
     assert_eq!(plain.model.cfg.rope_scaling, None);
     assert_eq!(plain.model.cfg.context_len(), 64);
     let ids = u32s(&exp["input_ids"]);
-    let logits = all_logits(&plain.model, &Dense, &ids);
+    let logits = all_logits(&plain.model, &DenseBackend, &ids);
     let want = f32s(exp["logits"].as_array().unwrap().last().unwrap());
     let r = worst_ratio(&logits[199], &want, 1e-4, 1e-4);
     assert!(

@@ -6,7 +6,7 @@
 
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
-use apb_plugin::Dense;
+use apb_plugin::DenseBackend;
 use candle_core::{DType, Device};
 
 #[test]
@@ -21,7 +21,7 @@ fn smollm2_matches_transformers() {
             ids,
             "{name}: tokenization"
         );
-        let logits = all_logits(&loaded.model, &Dense, &ids);
+        let logits = all_logits(&loaded.model, &DenseBackend, &ids);
         let last = logits.last().unwrap();
         let top = u32s(&case["top_ids"]);
         let ours: Vec<f32> = top.iter().map(|&i| last[i as usize]).collect();
@@ -29,7 +29,7 @@ fn smollm2_matches_transformers() {
         assert!(r <= 1.0, "{name}: top-20 logits off by {r}x the tolerance");
         assert_eq!(apb_host::sampling::argmax(last), top[0], "{name}: argmax");
         assert_eq!(
-            greedy(&loaded.model, &Dense, &ids, 16),
+            greedy(&loaded.model, &DenseBackend, &ids, 16),
             u32s(&case["greedy"]),
             "{name}: greedy continuation"
         );

@@ -9,7 +9,7 @@ use apb_host::Method;
 use apb_host::{GenParams, Job, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, Cache, ModelSource};
-use apb_plugin::{AttentionBackend, AttnInput, Dense, LayerKv, Phase, Scorer};
+use apb_plugin::{AttentionBackend, AttnInput, DenseBackend, LayerKv, Phase, Scorer};
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -57,7 +57,7 @@ impl AttentionBackend for Spy {
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<Tensor> {
         self.0.lock().unwrap().push((x.q.clone(), x.k.clone()));
-        Dense.forward(phase, x, cache)
+        DenseBackend.forward(phase, x, cache)
     }
 
     fn decode_part(
@@ -65,7 +65,7 @@ impl AttentionBackend for Spy {
         x: &AttnInput<'_>,
         cache: &mut LayerKv,
     ) -> apb_plugin::Result<(Tensor, Tensor)> {
-        Dense.decode_part(x, cache)
+        DenseBackend.decode_part(x, cache)
     }
 }
 

@@ -4,10 +4,10 @@
 //! the picks are all-gathered, and rank h attends over [passing blocks of ranks < h | anchor |
 //! local] with APB's mask, then drops the passing blocks.
 
+use super::RankLayout;
 use super::{
     block_inputs, push_anchor, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
 };
-use crate::distributed::RankLayout;
 use crate::plan::{plan, Plan, PlanRequest};
 use crate::profile::span;
 use crate::scorer::{select_top, Scorer};

@@ -1,12 +1,12 @@
 //! `dense`: the whole prompt on one rank, exact causal attention. What every other method is
 //! checked against.
 
+use super::RankLayout;
 use super::{tri, Method, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
 use crate::comm::Communicator;
-use crate::distributed::RankLayout;
 use crate::plan::Plan;
 use crate::scorer::Scorer;
-use crate::{attention, AttentionBackend, AttnInput, Mask, Result};
+use crate::{attention, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -52,6 +52,46 @@ impl SeqMethod for Dense {
         _layout: RankLayout,
         _scorer: Scorer,
     ) -> Result<Box<dyn AttentionBackend>> {
-        Ok(Box::new(crate::dense::Dense))
+        Ok(Box::new(DenseBackend))
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+/// The dense method's backend (also what a host runs for a model alone): exact causal
+/// attention that caches every token it sees.
+pub struct DenseBackend;
+
+impl AttentionBackend for DenseBackend {
+    fn name(&self) -> &str {
+        "dense"
+    }
+
+    fn forward(&self, _phase: Phase, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
+        cache.append(x.k, x.v)?;
+        let (k, v) = cache
+            .kv()?
+            .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
+        // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
+        // prompt pass and every decode step.
+        let (out, _lse) = crate::profile::span("attention", x.q.device(), || {
+            attention(x.q, &k, &v, Mask::causal(), false)
+        })?;
+        Ok(out)
+    }
+
+    fn decode_appends(&self) -> Option<bool> {
+        Some(true)
+    }
+
+    fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
+        cache.append(x.k, x.v)?;
+        let (k, v) = cache
+            .kv()?
+            .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
+        let (out, lse) = attention(x.q, &k, &v, Mask::causal(), true)?;
+        Ok((
+            out,
+            lse.ok_or_else(|| crate::Error::Shape("attention returned no LSE".into()))?,
+        ))
     }
 }

@@ -19,6 +19,7 @@
 
 mod apb;
 mod dense;
+mod rank_backend;
 mod ring;
 mod spava;
 mod star;
@@ -26,11 +27,14 @@ mod ulysses;
 mod zigzag;
 
 use crate::comm::Communicator;
-use crate::distributed::{RankBackend, RankLayout};
 use crate::plan::Plan;
 use crate::scorer::Scorer;
 use crate::{AttentionBackend, AttnInput, Error, Result};
 use candle_core::Tensor;
+pub use dense::DenseBackend;
+pub use rank_backend::{
+    gather_merge, merge_lse, nothing_attended, QuestionMask, RankBackend, RankLayout,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 

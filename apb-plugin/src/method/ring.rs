@@ -7,7 +7,7 @@
 //! it; `zigzag` does the same work balanced.
 
 use super::{block_inputs, block_plan, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
-use crate::distributed::{merge_lse, RankLayout};
+use super::{merge_lse, RankLayout};
 use crate::plan::Plan;
 use crate::profile::span;
 use crate::scorer::Scorer;

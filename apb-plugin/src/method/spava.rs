@@ -15,11 +15,11 @@
 //! only the last chunk (rank 0's second) is padded, at its end.
 
 use super::apb::apb_plan_request;
+use super::RankLayout;
 use super::{
     block_inputs, push_anchor, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs,
     SeqMethod,
 };
-use crate::distributed::RankLayout;
 use crate::plan::{plan, Plan};
 use crate::profile::span;
 use crate::scorer::{select_top, Scorer};

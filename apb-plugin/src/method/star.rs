@@ -1,8 +1,8 @@
 //! `star` (Star Attention, approximate): rank h > 0 prepends an anchor (by default the whole first
 //! block) to its local block and attends causally over both; no K/V crosses ranks in prefill.
 
+use super::RankLayout;
 use super::{block_inputs, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
-use crate::distributed::RankLayout;
 use crate::plan::{plan, Plan, PlanRequest};
 use crate::profile::span;
 use crate::scorer::Scorer;

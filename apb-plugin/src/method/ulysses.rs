@@ -6,8 +6,8 @@
 //! The KV heads are split over ranks, so their number must divide by the ranks (GQA groups stay
 //! whole); where it does not, `zigzag` runs exactly on any rank count.
 
+use super::RankLayout;
 use super::{block_inputs, block_plan, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
-use crate::distributed::RankLayout;
 use crate::plan::Plan;
 use crate::profile::span;
 use crate::scorer::Scorer;

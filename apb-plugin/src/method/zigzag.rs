@@ -14,7 +14,7 @@
 use super::{
     block_inputs, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
 };
-use crate::distributed::{merge_lse, RankLayout};
+use super::{merge_lse, RankLayout};
 use crate::plan::Plan;
 use crate::profile::span;
 use crate::scorer::Scorer;

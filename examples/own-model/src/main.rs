@@ -9,8 +9,8 @@
 
 use anyhow::{bail, Result};
 use apb_plugin::{
-    AttentionBackend, AttnInput, Communicator, Dense, LayerKv, LocalGroup, Method, Phase, PlanArgs,
-    PromptParts, Scorer,
+    AttentionBackend, AttnInput, Communicator, DenseBackend, LayerKv, LocalGroup, Method, Phase,
+    PlanArgs, PromptParts, Scorer,
 };
 use candle_core::{Device, Tensor, D};
 use std::sync::Arc;
@@ -162,7 +162,7 @@ fn first_logits(
         let all = parts.all();
         let pos: Vec<u32> = (0..all.len() as u32).collect();
         return Ok((
-            model.forward(&all, &pos, Phase::Prefill, &Dense, &mut caches())?,
+            model.forward(&all, &pos, Phase::Prefill, &DenseBackend, &mut caches())?,
             1,
         ));
     }

@@ -72,14 +72,26 @@ pub struct KvBudget {
     pub shared: bool,
     /// Bytes one position takes in every layer (K and V), to say what the budget means.
     pub bytes_per_position: usize,
+    /// Transient bytes a prefill row takes while its prefill runs (activations; counted at
+    /// admission, which starts the prefill, and freed when it ends).
+    pub prefill_bytes_per_row: usize,
+}
+
+impl KvBudget {
+    /// Positions' worth of a prefill's activations over `rows` rows.
+    fn prefill_positions(&self, rows: usize) -> usize {
+        (rows * self.prefill_bytes_per_row).div_ceil(self.bytes_per_position.max(1))
+    }
 }
 
 /// A request planned for the group, with the KV positions it keeps on each rank (its share of
-/// the prompt; on the rank that keeps new tokens also every token it may generate).
+/// the prompt; on the rank that keeps new tokens also every token it may generate) and, in
+/// positions' worth of memory, what its prefill's activations take there while it runs.
 pub struct Placed<'a, T> {
     req: Request<'a, T>,
     prep: Prepared,
     need: Vec<usize>,
+    prefill: Vec<usize>,
 }
 
 impl<T> Placed<'_, T> {
@@ -222,30 +234,39 @@ impl<'a, T> Engine<'a, T> {
         };
         let scorer = &group.runner().scorer;
         let world = prep.plan.world;
-        let need: Vec<usize> = (0..world)
+        let (need, rows): (Vec<usize>, Vec<usize>) = (0..world)
             .map(|h| {
                 let r = rank_share(&job, &prep, h, scorer);
                 let kept = r.layout.local - r.layout.pad;
-                if h + 1 == world {
+                let need = if h + 1 == world {
                     kept + r.after + prep.max_new
                 } else {
                     kept
-                }
+                };
+                (need, r.tokens.len())
             })
-            .collect();
+            .unzip();
+        let prefill: Vec<usize> = match &self.budget {
+            Some(b) => rows.iter().map(|&n| b.prefill_positions(n)).collect(),
+            None => vec![0; world],
+        };
         if let Some(b) = &self.budget {
-            let (most, at) = if b.shared {
-                (need.iter().sum::<usize>(), "in all".to_string())
+            let (most, act, at) = if b.shared {
+                (
+                    need.iter().sum::<usize>(),
+                    prefill.iter().sum::<usize>(),
+                    "in all".to_string(),
+                )
             } else {
-                need.iter()
-                    .enumerate()
-                    .map(|(h, &n)| (n, format!("on rank {h}")))
+                (0..world)
+                    .map(|h| (need[h] + prefill[h], prefill[h], format!("on rank {h}")))
                     .max()
+                    .map(|(sum, act, at)| (sum - act, act, at))
                     .unwrap_or_default()
             };
-            if most > b.positions {
+            if most + act > b.positions {
                 let e = RunError::Input(format!(
-                    "the request needs KV memory for {most} positions {at} (prompt and max_tokens) but the server's budget is {} positions{} (--kv-cache-memory-bytes, {} bytes a position); shorten the prompt or max_tokens",
+                    "the request needs KV memory for {most} positions {at} (prompt and max_tokens), and {act} positions' worth for its prefill's activations, but the server's budget is {} positions{} (--kv-cache-memory-bytes, {} bytes a position); shorten the prompt or max_tokens",
                     b.positions,
                     if b.shared { "" } else { " per rank" },
                     b.bytes_per_position
@@ -257,22 +278,24 @@ impl<'a, T> Engine<'a, T> {
             req: Request { job, ..req },
             prep,
             need,
+            prefill,
         })
     }
 
-    /// Whether `p`'s KV fits beside the running sequences now.
+    /// Whether `p`'s KV, and its prefill's activations while they last, fit beside the running
+    /// sequences now.
     pub fn fits(&self, p: &Placed<'a, T>) -> bool {
         let Some(b) = &self.budget else {
             return true;
         };
         let used = |h: usize| self.used.get(h).copied().unwrap_or(0);
         if b.shared {
-            self.used.iter().sum::<usize>() + p.need.iter().sum::<usize>() <= b.positions
+            self.used.iter().sum::<usize>()
+                + p.need.iter().sum::<usize>()
+                + p.prefill.iter().sum::<usize>()
+                <= b.positions
         } else {
-            p.need
-                .iter()
-                .enumerate()
-                .all(|(h, &n)| used(h) + n <= b.positions)
+            (0..p.need.len()).all(|h| used(h) + p.need[h] + p.prefill[h] <= b.positions)
         }
     }
 
@@ -310,7 +333,9 @@ impl<'a, T> Engine<'a, T> {
         group: &Group,
         placed: Placed<'a, T>,
     ) -> Result<Option<Done<T>>, (T, RunError)> {
-        let Placed { req, prep, need } = placed;
+        let Placed {
+            req, prep, need, ..
+        } = placed;
         let t0 = Instant::now();
         let id = group.new_id();
         let mut between = Interleave {

@@ -844,6 +844,13 @@ fn kv_budget(cfg: &ServeConfig, group: &Group) -> Result<Option<KvBudget>, Strin
         * c.num_key_value_heads
         * c.head_dim
         * model.dtype().size_in_bytes();
+    // A prefill row's largest transient tensors in one layer: the hidden state and residual,
+    // the norm's output, q|k|v and the attention output, and the MLP's gate, up and their
+    // product (an estimate of the peak; the layers run one after another).
+    let prefill_bytes_per_row = (4 * c.hidden_size
+        + 3 * c.intermediate_size
+        + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim)
+        * model.dtype().size_in_bytes();
     let shared = group.info().rank_mode == "threads";
     let bytes = match cfg.kv_cache_memory_bytes {
         Some(b) => b,
@@ -888,6 +895,7 @@ fn kv_budget(cfg: &ServeConfig, group: &Group) -> Result<Option<KvBudget>, Strin
         positions: (bytes / bytes_per_position as u64) as usize,
         shared,
         bytes_per_position,
+        prefill_bytes_per_row,
     }))
 }
 

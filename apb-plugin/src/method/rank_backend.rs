@@ -7,8 +7,8 @@
 //! attends its own cache (all of it precedes them), and the outputs are merged by log-sum-exp;
 //! only the last rank appends the new tokens' KV.
 
+use super::{Method, RankCtx};
 use crate::comm::Communicator;
-use crate::method::{Method, RankCtx};
 use crate::scorer::Scorer;
 use crate::{attention, Mask};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};

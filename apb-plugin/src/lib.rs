@@ -50,7 +50,9 @@ pub mod scorer;
 
 /// Attention (one dispatcher, one mask type) and the layout copy around it live in the kernels
 /// crate; re-exported so backends and hosts need one import.
-pub use apb_kernels::{attention, contiguous, lse_merge, reference_attention, rope_split, Mask};
+pub use apb_kernels::{
+    attention, attention_with_lse, contiguous, lse_merge, reference_attention, rope_split, Mask,
+};
 pub use backend::{AttentionBackend, AttnInput, Phase};
 pub use cache::LayerKv;
 pub use comm::{Communicator, HostComm, LocalComm, LocalGroup, Pending};

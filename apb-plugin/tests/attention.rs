@@ -4,7 +4,7 @@
 //! Tolerance: f32 results within 2e-5 absolute of the f64 reference (outputs are convex
 //! combinations of values in [-1, 1]; LSE within 2e-5 + 1e-5·|lse|).
 
-use apb_plugin::{attention, reference_attention, Mask};
+use apb_plugin::{attention, attention_with_lse, reference_attention, Mask};
 use apb_plugin::{AttentionBackend, AttnInput, DenseBackend, LayerKv, Phase};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -27,7 +27,7 @@ fn check(seed: u64, b: usize, n_h: usize, n_kv: usize, sq: usize, sk: usize, d: 
     let q = rand_t(&mut rng, (b, n_h, sq, d));
     let k = rand_t(&mut rng, (b, n_kv, sk, d));
     let v = rand_t(&mut rng, (b, n_kv, sk, d));
-    let (out, lse) = attention(&q, &k, &v, spec, true).unwrap();
+    let (out, lse) = attention_with_lse(&q, &k, &v, spec).unwrap();
     // The boolean mask, written out independently of Mask::key_range.
     let off = sk as i64 - sq as i64;
     let mask = |i: usize, j: usize| {
@@ -37,7 +37,7 @@ fn check(seed: u64, b: usize, n_h: usize, n_kv: usize, sq: usize, sk: usize, d: 
     };
     let (want_out, want_lse) = reference_attention(&q, &k, &v, mask).unwrap();
     let got_out = flat(&out);
-    let got_lse = flat(&lse.unwrap());
+    let got_lse = flat(&lse);
     assert!(got_out.iter().all(|x| x.is_finite()), "non-finite output");
     for (i, (g, w)) in got_out.iter().zip(&want_out).enumerate() {
         assert!(
@@ -87,7 +87,7 @@ fn dense_backend_decode_equals_one_pass() {
     let q = rand_t(&mut rng, (1, n_h, n, d));
     let k = rand_t(&mut rng, (1, n_kv, n, d));
     let v = rand_t(&mut rng, (1, n_kv, n, d));
-    let (want, _) = attention(&q, &k, &v, Mask::causal(), false).unwrap();
+    let want = attention(&q, &k, &v, Mask::causal()).unwrap();
     let raw = Tensor::zeros((1, 1, 1), DType::F32, &Device::Cpu).unwrap();
     let mut cache = LayerKv::new();
     let mut outs = Vec::new();

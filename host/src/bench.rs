@@ -399,7 +399,7 @@ pub fn attention_kernel(
     let q = Tensor::randn(0f32, 1.0, (1, heads, seq, d), device)?.to_dtype(DType::BF16)?;
     let k = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
     let v = Tensor::randn(0f32, 1.0, (1, kv_heads, seq, d), device)?.to_dtype(DType::BF16)?;
-    let run = || apb_plugin::attention(&q, &k, &v, apb_plugin::Mask::causal(), false);
+    let run = || apb_plugin::attention(&q, &k, &v, apb_plugin::Mask::causal());
     for _ in 0..3 {
         run()?;
     }

@@ -22,7 +22,8 @@ pub mod norm;
 pub mod select;
 
 pub use attention::{
-    attention, attention_rows, flash_supported, lse_merge, reference_attention, rows_fused, Mask,
+    attention, attention_rows, attention_with_lse, flash_supported, lse_merge, reference_attention,
+    rows_fused, Mask,
 };
 pub use layout::{contiguous, rope_split, write_rows};
 pub use linear::{linear_rows, linear_rows_silu_mul, silu_mul};

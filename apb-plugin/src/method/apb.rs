@@ -114,18 +114,16 @@ impl SeqMethod for Apb {
         let all = span("communication", dev, || r.comm.all_gather(&packed))?;
         if rank == 0 || l.l_p == 0 {
             return Ok(span("attention", dev, || {
-                attention(x.q, x.k, x.v, Mask::causal(), false)
-            })?
-            .0);
+                attention(x.q, x.k, x.v, Mask::causal())
+            })?);
         }
         let passing = Tensor::cat(&all[..rank], 2)?;
         let d = x.k.dim(3)?;
         let k = Tensor::cat(&[&passing.narrow(3, 0, d)?.to_dtype(x.k.dtype())?, x.k], 2)?;
         let v = Tensor::cat(&[&passing.narrow(3, d, d)?.to_dtype(x.v.dtype())?, x.v], 2)?;
         Ok(span("attention", dev, || {
-            attention(x.q, &k, &v, Mask::apb(l.anchor, rank * l.l_p), false)
-        })?
-        .0)
+            attention(x.q, &k, &v, Mask::apb(l.anchor, rank * l.l_p))
+        })?)
     }
     fn pairs(&self, _plan: &Plan, l: &RankLayout, h: usize) -> f64 {
         let local = l.local + l.probe;

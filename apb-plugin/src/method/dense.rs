@@ -6,7 +6,9 @@ use super::{tri, Method, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
 use crate::comm::Communicator;
 use crate::plan::Plan;
 use crate::scorer::Scorer;
-use crate::{attention, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result};
+use crate::{
+    attention, attention_with_lse, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result,
+};
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -39,7 +41,7 @@ impl SeqMethod for Dense {
         }
     }
     fn prefill(&self, _r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
-        Ok(attention(x.q, x.k, x.v, Mask::causal(), false)?.0)
+        Ok(attention(x.q, x.k, x.v, Mask::causal())?)
     }
     fn pairs(&self, _plan: &Plan, layout: &RankLayout, _h: usize) -> f64 {
         tri(layout.rows())
@@ -73,10 +75,9 @@ impl AttentionBackend for DenseBackend {
             .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
         // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
         // prompt pass and every decode step.
-        let (out, _lse) = crate::profile::span("attention", x.q.device(), || {
-            attention(x.q, &k, &v, Mask::causal(), false)
-        })?;
-        Ok(out)
+        Ok(crate::profile::span("attention", x.q.device(), || {
+            attention(x.q, &k, &v, Mask::causal())
+        })?)
     }
 
     fn decode_appends(&self) -> Option<bool> {
@@ -88,10 +89,6 @@ impl AttentionBackend for DenseBackend {
         let (k, v) = cache
             .kv()?
             .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
-        let (out, lse) = attention(x.q, &k, &v, Mask::causal(), true)?;
-        Ok((
-            out,
-            lse.ok_or_else(|| crate::Error::Shape("attention returned no LSE".into()))?,
-        ))
+        Ok(attention_with_lse(x.q, &k, &v, Mask::causal())?)
     }
 }

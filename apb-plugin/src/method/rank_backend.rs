@@ -10,7 +10,7 @@
 use super::{Method, RankCtx};
 use crate::comm::Communicator;
 use crate::scorer::Scorer;
-use crate::{attention, Mask};
+use crate::{attention_with_lse, Mask};
 use crate::{AttentionBackend, AttnInput, Error, LayerKv, Phase, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -163,7 +163,7 @@ impl AttentionBackend for RankBackend {
             let (k, v) = cache
                 .kv()?
                 .ok_or_else(|| Error::Shape("empty cache after append".into()))?;
-            attention(x.q, &k, &v, Mask::causal(), true)?
+            attention_with_lse(x.q, &k, &v, Mask::causal())?
         } else {
             match cache.kv()? {
                 // Every new token follows all of a non-last rank's context: no mask (unless the
@@ -173,12 +173,11 @@ impl AttentionBackend for RankBackend {
                         QuestionMask::Full => Mask::full(),
                         QuestionMask::Causal => Mask::causal(),
                     };
-                    attention(x.q, &k, &v, mask, true)?
+                    attention_with_lse(x.q, &k, &v, mask)?
                 }
                 None => return nothing_attended(x.q),
             }
         };
-        let lse = lse.ok_or_else(|| Error::Shape("attention returned no LSE".into()))?;
         Ok((out, lse))
     }
 }

@@ -11,7 +11,7 @@ use super::{merge_lse, RankLayout};
 use crate::plan::Plan;
 use crate::profile::span;
 use crate::scorer::Scorer;
-use crate::{attention, AttnInput, Error, Mask, Result};
+use crate::{attention_with_lse, AttnInput, Mask, Result};
 use candle_core::{DType, Tensor, D};
 
 pub struct Ring;
@@ -44,9 +44,9 @@ impl SeqMethod for Ring {
             } else {
                 Mask::full()
             };
-            let (o, l) = span("attention", dev, || attention(x.q, &k, &v, mask, true))?;
+            let (o, l) = span("attention", dev, || attention_with_lse(x.q, &k, &v, mask))?;
             outs.push(o.to_dtype(DType::F32)?);
-            lses.push(l.ok_or_else(|| Error::Shape("no LSE".into()))?);
+            lses.push(l);
         }
         Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
     }

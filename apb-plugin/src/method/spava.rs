@@ -111,9 +111,8 @@ impl SeqMethod for Spava {
         let dev = x.q.device();
         if world == 1 {
             return Ok(span("attention", dev, || {
-                attention(x.q, x.k, x.v, Mask::causal(), false)
-            })?
-            .0);
+                attention(x.q, x.k, x.v, Mask::causal())
+            })?);
         }
         let (a, c, n_kv, d) = (l.anchor, l.local / 2, x.k.dim(1)?, x.k.dim(3)?);
         let second = 2 * world - 1 - rank;
@@ -194,7 +193,7 @@ impl SeqMethod for Spava {
             })
         };
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask| -> Result<Tensor> {
-            Ok(span("attention", dev, || attention(q, k, v, mask, false))?.0)
+            Ok(span("attention", dev, || attention(q, k, v, mask))?)
         };
 
         // The first chunk, with the anchor rows.

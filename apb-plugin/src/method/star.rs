@@ -54,9 +54,8 @@ impl SeqMethod for Star {
     }
     fn prefill(&self, _r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         Ok(span("attention", x.q.device(), || {
-            attention(x.q, x.k, x.v, Mask::causal(), false)
-        })?
-        .0)
+            attention(x.q, x.k, x.v, Mask::causal())
+        })?)
     }
     fn pairs(&self, _plan: &Plan, l: &RankLayout, _h: usize) -> f64 {
         tri(l.rows())

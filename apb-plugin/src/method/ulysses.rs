@@ -101,10 +101,7 @@ impl SeqMethod for Ulysses {
             all.narrow(1, hq, hk)?,
             all.narrow(1, hq + hk, hk)?,
         );
-        let o = span("attention", dev, || {
-            attention(&q, &k, &v, Mask::causal(), false)
-        })?
-        .0;
+        let o = span("attention", dev, || attention(&q, &k, &v, Mask::causal()))?;
         let send = (0..world)
             .map(|r| Ok(o.narrow(2, r * s, s)?))
             .collect::<Result<Vec<_>>>()?;

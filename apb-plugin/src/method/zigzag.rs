@@ -18,7 +18,7 @@ use super::{merge_lse, RankLayout};
 use crate::plan::Plan;
 use crate::profile::span;
 use crate::scorer::Scorer;
-use crate::{attention, AttnInput, Error, Mask, Result};
+use crate::{attention, attention_with_lse, AttnInput, Error, Mask, Result};
 use candle_core::{DType, Tensor, D};
 
 pub struct Zigzag;
@@ -87,9 +87,8 @@ impl SeqMethod for Zigzag {
         let dev = x.q.device();
         if world == 1 {
             return Ok(span("attention", dev, || {
-                attention(x.q, x.k, x.v, Mask::causal(), false)
-            })?
-            .0);
+                attention(x.q, x.k, x.v, Mask::causal())
+            })?);
         }
         let rows = x.q.dim(2)?;
         let (c, d) = (rows / 2, x.k.dim(3)?);
@@ -103,9 +102,8 @@ impl SeqMethod for Zigzag {
         let kv = Tensor::cat(&[x.k, x.v], D::Minus1)?;
         let mut pending = Some(span("communication", dev, || r.comm.ring_pass(&kv))?);
         let (o, l) = span("attention", dev, || {
-            attention(x.q, x.k, x.v, Mask::causal(), true)
+            attention_with_lse(x.q, x.k, x.v, Mask::causal())
         })?;
-        let l = l.ok_or_else(|| Error::Shape("no LSE".into()))?;
         front.push(o.narrow(2, 0, c)?, l.narrow(2, 0, c)?)?;
         back.push(o.narrow(2, c, c)?, l.narrow(2, c, c)?)?;
         for step in 1..world {
@@ -120,18 +118,17 @@ impl SeqMethod for Zigzag {
                 let first = cur.narrow(2, 0, c)?;
                 let (k, v) = (first.narrow(3, 0, d)?, first.narrow(3, d, d)?);
                 let (o, l) = span("attention", dev, || {
-                    attention(x.q, &k, &v, Mask::full(), true)
+                    attention_with_lse(x.q, &k, &v, Mask::full())
                 })?;
-                let l = l.ok_or_else(|| Error::Shape("no LSE".into()))?;
                 front.push(o.narrow(2, 0, c)?, l.narrow(2, 0, c)?)?;
                 back.push(o.narrow(2, c, c)?, l.narrow(2, c, c)?)?;
             } else {
                 let (k, v) = (cur.narrow(3, 0, d)?, cur.narrow(3, d, d)?);
                 let q2 = x.q.narrow(2, c, c)?;
                 let (o, l) = span("attention", dev, || {
-                    attention(&q2, &k, &v, Mask::full(), true)
+                    attention_with_lse(&q2, &k, &v, Mask::full())
                 })?;
-                back.push(o, l.ok_or_else(|| Error::Shape("no LSE".into()))?)?;
+                back.push(o, l)?;
             }
         }
         let out = Tensor::cat(&[front.merge()?, back.merge()?], 2)?;

@@ -115,9 +115,26 @@ pub fn lse_merge(o: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor)> {
 ///
 /// `q`: `(b, n_h, sq, d)`; `k`, `v`: `(b, n_kv, sk, d)` with `n_h % n_kv == 0` (views with
 /// strided rows are fine). Returns the output `(b, n_h, sq, d)` in `q`'s dtype (possibly a strided
-/// view) and, if `want_lse`, the natural-log log-sum-exp of the scaled scores `(b, n_h, sq)` in f32.
-/// A row that sees no key gets output 0 and LSE `-inf`.
-pub fn attention(
+/// view). A row that sees no key gets output 0.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask) -> Result<Tensor> {
+    Ok(attend(q, k, v, mask, false)?.0)
+}
+
+/// [`attention`] and the natural-log log-sum-exp of the scaled scores `(b, n_h, sq)` in f32
+/// (`-inf` for a row that sees no key): what partial results are merged by.
+pub fn attention_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Mask,
+) -> Result<(Tensor, Tensor)> {
+    let (out, lse) = attend(q, k, v, mask, true)?;
+    let lse = lse.ok_or_else(|| candle_core::Error::Msg("attention returned no LSE".into()))?;
+    Ok((out, lse))
+}
+
+/// The dispatcher behind both: the fused kernel for the device, the LSE only when asked for.
+fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -219,10 +236,7 @@ pub fn attention_rows(q: &Tensor, kv: &[Option<(Tensor, Tensor)>]) -> Result<(Te
     for (i, x) in kv.iter().enumerate() {
         let qi = q.narrow(2, i, 1)?;
         let (o, l) = match x {
-            Some((k, v)) => {
-                let (o, l) = attention(&qi, k, v, Mask::full(), true)?;
-                (o, l.expect("asked for the LSE"))
-            }
+            Some((k, v)) => attention_with_lse(&qi, k, v, Mask::full())?,
             None => (
                 qi.zeros_like()?,
                 Tensor::full(f32::NEG_INFINITY, (1, n_h, 1), q.device())?,

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use apb_host::ranks::Group;
 use apb_host::Method;
-use apb_host::{prompt, GenParams, Job, Runner};
+use apb_host::{prompt, GenParams, Job, JobSettings, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
 use candle_core::{DType, Device};
@@ -30,13 +30,8 @@ fn main() -> Result<()> {
     )?;
     let context = parts.context.len();
     let job = Job {
+        settings: JobSettings::new(Method::APB, 4),
         prompt: parts,
-        method: Method::APB,
-        world: 4,
-        anchor_len: None,
-        passing_len: None,
-        question_mask: Default::default(),
-        min_rank_tokens: 0,
         params: GenParams {
             max_new_tokens: 12,
             ..Default::default()

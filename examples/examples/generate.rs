@@ -6,7 +6,7 @@
 use anyhow::Result;
 use apb_host::ranks::Group;
 use apb_host::Method;
-use apb_host::{prompt, GenParams, Job, Runner};
+use apb_host::{prompt, GenParams, Job, JobSettings, Runner};
 use apb_loaders::{load, registry::DEFAULT_MODEL, ModelSource};
 use apb_plugin::Scorer;
 use candle_core::{DType, Device};
@@ -22,13 +22,8 @@ fn main() -> Result<()> {
     )?;
     let group = Group::threads(Runner::new(loaded, Scorer::QueryAware), 1)?;
     let job = Job {
+        settings: JobSettings::new(Method::DENSE, 1),
         prompt: prompt::build(group.runner().tok(), &text, None, false, false)?,
-        method: Method::DENSE,
-        world: 1,
-        anchor_len: None,
-        passing_len: None,
-        question_mask: Default::default(),
-        min_rank_tokens: 0,
         params: GenParams {
             max_new_tokens: 16,
             ..Default::default()

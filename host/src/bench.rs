@@ -9,6 +9,7 @@
 use crate::error::{bail, err, Result};
 use crate::prompt::PromptParts;
 use crate::runner::{prefill, prepare_within, rank_share, GenParams, Job};
+use crate::JobSettings;
 use apb_loaders::{Config, Model};
 use apb_plugin::Method;
 use apb_plugin::{profile, Communicator, LocalGroup, Scorer};
@@ -250,19 +251,14 @@ impl PrefillBench<'_> {
             parts.question.clear();
         }
         let job = Job {
+            settings: JobSettings::new(method_, method_.ranks_for(world)),
             prompt: parts,
-            method: method_,
-            world: method_.ranks_for(world),
-            anchor_len: None,
-            passing_len: None,
-            question_mask: Default::default(),
-            min_rank_tokens: 0,
             params: GenParams::default(),
         };
         let cfg = &self.model.cfg;
         let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let prep = prepare_within(usize::MAX, heads, &job).map_err(|e| err!("{e}"))?;
-        if prep.plan.world != job.world {
+        if prep.plan.world != job.settings.world {
             bail!(
                 "{method} at {len} tokens: the planner chose {} ranks ({})",
                 prep.plan.world,

@@ -7,6 +7,7 @@ use crate::prompt;
 use crate::ranks::Group;
 use crate::runner::{GenParams, Job, Runner};
 use crate::tasks::{self, Case};
+use crate::JobSettings;
 use apb_plugin::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -172,13 +173,8 @@ pub fn run(arms: &[Arm], cfg: &EvalConfig) -> Result<String> {
                         continue;
                     }
                     let job = Job {
+                        settings: JobSettings::new(arm.method, arm.world),
                         prompt: parts.clone(),
-                        method: arm.method,
-                        world: arm.world,
-                        anchor_len: None,
-                        passing_len: None,
-                        question_mask: Default::default(),
-                        min_rank_tokens: 0,
                         params: params.clone(),
                     };
                     let g = group

@@ -20,4 +20,4 @@ pub mod tasks;
 pub mod train;
 
 pub use apb_plugin::Method;
-pub use runner::{Finish, GenParams, GenStats, Generation, Job, Runner};
+pub use runner::{Finish, GenParams, GenStats, Generation, Job, JobSettings, Runner};

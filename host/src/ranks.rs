@@ -8,6 +8,7 @@
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
 use crate::runner::{prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use crate::JobSettings;
 use apb_plugin::profile::span;
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
 use candle_core::{Device, Tensor};
@@ -542,17 +543,20 @@ impl Group {
     /// processes share one communicator, so a plan using fewer ranks than the group runs on
     /// rank 0 alone (a note says so).
     pub fn place(&self, job: &Job) -> std::result::Result<(Job, Prepared), RunError> {
-        if job.world > self.world {
+        if job.settings.world > self.world {
             return Err(RunError::Input(format!(
                 "the request asks for {} ranks but the group has {}",
-                job.world, self.world
+                job.settings.world, self.world
             )));
         }
         let prep = prepare(self.runner.model(), job)?;
         let ranks = prep.plan.world;
         if matches!(self.links, Links::Processes { .. }) && ranks < self.world {
             let one_rank = Job {
-                world: 1,
+                settings: JobSettings {
+                    world: 1,
+                    ..job.settings.clone()
+                },
                 ..job.clone()
             };
             let planned = prep.plan.notes.clone();

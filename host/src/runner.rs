@@ -74,11 +74,11 @@ impl GenParams {
     }
 }
 
-/// One request, as every rank receives it (serialized to the worker ranks).
+/// How a job runs over the ranks: the method and its layout settings, as `apb generate`, a
+/// server (every request it runs) and an eval arm set them (`--attention`, `--world-size`,
+/// `--anchor-len`, `--passing-len`, `--apb-question-mask`, `--min-rank-tokens`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Job {
-    /// The split prompt.
-    pub prompt: PromptParts,
+pub struct JobSettings {
     /// The attention method.
     pub method: Method,
     /// Requested ranks (the planner may use fewer for a short prompt).
@@ -93,6 +93,30 @@ pub struct Job {
     /// Fewest context tokens per rank (`--min-rank-tokens`; 0: none): see `PlanArgs`.
     #[serde(default)]
     pub min_rank_tokens: usize,
+}
+
+impl JobSettings {
+    /// `method` on `world` ranks, the planner choosing the rest (no per-rank minimum).
+    pub fn new(method: Method, world: usize) -> Self {
+        Self {
+            method,
+            world,
+            anchor_len: None,
+            passing_len: None,
+            question_mask: Default::default(),
+            min_rank_tokens: 0,
+        }
+    }
+}
+
+/// One request, as every rank receives it (serialized to the worker ranks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    /// The split prompt.
+    pub prompt: PromptParts,
+    /// How it runs over the ranks.
+    #[serde(flatten)]
+    pub settings: JobSettings,
     /// Sampling and stop rules.
     pub params: GenParams,
 }
@@ -310,25 +334,25 @@ pub fn prepare_within(
             ctx.saturating_sub(1)
         )));
     }
-    if job.world == 0 {
+    if job.settings.world == 0 {
         return Err(InputError("the world size must be at least 1".into()));
     }
     job.params.validate().map_err(InputError)?;
-    check_question_mask(job.method, job.question_mask)?;
+    check_question_mask(job.settings.method, job.settings.question_mask)?;
     let max_new = job.params.max_new_tokens.min(ctx - total);
     // APB and Star embed the question in their anchors; without one they cannot run as asked,
     // but the request still gets an answer: the exact zigzag layout over the same ranks.
-    let (method, fallback) = if job.method.imp().needs_question()
+    let (method, fallback) = if job.settings.method.imp().needs_question()
         && parts.question.is_empty()
-        && job.anchor_len != Some(0)
+        && job.settings.anchor_len != Some(0)
     {
         let note = format!(
             "no question found (end the prompt with a blank line and the question, or give it separately: --question, a request's \"question\" field); {} needs one, ran the exact zigzag layout instead",
-            job.method.name()
+            job.settings.method.name()
         );
         (Method::ZIGZAG, Some(note))
     } else {
-        (job.method, None)
+        (job.settings.method, None)
     };
     if !method.is_dense() && parts.context.is_empty() {
         let note = "the prompt has no context before the question; ran dense on one rank";
@@ -339,12 +363,12 @@ pub fn prepare_within(
         });
     }
     let args = PlanArgs {
-        world: job.world,
-        anchor_len: job.anchor_len.filter(|_| fallback.is_none()),
-        passing_len: job.passing_len.filter(|_| fallback.is_none()),
+        world: job.settings.world,
+        anchor_len: job.settings.anchor_len.filter(|_| fallback.is_none()),
+        passing_len: job.settings.passing_len.filter(|_| fallback.is_none()),
         n_heads: heads.0,
         n_kv_heads: heads.1,
-        min_rank_tokens: job.min_rank_tokens,
+        min_rank_tokens: job.settings.min_rank_tokens,
     };
     let mut plan = method
         .plan(parts, &args)
@@ -759,7 +783,7 @@ pub fn rank_share(job: &Job, prep: &Prepared, rank: usize, scorer: &Scorer) -> R
         .rank_inputs(&job.prompt, &prep.plan, rank, scorer);
     // APB's switch only: a fallback (dense) runs the exact full question segment.
     if prep.method.has_reference_question_mask() {
-        share.layout.question_mask = job.question_mask;
+        share.layout.question_mask = job.settings.question_mask;
     }
     share
 }

@@ -160,14 +160,19 @@ pub fn haystack(n: usize, at: f64, needle: &str, seed: u64) -> String {
     s.join(" ")
 }
 
-/// Runs `job` through the one rank program on `job.world` thread ranks sharing `runner`'s
+/// Runs `job` through the one rank program on `job.settings.world` thread ranks sharing `runner`'s
 /// weights (what `apb generate` does on the CPU). The result carries the last rank's logits.
 pub fn run_job(runner: &apb_host::Runner, job: &apb_host::Job) -> apb_host::Generation {
-    let group = apb_host::ranks::Group::threads(runner.clone(), job.world).expect("start ranks");
+    let group =
+        apb_host::ranks::Group::threads(runner.clone(), job.settings.world).expect("start ranks");
     let never = std::sync::atomic::AtomicBool::new(false);
-    let g = group
-        .run(job, &never, &mut |_| {})
-        .unwrap_or_else(|e| panic!("{} on {} ranks: {e}", job.method.name(), job.world));
+    let g = group.run(job, &never, &mut |_| {}).unwrap_or_else(|e| {
+        panic!(
+            "{} on {} ranks: {e}",
+            job.settings.method.name(),
+            job.settings.world
+        )
+    });
     group.shutdown().expect("stop ranks");
     g
 }
@@ -181,12 +186,7 @@ pub fn job(
 ) -> apb_host::Job {
     apb_host::Job {
         prompt: prompt.clone(),
-        method,
-        world,
-        anchor_len: None,
-        passing_len: None,
-        question_mask: Default::default(),
-        min_rank_tokens: 0,
+        settings: apb_host::JobSettings::new(method, world),
         params: params.clone(),
     }
 }

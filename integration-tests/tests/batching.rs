@@ -87,7 +87,7 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
         .map(|&(m, n)| {
             let mut j = job(&prompt(n), m, 2, &GenParams::default());
             if m == Method::APB {
-                (j.anchor_len, j.passing_len) = (Some(8), Some(4));
+                (j.settings.anchor_len, j.settings.passing_len) = (Some(8), Some(4));
             }
             let p = prepare(runner.model(), &j).unwrap();
             assert_eq!(p.plan.world, 2, "{m:?}");
@@ -224,7 +224,7 @@ fn running_sequences_decode_inside_a_prefill_and_keep_their_tokens() {
         ..GenParams::default()
     };
     let mut b = job(&prompt(300), Method::APB, 2, &params);
-    (b.anchor_len, b.passing_len) = (Some(8), Some(4));
+    (b.settings.anchor_len, b.settings.passing_len) = (Some(8), Some(4));
     let jobs = [
         job(&prompt(61), Method::ZIGZAG, 2, &params),
         b,

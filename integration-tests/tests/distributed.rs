@@ -7,7 +7,7 @@
 
 use apb_host::prompt::PromptParts;
 use apb_host::Method;
-use apb_host::{GenParams, Generation, Job, Runner};
+use apb_host::{GenParams, Generation, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, ModelSource};
 use apb_plugin::Scorer;
@@ -42,13 +42,8 @@ fn run(
     anchor: Option<usize>,
     passing: Option<usize>,
 ) -> Generation {
-    let j = Job {
-        anchor_len: anchor,
-        passing_len: passing,
-        question_mask: Default::default(),
-        min_rank_tokens: 0,
-        ..job(p, method, world, &params())
-    };
+    let mut j = job(p, method, world, &params());
+    (j.settings.anchor_len, j.settings.passing_len) = (anchor, passing);
     run_job(m, &j)
 }
 

@@ -112,20 +112,17 @@ fn apb_and_spava_find_the_needle_like_dense() {
     // anchor rows, which the 2-layer fixtures cannot show).
     let short = &c.short;
     let small = |method, world| {
-        let j = apb_host::Job {
-            anchor_len: Some(64),
-            passing_len: Some(32),
-            ..job(
-                short,
-                method,
-                world,
-                &GenParams {
-                    max_new_tokens: 4,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-            )
-        };
+        let mut j = job(
+            short,
+            method,
+            world,
+            &GenParams {
+                max_new_tokens: 4,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        );
+        (j.settings.anchor_len, j.settings.passing_len) = (Some(64), Some(32));
         run_job(m, &j)
     };
     let (apb, spava) = (small(Method::APB, 4), small(Method::SPAVA, 2));

@@ -6,7 +6,7 @@
 use apb_host::prompt::PromptParts;
 use apb_host::train::{self, Heads, Record};
 use apb_host::Method;
-use apb_host::{GenParams, Job, Runner};
+use apb_host::{GenParams, Runner};
 use apb_integration_tests::*;
 use apb_loaders::{load, Cache, ModelSource};
 use apb_plugin::{AttentionBackend, AttnInput, DenseBackend, LayerKv, Phase, Scorer};
@@ -258,12 +258,8 @@ fn saved_heads_reload_and_change_apb_selection() {
         ignore_eos: true,
         ..Default::default()
     };
-    let j = Job {
-        anchor_len: Some(4),
-        passing_len: Some(3),
-        question_mask: Default::default(),
-        ..job(&p, Method::APB, 3, &params)
-    };
+    let mut j = job(&p, Method::APB, 3, &params);
+    (j.settings.anchor_len, j.settings.passing_len) = (Some(4), Some(3));
     let free = run_job(&r, &j);
     let mut with_heads = r.clone();
     with_heads.scorer = Scorer::Heads(Arc::new(loaded));

@@ -577,7 +577,7 @@ impl<T> Seq<'_, T> {
         let mut g = Generation {
             method: prep.ran(),
             scorer: runner.scorer_of(prep),
-            question_mask: masked.then_some(self.req.job.question_mask),
+            question_mask: masked.then_some(self.req.job.settings.question_mask),
             text,
             tokens: std::mem::take(&mut self.out),
             first_logits: std::mem::take(&mut self.first_logits),

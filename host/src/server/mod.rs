@@ -25,8 +25,8 @@ use crate::error::{err, Context};
 use crate::prompt::{self, PromptParts};
 use crate::ranks::{Group, GroupInfo, RunError};
 use crate::runner::{prepare, Finish, GenParams, Generation, Job, MAX_TEMPERATURE};
+use crate::JobSettings;
 use apb_loaders::{ChatMessage, Loaded};
-use apb_plugin::Method;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
@@ -70,18 +70,8 @@ const BODY_SLACK: usize = 1 << 20;
 /// What the server runs every request with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The attention method.
-    pub method: Method,
-    /// Ranks of the group.
-    pub world: usize,
-    /// Anchor length override.
-    pub anchor_len: Option<usize>,
-    /// Passing length override.
-    pub passing_len: Option<usize>,
-    /// APB's question mask on non-last ranks.
-    pub question_mask: apb_plugin::QuestionMask,
-    /// Fewest context tokens per rank (`--min-rank-tokens`).
-    pub min_rank_tokens: usize,
+    /// How every request runs over the ranks (`world`: the group's ranks).
+    pub settings: JobSettings,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Requests that may wait for their turn; more get 429.
@@ -733,7 +723,7 @@ fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> {
             .get()
             .map(|r| r.model_names[0].as_str())
             .unwrap_or(""),
-        s.cfg.method.name(),
+        s.cfg.settings.method.name(),
         group.world(),
         if group.world() == 1 { "" } else { "s" },
         if group.world() == 1 {
@@ -930,7 +920,7 @@ fn running_request<'a>(s: &Arc<Server>, q: Queued) -> Option<engine::Request<'a,
             events: q.events,
             cancel: q.cancel.clone(),
             waited: q.queued_at.elapsed(),
-            method: q.job.method.name(),
+            method: q.job.settings.method.name(),
         },
         job: q.job,
         cancel: q.cancel,
@@ -1196,7 +1186,7 @@ async fn count(State(s): State<Arc<Server>>, req: Request, next: Next) -> Respon
     let r = next.run(req).await;
     s.metrics
         .requests
-        .with_label_values(&[endpoint, s.cfg.method.name(), r.status().as_str()])
+        .with_label_values(&[endpoint, s.cfg.settings.method.name(), r.status().as_str()])
         .inc();
     r
 }
@@ -1249,7 +1239,7 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
                 "bodies_reading": s.metrics.bodies_reading.get(),
                 "running": s.running.load(Ordering::SeqCst),
                 "running_sequences": s.metrics.running.get(),
-                "kv_positions_used": (0..s.cfg.world)
+                "kv_positions_used": (0..s.cfg.settings.world)
                     .map(|r| s.metrics.kv_used.with_label_values(&[&r.to_string()]).get())
                     .collect::<Vec<_>>(),
                 "max_num_seqs": s.cfg.max_num_seqs,
@@ -1682,7 +1672,7 @@ fn check(s: &Server, body: &[u8], ep: Endpoint) -> Result<Checked, ApiError> {
                 }
             };
             check_common(ready, &req.common)?;
-            let split = s.cfg.method.imp().needs_question();
+            let split = s.cfg.settings.method.imp().needs_question();
             let parts = prompt::build_text(tok, &text, req.common.question.as_deref(), split)
                 .map_err(|e| ApiError::bad(format!("{e:#}")))?;
             (req.common, parts)
@@ -1751,12 +1741,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 fn job(s: &Server, prompt: PromptParts, params: GenParams) -> Job {
     Job {
         prompt,
-        method: s.cfg.method,
-        world: s.cfg.world,
-        anchor_len: s.cfg.anchor_len,
-        passing_len: s.cfg.passing_len,
-        question_mask: s.cfg.question_mask,
-        min_rank_tokens: s.cfg.min_rank_tokens,
+        settings: s.cfg.settings.clone(),
         params,
     }
 }
@@ -1863,7 +1848,7 @@ async fn respond(s: Arc<Server>, c: Checked, ep: Endpoint, client: Option<Client
     let (tx, rx) = tmpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop(cancel.clone());
-    let method = c.job.method.name();
+    let method = c.job.settings.method.name();
     let queued = Queued {
         wait: Waiting {
             tokens: c.job.prompt.len(),

@@ -86,6 +86,19 @@ pub(crate) struct AttentionArgs {
 }
 
 impl AttentionArgs {
+    /// The settings these flags give a job of `method` (`generate`, and every request `serve`
+    /// runs).
+    pub(crate) fn settings(&self, method: Method) -> Result<apb_host::JobSettings> {
+        Ok(apb_host::JobSettings {
+            method,
+            world: self.world_size,
+            anchor_len: self.anchor_len,
+            passing_len: self.passing_len,
+            question_mask: self.question_mask(method)?,
+            min_rank_tokens: self.min_rank_tokens,
+        })
+    }
+
     /// The question mask, refused up front (also by `serve`) for methods other than APB.
     pub(crate) fn question_mask(&self, method: Method) -> Result<apb_plugin::QuestionMask> {
         let qm = apb_plugin::QuestionMask::parse(&self.apb_question_mask)

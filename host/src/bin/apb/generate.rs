@@ -93,7 +93,7 @@ pub(crate) fn check_sampling(temperature: f64, top_p: f64, max_new_tokens: usize
 pub(crate) fn generate(a: GenerateArgs) -> Result<()> {
     check_sampling(a.temperature, a.top_p, a.max_new_tokens)?;
     let method = parse_method(&a.at)?;
-    let question_mask = a.at.question_mask(method)?;
+    let settings = a.at.settings(method)?;
     // Read the prompt before starting ranks: a bad file fails fast, with no processes started.
     let prompt = read_prompt(&a)?;
     let spec = GroupSpec {
@@ -114,13 +114,8 @@ pub(crate) fn generate(a: GenerateArgs) -> Result<()> {
         method.imp().needs_question(),
     )?;
     let job = Job {
+        settings,
         prompt: parts,
-        method,
-        world: a.at.world_size,
-        anchor_len: a.at.anchor_len,
-        passing_len: a.at.passing_len,
-        question_mask,
-        min_rank_tokens: a.at.min_rank_tokens,
         params: GenParams {
             max_new_tokens: a.max_new_tokens,
             temperature: a.temperature,

@@ -180,12 +180,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let cfg = apb_host::server::ServeConfig {
-        method,
-        world: a.at.world_size,
-        anchor_len: a.at.anchor_len,
-        passing_len: a.at.passing_len,
-        question_mask: a.at.question_mask(method)?,
-        min_rank_tokens: a.at.min_rank_tokens,
+        settings: a.at.settings(method)?,
         default_max_tokens: a.default_max_tokens,
         max_queued: a.max_queued,
         max_num_seqs: a.max_num_seqs,

@@ -276,8 +276,12 @@ impl PrefillBench<'_> {
             .enumerate()
             .map(|(h, r)| method_.imp().pairs(p, &r.layout, h))
             .collect();
-        let tokens = std::mem::take(&mut shares[rank].tokens);
-        let pairs = rank_pairs[rank];
+        // (A rank outside a plan of fewer ranks has no share.)
+        let tokens = shares
+            .get_mut(rank)
+            .map(|s| std::mem::take(&mut s.tokens))
+            .unwrap_or_default();
+        let pairs = rank_pairs.get(rank).copied().unwrap_or(0.0);
         let plan = json!({"world": p.world, "block_len": p.l_b, "anchor_len": p.l_a, "passing_len": p.l_p});
         // A plan of fewer ranks (dense: rank 0 alone) leaves the others waiting at the barriers.
         let active = rank < p.world;

@@ -1,8 +1,8 @@
 #![warn(missing_docs)]
 //! The APB-rs engine: one per-rank generation program ([`runner`]) for every attention method,
 //! the ranks that run it ([`ranks`]: threads or one process per GPU), the prompt split APB needs
-//! ([`prompt`]), and the OpenAI-compatible server ([`server`]). The `apb` binary (src/main.rs)
-//! parses arguments and dispatches.
+//! ([`prompt`]), and the OpenAI-compatible server ([`server`]). The `apb` binary (src/bin/apb/:
+//! one file per subcommand) parses arguments and dispatches.
 
 pub mod bench;
 pub mod bench_serve;

@@ -615,6 +615,38 @@ fn bench_prefill_reports_results_and_breakdown() {
     }
 }
 
+/// Dense beside a method over 2 rank processes (the command's default shape: dense runs on rank
+/// 0 while the other ranks wait; it panicked on rank 1 until the eleventh session).
+#[test]
+fn bench_prefill_runs_dense_beside_a_method_over_rank_processes() {
+    let v = bench_prefill_tiny(&[
+        "--lengths",
+        "256",
+        "--attention",
+        "dense,zigzag",
+        "--world-size",
+        "2",
+        "--ranks",
+        "processes",
+    ]);
+    let ran: Vec<(String, u64)> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["attention"].as_str().unwrap().to_string(),
+                r["gpus"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ran,
+        [("dense".to_string(), 1), ("zigzag".to_string(), 2)],
+        "{v}"
+    );
+}
+
 #[test]
 fn bench_prefill_one_rank_share_reports_attended_pairs_per_rank() {
     // Rank 1's share of every exact method on 2 ranks (--only-rank runs on the CPU too): zigzag

@@ -177,7 +177,7 @@ fn server_over_4_rank_processes() {
     let q = "What is the special magic number?";
     let spanning = |sentences: usize| {
         json!({"messages": [{"role": "user", "content": format!("{}\n\n{q}", needle_doc(sentences))}],
-            "max_tokens": 16, "ignore_eos": true})
+            "max_tokens": 24, "ignore_eos": true})
     };
     let reqs = [spanning(30), spanning(40), short()];
     let alone: Vec<Value> = reqs

@@ -2,8 +2,8 @@
 //! and behind one trait ([`SeqMethod`]): its name, whether it needs the question, its plan, each
 //! rank's tokens / positions / [`RankLayout`], its prefill attention and its attention work
 //! (attended query–key pairs, for FLOP counts). Decode after prefill is common to all
-//! sequence-parallel methods (`distributed.rs`: every rank attends its cache, outputs merged by
-//! log-sum-exp).
+//! sequence-parallel methods (`rank_backend.rs`: every rank attends its cache, outputs merged by
+//! log-sum-exp); dense has its own backend in its file.
 //!
 //! Adding a method: a file here and a line in [`Method::ALL`].
 //!

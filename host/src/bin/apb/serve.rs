@@ -40,15 +40,17 @@ pub(crate) struct ServeArgs {
     /// several), so a long prompt does not stall every stream; 0: at every check.
     #[arg(long, default_value_t = 200)]
     pub(crate) max_decode_gap_ms: u64,
-    /// KV memory (bytes) the running requests may hold: a request waits until its KV fits, one
-    /// that never can gets 400. Per rank process, or shared by thread ranks. Default: half the
-    /// memory available at start on the CPU; on a GPU, from --gpu-memory-utilization.
+    /// KV memory (bytes) the running requests may hold, and the prefill running beside them its
+    /// activations while they last: a request waits until its KV and its prefill fit, one that
+    /// never can gets 400. Per rank process, or shared by thread ranks. Default: half the memory
+    /// available at start on the CPU; on a GPU, from --gpu-memory-utilization.
     #[arg(long)]
     pub(crate) kv_cache_memory_bytes: Option<u64>,
     /// On a GPU without --kv-cache-memory-bytes: the share of the GPU's memory the server may
     /// hold (as vLLM's flag). The KV budget is this share of the device's total less what is in
-    /// use once the model is loaded (weights, CUDA context, other processes); the rest is left
-    /// for the prefill's activations. Rank processes on one GPU split it. Ignored on the CPU.
+    /// use once the model is loaded (weights, CUDA context, other processes); a prefill's
+    /// activations count within it, the rest is headroom (the GEMM library's workspace,
+    /// allocator slack). Rank processes on one GPU split it. Ignored on the CPU.
     #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
     pub(crate) gpu_memory_utilization: f64,
     /// Require `Authorization: Bearer KEY` on every /v1 route (also from APB_API_KEY).

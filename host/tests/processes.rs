@@ -201,19 +201,7 @@ fn server_over_4_rank_processes() {
         h["running_sequences"] == 2
     });
     handles.push(chat_in_background(&s, &reqs[2]));
-    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
-        let (code, text) = h.join().unwrap();
-        assert_eq!(code, 200, "{text}");
-        let got: Value = serde_json::from_str(&text).unwrap();
-        for key in ["choices", "usage"] {
-            assert_eq!(got[key], want[key], "request {i} batched vs alone");
-        }
-    }
-    assert!(
-        s.metric("apb_decode_spanning_sequences_bucket", "le=\"1\"")
-            < s.metric("apb_decode_spanning_sequences_count", ""),
-        "no decode step had two sequences spanning the ranks"
-    );
+    assert_batched_equal_alone(&s, handles, &alone);
 
     // A full queue: 429 with Retry-After.
     let long = json!({"messages": [{"role": "user", "content": "Paris is a city.\n\nTell me a long story."}],

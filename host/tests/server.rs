@@ -1087,19 +1087,7 @@ fn batched_requests_each_equal_their_run_alone() {
         seen.matches("\"content\"").count() >= 4
     });
     drop(leaving);
-    for (i, (h, want)) in handles.into_iter().zip(&alone).enumerate() {
-        let (code, text) = h.join().unwrap();
-        assert_eq!(code, 200, "{text}");
-        let got: Value = serde_json::from_str(&text).unwrap();
-        for key in ["choices", "usage"] {
-            assert_eq!(got[key], want[key], "request {i} batched vs alone");
-        }
-    }
-    assert!(
-        s.metric("apb_decode_spanning_sequences_bucket", "le=\"1\"")
-            < s.metric("apb_decode_spanning_sequences_count", ""),
-        "no decode step had two sequences spanning several ranks"
-    );
+    assert_batched_equal_alone(&s, handles, &alone);
     assert!(s.metric("apb_cancelled_total", "running") >= 1.0);
 
     // A short request sent while a long one decodes is answered before the long one ends.

@@ -260,3 +260,26 @@ pub fn read_until(c: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
     }
     seen
 }
+
+/// Joins `handles` (requests sent together, in the order of `alone`: their answers run one at a
+/// time) and checks that each batched answer equals its run alone, token for token (choices and
+/// usage), and that some decode step had two sequences spanning several ranks.
+pub fn assert_batched_equal_alone(
+    s: &Server,
+    handles: Vec<std::thread::JoinHandle<(u16, String)>>,
+    alone: &[Value],
+) {
+    for (i, (h, want)) in handles.into_iter().zip(alone).enumerate() {
+        let (code, text) = h.join().unwrap();
+        assert_eq!(code, 200, "{text}");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        for key in ["choices", "usage"] {
+            assert_eq!(got[key], want[key], "request {i} batched vs alone");
+        }
+    }
+    assert!(
+        s.metric("apb_decode_spanning_sequences_bucket", "le=\"1\"")
+            < s.metric("apb_decode_spanning_sequences_count", ""),
+        "no decode step had two sequences spanning several ranks"
+    );
+}

@@ -53,17 +53,23 @@ pub trait AttentionBackend: Send + Sync {
 
     /// This rank's part of a decode step of one sequence (new rows after all of its prompt):
     /// the output `(b, n_heads, s, head_dim)` and LSE `(b, n_heads, s)` over the keys this rank
-    /// holds, appending the rows' K/V where this rank keeps new tokens. The parts of all ranks
-    /// are merged by LSE ([`crate::gather_merge`]): a host batching many sequences gathers all
-    /// their parts in one collective.
-    fn decode_part(&self, input: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)>;
+    /// holds, the rows' K/V appended first where `keep` (the host says which rank keeps each
+    /// generated token: [`crate::generated_kv_rank`]). The parts of all ranks are merged by LSE
+    /// ([`crate::gather_merge`]): a host batching many sequences gathers all their parts in one
+    /// collective.
+    fn decode_part(
+        &self,
+        input: &AttnInput<'_>,
+        cache: &mut LayerKv,
+        keep: bool,
+    ) -> Result<(Tensor, Tensor)>;
 
     /// For hosts that run the decode rows of many sequences in one attention kernel
-    /// ([`apb_kernels::attention_rows`]): `Some(appends)` when this rank's decode part is
-    /// "append the rows' K/V here if `appends`, then attend every key held here", which is what
-    /// [`decode_part`](Self::decode_part) then does row by row. `None` (the default): the host
+    /// ([`apb_kernels::attention_rows`]): true when this rank's decode part is "append the row's
+    /// K/V here if `keep`, then attend every key held here", which is what
+    /// [`decode_part`](Self::decode_part) then does row by row. False (the default): the host
     /// calls `decode_part` for each row.
-    fn decode_appends(&self) -> Option<bool> {
-        None
+    fn fuses_decode_rows(&self) -> bool {
+        false
     }
 }

@@ -58,8 +58,8 @@ pub use cache::LayerKv;
 pub use comm::{Communicator, HostComm, LocalComm, LocalGroup, Pending};
 pub use error::{Error, Result};
 pub use method::{
-    gather_merge, merge_lse, nothing_attended, DenseBackend, Method, PlanArgs, PromptParts,
-    QuestionMask, RankBackend, RankInputs, RankLayout, SeqMethod,
+    gather_merge, generated_kv_rank, merge_lse, new_kv_rows, nothing_attended, DenseBackend,
+    Method, PlanArgs, PromptParts, QuestionMask, RankBackend, RankInputs, RankLayout, SeqMethod,
 };
 pub use plan::{plan, Plan, PlanRequest};
 pub use scorer::{RetainingHeads, Scorer};

@@ -829,6 +829,7 @@ mod tests {
             seq,
             token: 0,
             pos: 0,
+            kv_rank: 0,
         };
         let rows = [row(Some(1)), row(Some(2)), row(Some(3)), row(None)];
         let picks = pick(&t, &rows, &[true, false, true]).unwrap();

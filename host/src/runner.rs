@@ -571,7 +571,7 @@ fn attend_part(
         && rows.iter().all(|r| {
             r.seq
                 .and_then(|id| seqs.0.get(&id))
-                .is_none_or(|s| s.backend.decode_appends().is_some())
+                .is_none_or(|s| s.backend.fuses_decode_rows())
         });
     if one_kernel {
         return attend_rows(seqs, rows, layer, x, comm);
@@ -581,8 +581,11 @@ fn attend_part(
     for (i, row) in rows.iter().enumerate() {
         let one = Qkv::row(x, i)?;
         let xi = one.input(layer);
+        let keep = row.keeps_here(comm.rank());
         let (o, l) = match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
-            Some(s) => s.backend.decode_part(&xi, &mut s.cache.layers[layer])?,
+            Some(s) => s
+                .backend
+                .decode_part(&xi, &mut s.cache.layers[layer], keep)?,
             None => apb_plugin::nothing_attended(xi.q)?,
         };
         outs.push(o.to_dtype(candle_core::DType::F32)?);
@@ -666,7 +669,7 @@ impl Qkv {
 }
 
 /// [`Runner::decode_rows`]' attention where rows fuse (the GPU; the CPU in f32): the new K/V of
-/// the rows whose sequence keeps new tokens on this rank written in one call, every row
+/// the rows this rank keeps ([`Row::kv_rank`]) written in one call, every row
 /// attending its sequence's keys here in another, and all rows' parts merged in one all-gather.
 fn attend_rows(
     seqs: &mut RankSeqs,
@@ -679,7 +682,7 @@ fn attend_rows(
     let mut v_to = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         match row.seq.and_then(|id| seqs.0.get_mut(&id)) {
-            Some(s) if s.backend.decode_appends() == Some(true) => {
+            Some(s) if row.keeps_here(comm.rank()) => {
                 let (k, v) = (x.k.narrow(2, i, 1)?, x.v.narrow(2, i, 1)?);
                 let (kb, vb, at) = s.cache.layers[layer].push_slot(&k, &v)?;
                 k_to.push(Some((kb, at)));
@@ -727,6 +730,16 @@ pub struct Row {
     pub token: u32,
     /// Its position.
     pub pos: u32,
+    /// The rank (of the sequence's) that keeps this token's K/V: rank 0's engine spreads a
+    /// sequence's generated tokens over its ranks ([`apb_plugin::generated_kv_rank`]).
+    pub kv_rank: u32,
+}
+
+impl Row {
+    /// Whether rank `rank` appends this row's K/V to its sequence's cache.
+    fn keeps_here(&self, rank: usize) -> bool {
+        self.seq.is_some() && self.kv_rank as usize == rank
+    }
 }
 
 /// One sequence's state on one rank between steps: its caches and the backend that holds its
@@ -744,6 +757,12 @@ impl RankSeqs {
     /// Drops a sequence's caches.
     pub fn free(&mut self, id: SeqId) {
         self.0.remove(&id);
+    }
+
+    /// Positions of sequence `id` this rank keeps in each layer's cache (None: not held here).
+    pub fn kv_len(&self, id: SeqId) -> Option<usize> {
+        let s = self.0.get(&id)?;
+        Some(s.cache.layers.first().map_or(0, |l| l.len()))
     }
 
     /// Sequences held.
@@ -805,13 +824,10 @@ pub fn prefill(
         layout,
         after,
     } = rank_share(job, prep, rank, scorer);
-    // Each layer's cache is allocated once: the rank's kept rows, and on the rank that keeps new
-    // tokens' KV (the last; dense: the only one) the question segment and every token the
-    // sequence may generate.
-    let mut room = layout.local - layout.pad;
-    if rank + 1 == prep.plan.world {
-        room += after + prep.max_new;
-    }
+    // Each layer's cache is allocated once: the rank's kept rows, the question segment on the
+    // last rank, and the rank's round-robin share of the tokens the sequence may generate.
+    let room = layout.local - layout.pad
+        + apb_plugin::new_kv_rows(rank, prep.plan.world, after, prep.max_new);
     let backend = prep.method.backend(comm, layout, scorer.clone())?;
     let mut cache = Cache {
         layers: vec![apb_plugin::LayerKv::with_room(room); model.cfg.num_hidden_layers],

@@ -75,8 +75,9 @@ impl AttentionBackend for Collector {
         &self,
         x: &AttnInput<'_>,
         cache: &mut LayerKv,
+        keep: bool,
     ) -> apb_plugin::Result<(Tensor, Tensor)> {
-        DenseBackend.decode_part(x, cache)
+        DenseBackend.decode_part(x, cache, keep)
     }
 }
 

@@ -108,6 +108,7 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         seq: Some(id),
                         token: 7 + id as u32,
                         pos: n as u32,
+                        kv_rank: id as u32 % 2,
                     };
                     let fill = |seqs: &mut RankSeqs| {
                         for (id, (j, p)) in jobs.iter().enumerate() {
@@ -125,12 +126,24 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         .enumerate()
                         .map(|(id, (j, _))| row(id as u64, j.prompt.len()))
                         .collect();
+                    let kv_len = |seqs: &RankSeqs| -> Vec<usize> {
+                        rows.iter()
+                            .map(|r| seqs.kv_len(r.seq.unwrap()).unwrap())
+                            .collect()
+                    };
+                    let before = kv_len(&batch);
                     let counting = Counting(c.clone(), AtomicUsize::new(0));
                     let h = runner
                         .decode_rows(&mut batch, &rows, &counting, false)
                         .unwrap()
                         .unwrap();
                     let collectives = counting.1.load(Ordering::SeqCst);
+                    // Each row's K/V went to the rank its row names, and only there (the
+                    // engine spreads a sequence's generated tokens over its ranks).
+                    for ((r, b), a) in rows.iter().zip(&before).zip(kv_len(&batch)) {
+                        let kept = (r.kv_rank as usize == c.rank()) as usize;
+                        assert_eq!(a, b + kept, "rank {}: {r:?}", c.rank());
+                    }
                     let batched: Vec<Vec<f32>> = h.squeeze(0).unwrap().to_vec2().unwrap();
                     let mut alone = RankSeqs::default();
                     fill(&mut alone);

@@ -64,8 +64,9 @@ impl AttentionBackend for Spy {
         &self,
         x: &AttnInput<'_>,
         cache: &mut LayerKv,
+        keep: bool,
     ) -> apb_plugin::Result<(Tensor, Tensor)> {
-        DenseBackend.decode_part(x, cache)
+        DenseBackend.decode_part(x, cache, keep)
     }
 }
 

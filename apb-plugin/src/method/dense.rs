@@ -80,15 +80,23 @@ impl AttentionBackend for DenseBackend {
         })?)
     }
 
-    fn decode_appends(&self) -> Option<bool> {
-        Some(true)
+    fn fuses_decode_rows(&self) -> bool {
+        true
     }
 
-    fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
-        cache.append(x.k, x.v)?;
-        let (k, v) = cache
-            .kv()?
-            .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
-        Ok(attention_with_lse(x.q, &k, &v, Mask::causal())?)
+    /// One rank: it keeps every token (`keep` is always true for it).
+    fn decode_part(
+        &self,
+        x: &AttnInput<'_>,
+        cache: &mut LayerKv,
+        keep: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        if keep {
+            cache.append(x.k, x.v)?;
+        }
+        match cache.kv()? {
+            Some((k, v)) => Ok(attention_with_lse(x.q, &k, &v, Mask::causal())?),
+            None => crate::nothing_attended(x.q),
+        }
     }
 }

@@ -33,7 +33,8 @@ use crate::{AttentionBackend, AttnInput, Error, Result};
 use candle_core::Tensor;
 pub use dense::DenseBackend;
 pub use rank_backend::{
-    gather_merge, merge_lse, nothing_attended, QuestionMask, RankBackend, RankLayout,
+    gather_merge, generated_kv_rank, merge_lse, new_kv_rows, nothing_attended, QuestionMask,
+    RankBackend, RankLayout,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

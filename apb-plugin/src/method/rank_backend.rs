@@ -4,8 +4,10 @@
 //! Prefill: rank `h` runs `[anchor | local | probe]` rows (see [`RankLayout`]) through the
 //! method's attention; the cache keeps the local rows only (padding trimmed). Decode (the question
 //! segment and generated tokens), the same for every method: every rank runs the new tokens,
-//! attends its own cache (all of it precedes them), and the outputs are merged by log-sum-exp;
-//! only the last rank appends the new tokens' KV.
+//! attends its own cache (all of it precedes them), and the outputs are merged by log-sum-exp.
+//! The question segment's KV stays on the last rank (its rows attend each other causally there);
+//! generated tokens' KV goes round robin over the ranks ([`generated_kv_rank`]), so a long
+//! generation does not pile up on one rank.
 
 use super::{Method, RankCtx};
 use crate::comm::Communicator;
@@ -133,8 +135,14 @@ impl RankBackend {
         Ok(out)
     }
 
+    fn is_last(&self) -> bool {
+        self.comm.rank() + 1 == self.comm.world_size()
+    }
+
+    /// The question segment (the model's decode pass outside batched steps): the last rank keeps
+    /// its K/V.
     fn decode(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
-        let (out, lse) = self.decode_part(x, cache)?;
+        let (out, lse) = self.decode_part(x, cache, self.is_last())?;
         Ok(gather_merge(self.comm.as_ref(), &out, &lse)?.to_dtype(x.q.dtype())?)
     }
 }
@@ -150,36 +158,50 @@ impl AttentionBackend for RankBackend {
         }
     }
 
-    /// The last rank keeps new tokens; every rank's rows see all its keys (a single new row is
-    /// past every cached position, so even the reference's causal question mask sees them all).
-    fn decode_appends(&self) -> Option<bool> {
-        Some(self.comm.rank() + 1 == self.comm.world_size())
+    /// Every rank's rows see all its keys: a single new row is past every cached position, so
+    /// even the reference's causal question mask sees them all.
+    fn fuses_decode_rows(&self) -> bool {
+        true
     }
 
-    fn decode_part(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<(Tensor, Tensor)> {
-        let last = self.comm.rank() + 1 == self.comm.world_size();
-        let (out, lse) = if last {
+    fn decode_part(
+        &self,
+        x: &AttnInput<'_>,
+        cache: &mut LayerKv,
+        keep: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        if keep {
+            // The new rows follow everything cached here: bottom-right causal lets the question
+            // segment's rows see each other in order and a generated row see every key.
             cache.append(x.k, x.v)?;
-            let (k, v) = cache
-                .kv()?
-                .ok_or_else(|| Error::Shape("empty cache after append".into()))?;
-            attention_with_lse(x.q, &k, &v, Mask::causal())?
-        } else {
-            match cache.kv()? {
-                // Every new token follows all of a non-last rank's context: no mask (unless the
-                // reference's causal quirk is asked for).
-                Some((k, v)) => {
-                    let mask = match self.layout.question_mask {
-                        QuestionMask::Full => Mask::full(),
-                        QuestionMask::Causal => Mask::causal(),
-                    };
-                    attention_with_lse(x.q, &k, &v, mask)?
-                }
-                None => return nothing_attended(x.q),
-            }
+        }
+        let Some((k, v)) = cache.kv()? else {
+            return nothing_attended(x.q);
         };
-        Ok((out, lse))
+        // Every new row follows all of this rank's context: no mask where it keeps none of the
+        // new rows (unless the reference's causal quirk is asked for on a non-last rank).
+        let mask = match (keep, self.layout.question_mask) {
+            (true, _) | (false, QuestionMask::Causal) => Mask::causal(),
+            (false, QuestionMask::Full) => Mask::full(),
+        };
+        Ok(attention_with_lse(x.q, &k, &v, mask)?)
     }
+}
+
+/// The rank, of a sequence's `world` ranks, that keeps the K/V of the `j`-th generated token fed
+/// back (`j` from 0): round robin, so `max_tokens`' KV spreads evenly over the sequence's ranks.
+pub fn generated_kv_rank(j: usize, world: usize) -> usize {
+    j % world.max(1)
+}
+
+/// The new tokens' K/V positions that rank `rank` (< `world`) keeps for a sequence whose
+/// question segment has `question` rows and which generates up to `max_new` tokens: the question
+/// on the last rank, the generated tokens by [`generated_kv_rank`]. What a host allocates and
+/// admits beside the rank's share of the prompt.
+pub fn new_kv_rows(rank: usize, world: usize, question: usize, max_new: usize) -> usize {
+    let world = world.max(1);
+    let q = if rank + 1 == world { question } else { 0 };
+    q + (max_new + world - 1 - rank.min(world - 1)) / world
 }
 
 /// The part of a rank that holds no keys for these rows: output 0, LSE `-inf` (weight 0).
@@ -228,4 +250,38 @@ pub fn merge_lse(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
     let l = Tensor::stack(lses, 0)?.reshape((lses.len(), b * h * s))?;
     let (out, _) = apb_kernels::lse_merge(&o, &l)?;
     Ok(out.reshape(dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rows each rank allocates for new tokens hold exactly the question segment and every
+    /// generated token the round robin sends it, and the ranks' shares differ by at most one.
+    #[test]
+    fn new_tokens_kv_spreads_over_ranks_as_allocated() {
+        for world in 1..=5 {
+            for question in [0, 1, 7] {
+                for max_new in [1, 2, 5, 9, 128] {
+                    let mut kept = vec![0; world];
+                    kept[world - 1] += question;
+                    for j in 0..max_new {
+                        kept[generated_kv_rank(j, world)] += 1;
+                    }
+                    let rows: Vec<usize> = (0..world)
+                        .map(|h| new_kv_rows(h, world, question, max_new))
+                        .collect();
+                    assert_eq!(
+                        rows, kept,
+                        "world {world} question {question} max {max_new}"
+                    );
+                    let generated: Vec<usize> = (0..world)
+                        .map(|h| rows[h] - if h + 1 == world { question } else { 0 })
+                        .collect();
+                    let (lo, hi) = (generated.iter().min(), generated.iter().max());
+                    assert!(hi.unwrap() - lo.unwrap() <= 1, "{generated:?}");
+                }
+            }
+        }
+    }
 }

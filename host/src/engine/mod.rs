@@ -85,7 +85,8 @@ impl KvBudget {
 }
 
 /// A request planned for the group, with the KV positions it keeps on each rank (its share of
-/// the prompt; on the rank that keeps new tokens also every token it may generate) and, in
+/// the prompt, the question segment on the last rank, its share of the tokens it may generate:
+/// [`apb_plugin::new_kv_rows`]) and, in
 /// positions' worth of memory, what its prefill's activations take there while it runs.
 pub struct Placed<'a, T> {
     req: Request<'a, T>,
@@ -238,12 +239,8 @@ impl<'a, T> Engine<'a, T> {
             .map(|h| {
                 let r = rank_share(&job, &prep, h, scorer);
                 let kept = r.layout.local - r.layout.pad;
-                let need = if h + 1 == world {
-                    kept + r.after + prep.max_new
-                } else {
-                    kept
-                };
-                (need, r.tokens.len())
+                let new = apb_plugin::new_kv_rows(h, world, r.after, prep.max_new);
+                (kept + new, r.tokens.len())
             })
             .unzip();
         let prefill: Vec<usize> = match &self.budget {
@@ -435,6 +432,7 @@ impl<'a, T> Engine<'a, T> {
                             seq: Some(s.id),
                             token: s.next,
                             pos: s.pos,
+                            kv_rank: apb_plugin::generated_kv_rank(s.steps, s.ranks) as u32,
                         },
                         s.ranks,
                     )
@@ -448,8 +446,7 @@ impl<'a, T> Engine<'a, T> {
                 rows.push((
                     Row {
                         seq: None,
-                        token: rows[0].0.token,
-                        pos: rows[0].0.pos,
+                        ..rows[0].0
                     },
                     1,
                 ));

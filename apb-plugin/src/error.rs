@@ -14,8 +14,8 @@ pub enum Error {
     /// A layout or method that cannot run (the message names the setting).
     Config(String),
     /// No method of that name.
-    #[error("unknown attention backend '{name}' (available: {available})")]
-    UnknownBackend {
+    #[error("unknown attention method '{name}' (available: {available})")]
+    UnknownMethod {
         /// The name asked for.
         name: String,
         /// The names there are, comma-separated.

@@ -15,7 +15,7 @@
 //!
 //! let prompt = PromptParts {
 //!     context: (0..1000).collect(),
-//!     query: vec![7, 8, 9],
+//!     query_segment: vec![7, 8, 9],
 //!     ..Default::default()
 //! };
 //! let zigzag = Method::parse("zigzag")?;

@@ -1,4 +1,4 @@
-//! Opt-in time breakdown: [`span`] adds its closure's wall time to a named bucket. Two modes, as
+//! Opt-in time breakdown: [`span`] adds its closure's wall time to a [`Bucket`]. Two modes, as
 //! a user asks with `APB_PROFILE` ([`Mode::from_env`]):
 //! - `synced`: the device is synchronised around each span, so a bucket is the span's whole
 //!   cost (host and GPU); the run is slower and GPU work no longer overlaps the host.
@@ -38,8 +38,81 @@ impl Mode {
     }
 }
 
+/// Where a span's time goes: a layer's stages in prefill, then a decode step's (its rows through
+/// the layers, and rank 0's step around them). [`Bucket::name`] is the label reports use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Bucket {
+    /// Prefill: the q|k|v projections with RoPE.
+    Qkv,
+    /// Prefill: APB's retaining heads scoring the rank's keys.
+    RetainingHeads,
+    /// Prefill: picking and packing the passing K/V.
+    TopK,
+    /// Prefill: collectives between ranks.
+    Communication,
+    /// Prefill: attention kernels.
+    Attention,
+    /// Prefill: the output projection.
+    OProj,
+    /// Prefill: the MLP.
+    Ffn,
+    /// Decode rows: q|k|v with RoPE.
+    RowsQkv,
+    /// Decode rows: writing the new K/V into the caches.
+    RowsWrite,
+    /// Decode rows: attention of every row against its own cache.
+    RowsAttend,
+    /// Decode rows: the all-gather and LSE merge of the ranks' parts.
+    RowsMerge,
+    /// Decode rows: the output projection.
+    RowsOProj,
+    /// Decode rows: the MLP.
+    RowsFfn,
+    /// A decode step's forward on rank 0.
+    DecodeForward,
+    /// A decode step's lm_head, argmax and ids back.
+    DecodePick,
+    /// A decode step's sampling and stop rules on rank 0.
+    DecodeAccept,
+}
+
+impl Bucket {
+    /// Prefill's stages, in the order `apb bench prefill --breakdown` reports them.
+    pub const PREFILL: [Bucket; 7] = [
+        Bucket::Qkv,
+        Bucket::RetainingHeads,
+        Bucket::TopK,
+        Bucket::Communication,
+        Bucket::Attention,
+        Bucket::OProj,
+        Bucket::Ffn,
+    ];
+
+    /// The label in reports (`/metrics`' `apb_profile_seconds{span=…}`, bench JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucket::Qkv => "qkv",
+            Bucket::RetainingHeads => "retaining_heads",
+            Bucket::TopK => "topk",
+            Bucket::Communication => "communication",
+            Bucket::Attention => "attention",
+            Bucket::OProj => "o_proj",
+            Bucket::Ffn => "ffn",
+            Bucket::RowsQkv => "rows.qkv",
+            Bucket::RowsWrite => "rows.write",
+            Bucket::RowsAttend => "rows.attend",
+            Bucket::RowsMerge => "rows.merge",
+            Bucket::RowsOProj => "rows.o_proj",
+            Bucket::RowsFfn => "rows.ffn",
+            Bucket::DecodeForward => "decode.forward",
+            Bucket::DecodePick => "decode.pick",
+            Bucket::DecodeAccept => "decode.accept",
+        }
+    }
+}
+
 static MODE: AtomicU8 = AtomicU8::new(0);
-static BUCKETS: Mutex<BTreeMap<&'static str, f64>> = Mutex::new(BTreeMap::new());
+static BUCKETS: Mutex<BTreeMap<Bucket, f64>> = Mutex::new(BTreeMap::new());
 
 /// Sets how spans are timed and clears the buckets.
 pub fn set_mode(m: Mode) {
@@ -69,7 +142,7 @@ pub fn reset() {
 }
 
 /// Seconds per bucket since the last reset, clearing them.
-pub fn take() -> BTreeMap<&'static str, f64> {
+pub fn take() -> BTreeMap<Bucket, f64> {
     BUCKETS
         .lock()
         .map(|mut b| std::mem::take(&mut *b))
@@ -77,12 +150,12 @@ pub fn take() -> BTreeMap<&'static str, f64> {
 }
 
 /// Seconds per bucket since the last reset.
-pub fn snapshot() -> BTreeMap<&'static str, f64> {
+pub fn snapshot() -> BTreeMap<Bucket, f64> {
     BUCKETS.lock().map(|b| b.clone()).unwrap_or_default()
 }
 
 /// Adds `d` to bucket `name` (a time the caller measured itself) unless profiling is off.
-pub fn add(name: &'static str, d: Duration) {
+pub fn add(name: Bucket, d: Duration) {
     if mode() == Mode::Off {
         return;
     }
@@ -92,7 +165,7 @@ pub fn add(name: &'static str, d: Duration) {
 }
 
 /// Runs `f`, adding its time to bucket `name` as the [`mode`] says.
-pub fn span<T>(name: &'static str, device: &Device, f: impl FnOnce() -> T) -> T {
+pub fn span<T>(name: Bucket, device: &Device, f: impl FnOnce() -> T) -> T {
     let m = mode();
     if m == Mode::Off {
         return f();

@@ -61,7 +61,7 @@ fn apb_rank_attention_matches_boolean_mask_reference() {
             }
         })
         .collect();
-    let comms = LocalGroup::new(world);
+    let comms = LocalGroup::ranks(world);
     let outs: Vec<(Tensor, LayerKv)> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
@@ -198,7 +198,7 @@ fn lse_merge_over_split_cache_equals_one_attention() {
 
 #[test]
 fn a_failing_rank_aborts_the_group_instead_of_hanging() {
-    let comms = LocalGroup::new(3);
+    let comms = LocalGroup::ranks(3);
     let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
     let start = std::time::Instant::now();
     let res: Vec<Result<usize, String>> = std::thread::scope(|s| {
@@ -228,7 +228,7 @@ fn a_failing_rank_aborts_the_group_instead_of_hanging() {
 
 #[test]
 fn broadcast_and_gather_order() {
-    let comms = LocalGroup::new(4);
+    let comms = LocalGroup::ranks(4);
     let res: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
@@ -279,7 +279,7 @@ fn question_segment(qm: QuestionMask, dtype: DType, seed: u64) -> (Vec<Vec<f32>>
     );
     let all_k = Tensor::cat(&[&caches[0].0, &caches[1].0, &k], 2).unwrap();
     let all_v = Tensor::cat(&[&caches[0].1, &caches[1].1, &v], 2).unwrap();
-    let comms = LocalGroup::new(2);
+    let comms = LocalGroup::ranks(2);
     let got: Vec<Vec<f32>> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()

@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     // SmolLM2 block's K/V, a Llama-8B-shaped block's.
     for (elems, iters) in [(576, 200), (64 << 10, 50), (1 << 20, 20), (8 << 20, 5)] {
         let local = gather_time(
-            LocalGroup::new(world)
+            LocalGroup::ranks(world)
                 .into_iter()
                 .map(|c| c as Arc<dyn Communicator>)
                 .collect(),

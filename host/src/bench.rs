@@ -19,15 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Breakdown buckets, in report order (see the spans in the model file and the backends).
-pub const BUCKETS: [&str; 7] = [
-    "qkv",
-    "retaining_heads",
-    "topk",
-    "communication",
-    "attention",
-    "o_proj",
-    "ffn",
-];
+pub const BUCKETS: [profile::Bucket; 7] = profile::Bucket::PREFILL;
 
 /// Query tokens of the synthetic prompt (APB embeds them in the anchor).
 const QUESTION: usize = 64;
@@ -157,7 +149,7 @@ pub fn prefill_sweep(sw: &Sweep) -> Result<()> {
             "world_size": world,
             "only_rank": sw.only_rank,
             "gemm_peak_tflops": peak,
-            "breakdown_buckets": BUCKETS,
+            "breakdown_buckets": BUCKETS.map(|b| b.name()),
             "results": results,
         });
         let text = serde_json::to_string_pretty(&out)?;
@@ -230,7 +222,7 @@ impl PrefillBench<'_> {
         let question: Vec<u32> = (0..QUESTION).map(|_| next()).collect();
         PromptParts {
             context,
-            query: question.clone(),
+            query_segment: question.clone(),
             question,
             prefix_len: 0,
         }
@@ -247,7 +239,7 @@ impl PrefillBench<'_> {
         if !method_.spans_ranks() {
             // One rank prefills the whole prompt, question included: exactly `len` tokens.
             let last = parts.context.pop().expect("len > 0");
-            parts.query = vec![last];
+            parts.query_segment = vec![last];
             parts.question.clear();
         }
         let job = Job {
@@ -290,7 +282,7 @@ impl PrefillBench<'_> {
         } else {
             0.0
         };
-        let solo: Arc<dyn Communicator> = LocalGroup::new(1).remove(0);
+        let solo: Arc<dyn Communicator> = LocalGroup::ranks(1).remove(0);
         let once = |profiled: bool| -> Result<(f64, Vec<f64>)> {
             profile::enable(profiled);
             self.comm.barrier()?;
@@ -370,7 +362,7 @@ impl PrefillBench<'_> {
             v["breakdown_s"] = BUCKETS
                 .iter()
                 .enumerate()
-                .map(|(i, k)| (k.to_string(), json!(all[slowest][2 + i])))
+                .map(|(i, k)| (k.name().to_string(), json!(all[slowest][2 + i])))
                 .collect::<serde_json::Map<_, _>>()
                 .into();
         }

@@ -167,7 +167,7 @@ fn finish(
     Ok(PromptParts {
         prefix_len: prefix_len.min(context.len()),
         context,
-        query,
+        query_segment: query,
         question,
     })
 }

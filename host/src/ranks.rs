@@ -9,7 +9,7 @@ use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
 use crate::runner::{prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
 use crate::JobSettings;
-use apb_plugin::profile::span;
+use apb_plugin::profile::{span, Bucket};
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -230,7 +230,7 @@ pub fn start(
             Links::Processes {
                 ctx: Box::new(ctx),
                 comm,
-                solo: LocalGroup::new(1).remove(0),
+                solo: LocalGroup::ranks(1).remove(0),
             },
         );
         // Processes with a GPU each compute every row in parallel at no cost; processes sharing
@@ -283,7 +283,7 @@ pub fn join(spec: &GroupSpec) -> Result<Member> {
         }
         return Ok(Member {
             device: spec.device.clone(),
-            comm: LocalGroup::new(1).remove(0),
+            comm: LocalGroup::ranks(1).remove(0),
             ctx: None,
         });
     }
@@ -502,7 +502,7 @@ impl Group {
             },
             Links::Threads {
                 workers,
-                comms: (1..=world).map(LocalGroup::new).collect(),
+                comms: (1..=world).map(LocalGroup::ranks).collect(),
             },
         ))
     }
@@ -709,12 +709,12 @@ impl Group {
         let model = self.runner.model();
         self.rank0(k, |comm| {
             let mut seqs = self.lock_seqs();
-            let hidden = span("decode.forward", model.device(), || {
+            let hidden = span(Bucket::DecodeForward, model.device(), || {
                 self.runner
                     .decode_rows(&mut seqs, &plain, comm.as_ref(), self.lead)
             })?
             .ok_or_else(|| err!("rank 0 got no rows from its decode step"))?;
-            span("decode.pick", model.device(), || {
+            span(Bucket::DecodePick, model.device(), || {
                 let logits = model.row_logits(&hidden)?.squeeze(0)?;
                 Ok(pick(&logits, &plain, greedy)?)
             })

@@ -9,7 +9,7 @@
 use crate::error::{err, Context, Result};
 use crate::prompt::PromptParts;
 use apb_loaders::{Cache, Loaded, Model, Tokenizer};
-use apb_plugin::profile::span;
+use apb_plugin::profile::{span, Bucket};
 use apb_plugin::{
     AttentionBackend, AttnInput, Communicator, Method, Phase, Plan, PlanArgs, RankInputs, Scorer,
 };
@@ -491,7 +491,7 @@ impl Runner {
             }
             (Err(e), None) => return Err(e),
         };
-        let after = &parts.query[parts.query.len() - after..];
+        let after = &parts.query_segment[parts.query_segment.len() - after..];
         let mut hidden = hidden;
         if !after.is_empty() {
             // The question segment at its true positions, against every rank's cache.
@@ -695,7 +695,7 @@ fn attend_rows(
         }
     }
     let dev = x.q.device();
-    span("rows.write", dev, || -> candle_core::Result<()> {
+    span(Bucket::RowsWrite, dev, || -> candle_core::Result<()> {
         apb_kernels::write_rows(x.k, &k_to)?;
         apb_kernels::write_rows(x.v, &v_to)
     })?;
@@ -706,13 +706,15 @@ fn attend_rows(
             None => Ok(None),
         })
         .collect::<apb_plugin::Result<Vec<_>>>()?;
-    let (out, lse) = span("rows.attend", dev, || apb_kernels::attention_rows(x.q, &kv))?;
+    let (out, lse) = span(Bucket::RowsAttend, dev, || {
+        apb_kernels::attention_rows(x.q, &kv)
+    })?;
     if comm.world_size() == 1 {
         // Merging one part is the identity (weight exactly 1; a row with nothing is 0 either
         // way): skip its copies and kernels.
         return Ok(out);
     }
-    span("rows.merge", dev, || {
+    span(Bucket::RowsMerge, dev, || {
         Ok(apb_plugin::gather_merge(comm, &out, &lse)?.to_dtype(x.q.dtype())?)
     })
 }

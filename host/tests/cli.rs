@@ -214,7 +214,7 @@ fn unknown_device_and_dtype_and_backend() {
     );
     assert_clean_error(
         &apb(&["generate", "--prompt", "x", "--attention", "magic"], &[]),
-        "unknown attention backend 'magic'",
+        "unknown attention method 'magic'",
     );
 }
 

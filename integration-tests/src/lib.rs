@@ -208,7 +208,7 @@ pub fn fixture_parts(name: &str) -> apb_host::prompt::PromptParts {
     let ids = u32s(&read_json(fixture(name).join("expected.json"))["input_ids"]);
     apb_host::prompt::PromptParts {
         context: ids[..61].to_vec(),
-        query: ids[61..70].to_vec(),
+        query_segment: ids[61..70].to_vec(),
         question: ids[63..67].to_vec(),
         prefix_len: 0,
     }

@@ -67,7 +67,7 @@ type RankResult = (
 fn prompt(n: usize) -> PromptParts {
     PromptParts {
         context: (1000..1000 + n as u32).collect(),
-        query: (500..509).collect(),
+        query_segment: (500..509).collect(),
         question: (502..506).collect(),
         prefix_len: 0,
     }
@@ -94,7 +94,7 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
             (j, p)
         })
         .collect();
-    let comms = LocalGroup::new(2);
+    let comms = LocalGroup::ranks(2);
     let never = AtomicBool::new(false);
     // Each rank: prefill the three, then one batched step (3 rows) counting collectives, then
     // each sequence alone (its row and a padding row) from a copy of the same state.

@@ -250,7 +250,7 @@ fn saved_heads_reload_and_change_apb_selection() {
     let ids = u32s(&read_json(fixture("tiny-llama31").join("expected.json"))["input_ids"]);
     let p = PromptParts {
         context: ids[..61].to_vec(),
-        query: ids[61..70].to_vec(),
+        query_segment: ids[61..70].to_vec(),
         question: ids[63..67].to_vec(),
         prefix_len: 0,
     };

@@ -5,7 +5,7 @@
 //! anchor block positions `0..l_a` while local tokens keep their true positions.
 
 use crate::config::Config;
-use apb_plugin::profile::span;
+use apb_plugin::profile::{span, Bucket};
 use apb_plugin::{AttentionBackend, AttnInput, LayerKv, Phase};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -143,10 +143,11 @@ impl Attention {
     ) -> apb_plugin::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nq, nkv) = (self.n_h * self.d, self.n_kv * self.d);
-        let name =
-            |prefill: &'static str, decode: &'static str| if rows { decode } else { prefill };
-        let (q_raw, k_raw, v_raw, q, k, v) =
-            span(name("qkv", "rows.qkv"), x.device(), || -> Result<_> {
+        let bucket = |prefill: Bucket, decode: Bucket| if rows { decode } else { prefill };
+        let (q_raw, k_raw, v_raw, q, k, v) = span(
+            bucket(Bucket::Qkv, Bucket::RowsQkv),
+            x.device(),
+            || -> Result<_> {
                 let qkv = project(&self.qkv_proj, x, rows)?;
                 // Token-major projections → head-major (b, n, s, d) q/k/v with RoPE, in one pass.
                 let (q, k, v) = apb_plugin::rope_split(&qkv, cos, sin, self.n_h, self.n_kv)?;
@@ -157,7 +158,8 @@ impl Attention {
                     qkv.narrow(2, nq + nkv, nkv)?,
                 );
                 Ok((q_raw, k_raw, v_raw, q, k, v))
-            })?;
+            },
+        )?;
         let input = AttnInput {
             layer,
             q: &q,
@@ -169,7 +171,7 @@ impl Attention {
         };
         let y = attend(layer, &input)?;
         span(
-            name("o_proj", "rows.o_proj"),
+            bucket(Bucket::OProj, Bucket::RowsOProj),
             x.device(),
             || -> apb_plugin::Result<Tensor> {
                 let y = apb_plugin::contiguous(&y.transpose(1, 2)?)?.reshape((
@@ -379,7 +381,7 @@ impl Model {
         for (i, block) in self.layers.iter().enumerate() {
             let a = block.self_attn.forward(&h, i, &cos, &sin, attend, rows)?;
             (x, h) = block.post_attention_layernorm.add_forward(&x, &a)?;
-            let ffn = if rows { "rows.ffn" } else { "ffn" };
+            let ffn = if rows { Bucket::RowsFfn } else { Bucket::Ffn };
             let f = span(ffn, x.device(), || block.mlp.forward(&h, rows))?;
             let next = match self.layers.get(i + 1) {
                 Some(b) => &b.input_layernorm,

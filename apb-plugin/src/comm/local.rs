@@ -20,9 +20,8 @@ pub struct LocalComm {
 pub struct LocalGroup;
 
 impl LocalGroup {
-    #[allow(clippy::new_ret_no_self)]
     /// `world` ranks of one process, to hand to one thread each.
-    pub fn new(world: usize) -> Vec<Arc<LocalComm>> {
+    pub fn ranks(world: usize) -> Vec<Arc<LocalComm>> {
         let shared = Arc::new(Shared {
             world,
             state: Mutex::new(State::default()),

@@ -6,10 +6,10 @@
 
 use super::RankLayout;
 use super::{
-    block_inputs, push_anchor, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
+    block_inputs, push_anchor, tri, PlanArgs, PrefillCtx, PromptParts, RankInputs, SeqMethod,
 };
 use crate::plan::{plan, Plan, PlanRequest};
-use crate::profile::span;
+use crate::profile::{span, Bucket};
 use crate::scorer::{select_top, Scorer};
 use crate::{attention, AttnInput, Error, Mask, Result};
 use candle_core::Tensor;
@@ -86,11 +86,11 @@ impl SeqMethod for Apb {
         }
         r
     }
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+    fn prefill(&self, r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         let (l, rank) = (r.layout, r.comm.rank());
         let n_kv = x.k.dim(1)?;
         let dev = x.q.device();
-        let scores = span("retaining_heads", dev, || {
+        let scores = span(Bucket::RetainingHeads, dev, || {
             r.scorer.score(
                 x.layer,
                 x.q_raw,
@@ -100,7 +100,7 @@ impl SeqMethod for Apb {
                 l.question_rows.clone(),
             )
         })?;
-        let picks = span("topk", dev, || {
+        let picks = span(Bucket::TopK, dev, || {
             select_top(&scores, l.exclude_front..l.anchor + l.local - l.pad, l.l_p)
         })?;
         if rank + 1 < r.comm.world_size() && l.anchor + l.local - l.pad - l.exclude_front < l.l_p {
@@ -110,10 +110,12 @@ impl SeqMethod for Apb {
             )));
         }
         // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-        let packed = span("topk", dev, || apb_kernels::gather_kv(x.k, x.v, &picks))?;
-        let all = span("communication", dev, || r.comm.all_gather(&packed))?;
+        let packed = span(Bucket::TopK, dev, || {
+            apb_kernels::gather_kv(x.k, x.v, &picks)
+        })?;
+        let all = span(Bucket::Communication, dev, || r.comm.all_gather(&packed))?;
         if rank == 0 || l.l_p == 0 {
-            return Ok(span("attention", dev, || {
+            return Ok(span(Bucket::Attention, dev, || {
                 attention(x.q, x.k, x.v, Mask::causal())
             })?);
         }
@@ -121,7 +123,7 @@ impl SeqMethod for Apb {
         let d = x.k.dim(3)?;
         let k = Tensor::cat(&[&passing.narrow(3, 0, d)?.to_dtype(x.k.dtype())?, x.k], 2)?;
         let v = Tensor::cat(&[&passing.narrow(3, d, d)?.to_dtype(x.v.dtype())?, x.v], 2)?;
-        Ok(span("attention", dev, || {
+        Ok(span(Bucket::Attention, dev, || {
             attention(x.q, &k, &v, Mask::apb(l.anchor, rank * l.l_p))
         })?)
     }

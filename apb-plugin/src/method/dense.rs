@@ -2,7 +2,7 @@
 //! checked against.
 
 use super::RankLayout;
-use super::{tri, Method, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{tri, Method, PlanArgs, PromptParts, RankInputs, SeqMethod};
 use crate::comm::Communicator;
 use crate::plan::Plan;
 use crate::scorer::Scorer;
@@ -40,9 +40,6 @@ impl SeqMethod for Dense {
             after: 0,
         }
     }
-    fn prefill(&self, _r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
-        Ok(attention(x.q, x.k, x.v, Mask::causal())?)
-    }
     fn pairs(&self, _plan: &Plan, layout: &RankLayout, _h: usize) -> f64 {
         tri(layout.rows())
     }
@@ -75,9 +72,11 @@ impl AttentionBackend for DenseBackend {
             .ok_or_else(|| crate::Error::Shape("empty cache after append".into()))?;
         // New rows are the last `seq` positions of the cache: bottom-right causal covers both the
         // prompt pass and every decode step.
-        Ok(crate::profile::span("attention", x.q.device(), || {
-            attention(x.q, &k, &v, Mask::causal())
-        })?)
+        Ok(crate::profile::span(
+            crate::profile::Bucket::Attention,
+            x.q.device(),
+            || attention(x.q, &k, &v, Mask::causal()),
+        )?)
     }
 
     fn fuses_decode_rows(&self) -> bool {

@@ -48,7 +48,7 @@ pub struct PromptParts {
     pub context: Vec<u32>,
     /// Question + template suffix (assistant header): processed after prefill, at its true
     /// positions. Never empty.
-    pub query: Vec<u32>,
+    pub query_segment: Vec<u32>,
     /// The clean question tokens (no template), empty when unknown.
     pub question: Vec<u32>,
     /// Tokens of the chat-template prefix at the start of `context` (where the anchor embeds
@@ -59,12 +59,12 @@ pub struct PromptParts {
 impl PromptParts {
     /// The whole prompt, as the dense method runs it.
     pub fn all(&self) -> Vec<u32> {
-        [self.context.as_slice(), self.query.as_slice()].concat()
+        [self.context.as_slice(), self.query_segment.as_slice()].concat()
     }
 
     /// Prompt tokens in all.
     pub fn len(&self) -> usize {
-        self.context.len() + self.query.len()
+        self.context.len() + self.query_segment.len()
     }
 
     /// Whether the prompt has no tokens.
@@ -106,7 +106,7 @@ pub struct RankInputs {
 }
 
 /// What a rank's prefill attention works with besides the layer's q/k/v.
-pub struct RankCtx<'a> {
+pub struct PrefillCtx<'a> {
     /// The rank's communicator.
     pub comm: &'a dyn Communicator,
     /// The rank's layout.
@@ -150,8 +150,15 @@ pub trait SeqMethod: Send + Sync {
         h: usize,
         scorer: &Scorer,
     ) -> RankInputs;
-    /// The attention of one layer over this rank's prefill rows.
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor>;
+    /// The attention of one layer over this rank's prefill rows. The default: causal attention
+    /// over the rows alone (dense's one rank, Star's `[anchor | local]`).
+    fn prefill(&self, _r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+        Ok(crate::profile::span(
+            crate::profile::Bucket::Attention,
+            x.q.device(),
+            || crate::attention(x.q, x.k, x.v, crate::Mask::causal()),
+        )?)
+    }
     /// (query, key) pairs rank `h`'s prefill attends, summed over query heads and divided by
     /// their number (so FLOPs = 4·d·n_heads·pairs per layer, whatever the heads split).
     fn pairs(&self, plan: &Plan, layout: &RankLayout, h: usize) -> f64;
@@ -208,7 +215,7 @@ impl Method {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == name)
-            .ok_or_else(|| Error::UnknownBackend {
+            .ok_or_else(|| Error::UnknownMethod {
                 name: name.to_string(),
                 available: Self::names().join(", "),
             })
@@ -365,7 +372,7 @@ pub(crate) fn block_inputs(parts: &PromptParts, plan: &Plan, h: usize) -> RankIn
             pad,
             ..Default::default()
         },
-        after: parts.query.len(),
+        after: parts.query_segment.len(),
     }
 }
 
@@ -413,6 +420,27 @@ pub(crate) fn block_plan(parts: &PromptParts, world: usize) -> Result<Plan> {
     })
 }
 
+/// Partial attention results for one set of rows, merged by log-sum-exp at the end.
+#[derive(Default)]
+pub(super) struct Parts {
+    outs: Vec<Tensor>,
+    lses: Vec<Tensor>,
+}
+
+impl Parts {
+    /// Adds one part (output in f32, LSE).
+    pub(super) fn push(&mut self, out: Tensor, lse: Tensor) -> Result<()> {
+        self.outs
+            .push(out.to_dtype(candle_core::DType::F32)?.contiguous()?);
+        self.lses.push(lse.contiguous()?);
+        Ok(())
+    }
+    /// The parts merged (f32).
+    pub(super) fn merge(&self) -> Result<Tensor> {
+        merge_lse(&self.outs, &self.lses)
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -420,7 +448,7 @@ mod tests {
     fn min_rank_tokens_caps_the_ranks_of_every_method_and_says_so() {
         let p = PromptParts {
             context: (0..1000).collect(),
-            query: vec![1, 2],
+            query_segment: vec![1, 2],
             question: vec![1],
             prefix_len: 0,
         };
@@ -461,7 +489,7 @@ mod tests {
     pub(super) fn parts(n: usize, question: usize) -> PromptParts {
         PromptParts {
             context: (1..=n as u32).collect(),
-            query: vec![7, 8, 9],
+            query_segment: vec![7, 8, 9],
             question: (1000..1000 + question as u32).collect(),
             prefix_len: 2,
         }

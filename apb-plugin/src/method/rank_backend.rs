@@ -9,7 +9,7 @@
 //! generated tokens' KV goes round robin over the ranks ([`generated_kv_rank`]), so a long
 //! generation does not pile up on one rank.
 
-use super::{Method, RankCtx};
+use super::{Method, PrefillCtx};
 use crate::comm::Communicator;
 use crate::scorer::Scorer;
 use crate::{attention_with_lse, Mask};
@@ -125,7 +125,7 @@ impl RankBackend {
 
     fn prefill(&self, x: &AttnInput<'_>, cache: &mut LayerKv) -> Result<Tensor> {
         self.check_rows(x.q)?;
-        let ctx = RankCtx {
+        let ctx = PrefillCtx {
             comm: self.comm.as_ref(),
             layout: &self.layout,
             scorer: &self.scorer,

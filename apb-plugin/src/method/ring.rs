@@ -6,13 +6,15 @@
 //! is unbalanced: the last rank attends 2H−1 times the first rank's pairs, and all ranks wait for
 //! it; `zigzag` does the same work balanced.
 
-use super::{block_inputs, block_plan, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
-use super::{merge_lse, RankLayout};
+use super::{
+    block_inputs, block_plan, tri, PlanArgs, PrefillCtx, PromptParts, RankInputs, SeqMethod,
+};
+use super::{Parts, RankLayout};
 use crate::plan::Plan;
-use crate::profile::span;
+use crate::profile::{span, Bucket};
 use crate::scorer::Scorer;
 use crate::{attention_with_lse, AttnInput, Mask, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 pub struct Ring;
 
@@ -29,14 +31,13 @@ impl SeqMethod for Ring {
     fn rank_inputs(&self, parts: &PromptParts, p: &Plan, h: usize, _s: &Scorer) -> RankInputs {
         block_inputs(parts, p, h)
     }
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+    fn prefill(&self, r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         let rank = r.comm.rank();
         let d = x.k.dim(3)?;
         let dev = x.q.device();
         let kv = Tensor::cat(&[x.k, x.v], D::Minus1)?;
-        let blocks = span("communication", dev, || r.comm.all_gather(&kv))?;
-        let mut outs = Vec::with_capacity(rank + 1);
-        let mut lses = Vec::with_capacity(rank + 1);
+        let blocks = span(Bucket::Communication, dev, || r.comm.all_gather(&kv))?;
+        let mut parts = Parts::default();
         for (src, kv) in blocks.iter().enumerate().take(rank + 1) {
             let (k, v) = (kv.narrow(3, 0, d)?, kv.narrow(3, d, d)?);
             let mask = if src == rank {
@@ -44,11 +45,12 @@ impl SeqMethod for Ring {
             } else {
                 Mask::full()
             };
-            let (o, l) = span("attention", dev, || attention_with_lse(x.q, &k, &v, mask))?;
-            outs.push(o.to_dtype(DType::F32)?);
-            lses.push(l);
+            let (o, l) = span(Bucket::Attention, dev, || {
+                attention_with_lse(x.q, &k, &v, mask)
+            })?;
+            parts.push(o, l)?;
         }
-        Ok(merge_lse(&outs, &lses)?.to_dtype(x.q.dtype())?)
+        Ok(parts.merge()?.to_dtype(x.q.dtype())?)
     }
     fn pairs(&self, _plan: &Plan, l: &RankLayout, h: usize) -> f64 {
         (h * l.local * l.local) as f64 + tri(l.local)

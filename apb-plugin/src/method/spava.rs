@@ -17,11 +17,11 @@
 use super::apb::apb_plan_request;
 use super::RankLayout;
 use super::{
-    block_inputs, push_anchor, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs,
-    SeqMethod,
+    block_inputs, push_anchor, push_zigzag_chunks, tri, PlanArgs, PrefillCtx, PromptParts,
+    RankInputs, SeqMethod,
 };
 use crate::plan::{plan, Plan};
-use crate::profile::span;
+use crate::profile::{span, Bucket};
 use crate::scorer::{select_top, Scorer};
 use crate::{attention, AttnInput, Error, Mask, Result};
 use candle_core::Tensor;
@@ -81,7 +81,7 @@ impl SeqMethod for Spava {
         }
         let c = p.l_b / 2;
         let mut r = RankInputs {
-            after: parts.query.len(),
+            after: parts.query_segment.len(),
             ..Default::default()
         };
         push_anchor(&mut r, parts, p.l_a);
@@ -106,11 +106,11 @@ impl SeqMethod for Spava {
         }
         r
     }
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+    fn prefill(&self, r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         let (l, rank, world) = (r.layout, r.comm.rank(), r.comm.world_size());
         let dev = x.q.device();
         if world == 1 {
-            return Ok(span("attention", dev, || {
+            return Ok(span(Bucket::Attention, dev, || {
                 attention(x.q, x.k, x.v, Mask::causal())
             })?);
         }
@@ -127,7 +127,7 @@ impl SeqMethod for Spava {
         let (mut first, mut later) = (None, None);
         if l.l_p > 0 {
             let score = |question: std::ops::Range<usize>| {
-                span("retaining_heads", dev, || {
+                span(Bucket::RetainingHeads, dev, || {
                     r.scorer
                         .score(x.layer, x.q_raw, x.k_raw, x.v_raw, n_kv, question)
                 })
@@ -152,7 +152,7 @@ impl SeqMethod for Spava {
                     )));
                 }
             }
-            let (picks_a, picks_b) = span("topk", dev, || -> Result<_> {
+            let (picks_a, picks_b) = span(Bucket::TopK, dev, || -> Result<_> {
                 // Max-pooling reads two rows before the candidates: for chunk B, the anchor's.
                 let scores_b =
                     Tensor::cat(&[&scores.narrow(0, 0, a)?, &scores.narrow(0, a + c, c)?], 0)?;
@@ -162,16 +162,18 @@ impl SeqMethod for Spava {
                 ))
             })?;
             // (1, n_kv, l_p, 2d): per KV head its own positions, post-RoPE K next to V.
-            let packed_a = span("topk", dev, || {
+            let packed_a = span(Bucket::TopK, dev, || {
                 let len = a + c - from_a;
                 apb_kernels::gather_kv(&rows(x.k, from_a, len)?, &rows(x.v, from_a, len)?, &picks_a)
             })?;
             // Chunk B's picks index [anchor | chunk B]; all are ≥ a, so rows c.. of x map them.
-            let packed_b = span("topk", dev, || {
+            let packed_b = span(Bucket::TopK, dev, || {
                 apb_kernels::gather_kv(&rows(x.k, c, a + c)?, &rows(x.v, c, a + c)?, &picks_b)
             })?;
-            first = Some(span("communication", dev, || r.comm.all_gather(&packed_a))?);
-            later = Some(span("communication", dev, || {
+            first = Some(span(Bucket::Communication, dev, || {
+                r.comm.all_gather(&packed_a)
+            })?);
+            later = Some(span(Bucket::Communication, dev, || {
                 r.comm.all_gather_pending(&packed_b)
             })?);
         }
@@ -193,7 +195,7 @@ impl SeqMethod for Spava {
             })
         };
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask| -> Result<Tensor> {
-            Ok(span("attention", dev, || attention(q, k, v, mask))?)
+            Ok(span(Bucket::Attention, dev, || attention(q, k, v, mask))?)
         };
 
         // The first chunk, with the anchor rows.
@@ -228,7 +230,7 @@ impl SeqMethod for Spava {
         // anchor's are done), bottom-right causal.
         let pass = match later {
             Some(p) => {
-                let all_b = span("communication", dev, || p.wait())?;
+                let all_b = span(Bucket::Communication, dev, || p.wait())?;
                 let all_a = first.as_ref().expect("gathered with the second");
                 // Chunks 0..H−1 are the first chunks of ranks 0..H−1; chunks H..2H−2−r the
                 // second chunks of ranks H−1 down to r+1.

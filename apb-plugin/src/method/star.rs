@@ -2,12 +2,10 @@
 //! block) to its local block and attends causally over both; no K/V crosses ranks in prefill.
 
 use super::RankLayout;
-use super::{block_inputs, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{block_inputs, tri, PlanArgs, PromptParts, RankInputs, SeqMethod};
 use crate::plan::{plan, Plan, PlanRequest};
-use crate::profile::span;
 use crate::scorer::Scorer;
-use crate::{attention, AttnInput, Mask, Result};
-use candle_core::Tensor;
+use crate::Result;
 
 pub struct Star;
 
@@ -51,11 +49,6 @@ impl SeqMethod for Star {
             anchor
         };
         r
-    }
-    fn prefill(&self, _r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
-        Ok(span("attention", x.q.device(), || {
-            attention(x.q, x.k, x.v, Mask::causal())
-        })?)
     }
     fn pairs(&self, _plan: &Plan, l: &RankLayout, _h: usize) -> f64 {
         tri(l.rows())

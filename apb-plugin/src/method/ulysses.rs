@@ -7,9 +7,11 @@
 //! whole); where it does not, `zigzag` runs exactly on any rank count.
 
 use super::RankLayout;
-use super::{block_inputs, block_plan, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod};
+use super::{
+    block_inputs, block_plan, tri, PlanArgs, PrefillCtx, PromptParts, RankInputs, SeqMethod,
+};
 use crate::plan::Plan;
-use crate::profile::span;
+use crate::profile::{span, Bucket};
 use crate::scorer::Scorer;
 use crate::{attention, AttnInput, Error, Mask, Result};
 use candle_core::Tensor;
@@ -70,7 +72,7 @@ impl SeqMethod for Ulysses {
     fn rank_inputs(&self, parts: &PromptParts, p: &Plan, h: usize, _s: &Scorer) -> RankInputs {
         block_inputs(parts, p, h)
     }
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+    fn prefill(&self, r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         let world = r.comm.world_size();
         let dev = x.q.device();
         let (n_h, n_kv, s) = (x.q.dim(1)?, x.k.dim(1)?, x.q.dim(2)?);
@@ -93,7 +95,7 @@ impl SeqMethod for Ulysses {
                 )?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let got = span("communication", dev, || r.comm.all_to_all(&send))?;
+        let got = span(Bucket::Communication, dev, || r.comm.all_to_all(&send))?;
         // Blocks arrive in rank order, which is sequence order.
         let all = Tensor::cat(&got, 2)?;
         let (q, k, v) = (
@@ -101,11 +103,13 @@ impl SeqMethod for Ulysses {
             all.narrow(1, hq, hk)?,
             all.narrow(1, hq + hk, hk)?,
         );
-        let o = span("attention", dev, || attention(&q, &k, &v, Mask::causal()))?;
+        let o = span(Bucket::Attention, dev, || {
+            attention(&q, &k, &v, Mask::causal())
+        })?;
         let send = (0..world)
             .map(|r| Ok(o.narrow(2, r * s, s)?))
             .collect::<Result<Vec<_>>>()?;
-        let back = span("communication", dev, || r.comm.all_to_all(&send))?;
+        let back = span(Bucket::Communication, dev, || r.comm.all_to_all(&send))?;
         Ok(Tensor::cat(&back, 1)?)
     }
     fn pairs(&self, p: &Plan, l: &RankLayout, _h: usize) -> f64 {

@@ -11,15 +11,16 @@
 //!
 //! [`Communicator::ring_pass`]: crate::Communicator::ring_pass
 
+use super::RankLayout;
 use super::{
-    block_inputs, push_zigzag_chunks, tri, PlanArgs, PromptParts, RankCtx, RankInputs, SeqMethod,
+    block_inputs, push_zigzag_chunks, tri, Parts, PlanArgs, PrefillCtx, PromptParts, RankInputs,
+    SeqMethod,
 };
-use super::{merge_lse, RankLayout};
 use crate::plan::Plan;
-use crate::profile::span;
+use crate::profile::{span, Bucket};
 use crate::scorer::Scorer;
 use crate::{attention, attention_with_lse, AttnInput, Error, Mask, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 pub struct Zigzag;
 
@@ -70,7 +71,7 @@ impl SeqMethod for Zigzag {
         }
         let c = p.l_b / 2;
         let mut r = RankInputs {
-            after: parts.query.len(),
+            after: parts.query_segment.len(),
             ..Default::default()
         };
         push_zigzag_chunks(&mut r, parts, p, h);
@@ -82,11 +83,11 @@ impl SeqMethod for Zigzag {
         };
         r
     }
-    fn prefill(&self, r: &RankCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
+    fn prefill(&self, r: &PrefillCtx<'_>, x: &AttnInput<'_>) -> Result<Tensor> {
         let (rank, world) = (r.comm.rank(), r.comm.world_size());
         let dev = x.q.device();
         if world == 1 {
-            return Ok(span("attention", dev, || {
+            return Ok(span(Bucket::Attention, dev, || {
                 attention(x.q, x.k, x.v, Mask::causal())
             })?);
         }
@@ -100,24 +101,24 @@ impl SeqMethod for Zigzag {
         // Partial results for our first and second chunk: (output in f32, LSE).
         let (mut front, mut back) = (Parts::default(), Parts::default());
         let kv = Tensor::cat(&[x.k, x.v], D::Minus1)?;
-        let mut pending = Some(span("communication", dev, || r.comm.ring_pass(&kv))?);
-        let (o, l) = span("attention", dev, || {
+        let mut pending = Some(span(Bucket::Communication, dev, || r.comm.ring_pass(&kv))?);
+        let (o, l) = span(Bucket::Attention, dev, || {
             attention_with_lse(x.q, x.k, x.v, Mask::causal())
         })?;
         front.push(o.narrow(2, 0, c)?, l.narrow(2, 0, c)?)?;
         back.push(o.narrow(2, c, c)?, l.narrow(2, c, c)?)?;
         for step in 1..world {
-            let cur = span("communication", dev, || {
+            let cur = span(Bucket::Communication, dev, || {
                 pending.take().expect("a pass per step").wait()
             })?;
             if step + 1 < world {
-                pending = Some(span("communication", dev, || r.comm.ring_pass(&cur))?);
+                pending = Some(span(Bucket::Communication, dev, || r.comm.ring_pass(&cur))?);
             }
             let src = (rank + world - step) % world;
             if src < rank {
                 let first = cur.narrow(2, 0, c)?;
                 let (k, v) = (first.narrow(3, 0, d)?, first.narrow(3, d, d)?);
-                let (o, l) = span("attention", dev, || {
+                let (o, l) = span(Bucket::Attention, dev, || {
                     attention_with_lse(x.q, &k, &v, Mask::full())
                 })?;
                 front.push(o.narrow(2, 0, c)?, l.narrow(2, 0, c)?)?;
@@ -125,7 +126,7 @@ impl SeqMethod for Zigzag {
             } else {
                 let (k, v) = (cur.narrow(3, 0, d)?, cur.narrow(3, d, d)?);
                 let q2 = x.q.narrow(2, c, c)?;
-                let (o, l) = span("attention", dev, || {
+                let (o, l) = span(Bucket::Attention, dev, || {
                     attention_with_lse(&q2, &k, &v, Mask::full())
                 })?;
                 back.push(o, l)?;
@@ -141,24 +142,6 @@ impl SeqMethod for Zigzag {
         } else {
             tri(l.local) + (p.world - 1) as f64 * 2.0 * c * c
         }
-    }
-}
-
-/// Partial attention results for one set of rows, merged by log-sum-exp at the end.
-#[derive(Default)]
-struct Parts {
-    outs: Vec<Tensor>,
-    lses: Vec<Tensor>,
-}
-
-impl Parts {
-    fn push(&mut self, out: Tensor, lse: Tensor) -> Result<()> {
-        self.outs.push(out.to_dtype(DType::F32)?.contiguous()?);
-        self.lses.push(lse.contiguous()?);
-        Ok(())
-    }
-    fn merge(&self) -> Result<Tensor> {
-        merge_lse(&self.outs, &self.lses)
     }
 }
 

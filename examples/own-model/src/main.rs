@@ -173,7 +173,7 @@ fn first_logits(
         ..Default::default()
     };
     let plan = method.imp().plan(parts, &args)?;
-    let comms = LocalGroup::new(plan.world);
+    let comms = LocalGroup::ranks(plan.world);
     let outs: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
@@ -194,7 +194,7 @@ fn first_logits(
                         &mut kv,
                     )?;
                     // The query segment at its true positions, against every rank's cache.
-                    let q = &parts.query[parts.query.len() - r.after..];
+                    let q = &parts.query_segment[parts.query_segment.len() - r.after..];
                     let pos: Vec<u32> = (plan.n as u32..(plan.n + q.len()) as u32).collect();
                     model.forward(q, &pos, Phase::Decode, backend.as_ref(), &mut kv)
                 })
@@ -220,7 +220,7 @@ fn main() -> Result<()> {
         .collect();
     let parts = PromptParts {
         context: ids[..n].to_vec(),
-        query: ids[n..].to_vec(),
+        query_segment: ids[n..].to_vec(),
         question: ids[n..n + 4].to_vec(),
         prefix_len: 0,
     };

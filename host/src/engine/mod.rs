@@ -468,7 +468,7 @@ impl<'a, T> Engine<'a, T> {
                 }
             }
             self.seqs = keep;
-            profile::add("decode.accept", t1.elapsed());
+            profile::add(profile::Bucket::DecodeAccept, t1.elapsed());
             self.stats.push(StepStat {
                 secs: t0.elapsed().as_secs_f64(),
                 ..stat

@@ -184,8 +184,11 @@ impl Metrics {
 }
 
 pub(super) async fn metrics(State(s): State<Arc<Server>>) -> Response {
-    for (span, secs) in apb_plugin::profile::snapshot() {
-        s.metrics.profile.with_label_values(&[span]).set(secs);
+    for (bucket, secs) in apb_plugin::profile::snapshot() {
+        s.metrics
+            .profile
+            .with_label_values(&[bucket.name()])
+            .set(secs);
     }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&s.metrics.registry.gather(), &mut buf) {

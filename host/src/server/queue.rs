@@ -223,7 +223,7 @@ mod tests {
         let job = Job {
             prompt: PromptParts {
                 context: vec![1; tokens],
-                query: vec![],
+                query_segment: vec![],
                 question: vec![],
                 prefix_len: 0,
             },

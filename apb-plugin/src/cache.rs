@@ -84,8 +84,8 @@ impl LayerKv {
 
     /// An empty cache whose first allocation holds `room` positions (or what the first append
     /// brings, if more): a host that knows how many positions a sequence keeps on this rank
-    /// (its share of the prompt, and on the rank that keeps new tokens every token it may
-    /// generate) allocates once, exactly, instead of doubling.
+    /// (its share of the prompt and of the new tokens, [`crate::new_kv_rows`]) allocates once,
+    /// exactly, instead of doubling.
     pub fn with_room(room: usize) -> Self {
         Self {
             room,

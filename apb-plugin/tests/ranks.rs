@@ -196,6 +196,87 @@ fn lse_merge_over_split_cache_equals_one_attention() {
     assert!(flat(&none).iter().all(|x| *x == 0.0));
 }
 
+/// Generated rows kept round robin (`generated_kv_rank`) through the per-row `decode_part`,
+/// on a non-last rank too: each rank's cache grows by the rows it keeps, and every row's
+/// merged output equals one attention over the whole context and every new key up to it.
+#[test]
+fn generated_rows_kept_on_any_rank_equal_one_attention() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let (n_h, n_kv, d, ctx, new) = (4, 2, 16, 45, 5);
+    let k_all = rand_t(&mut rng, &[1, n_kv, ctx + new, d]);
+    let v_all = rand_t(&mut rng, &[1, n_kv, ctx + new, d]);
+    let comms = LocalGroup::ranks(2);
+    let backends: Vec<RankBackend> = comms
+        .iter()
+        .map(|c| {
+            let comm: Arc<dyn Communicator> = c.clone();
+            RankBackend::new(
+                Method::ZIGZAG,
+                comm,
+                RankLayout::default(),
+                Scorer::QueryAware,
+            )
+            .unwrap()
+        })
+        .collect();
+    // The context: 20 keys on rank 0, 25 on rank 1; room for it and the rank's new rows.
+    let room = |h: usize, context: usize| context + apb_plugin::new_kv_rows(h, 2, 0, new);
+    let mut caches = [
+        LayerKv::with_room(room(0, 20)),
+        LayerKv::with_room(room(1, 25)),
+    ];
+    for (cache, (a, n)) in caches.iter_mut().zip([(0, 20), (20, 25)]) {
+        cache
+            .append(
+                &k_all.narrow(2, a, n).unwrap(),
+                &v_all.narrow(2, a, n).unwrap(),
+            )
+            .unwrap();
+    }
+    for j in 0..new {
+        let q = rand_t(&mut rng, &[1, n_h, 1, d]);
+        let (k, v) = (
+            k_all.narrow(2, ctx + j, 1).unwrap(),
+            v_all.narrow(2, ctx + j, 1).unwrap(),
+        );
+        let raw = Tensor::zeros((1, 1, n_h * d), DType::F32, &Device::Cpu).unwrap();
+        let x = AttnInput {
+            layer: 0,
+            q: &q,
+            k: &k,
+            v: &v,
+            q_raw: &raw,
+            k_raw: &raw,
+            v_raw: &raw,
+        };
+        let keeper = apb_plugin::generated_kv_rank(j, 2);
+        let (outs, lses): (Vec<Tensor>, Vec<Tensor>) = backends
+            .iter()
+            .zip(caches.iter_mut())
+            .enumerate()
+            .map(|(h, (b, c))| b.decode_part(&x, c, h == keeper).unwrap())
+            .unzip();
+        let got = merge_lse(&outs, &lses).unwrap();
+        let seen = ctx + j + 1;
+        let (want, _) = attention_with_lse(
+            &q,
+            &k_all.narrow(2, 0, seen).unwrap(),
+            &v_all.narrow(2, 0, seen).unwrap(),
+            Mask::full(),
+        )
+        .unwrap();
+        let worst = flat(&got)
+            .iter()
+            .zip(flat(&want))
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(worst <= 2e-5, "row {j}: error {worst}");
+    }
+    // Rows 0, 2, 4 on rank 0 and 1, 3 on rank 1, each exactly the room it was given (the
+    // first allocation was not outgrown).
+    assert_eq!((caches[0].len(), caches[1].len()), (23, 27));
+    assert_eq!((caches[0].capacity(), caches[1].capacity()), (23, 27));
+}
+
 #[test]
 fn a_failing_rank_aborts_the_group_instead_of_hanging() {
     let comms = LocalGroup::ranks(3);

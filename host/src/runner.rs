@@ -738,7 +738,9 @@ pub struct Row {
 }
 
 impl Row {
-    /// Whether rank `rank` appends this row's K/V to its sequence's cache.
+    /// Whether rank `rank` of the step appends this row's K/V to its sequence's cache. A
+    /// sequence spans ranks `0..ranks` of every step it is in (steps span a prefix of the
+    /// group too), so the step's rank and the sequence's are one number.
     fn keeps_here(&self, rank: usize) -> bool {
         self.seq.is_some() && self.kv_rank as usize == rank
     }

@@ -167,6 +167,8 @@ fn a_decode_step_of_many_sequences_is_one_collective_per_layer_and_each_row_as_a
                         .unwrap();
                     let lead_rows = h.map(|h| h.squeeze(0).unwrap().to_vec2().unwrap());
                     let lead_collectives = counting.1.load(Ordering::SeqCst);
+                    // Led by rank 0, the rows' K/V lands where it did without.
+                    assert_eq!(kv_len(&led), kv_len(&batch), "rank {}: led", c.rank());
                     (collectives, batched, singles, lead_collectives, lead_rows)
                 })
             })

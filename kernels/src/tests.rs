@@ -1025,8 +1025,9 @@ mod gpu {
             (8, 48, 576),
             (9, 6144, 4096),
             (24, 200, 1536),
-            // 17-32 rows of a weight over 4096 rows: 32-row blocks, alone 16-row ones.
-            (20, 4200, 256),
+            // 17-32 rows of a weight over 4096 rows: 32-row blocks, alone 16-row ones (k of 32
+            // chunks: each warp loops over 4).
+            (20, 4200, 1024),
             (33, 96, 14336),
             (64, 130, 256),
             (150, 96, 64),

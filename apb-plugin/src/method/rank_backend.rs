@@ -196,8 +196,9 @@ pub fn generated_kv_rank(j: usize, world: usize) -> usize {
 
 /// The new tokens' K/V positions that rank `rank` (< `world`) keeps for a sequence whose
 /// question segment has `question` rows and which generates up to `max_new` tokens: the question
-/// on the last rank, the generated tokens by [`generated_kv_rank`]. What a host allocates and
-/// admits beside the rank's share of the prompt.
+/// on the last rank, the generated tokens by [`generated_kv_rank`]. What a host that spreads
+/// generated tokens so allocates and admits beside the rank's share of the prompt (a host that
+/// decodes through `forward(Phase::Decode)` keeps every new row on the last rank instead).
 pub fn new_kv_rows(rank: usize, world: usize, question: usize, max_new: usize) -> usize {
     let world = world.max(1);
     let q = if rank + 1 == world { question } else { 0 };

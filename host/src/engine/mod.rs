@@ -433,6 +433,7 @@ impl<'a, T> Engine<'a, T> {
                             token: s.next,
                             pos: s.pos,
                             kv_rank: apb_plugin::generated_kv_rank(s.steps, s.ranks) as u32,
+                            // (< s.ranks: the sequence's ranks are the step's first ones.)
                         },
                         s.ranks,
                     )

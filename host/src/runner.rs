@@ -479,7 +479,7 @@ impl Runner {
             mut cache,
             backend,
             hidden,
-            after,
+            query_left,
             ..
         } = match (pre, stopped_at) {
             (Ok(pre), _) => pre,
@@ -491,7 +491,7 @@ impl Runner {
             }
             (Err(e), None) => return Err(e),
         };
-        let after = &parts.query_segment[parts.query_segment.len() - after..];
+        let after = &parts.query_segment[parts.query_segment.len() - query_left..];
         let mut hidden = hidden;
         if !after.is_empty() {
             // The question segment at its true positions, against every rank's cache.
@@ -795,7 +795,7 @@ pub struct Prefilled {
     /// The last layer's output for the prefilled rows.
     pub hidden: Tensor,
     /// Query tokens still to run on every rank.
-    pub after: usize,
+    pub query_left: usize,
 }
 
 /// This rank's prefill share under the prepared plan.
@@ -826,12 +826,12 @@ pub fn prefill(
         tokens,
         positions,
         layout,
-        after,
+        query_left,
     } = rank_share(job, prep, rank, scorer);
     // Each layer's cache is allocated once: the rank's kept rows, the question segment on the
     // last rank, and the rank's round-robin share of the tokens the sequence may generate.
     let room = layout.local - layout.pad
-        + apb_plugin::new_kv_rows(rank, prep.plan.world, after, prep.max_new);
+        + apb_plugin::new_kv_rows(rank, prep.plan.world, query_left, prep.max_new);
     let backend = prep.method.backend(comm, layout, scorer.clone())?;
     let mut cache = Cache {
         layers: vec![apb_plugin::LayerKv::with_room(room); model.cfg.num_hidden_layers],
@@ -850,7 +850,7 @@ pub fn prefill(
         cache,
         backend,
         hidden,
-        after,
+        query_left,
     })
 }
 

@@ -37,7 +37,7 @@ impl SeqMethod for Dense {
                 ..Default::default()
             },
             tokens,
-            after: 0,
+            query_left: 0,
         }
     }
     fn pairs(&self, _plan: &Plan, layout: &RankLayout, _h: usize) -> f64 {

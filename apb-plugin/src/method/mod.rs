@@ -102,7 +102,7 @@ pub struct RankInputs {
     /// Where the rows come from.
     pub layout: RankLayout,
     /// Query tokens still to run after prefill, on every rank (0 for dense: it prefills them).
-    pub after: usize,
+    pub query_left: usize,
 }
 
 /// What a rank's prefill attention works with besides the layer's q/k/v.
@@ -372,7 +372,7 @@ pub(crate) fn block_inputs(parts: &PromptParts, plan: &Plan, h: usize) -> RankIn
             pad,
             ..Default::default()
         },
-        after: parts.query_segment.len(),
+        query_left: parts.query_segment.len(),
     }
 }
 

@@ -81,7 +81,7 @@ impl SeqMethod for Spava {
         }
         let c = p.l_b / 2;
         let mut r = RankInputs {
-            after: parts.query_segment.len(),
+            query_left: parts.query_segment.len(),
             ..Default::default()
         };
         push_anchor(&mut r, parts, p.l_a);

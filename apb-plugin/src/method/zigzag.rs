@@ -71,7 +71,7 @@ impl SeqMethod for Zigzag {
         }
         let c = p.l_b / 2;
         let mut r = RankInputs {
-            after: parts.query_segment.len(),
+            query_left: parts.query_segment.len(),
             ..Default::default()
         };
         push_zigzag_chunks(&mut r, parts, p, h);

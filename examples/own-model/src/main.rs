@@ -194,7 +194,7 @@ fn first_logits(
                         &mut kv,
                     )?;
                     // The query segment at its true positions, against every rank's cache.
-                    let q = &parts.query_segment[parts.query_segment.len() - r.after..];
+                    let q = &parts.query_segment[parts.query_segment.len() - r.query_left..];
                     let pos: Vec<u32> = (plan.n as u32..(plan.n + q.len()) as u32).collect();
                     model.forward(q, &pos, Phase::Decode, backend.as_ref(), &mut kv)
                 })

@@ -239,7 +239,7 @@ impl<'a, T> Engine<'a, T> {
             .map(|h| {
                 let r = rank_share(&job, &prep, h, scorer);
                 let kept = r.layout.local - r.layout.pad;
-                let new = apb_plugin::new_kv_rows(h, world, r.after, prep.max_new);
+                let new = apb_plugin::new_kv_rows(h, world, r.query_left, prep.max_new);
                 (kept + new, r.tokens.len())
             })
             .unzip();

@@ -6,9 +6,7 @@ use super::{tri, Method, PlanArgs, PromptParts, RankInputs, SeqMethod};
 use crate::comm::Communicator;
 use crate::plan::Plan;
 use crate::scorer::Scorer;
-use crate::{
-    attention, attention_with_lse, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result,
-};
+use crate::{attention, AttentionBackend, AttnInput, LayerKv, Mask, Phase, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
 
@@ -90,12 +88,6 @@ impl AttentionBackend for DenseBackend {
         cache: &mut LayerKv,
         keep: bool,
     ) -> Result<(Tensor, Tensor)> {
-        if keep {
-            cache.append(x.k, x.v)?;
-        }
-        match cache.kv()? {
-            Some((k, v)) => Ok(attention_with_lse(x.q, &k, &v, Mask::causal())?),
-            None => crate::nothing_attended(x.q),
-        }
+        super::rank_backend::decode_over_cache(x, cache, keep, Mask::causal())
     }
 }

@@ -170,22 +170,34 @@ impl AttentionBackend for RankBackend {
         cache: &mut LayerKv,
         keep: bool,
     ) -> Result<(Tensor, Tensor)> {
-        if keep {
-            // The new rows follow everything cached here: bottom-right causal lets the question
-            // segment's rows see each other in order and a generated row see every key.
-            cache.append(x.k, x.v)?;
-        }
-        let Some((k, v)) = cache.kv()? else {
-            return nothing_attended(x.q);
-        };
         // Every new row follows all of this rank's context: no mask where it keeps none of the
         // new rows (unless the reference's causal quirk is asked for on a non-last rank).
-        let mask = match (keep, self.layout.question_mask) {
-            (true, _) | (false, QuestionMask::Causal) => Mask::causal(),
-            (false, QuestionMask::Full) => Mask::full(),
+        let unkept = match self.layout.question_mask {
+            QuestionMask::Causal => Mask::causal(),
+            QuestionMask::Full => Mask::full(),
         };
-        Ok(attention_with_lse(x.q, &k, &v, mask)?)
+        decode_over_cache(x, cache, keep, unkept)
     }
+}
+
+/// A decode part over one rank's cache: the rows' K/V appended first where `keep` (then the rows
+/// are its last positions and bottom-right causal lets the question segment's rows see each
+/// other in order and a generated row every key), else attended under `unkept`; nothing cached:
+/// output 0, LSE `-inf`.
+pub(crate) fn decode_over_cache(
+    x: &AttnInput<'_>,
+    cache: &mut LayerKv,
+    keep: bool,
+    unkept: Mask,
+) -> Result<(Tensor, Tensor)> {
+    if keep {
+        cache.append(x.k, x.v)?;
+    }
+    let Some((k, v)) = cache.kv()? else {
+        return nothing_attended(x.q);
+    };
+    let mask = if keep { Mask::causal() } else { unkept };
+    Ok(attention_with_lse(x.q, &k, &v, mask)?)
 }
 
 /// The rank, of a sequence's `world` ranks, that keeps the K/V of the `j`-th generated token fed

@@ -4,7 +4,7 @@
 
 use super::openai::ApiError;
 use super::queue::{Ev, Pick, Queued, Running};
-use super::{Ready, ServeConfig, Server, BODY_BYTES_PER_TOKEN, BODY_PERMITS, BODY_SLACK};
+use super::state::{Ready, ServeConfig, Server, BODY_BYTES_PER_TOKEN, BODY_PERMITS, BODY_SLACK};
 use crate::engine::{self};
 use crate::engine::{Engine, KvBudget, Placed};
 use crate::ranks::{Group, RunError};

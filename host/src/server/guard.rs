@@ -2,7 +2,7 @@
 //! loopback server), the `--api-key` check on `/v1`, and the count of every answer by route.
 
 use super::openai::ApiError;
-use super::Server;
+use super::state::Server;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;

@@ -2,15 +2,12 @@
 //! KV use per rank, engine steps, latency histograms and profiled spans.
 
 use super::openai::ApiError;
-use super::Server;
-use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prometheus::Encoder;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::Arc;
 
 pub(super) struct Metrics {
     pub(super) registry: Registry,
@@ -181,20 +178,18 @@ impl Metrics {
             profile,
         })
     }
-}
 
-pub(super) async fn metrics(State(s): State<Arc<Server>>) -> Response {
-    for (bucket, secs) in apb_plugin::profile::snapshot() {
-        s.metrics
-            .profile
-            .with_label_values(&[bucket.name()])
-            .set(secs);
+    /// The Prometheus text of every metric (the profile's spans read at this moment).
+    pub(super) fn render(&self) -> Response {
+        for (bucket, secs) in apb_plugin::profile::snapshot() {
+            self.profile.with_label_values(&[bucket.name()]).set(secs);
+        }
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
     }
-    let mut buf = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&s.metrics.registry.gather(), &mut buf) {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
 }
 
 /// An in-use count (a gauge up while this lives).

@@ -22,7 +22,7 @@
 //! thread: placement within the KV budget, prefill, batched decode steps) → `stream` (the JSON
 //! answer or server-sent events, in `openai`'s shapes); `metrics` and `conn` (a client
 //! that half-closed its socket from one that left) serve them all. Here: the configuration,
-//! the server's state, start-up and shutdown, and the routes.
+//! start-up, shutdown and the routes; `state` holds what they share.
 
 mod conn;
 mod engine_loop;
@@ -30,13 +30,12 @@ mod guard;
 mod metrics;
 mod openai;
 mod queue;
+mod state;
 mod stream;
 mod validate;
 
 use crate::error::{err, Context};
-use crate::ranks::{Group, GroupInfo};
-use crate::JobSettings;
-use apb_loaders::Loaded;
+use crate::ranks::Group;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode};
@@ -47,113 +46,21 @@ use conn::Client;
 use engine_loop::engine;
 pub use engine_loop::gpu_memory_utilization;
 use guard::{allowed_hosts, check_host, check_key, count};
-use metrics::{metrics, Metrics};
+use metrics::Metrics;
 pub use openai::ApiError;
 use openai::Endpoint;
-use queue::{Ev, Queue};
+use queue::Queue;
 use serde_json::json;
+use state::{now_secs, ready, Server};
+pub use state::{
+    ServeConfig, BODY_BYTES_PER_TOKEN, BODY_IDLE, BODY_MIN_RATE, BODY_PERMITS, TOKENIZE_PERMITS,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use stream::respond;
-use tokio::sync::{mpsc as tmpsc, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use validate::admit;
-
-/// Requests tokenized at once (tokenizing a long document takes memory and cores).
-pub const TOKENIZE_PERMITS: usize = 2;
-/// Request bodies in memory at once, counted in bytes: this many times the body bound. A body
-/// takes its share as its bytes arrive (in KiB), so uploads that stall hold only what they sent
-/// and never keep other clients waiting for a slot; one that cannot get room within its pace
-/// gets 503.
-pub const BODY_PERMITS: usize = 16;
-/// A body gets this long for its first bytes, and then as long again plus one second per
-/// [`BODY_MIN_RATE`] bytes received; slower, it gets 408 and frees what it held: a client
-/// cannot hold memory by trickling bytes until `--read-timeout`.
-pub const BODY_IDLE: Duration = Duration::from_secs(3);
-/// The slowest upload kept (bytes per second, on average since the headers).
-pub const BODY_MIN_RATE: f64 = 16_384.0;
-/// Body bytes allowed per context token (plus `BODY_SLACK`): generous for any text (English
-/// averages ~4 bytes a token) yet refuses a body far beyond the context before parsing it.
-pub const BODY_BYTES_PER_TOKEN: usize = 32;
-const BODY_SLACK: usize = 1 << 20;
-
-/// What the server runs every request with.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// How every request runs over the ranks (`world`: the group's ranks).
-    pub settings: JobSettings,
-    /// `max_tokens` when a request gives none.
-    pub default_max_tokens: usize,
-    /// Requests that may wait for their turn; more get 429.
-    pub max_queued: usize,
-    /// Requests generating at once.
-    pub max_num_seqs: usize,
-    /// Prompts of at least this many tokens are long (see [`crate::engine::scheduler`]).
-    pub long_prefill_token_threshold: usize,
-    /// Running requests get a decode step inside a prefill once they have waited this long
-    /// ([`crate::engine::Engine::with_decode_gap`]).
-    pub max_decode_gap: std::time::Duration,
-    /// KV memory running requests may hold (bytes; per rank process, or shared by thread
-    /// ranks). Default: half the memory available at start on the CPU; on a GPU from
-    /// `gpu_memory_utilization`.
-    pub kv_cache_memory_bytes: Option<u64>,
-    /// On a GPU without `kv_cache_memory_bytes`: the share of the device's memory the server may
-    /// hold; the KV budget is that less what is in use once the model is loaded.
-    pub gpu_memory_utilization: f64,
-    /// Bearer key required on `/v1` routes.
-    pub api_key: Option<String>,
-    /// Names a request's `model` may use; the first is reported. Empty: the loaded model's name,
-    /// and `model_alias` (the `-m` spelling, e.g. `smollm2-135m-instruct`).
-    pub served_model_names: Vec<String>,
-    /// The `-m` spelling, also accepted as `model`.
-    pub model_alias: Option<String>,
-    /// Origins allowed by CORS (`*` for any); none: no CORS headers.
-    pub cors_origins: Vec<String>,
-    /// Extra `Host` names accepted when bound to loopback (or the only ones, when given and bound
-    /// elsewhere).
-    pub allowed_hosts: Vec<String>,
-    /// Body bound (default: derived from the model's context).
-    pub max_body_bytes: Option<usize>,
-    /// Time a client has to send its request headers, and its body.
-    pub header_timeout: Duration,
-    /// Time a client has to send its request body.
-    pub body_timeout: Duration,
-    /// After SIGINT/SIGTERM: how long the request running may take to finish before it is cut
-    /// (queued ones get 503 at once).
-    pub shutdown_timeout: Duration,
-}
-
-/// The model, once loaded.
-struct Ready {
-    loaded: Arc<Loaded>,
-    model_names: Vec<String>,
-    max_body: usize,
-    /// How the ranks run (reported in every answer's `apb` object).
-    group: GroupInfo,
-}
-
-struct Server {
-    cfg: ServeConfig,
-    ready: OnceLock<Ready>,
-    /// Set when a rank failed: the server answers 503 and stops.
-    fatal: Mutex<Option<String>>,
-    shutdown: Notify,
-    queue: Mutex<Queue>,
-    queued: Condvar,
-    /// The requests running on the ranks (their events and cancel flags): answered at once if
-    /// the group fails under them, cut at the end of a shutdown's grace.
-    current: Mutex<Vec<(tmpsc::UnboundedSender<Ev>, Arc<AtomicBool>)>>,
-    /// Set when a shutdown's grace ran out: the request cut then gets 503, not a short answer.
-    cut_by_shutdown: AtomicBool,
-    running: AtomicBool,
-    /// KiB of request bodies held at once ([`BODY_PERMITS`] times the body bound, added when the
-    /// model is ready): bounds the memory requests can take.
-    bodies: Arc<Semaphore>,
-    tokenize: Arc<Semaphore>,
-    created: u64,
-    allowed_hosts: Option<Vec<String>>,
-    metrics: Metrics,
-}
 
 /// Serves on `listener` until SIGINT/SIGTERM (then finishes the requests in flight) or until a
 /// rank fails. `start_ranks` loads the model and starts the group on a background thread while
@@ -346,7 +253,7 @@ fn router(state: Arc<Server>) -> Router {
         .route("/v1/completions", post(completions));
     let mut app = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(|State(s): State<Arc<Server>>| async move { s.metrics.render() }))
         .merge(v1)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics)")
@@ -420,23 +327,6 @@ async fn health(State(s): State<Arc<Server>>) -> Response {
                 "max_num_seqs": s.cfg.max_num_seqs,
                 "max_queued": s.cfg.max_queued}))
     .into_response()
-}
-
-fn ready(s: &Server) -> Result<&Ready, ApiError> {
-    if let Some(why) = s.fatal_cause() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the server is stopping after a rank failure: {why}"),
-        ));
-    }
-    s.ready.get().ok_or_else(|| {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the model is still loading",
-        );
-        e.retry_after = Some(5);
-        e
-    })
 }
 
 async fn model(
@@ -513,11 +403,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

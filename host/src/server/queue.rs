@@ -1,9 +1,8 @@
 //! The bounded queue of requests waiting for the ranks (429 beyond `--max-queued`), what the
-//! engine hands back to a request's handler ([`Ev`]), and the server's stop paths (shutdown,
-//! group failure) that answer what waits.
+//! engine hands back to a request's handler ([`Ev`]); the server's paths through it (queue, pick,
+//! answer all on a stop) are in `state`.
 
 use super::openai::ApiError;
-use super::{ready, Server};
 use crate::engine::scheduler::{Policy, Waiting};
 use crate::runner::{Generation, Job};
 use axum::http::StatusCode;
@@ -59,20 +58,25 @@ pub(super) struct Queue {
 }
 
 impl Queue {
+    /// Whether it takes no more entries.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// Entries waiting (some may have been cancelled since the last touch).
     pub(super) fn len(&self) -> usize {
         self.items.len()
     }
 
     /// Drops the entries whose client left; returns how many.
-    fn drop_cancelled(&mut self) -> usize {
+    pub(super) fn drop_cancelled(&mut self) -> usize {
         let before = self.items.len();
         self.items.retain(|i| !i.cancel.load(Ordering::SeqCst));
         before - self.items.len()
     }
 
     /// Adds `item` at the back: 503 once closed, 429 (retry after 1 s) when `max` wait already.
-    fn push(&mut self, item: Queued, max: usize) -> Result<(), ApiError> {
+    pub(super) fn push(&mut self, item: Queued, max: usize) -> Result<(), ApiError> {
         if self.closed {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -90,7 +94,7 @@ impl Queue {
     }
 
     /// Takes out the entry `policy` picks, counting the overtakes it makes.
-    fn pick(&mut self, policy: &Policy) -> Option<Queued> {
+    pub(super) fn pick(&mut self, policy: &Policy) -> Option<Queued> {
         let mut waiting: Vec<Waiting> = self.items.iter().map(|i| i.wait).collect();
         let i = policy.pick(&mut waiting)?;
         for (item, w) in self.items.iter_mut().zip(waiting) {
@@ -100,113 +104,10 @@ impl Queue {
     }
 
     /// No more entries; returns those waiting (to be answered).
-    fn close(&mut self) -> Vec<Queued> {
+    pub(super) fn close(&mut self) -> Vec<Queued> {
         self.closed = true;
         self.items.drain(..).collect()
     }
-}
-
-impl Server {
-    /// No more requests: queued ones are answered 503 with `why`.
-    pub(super) fn close_queue(&self, why: &str) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        for item in q.close() {
-            let _ = item.events.send(Ev::Fail(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                why,
-            )));
-        }
-        self.metrics.queue_depth.set(0);
-        drop(q);
-        self.queued.notify_all();
-    }
-
-    /// The group failed: answer the request in flight (500) and every queued one (503), turn
-    /// `/health` unhealthy, and stop serving.
-    pub(super) fn fail(&self, why: &str) {
-        let why = self
-            .fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(|| why.to_string())
-            .clone();
-        for (tx, _) in self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = tx.send(Ev::Fail(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("a rank failed: {why}"),
-            )));
-        }
-        self.close_queue(&format!(
-            "the server is stopping after a rank failure: {why}"
-        ));
-        self.shutdown.notify_one();
-        self.shutdown.notify_waiters();
-    }
-
-    /// The next request to prefill, as the scheduler picks it, dropping those whose client
-    /// left. With `wait`, blocks until one comes; Closed: closed and empty.
-    pub(super) fn next_queued(&self, wait: bool) -> Pick {
-        let policy = Policy::new(self.cfg.long_prefill_token_threshold, self.cfg.max_num_seqs);
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            self.drop_cancelled(&mut q);
-            if let Some(item) = q.pick(&policy) {
-                self.metrics.queue_depth.set(q.len() as i64);
-                return Pick::Item(Box::new(item));
-            }
-            if q.closed {
-                return Pick::Closed;
-            }
-            if !wait {
-                return Pick::Empty;
-            }
-            q = self
-                .queued
-                .wait_timeout(q, Duration::from_millis(500))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Drops the queued requests whose client left, and counts them.
-    fn drop_cancelled(&self, q: &mut Queue) {
-        let gone = q.drop_cancelled();
-        if gone > 0 {
-            self.metrics
-                .cancelled
-                .with_label_values(&["queued"])
-                .inc_by(gone as u64);
-            self.metrics.queue_depth.set(q.len() as i64);
-        }
-    }
-
-    /// Requests waiting whose client is still there.
-    pub(super) fn queue_depth(&self) -> usize {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        self.drop_cancelled(&mut q);
-        q.len()
-    }
-
-    pub(super) fn fatal_cause(&self) -> Option<String> {
-        self.fatal.lock().expect("fatal").clone()
-    }
-}
-
-/// Queues a checked request (a place freed by a client that left first counts as free).
-pub(super) fn enqueue(s: &Server, item: Queued) -> Result<(), ApiError> {
-    ready(s)?;
-    let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
-    s.drop_cancelled(&mut q);
-    q.push(item, s.cfg.max_queued)?;
-    s.metrics.queue_depth.set(q.len() as i64);
-    drop(q);
-    s.queued.notify_one();
-    Ok(())
 }
 
 #[cfg(test)]

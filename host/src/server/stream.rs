@@ -3,9 +3,9 @@
 
 use super::conn::Client;
 use super::openai::{apb_info, finish_reason, usage, ApiError, Endpoint, Meta};
-use super::queue::{enqueue, Ev, Queued};
+use super::queue::{Ev, Queued};
+use super::state::{enqueue, now_secs, Server};
 use super::validate::Checked;
-use super::{now_secs, Server};
 use crate::engine::scheduler::Waiting;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};

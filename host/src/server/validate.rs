@@ -6,7 +6,7 @@ use super::metrics::Gauged;
 use super::openai::{
     ApiError, ChatRequest, Common, CompletionRequest, Endpoint, PromptField, Stop,
 };
-use super::{ready, Server, BODY_BYTES_PER_TOKEN, BODY_IDLE, BODY_MIN_RATE};
+use super::state::{ready, Server, BODY_BYTES_PER_TOKEN, BODY_IDLE, BODY_MIN_RATE};
 use crate::prompt;
 use crate::prompt::PromptParts;
 use crate::runner::{prepare, GenParams, Job, MAX_TEMPERATURE};

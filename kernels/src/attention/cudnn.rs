@@ -2,7 +2,7 @@
 //! shim (`kernels/src/cudnn_sdpa.cpp`) for one [`Piece`] at a time. libcudnn.so.9 is opened at run
 //! time; where it is missing or older than 9.3 this kernel is unavailable.
 
-use super::hopper::Piece;
+use super::piece::Piece;
 use crate::cuda::{alloc, ptr};
 use candle_core::cuda::cudarc::driver::CudaStream;
 use candle_core::cuda_backend::CudaDevice;

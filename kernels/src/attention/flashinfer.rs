@@ -2,7 +2,7 @@
 //! from its header-only sources into `kernels/src/flashinfer_sm90.cu` and called for one [`Piece`]
 //! at a time. Single sequence per call: a batch runs one call per sequence.
 
-use super::hopper::Piece;
+use super::piece::Piece;
 use crate::cuda::ptr;
 use candle_core::cuda::cudarc::driver::CudaStream;
 use candle_core::{DType, Result, Tensor};

@@ -8,6 +8,7 @@
 //! The APB mask is two pieces: anchor rows attend the keys after the passing block (causal),
 //! the other rows attend all keys (causal).
 
+pub use super::piece::Piece;
 use super::Mask;
 use crate::cuda::{alloc, cuda_device};
 use candle_core::cuda::cudarc::driver::sys;
@@ -130,24 +131,6 @@ fn warn_once(kernel: Kernel, e: &candle_core::Error) {
             kernel.name()
         );
     }
-}
-
-/// One call of a fused kernel: a block of query rows over a block of keys, no mask or
-/// bottom-right causal. Views (`(b, h, s, d)`, head dimension contiguous); `o` is written in place
-/// and so is `lse` (`(b, n_h, rows)` f32, with its device address) when given.
-pub struct Piece<'a> {
-    /// Query rows.
-    pub q: &'a Tensor,
-    /// Keys.
-    pub k: &'a Tensor,
-    /// Values.
-    pub v: &'a Tensor,
-    /// Output rows, written in place.
-    pub o: &'a Tensor,
-    /// Log-sum-exp rows and their device address, written in place when given.
-    pub lse: Option<&'a (Tensor, u64)>,
-    /// Bottom-right causal, else no mask.
-    pub causal: bool,
 }
 
 /// A range of rows or keys: (start, len).

@@ -253,6 +253,8 @@ mod cudnn;
 #[cfg(feature = "cuda")]
 mod flashinfer;
 #[cfg(feature = "cuda")]
+mod piece;
+#[cfg(feature = "cuda")]
 pub mod hopper;
 #[cfg(feature = "cuda")]
 pub(crate) mod mma;

@@ -7,7 +7,9 @@
 
 use crate::error::{bail, err, Context, Result};
 use crate::launch::{self, CommKind, LaunchArgs, RankCtx};
-use crate::runner::{prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId};
+use crate::runner::{
+    prepare, Between, InputError, Job, Prepared, RankSeqs, Row, Runner, SeqId, SideBySide,
+};
 use crate::JobSettings;
 use apb_plugin::profile::{span, Bucket};
 use apb_plugin::{Communicator, LocalComm, LocalGroup};
@@ -151,6 +153,8 @@ enum Message {
         rows: Vec<Row>,
         lead: bool,
     },
+    /// Prefill one-rank sequences side by side, each on its home rank (id, job, home).
+    SideBySide(Vec<(SeqId, Job, usize)>),
     /// Drop these sequences' caches.
     Free(Vec<SeqId>),
     /// Back to the prefill that let rank 0 interleave steps ([`Between`]).
@@ -170,6 +174,10 @@ enum ThreadStep {
         rows: Arc<Vec<Row>>,
         comm: Arc<dyn Communicator>,
         lead: bool,
+    },
+    SideBySide {
+        items: Arc<Vec<SideBySide>>,
+        comm: Arc<dyn Communicator>,
     },
     Free(Vec<SeqId>),
     /// Back to the prefill that let rank 0 interleave steps ([`Between`]).
@@ -205,6 +213,9 @@ pub struct Group {
     /// The ranks share compute (threads; processes on fewer GPUs than ranks): rank 0 alone runs
     /// a decode step's projections and MLP ([`Runner::decode_rows`]).
     lead: bool,
+    /// One-rank (short) sequences run on any rank, side by side ([`Group::prefill_side_by_side`]),
+    /// not all on rank 0: by default where every rank process has a GPU of its own.
+    spread: bool,
 }
 
 /// Starts the group of `spec`, loading each rank's [`Runner`] with `load` on its device. Returns
@@ -236,6 +247,7 @@ pub fn start(
         // Processes with a GPU each compute every row in parallel at no cost; processes sharing
         // a GPU would each run all of it again. CPU processes each have their share of the cores.
         group.lead = spec.device.is_cuda() && spec.gpus() < spec.world / spec.launch.nnodes.max(1);
+        group.spread = spec.device.is_cuda() && !group.lead;
         return Ok(Some(group));
     }
     process_worker(&ctx, &runner, comm)?;
@@ -343,6 +355,24 @@ fn process_step(
         Message::Decode { rows, lead } => runner
             .decode_rows(seqs, &rows, comm.as_ref(), lead)
             .map(drop),
+        Message::SideBySide(items) => {
+            fault_injection(ctx.rank);
+            let items = items
+                .into_iter()
+                .map(|(id, job, home)| {
+                    let prep = prepare(runner.model(), &job).map_err(|e| err!("{e}"))?;
+                    Ok(SideBySide {
+                        id,
+                        job: Arc::new(job),
+                        prep: Arc::new(prep),
+                        home,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            runner
+                .prefill_side_by_side(seqs, &items, comm.as_ref(), &never)
+                .map(drop)
+        }
         Message::Free(ids) => {
             ids.iter().for_each(|id| seqs.free(*id));
             Ok(())
@@ -415,6 +445,12 @@ fn thread_step(
         ThreadStep::Decode { rows, comm, lead } => runner
             .decode_rows(seqs, rows, comm.as_ref(), *lead)
             .map(drop),
+        ThreadStep::SideBySide { items, comm } => {
+            fault_injection(rank);
+            runner
+                .prefill_side_by_side(seqs, items, comm.as_ref(), &never)
+                .map(drop)
+        }
         ThreadStep::Free(ids) => {
             ids.iter().for_each(|id| seqs.free(*id));
             Ok(())
@@ -427,7 +463,9 @@ fn thread_step(
         Err(panic) => format!("rank {rank} panicked: {}", panic_text(&panic)),
     };
     match step {
-        ThreadStep::Prefill { comm, .. } | ThreadStep::Decode { comm, .. } => comm.abort(&why),
+        ThreadStep::Prefill { comm, .. }
+        | ThreadStep::Decode { comm, .. }
+        | ThreadStep::SideBySide { comm, .. } => comm.abort(&why),
         ThreadStep::Free(_) | ThreadStep::Resume => {}
     }
     Err(why)
@@ -516,6 +554,7 @@ impl Group {
             seqs: Mutex::new(RankSeqs::default()),
             next_id: AtomicU64::new(0),
             lead: true,
+            spread: false,
         }
     }
 
@@ -562,10 +601,17 @@ impl Group {
             let planned = prep.plan.notes.clone();
             let mut prep = prepare(self.runner.model(), &one_rank)?;
             prep.plan.notes = planned;
-            prep.plan.notes.push(format!(
-                "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on rank 0 alone",
-                self.world
-            ));
+            prep.plan.notes.push(if self.spreads() {
+                format!(
+                    "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on one rank (short requests spread over the ranks)",
+                    self.world
+                )
+            } else {
+                format!(
+                    "the plan uses {ranks} of {} rank processes and the communicator spans them all; ran on rank 0 alone",
+                    self.world
+                )
+            });
             return Ok((one_rank, prep));
         }
         Ok((job.clone(), prep))
@@ -673,6 +719,50 @@ impl Group {
         Ok(hidden.map(|h| (k, h)))
     }
 
+    /// Whether one-rank sequences spread over the ranks ([`Group::set_spread`]).
+    pub fn spreads(&self) -> bool {
+        self.spread && self.world > 1
+    }
+
+    /// Spreads one-rank (short) sequences over the ranks, prefilled side by side and kept
+    /// where they ran (`apb serve --spread-short-requests`), or keeps them on rank 0. Worth it
+    /// where ranks own their device; where they share one, a batch on one rank costs less.
+    pub fn set_spread(&mut self, on: bool) {
+        self.spread = on;
+    }
+
+    /// Prefills one-rank sequences side by side, each on its home rank (distinct homes),
+    /// in one step. Returns each one's last hidden state (rank 0's copy), or None when
+    /// `cancel` stopped the one on rank 0.
+    pub fn prefill_side_by_side(
+        &self,
+        items: Vec<SideBySide>,
+        cancel: &AtomicBool,
+    ) -> std::result::Result<Vec<Option<Tensor>>, RunError> {
+        let k = items.iter().map(|it| it.home + 1).max().unwrap_or(1);
+        let plain: Vec<(SeqId, Job, usize)> = items
+            .iter()
+            .map(|it| (it.id, (*it.job).clone(), it.home))
+            .collect();
+        let shared = Arc::new(items);
+        self.relay(
+            k,
+            |comm| ThreadStep::SideBySide {
+                items: shared.clone(),
+                comm,
+            },
+            || Message::SideBySide(plain),
+        )?;
+        self.rank0(k, |comm| {
+            let mut mine = RankSeqs::default();
+            let h = self
+                .runner
+                .prefill_side_by_side(&mut mine, &shared, comm.as_ref(), cancel)?;
+            self.lock_seqs().absorb(mine);
+            Ok(h)
+        })
+    }
+
     /// Sends the workers of a prefill over ranks `0..k` back to it after interleaved steps.
     pub fn resume(&self, k: usize) -> std::result::Result<(), RunError> {
         self.relay(k, |_| ThreadStep::Resume, || Message::Resume)
@@ -721,14 +811,14 @@ impl Group {
         })
     }
 
-    /// Drops finished sequences (id, ranks it spans) on every rank that holds them.
-    pub fn free(&self, done: &[(SeqId, usize)]) {
+    /// Drops finished sequences (id, the ranks that hold its KV) on every rank that holds them.
+    pub fn free(&self, done: &[(SeqId, std::ops::Range<usize>)]) {
         {
             let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
             done.iter().for_each(|(id, _)| seqs.free(*id));
         }
-        let k = done.iter().map(|d| d.1).max().unwrap_or(1);
-        let ids: Vec<SeqId> = done.iter().filter(|d| d.1 > 1).map(|d| d.0).collect();
+        let k = done.iter().map(|d| d.1.end).max().unwrap_or(1);
+        let ids: Vec<SeqId> = done.iter().filter(|d| d.1.end > 1).map(|d| d.0).collect();
         if ids.is_empty() {
             return;
         }
@@ -736,7 +826,11 @@ impl Group {
         let _ = match &self.links {
             Links::Threads { workers, .. } => {
                 for (h, w) in workers.iter().enumerate().take(k - 1) {
-                    let mine = done.iter().filter(|d| d.1 > h + 1).map(|d| d.0).collect();
+                    let mine = done
+                        .iter()
+                        .filter(|d| d.1.contains(&(h + 1)))
+                        .map(|d| d.0)
+                        .collect();
                     let _ = w.0.send(ThreadStep::Free(mine));
                 }
                 Ok(())

@@ -167,6 +167,9 @@ pub struct Generation {
     pub plan: Plan,
     /// Rows each rank ran in prefill (anchor + local + probe).
     pub rank_prefill_tokens: Vec<usize>,
+    /// The group rank of the plan's first rank: 0, unless a one-rank request ran on another
+    /// rank ([`crate::ranks::Group::set_spread`]).
+    pub first_rank: usize,
     /// What selected APB's passing KV (`retaining-heads`, or our training-free selector, which is
     /// not the paper's APB); `None` for the other methods and for APB that fell back to one rank.
     pub scorer: Option<String>,
@@ -183,6 +186,8 @@ pub struct RunReport {
     pub method: &'static str,
     /// Ranks its plan used.
     pub ranks: usize,
+    /// The group rank it started on ([`Generation::first_rank`]).
+    pub first_rank: usize,
     /// Context tokens per rank of the plan.
     pub block_len: usize,
     /// The plan's anchor length (0: none).
@@ -209,6 +214,7 @@ impl Generation {
         RunReport {
             method: self.method.name(),
             ranks: self.plan.world,
+            first_rank: self.first_rank,
             block_len: self.plan.l_b,
             anchor_len: self.plan.l_a,
             passing_len: self.plan.l_p,
@@ -512,6 +518,40 @@ impl Runner {
         Ok(Some(hidden.narrow(1, s - 1, 1)?))
     }
 
+    /// One-rank sequences prefilled side by side, at most one on each rank of `comm` (the
+    /// step's ranks): the item whose home is this rank runs alone here (a one-rank plan; its KV
+    /// stays here), then one all-gather brings every item's last hidden state `(1, 1, hidden)`
+    /// to every rank. Returns them in `items`' order; None for this rank's own item when
+    /// `cancel` stopped it (other ranks' items run to their end: they are short).
+    pub fn prefill_side_by_side(
+        &self,
+        seqs: &mut RankSeqs,
+        items: &[SideBySide],
+        comm: &dyn Communicator,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let rank = comm.rank();
+        let model = self.model();
+        let mut own = None;
+        if let Some(it) = items.iter().find(|it| it.home == rank) {
+            let alone: Arc<dyn Communicator> = apb_plugin::LocalGroup::ranks(1).remove(0);
+            own =
+                Some(self.prefill_seq(seqs, it.id, &it.job, &it.prep, alone, cancel, &mut Alone)?);
+        }
+        let cancelled = matches!(own, Some(None));
+        let mine = match own.flatten() {
+            Some(h) => h,
+            None => Tensor::zeros((1, 1, model.cfg.hidden_size), model.dtype(), model.device())?,
+        };
+        let all = comm
+            .all_gather(&mine)
+            .context("the side-by-side prefills' last states")?;
+        Ok(items
+            .iter()
+            .map(|it| (!(it.home == rank && cancelled)).then(|| all[it.home].clone()))
+            .collect())
+    }
+
     /// One decode step of many sequences on this rank: `rows[i]` is a sequence's next token at
     /// its position (or padding). The rows run through the model as one batch; each attends its
     /// own sequence's cache on this rank (nothing where this rank holds none of it), and every
@@ -722,6 +762,20 @@ fn attend_rows(
 /// A sequence's number, the same on every rank (rank 0 assigns it).
 pub type SeqId = u64;
 
+/// A one-rank sequence to prefill on rank `home` beside others on other ranks
+/// ([`Runner::prefill_side_by_side`]): short requests on ranks that own their device.
+#[derive(Clone)]
+pub struct SideBySide {
+    /// The sequence.
+    pub id: SeqId,
+    /// Its job.
+    pub job: Arc<Job>,
+    /// Its one-rank plan.
+    pub prep: Arc<Prepared>,
+    /// The rank that runs it and keeps its KV.
+    pub home: usize,
+}
+
 /// One row of a batched decode step: a sequence's next token at its position, or a padding row
 /// (`seq` None: it attends nothing and its output is dropped).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -738,9 +792,9 @@ pub struct Row {
 }
 
 impl Row {
-    /// Whether rank `rank` of the step appends this row's K/V to its sequence's cache. A
-    /// sequence spans ranks `0..ranks` of every step it is in (steps span a prefix of the
-    /// group too), so the step's rank and the sequence's are one number.
+    /// Whether rank `rank` of the step appends this row's K/V to its sequence's cache. Steps
+    /// span a prefix of the group, and a sequence's ranks (`0..ranks`, or its home alone) are
+    /// numbered as the group's, so the step's rank and the sequence's are one number.
     fn keeps_here(&self, rank: usize) -> bool {
         self.seq.is_some() && self.kv_rank as usize == rank
     }

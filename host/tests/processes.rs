@@ -11,6 +11,11 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Whether the server logged `line`.
+fn log_has(s: &Server, line: &str) -> bool {
+    s.log.lock().unwrap().contains(line)
+}
+
 /// Worker process ids the launcher reported on stderr.
 fn worker_pids(s: &Server) -> Vec<u32> {
     s.log
@@ -51,7 +56,7 @@ fn kill(sig: &str, pid: u32) {
         .success());
 }
 
-/// A valid APB request too short for several ranks (it runs on rank 0 alone).
+/// A valid APB request too short for several ranks (it runs on one rank).
 fn short() -> Value {
     ask("Paris is the capital of France.\n\nWhat is the capital of France?")
 }
@@ -93,8 +98,8 @@ fn needle(sentences: usize, max_tokens: usize) -> Value {
 /// The checks of the thread-rank server tests, over processes: a ≥ 2K-token needle on 4 ranks,
 /// stream equals non-stream, batched requests each equal to their run alone (two spanning the
 /// ranks in one decode step), a full queue gets 429, a vanished stream stops its generation on
-/// every rank, the key is enforced; a prompt too short for 4 ranks runs on rank 0 alone and
-/// says so.
+/// every rank, the key is enforced; a prompt too short for 4 ranks runs on one rank, spread
+/// (`--spread-short-requests on`) to the last when all are idle, and says so.
 #[test]
 fn server_over_4_rank_processes() {
     // Two sequences at a time, so the three below run batched and two long ones fill the batch.
@@ -113,6 +118,8 @@ fn server_over_4_rank_processes() {
             "16",
             "--api-key",
             "k3y",
+            "--spread-short-requests",
+            "on",
         ],
         &[],
     )
@@ -162,17 +169,23 @@ fn server_over_4_rank_processes() {
     };
     assert_eq!(code, 401, "{text}");
 
-    // A prompt too short for 4 ranks runs on rank 0 alone.
+    // A prompt too short for 4 ranks runs on one rank: with short requests spread, on an idle
+    // server the last rank (rank 0 also relays and samples); it prefills there, its KV stays
+    // there and its rows attend there (the text equals rank 0's below, when batched).
     let (code, v) = s.chat(ask("\n\nWhat is the capital of France?"));
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["apb"]["ranks"], 1, "{v}");
+    assert_eq!(v["apb"]["first_rank"], 3, "{v}");
     assert!(
-        v["apb"]["plan_notes"].to_string().contains("rank 0 alone"),
+        v["apb"]["plan_notes"]
+            .to_string()
+            .contains("ran on one rank"),
         "{v}"
     );
+    assert!(log_has(&s, "short requests spread over the ranks"));
 
     // Batched over rank processes, each request gets what it gets alone: two that span the 4
-    // ranks decode together (one collective a layer for both) while a third (rank 0 alone)
+    // ranks decode together (one collective a layer for both) while a third (one rank)
     // waits for a slot, then decodes beside the one still running.
     let q = "What is the special magic number?";
     let spanning = |sentences: usize| {

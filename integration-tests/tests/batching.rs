@@ -284,3 +284,75 @@ fn running_sequences_decode_inside_a_prefill_and_keep_their_tokens() {
         assert_eq!(g, w, "request {i}: tokens differ from its run alone");
     }
 }
+
+/// Short requests spread over the ranks (`apb serve --spread-short-requests`, where ranks own
+/// their device): over 2 thread ranks beside a running 2-rank apb sequence, two one-rank
+/// requests each get a rank of their own (the one holding the least KV first), prefill side by
+/// side in one step and decode there, in the same batch as the apb one; every request gets,
+/// token for token, what it gets alone on rank 0, and each ends on the rank it was given.
+#[test]
+fn short_requests_spread_over_ranks_side_by_side_and_keep_their_tokens() {
+    let mut group = apb_host::ranks::Group::threads(smollm2_runner(), 2).unwrap();
+    group.set_spread(true);
+    assert!(group.spreads());
+    let params = GenParams {
+        max_new_tokens: 12,
+        ignore_eos: true,
+        ..GenParams::default()
+    };
+    let mut long = job(&prompt(300), Method::APB, 2, &params);
+    (long.settings.anchor_len, long.settings.passing_len) = (Some(8), Some(4));
+    let jobs = [
+        long,
+        job(&prompt(12), Method::DENSE, 1, &params),
+        job(&prompt(20), Method::DENSE, 1, &params),
+    ];
+    let want: Vec<Vec<u32>> = jobs.iter().map(|j| alone(&group, j)).collect();
+    let mut eng = Engine::batching(None);
+    assert!(eng
+        .add(&group, request(jobs[0].clone(), 0))
+        .map_err(|e| e.1)
+        .unwrap()
+        .is_none());
+    // The apb sequence's KV: its question segment and more of its new tokens on rank 1.
+    let used = eng.kv_used().to_vec();
+    assert!(used[1] > used[0], "KV held per rank: {used:?}");
+    let mut a = eng
+        .place(&group, request(jobs[1].clone(), 1))
+        .unwrap_or_else(|e| panic!("{}", e.1));
+    let mut b = eng
+        .place(&group, request(jobs[2].clone(), 2))
+        .unwrap_or_else(|e| panic!("{}", e.1));
+    assert!(a.one_rank() && b.one_rank());
+    assert!(eng.reserve_home(&group, &mut a, &[]));
+    assert_eq!(a.home(), 0, "the rank holding the least KV first");
+    assert!(eng.reserve_home(&group, &mut b, &[a.home()]));
+    assert_eq!(b.home(), 1);
+    let with_b = eng.kv_used().to_vec();
+    assert!(
+        with_b[1] > used[1] && with_b[0] > used[0],
+        "room held: {with_b:?}"
+    );
+    for started in eng.start_side_by_side(&group, vec![a, b]) {
+        assert!(started.map_err(|e| e.1).unwrap().is_none());
+    }
+    let mut got = vec![Vec::new(); jobs.len()];
+    let mut first_rank = vec![usize::MAX; jobs.len()];
+    let mut spanning_steps = 0;
+    while eng.running() > 0 {
+        for (t, g) in eng.step(&group).unwrap() {
+            got[t] = g.tokens;
+            first_rank[t] = g.first_rank;
+        }
+        spanning_steps += eng.take_stats().iter().filter(|s| s.rows == 3).count();
+    }
+    assert!(
+        spanning_steps >= 10,
+        "steps with all three: {spanning_steps}"
+    );
+    assert_eq!(first_rank, [0, 0, 1]);
+    assert_eq!(eng.kv_used(), [0, 0], "every rank freed what it held");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}: tokens differ from its run alone");
+    }
+}

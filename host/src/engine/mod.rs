@@ -14,7 +14,7 @@ use crate::error::err;
 use crate::ranks::{Group, Pick, RunError};
 use crate::runner::{
     rank_share, Between, Finish, GenStats, Generation, Job, Prepared, RankSeqs, Row, SeqId,
-    TextStream,
+    SideBySide, TextStream,
 };
 use crate::sampling::Sampler;
 use apb_plugin::profile;
@@ -40,8 +40,10 @@ struct Seq<'a, T> {
     id: SeqId,
     req: Request<'a, T>,
     prep: Prepared,
-    /// Ranks its KV lives on (`0..ranks`).
+    /// Ranks its KV lives on: `home..home + ranks` (a sequence over several ranks starts at 0;
+    /// a one-rank one may run on any rank where they spread, [`Group::set_spread`]).
     ranks: usize,
+    home: usize,
     sampler: Sampler,
     stream: TextStream,
     out: Vec<u32>,
@@ -61,6 +63,9 @@ struct Seq<'a, T> {
 
 /// A finished request: its tag and what it produced.
 pub type Done<T> = (T, Generation);
+
+/// A started request: running (None), already done with its prefill, or failed (with its tag).
+pub type Started<T> = Result<Option<Done<T>>, (T, RunError)>;
 
 /// The KV positions running sequences may hold: admission waits for room and refuses what can
 /// never fit.
@@ -93,6 +98,9 @@ pub struct Placed<'a, T> {
     prep: Prepared,
     need: Vec<usize>,
     prefill: Vec<usize>,
+    /// The rank its plan's first rank runs on (0 unless it is a one-rank request placed on
+    /// another rank: [`Engine::reserve_home`]).
+    home: usize,
 }
 
 impl<T> Placed<'_, T> {
@@ -104,6 +112,29 @@ impl<T> Placed<'_, T> {
     /// Takes the caller's tag back (a request dropped before it ran).
     pub fn into_tag(self) -> T {
         self.req.tag
+    }
+
+    /// Whether it runs on one rank (a short request), which may then be any rank of a group
+    /// that spreads them ([`Engine::reserve_home`]).
+    pub fn one_rank(&self) -> bool {
+        self.prep.plan.world == 1
+    }
+
+    /// The rank its plan starts on.
+    pub fn home(&self) -> usize {
+        self.home
+    }
+
+    /// Moves a one-rank request's needs to rank `home`.
+    fn at(&mut self, home: usize) {
+        let shift = |v: &mut Vec<usize>| {
+            let n = v.first().copied().unwrap_or(0);
+            *v = vec![0; home + 1];
+            v[home] = n;
+        };
+        shift(&mut self.need);
+        shift(&mut self.prefill);
+        self.home = home;
     }
 }
 
@@ -276,7 +307,29 @@ impl<'a, T> Engine<'a, T> {
             prep,
             need,
             prefill,
+            home: 0,
         })
+    }
+
+    /// Places a one-rank request for a side-by-side batch ([`Engine::start_side_by_side`]) on
+    /// the rank, not in `taken` (the batch's others), that holds the least KV (the last such)
+    /// and has room for it now, and holds that room (its KV, and its prefill's activations until the batch ends).
+    /// False: no rank has room now.
+    pub fn reserve_home(&mut self, group: &Group, p: &mut Placed<'a, T>, taken: &[usize]) -> bool {
+        let used = |h: usize| self.used.get(h).copied().unwrap_or(0);
+        let mut ranks: Vec<usize> = (0..group.world()).filter(|h| !taken.contains(h)).collect();
+        // Ties go to the last ranks: rank 0 also relays every step and samples every row.
+        ranks.sort_by_key(|&h| (used(h), std::cmp::Reverse(h)));
+        for h in ranks {
+            p.at(h);
+            if self.fits(p) {
+                self.hold(&p.need, true);
+                self.hold(&p.prefill, true);
+                return true;
+            }
+        }
+        p.at(0);
+        false
     }
 
     /// Whether `p`'s KV, and its prefill's activations while they last, fit beside the running
@@ -315,7 +368,7 @@ impl<'a, T> Engine<'a, T> {
         &mut self,
         group: &Group,
         req: Request<'a, T>,
-    ) -> Result<Option<Done<T>>, (T, RunError)> {
+    ) -> Started<T> {
         let placed = self.place(group, req)?;
         self.start(group, placed)
     }
@@ -329,50 +382,82 @@ impl<'a, T> Engine<'a, T> {
         &mut self,
         group: &Group,
         placed: Placed<'a, T>,
-    ) -> Result<Option<Done<T>>, (T, RunError)> {
-        let Placed {
-            req, prep, need, ..
-        } = placed;
+    ) -> Started<T> {
         let t0 = Instant::now();
         let id = group.new_id();
         let mut between = Interleave {
             eng: self,
             group,
-            k: prep.plan.world,
+            k: placed.prep.plan.world,
         };
-        let placed = match group.prefill(id, &req.job, &prep, &req.cancel, &mut between) {
-            Ok(p) => p,
-            Err(e) => return Err((req.tag, e)),
+        let (req, prep) = (&placed.req, &placed.prep);
+        let prefilled = match group.prefill(id, &req.job, prep, &req.cancel, &mut between) {
+            Ok(p) => p.map(|(_, hidden)| hidden),
+            Err(e) => return Err((placed.req.tag, e)),
         };
-        let runner = group.runner();
-        let rank_prefill_tokens = (0..prep.plan.world)
-            .map(|h| rank_share(&req.job, &prep, h, &runner.scorer).tokens.len())
+        self.hold(&placed.need, true);
+        let seq = Seq::new(group, id, placed, t0);
+        self.admit(group, seq, prefilled)
+    }
+
+    /// Prefills one-rank requests side by side, each on the rank [`Engine::reserve_home`] gave
+    /// it (distinct ranks; their room is held already), and chooses their first tokens, as
+    /// [`Engine::start`] does for one request. Nothing runs between their layers: they are short.
+    pub fn start_side_by_side(
+        &mut self,
+        group: &Group,
+        batch: Vec<Placed<'a, T>>,
+    ) -> Vec<Started<T>> {
+        let t0 = Instant::now();
+        let seqs: Vec<Seq<'a, T>> = batch
+            .into_iter()
+            .map(|p| {
+                self.hold(&p.prefill, false);
+                Seq::new(group, group.new_id(), p, t0)
+            })
             .collect();
-        let params = &req.job.params;
-        let mut seq = Seq {
-            id,
-            sampler: Sampler::new(params.temperature, params.top_p, params.seed),
-            stream: TextStream::new(params.stop.clone()),
-            out: Vec::new(),
-            next: 0,
-            pos: req.job.prompt.len() as u32,
-            first_logits: Vec::new(),
-            t0,
-            prefill_ms: None,
-            t1: t0,
-            steps: 0,
-            rank_prefill_tokens,
-            ranks: 0,
-            prep,
-            req,
-            need,
-        };
-        self.hold(&seq.need, true);
-        let Some((ranks, hidden)) = placed else {
+        let items = seqs
+            .iter()
+            .map(|s| SideBySide {
+                id: s.id,
+                job: Arc::new(s.req.job.clone()),
+                prep: Arc::new(s.prep.clone()),
+                home: s.home,
+            })
+            .collect();
+        let never = AtomicBool::new(false);
+        let cancel = seqs
+            .iter()
+            .find(|s| s.home == 0)
+            .map_or(&never, |s| &*s.req.cancel);
+        match group.prefill_side_by_side(items, cancel) {
+            Ok(hidden) => seqs
+                .into_iter()
+                .zip(hidden)
+                .map(|(s, h)| self.admit(group, s, h))
+                .collect(),
+            Err(e) => seqs
+                .into_iter()
+                .map(|s| {
+                    self.hold(&s.need, false);
+                    Err((s.req.tag, RunError::Failed(e.to_string())))
+                })
+                .collect(),
+        }
+    }
+
+    /// A prefilled sequence (None: cancelled during its prefill) joins the running ones with
+    /// its first token, or ends at once (stopped by it, `max_tokens` 1, cancelled).
+    fn admit(
+        &mut self,
+        group: &Group,
+        mut seq: Seq<'a, T>,
+        hidden: Option<candle_core::Tensor>,
+    ) -> Started<T> {
+        let Some(hidden) = hidden else {
             self.hold(&seq.need, false);
             return Ok(Some(seq.finish(group, Finish::Cancelled)));
         };
-        seq.ranks = ranks;
         let logits = group
             .runner()
             .model()
@@ -390,7 +475,7 @@ impl<'a, T> Engine<'a, T> {
                 Ok(None)
             }
             Ok(Some(f)) => {
-                group.free(&[(seq.id, seq.ranks)]);
+                group.free(&[(seq.id, seq.holders())]);
                 self.hold(&seq.need, false);
                 Ok(Some(seq.finish(group, f)))
             }
@@ -408,7 +493,7 @@ impl<'a, T> Engine<'a, T> {
         while i < self.seqs.len() {
             if self.seqs[i].req.cancel.load(Ordering::SeqCst) {
                 let s = self.seqs.swap_remove(i);
-                freed.push((s.id, s.ranks));
+                freed.push((s.id, s.holders()));
                 self.hold(&s.need, false);
                 done.push(s.finish(group, Finish::Cancelled));
             } else {
@@ -432,10 +517,10 @@ impl<'a, T> Engine<'a, T> {
                             seq: Some(s.id),
                             token: s.next,
                             pos: s.pos,
-                            kv_rank: apb_plugin::generated_kv_rank(s.steps, s.ranks) as u32,
-                            // (< s.ranks: the sequence's ranks are the step's first ones.)
+                            kv_rank: (s.home + apb_plugin::generated_kv_rank(s.steps, s.ranks))
+                                as u32,
                         },
-                        s.ranks,
+                        s.holders().end,
                     )
                 })
                 .collect();
@@ -462,7 +547,7 @@ impl<'a, T> Engine<'a, T> {
                 match s.accept(group, pick)? {
                     None => keep.push(s),
                     Some(f) => {
-                        freed.push((s.id, s.ranks));
+                        freed.push((s.id, s.holders()));
                         self.hold(&s.need, false);
                         done.push(s.finish(group, f));
                     }
@@ -520,7 +605,47 @@ impl<T> Between for Interleave<'_, '_, T> {
     }
 }
 
-impl<T> Seq<'_, T> {
+impl<'a, T> Seq<'a, T> {
+    /// A placed request whose prefill starts now (`t0`) as sequence `id`.
+    fn new(group: &Group, id: SeqId, p: Placed<'a, T>, t0: Instant) -> Self {
+        let Placed {
+            req,
+            prep,
+            need,
+            home,
+            ..
+        } = p;
+        let scorer = &group.runner().scorer;
+        let rank_prefill_tokens = (0..prep.plan.world)
+            .map(|h| rank_share(&req.job, &prep, h, scorer).tokens.len())
+            .collect();
+        let params = &req.job.params;
+        Seq {
+            id,
+            sampler: Sampler::new(params.temperature, params.top_p, params.seed),
+            stream: TextStream::new(params.stop.clone()),
+            out: Vec::new(),
+            next: 0,
+            pos: req.job.prompt.len() as u32,
+            first_logits: Vec::new(),
+            t0,
+            prefill_ms: None,
+            t1: t0,
+            steps: 0,
+            rank_prefill_tokens,
+            ranks: prep.plan.world,
+            home,
+            prep,
+            req,
+            need,
+        }
+    }
+
+    /// The group ranks that hold its KV.
+    fn holders(&self) -> std::ops::Range<usize> {
+        self.home..self.home + self.ranks
+    }
+
     /// Takes the next token (greedy, picked on the device) or chooses it from the logits, and
     /// applies the stop rules; None: keep going (the token is fed at the next step).
     fn accept(&mut self, group: &Group, pick: Pick) -> Result<Option<Finish>, RunError> {
@@ -592,6 +717,7 @@ impl<T> Seq<'_, T> {
             },
             plan: prep.plan.clone(),
             rank_prefill_tokens: std::mem::take(&mut self.rank_prefill_tokens),
+            first_rank: self.home,
         };
         g.stats.generated_tokens = g.tokens.len();
         (self.req.tag, g)

@@ -61,7 +61,16 @@ pub(super) fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> 
         if group.world() == 1 {
             String::new()
         } else {
-            format!(" ({}, comm {})", info.rank_mode, info.comm)
+            format!(
+                " ({}, comm {}{})",
+                info.rank_mode,
+                info.comm,
+                if group.spreads() {
+                    "; short requests spread over the ranks"
+                } else {
+                    ""
+                }
+            )
         }
     );
     if let Some(b) = &budget {
@@ -97,6 +106,8 @@ pub(super) fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> 
                 answer(s, p.into_tag(), Err(RunError::Failed(why)));
             } else if p.cancelled() {
                 gone_while_queued(s, p.into_tag());
+            } else if group.spreads() && p.one_rank() {
+                side_by_side(s, &group, &mut eng, p, &mut held);
             } else if eng.fits(&p) {
                 start_seq(s, &group, &mut eng, p);
             } else {
@@ -114,6 +125,9 @@ pub(super) fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> 
             Pick::Item(q) => {
                 if let Some(req) = running_request(s, *q) {
                     match eng.place(&group, req) {
+                        Ok(p) if group.spreads() && p.one_rank() => {
+                            side_by_side(s, &group, &mut eng, p, &mut held)
+                        }
                         Ok(p) if eng.fits(&p) => start_seq(s, &group, &mut eng, p),
                         Ok(p) => held = Some(p),
                         Err((r, e)) => answer(s, r, Err(e)),
@@ -276,6 +290,60 @@ pub(super) fn start_seq<'a>(
     s.metrics.steps.with_label_values(&["prefill"]).inc();
     let started = eng.start(group, p);
     record_steps(s, eng, "decode_in_prefill");
+    started_seq(s, eng, started);
+}
+
+/// Where the group spreads one-rank (short) requests over its ranks: `first` and the one-rank
+/// requests queued behind it, up to one a rank (and `--max-num-seqs`), each on the rank with
+/// the least KV that has room, prefilled side by side in one step. The first that runs on
+/// several ranks, or finds no room, is held for the next turn (it keeps its place).
+fn side_by_side<'a>(
+    s: &Arc<Server>,
+    group: &Group,
+    eng: &mut Engine<'a, Running>,
+    first: Placed<'a, Running>,
+    held: &mut Option<Placed<'a, Running>>,
+) {
+    let mut batch: Vec<Placed<'a, Running>> = Vec::new();
+    let mut next = Some(first);
+    while let Some(mut p) = next.take() {
+        let taken: Vec<usize> = batch.iter().map(|b| b.home()).collect();
+        if !p.one_rank() || !eng.reserve_home(group, &mut p, &taken) {
+            *held = Some(p);
+            break;
+        }
+        batch.push(p);
+        if batch.len() == group.world() || eng.running() + batch.len() >= s.cfg.max_num_seqs {
+            break;
+        }
+        next = match s.next_queued(false) {
+            Pick::Item(q) => running_request(s, *q).and_then(|req| match eng.place(group, req) {
+                Ok(p) => Some(p),
+                Err((r, e)) => {
+                    answer(s, r, Err(e));
+                    None
+                }
+            }),
+            Pick::Empty | Pick::Closed => None,
+        };
+    }
+    if batch.is_empty() {
+        return;
+    }
+    s.running.store(true, Ordering::SeqCst);
+    s.metrics.steps.with_label_values(&["prefill"]).inc();
+    for started in eng.start_side_by_side(group, batch) {
+        started_seq(s, eng, started);
+    }
+}
+
+/// Answers a request that ended with its prefill (or failed in it); a failed group fails the
+/// running ones too.
+fn started_seq(
+    s: &Arc<Server>,
+    eng: &mut Engine<'_, Running>,
+    started: engine::Started<Running>,
+) {
     match started {
         Ok(None) => {}
         Ok(Some((r, g))) => answer(s, r, Ok(g)),

@@ -253,10 +253,10 @@ mod cudnn;
 #[cfg(feature = "cuda")]
 mod flashinfer;
 #[cfg(feature = "cuda")]
-mod piece;
-#[cfg(feature = "cuda")]
 pub mod hopper;
 #[cfg(feature = "cuda")]
 pub(crate) mod mma;
+#[cfg(feature = "cuda")]
+mod piece;
 #[cfg(feature = "cuda")]
 pub(crate) use mma::ROWS_BY_VALUE;

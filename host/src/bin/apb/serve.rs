@@ -40,6 +40,13 @@ pub(crate) struct ServeArgs {
     /// several), so a long prompt does not stall every stream; 0: at every check.
     #[arg(long, default_value_t = 200)]
     pub(crate) max_decode_gap_ms: u64,
+    /// Short requests (prompts the plan runs on one rank): `on` spreads them over the ranks,
+    /// each prefilled beside the others' on its own rank and decoded there (data parallel
+    /// inside the group, while long requests span ranks); `off` runs them all on rank 0. `auto`:
+    /// on where every rank process has a GPU of its own; off where ranks share compute (thread
+    /// ranks, processes sharing a GPU), which run a batch on one rank for less.
+    #[arg(long, value_enum, default_value_t = Spread::Auto)]
+    pub(crate) spread_short_requests: Spread,
     /// KV memory (bytes) the running requests may hold, and the prefill running beside them its
     /// activations while they last: a request waits until its KV and its prefill fit, one that
     /// never can gets 400. Per rank process, or shared by thread ranks. Default: half the memory
@@ -83,6 +90,14 @@ pub(crate) struct ServeArgs {
 }
 
 /// A `--cors-origin`: `*`, or `scheme://host[:port]` as browsers send it (no path, no slash).
+/// `--spread-short-requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Spread {
+    Auto,
+    On,
+    Off,
+}
+
 pub(crate) fn check_origin(o: &str) -> Result<()> {
     if o == "*" {
         return Ok(());
@@ -210,8 +225,13 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         apb_host::server::serve(listener, cfg, move || {
-            ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?
-                .ok_or_else(|| apb_host::error::Error::msg("rank 0 did not start"))
+            let mut group = ranks::start(&spec, |dev| load_runner(&a.m, &a.at, dev))?
+                .ok_or_else(|| apb_host::error::Error::msg("rank 0 did not start"))?;
+            match a.spread_short_requests {
+                Spread::Auto => {}
+                forced => group.set_spread(forced == Spread::On),
+            }
+            Ok(group)
         })
         .await?;
         Ok(())

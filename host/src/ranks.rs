@@ -394,7 +394,7 @@ impl Between for ProcessBetween<'_> {
         loop {
             match next_message(self.ctx)?.ok_or_else(|| err!("rank 0 is gone"))? {
                 Message::Resume => return Ok(()),
-                Message::Prefill { .. } | Message::Shutdown => {
+                Message::Prefill { .. } | Message::SideBySide(_) | Message::Shutdown => {
                     return Err(err!("a prefill or shutdown step inside a prefill"))
                 }
                 m => process_step(self.ctx, self.runner, self.comm, seqs, m)?,
@@ -484,7 +484,7 @@ impl Between for ThreadBetween<'_> {
             let step = self.steps.recv().map_err(|_| err!("rank 0 is gone"))?;
             match step {
                 ThreadStep::Resume => return Ok(()),
-                ThreadStep::Prefill { comm, .. } => {
+                ThreadStep::Prefill { comm, .. } | ThreadStep::SideBySide { comm, .. } => {
                     // Rank 0 gave up on the prefill this rank is in (it failed): fail the new
                     // one too rather than leave its ranks waiting for this one.
                     let why = format!("rank {}: a prefill inside a prefill", self.rank);

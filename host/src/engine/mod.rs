@@ -114,10 +114,15 @@ impl<T> Placed<'_, T> {
         self.req.tag
     }
 
-    /// Whether it runs on one rank (a short request), which may then be any rank of a group
-    /// that spreads them ([`Engine::reserve_home`]).
+    /// Whether it runs on one rank, which may then be any rank of a group that spreads short
+    /// requests ([`Engine::reserve_home`]).
     pub fn one_rank(&self) -> bool {
         self.prep.plan.world == 1
+    }
+
+    /// Its prompt's tokens.
+    pub fn prompt_tokens(&self) -> usize {
+        self.req.job.prompt.len()
     }
 
     /// The rank its plan starts on.
@@ -313,7 +318,8 @@ impl<'a, T> Engine<'a, T> {
 
     /// Places a one-rank request for a side-by-side batch ([`Engine::start_side_by_side`]) on
     /// the rank, not in `taken` (the batch's others), that holds the least KV (the last such)
-    /// and has room for it now, and holds that room (its KV, and its prefill's activations until the batch ends).
+    /// and has room for it now, and holds that room (its KV, and its prefill's activations until
+    /// the batch starts: nothing else is admitted while it runs).
     /// False: no rank has room now.
     pub fn reserve_home(&mut self, group: &Group, p: &mut Placed<'a, T>, taken: &[usize]) -> bool {
         let used = |h: usize| self.used.get(h).copied().unwrap_or(0);
@@ -364,11 +370,7 @@ impl<'a, T> Engine<'a, T> {
     }
 
     /// Plans and starts `req` (no budget check: what `apb generate` runs).
-    pub fn add(
-        &mut self,
-        group: &Group,
-        req: Request<'a, T>,
-    ) -> Started<T> {
+    pub fn add(&mut self, group: &Group, req: Request<'a, T>) -> Started<T> {
         let placed = self.place(group, req)?;
         self.start(group, placed)
     }
@@ -378,11 +380,7 @@ impl<'a, T> Engine<'a, T> {
     /// a failure comes back with the request's tag. Running sequences may take decode steps
     /// inside the prefill ([`Engine::with_decode_gap`]); what they finish is in
     /// [`Engine::take_finished`].
-    pub fn start(
-        &mut self,
-        group: &Group,
-        placed: Placed<'a, T>,
-    ) -> Started<T> {
+    pub fn start(&mut self, group: &Group, placed: Placed<'a, T>) -> Started<T> {
         let t0 = Instant::now();
         let id = group.new_id();
         let mut between = Interleave {
@@ -408,6 +406,10 @@ impl<'a, T> Engine<'a, T> {
         group: &Group,
         batch: Vec<Placed<'a, T>>,
     ) -> Vec<Started<T>> {
+        debug_assert!(
+            (1..batch.len()).all(|i| batch[..i].iter().all(|b| b.home != batch[i].home)),
+            "side-by-side prefills on distinct ranks"
+        );
         let t0 = Instant::now();
         let seqs: Vec<Seq<'a, T>> = batch
             .into_iter()

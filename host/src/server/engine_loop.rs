@@ -106,7 +106,7 @@ pub(super) fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> 
                 answer(s, p.into_tag(), Err(RunError::Failed(why)));
             } else if p.cancelled() {
                 gone_while_queued(s, p.into_tag());
-            } else if group.spreads() && p.one_rank() {
+            } else if spread_short(s, &group, &p) {
                 side_by_side(s, &group, &mut eng, p, &mut held);
             } else if eng.fits(&p) {
                 start_seq(s, &group, &mut eng, p);
@@ -125,7 +125,7 @@ pub(super) fn engine(s: &Arc<Server>, group: Group) -> crate::error::Result<()> 
             Pick::Item(q) => {
                 if let Some(req) = running_request(s, *q) {
                     match eng.place(&group, req) {
-                        Ok(p) if group.spreads() && p.one_rank() => {
+                        Ok(p) if spread_short(s, &group, &p) => {
                             side_by_side(s, &group, &mut eng, p, &mut held)
                         }
                         Ok(p) if eng.fits(&p) => start_seq(s, &group, &mut eng, p),
@@ -293,10 +293,18 @@ pub(super) fn start_seq<'a>(
     started_seq(s, eng, started);
 }
 
-/// Where the group spreads one-rank (short) requests over its ranks: `first` and the one-rank
-/// requests queued behind it, up to one a rank (and `--max-num-seqs`), each on the rank with
-/// the least KV that has room, prefilled side by side in one step. The first that runs on
-/// several ranks, or finds no room, is held for the next turn (it keeps its place).
+/// Whether `p` is a short request the group spreads over its ranks: one rank, and a prompt
+/// shorter than `--long-prefill-token-threshold`. A side-by-side prefill runs to its end (no
+/// decode step between its layers, no cancel off rank 0), so a long one-rank prompt (dense)
+/// prefills on rank 0, where it yields to running requests and stops when its client leaves.
+fn spread_short(s: &Server, group: &Group, p: &Placed<'_, Running>) -> bool {
+    group.spreads() && p.one_rank() && p.prompt_tokens() < s.cfg.long_prefill_token_threshold
+}
+
+/// Where the group spreads short requests over its ranks: `first` and the short requests
+/// queued behind it, up to one a rank (and `--max-num-seqs`), each on the rank with the least
+/// KV that has room, prefilled side by side in one step. The first that is not short, or finds
+/// no room, is held for the next turn (it keeps its place).
 fn side_by_side<'a>(
     s: &Arc<Server>,
     group: &Group,
@@ -308,7 +316,7 @@ fn side_by_side<'a>(
     let mut next = Some(first);
     while let Some(mut p) = next.take() {
         let taken: Vec<usize> = batch.iter().map(|b| b.home()).collect();
-        if !p.one_rank() || !eng.reserve_home(group, &mut p, &taken) {
+        if !spread_short(s, group, &p) || !eng.reserve_home(group, &mut p, &taken) {
             *held = Some(p);
             break;
         }
@@ -316,16 +324,19 @@ fn side_by_side<'a>(
         if batch.len() == group.world() || eng.running() + batch.len() >= s.cfg.max_num_seqs {
             break;
         }
-        next = match s.next_queued(false) {
-            Pick::Item(q) => running_request(s, *q).and_then(|req| match eng.place(group, req) {
-                Ok(p) => Some(p),
-                Err((r, e)) => {
-                    answer(s, r, Err(e));
-                    None
+        // The next waiting request (a bad one is answered and skipped).
+        while let Pick::Item(q) = s.next_queued(false) {
+            let Some(req) = running_request(s, *q) else {
+                continue;
+            };
+            match eng.place(group, req) {
+                Ok(p) => {
+                    next = Some(p);
+                    break;
                 }
-            }),
-            Pick::Empty | Pick::Closed => None,
-        };
+                Err((r, e)) => answer(s, r, Err(e)),
+            }
+        }
     }
     if batch.is_empty() {
         return;
@@ -339,11 +350,7 @@ fn side_by_side<'a>(
 
 /// Answers a request that ended with its prefill (or failed in it); a failed group fails the
 /// running ones too.
-fn started_seq(
-    s: &Arc<Server>,
-    eng: &mut Engine<'_, Running>,
-    started: engine::Started<Running>,
-) {
+fn started_seq(s: &Arc<Server>, eng: &mut Engine<'_, Running>, started: engine::Started<Running>) {
     match started {
         Ok(None) => {}
         Ok(Some((r, g))) => answer(s, r, Ok(g)),

@@ -40,9 +40,10 @@ pub(crate) struct ServeArgs {
     /// several), so a long prompt does not stall every stream; 0: at every check.
     #[arg(long, default_value_t = 200)]
     pub(crate) max_decode_gap_ms: u64,
-    /// Short requests (prompts the plan runs on one rank): `on` spreads them over the ranks,
-    /// each prefilled beside the others' on its own rank and decoded there (data parallel
-    /// inside the group, while long requests span ranks); `off` runs them all on rank 0. `auto`:
+    /// Short requests (prompts the plan runs on one rank, shorter than
+    /// --long-prefill-token-threshold): `on` spreads them over the ranks, each prefilled beside
+    /// the others' on its own rank and decoded there (data parallel inside the group, while long
+    /// requests span ranks); `off` runs them all on rank 0. `auto`:
     /// on where every rank process has a GPU of its own; off where ranks share compute (thread
     /// ranks, processes sharing a GPU), which run a batch on one rank for less.
     #[arg(long, value_enum, default_value_t = Spread::Auto)]
@@ -89,7 +90,6 @@ pub(crate) struct ServeArgs {
     pub(crate) launch: apb_host::launch::LaunchArgs,
 }
 
-/// A `--cors-origin`: `*`, or `scheme://host[:port]` as browsers send it (no path, no slash).
 /// `--spread-short-requests`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Spread {
@@ -98,6 +98,7 @@ pub(crate) enum Spread {
     Off,
 }
 
+/// A `--cors-origin`: `*`, or `scheme://host[:port]` as browsers send it (no path, no slash).
 pub(crate) fn check_origin(o: &str) -> Result<()> {
     if o == "*" {
         return Ok(());

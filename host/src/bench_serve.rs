@@ -69,6 +69,8 @@ pub struct Sample {
     pub prompt_tokens: usize,
     /// Ranks it ran on and the method (the `apb` object).
     pub ranks: usize,
+    /// The rank it started on (`apb.first_rank`: not 0 for a short request spread to another).
+    pub first_rank: usize,
     /// What ran (`apb.method`).
     pub method: String,
 }
@@ -232,6 +234,7 @@ fn one(load: &Load, addr: &str, i: usize) -> Result<Sample> {
         output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0) as usize,
         prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as usize,
         ranks: apb["ranks"].as_u64().unwrap_or(0) as usize,
+        first_rank: apb["first_rank"].as_u64().unwrap_or(0) as usize,
         method: apb["method"].as_str().unwrap_or("").to_string(),
     })
 }
@@ -324,7 +327,10 @@ impl Report {
         let mut ranks: Vec<String> = self
             .samples
             .iter()
-            .map(|s| format!("{} on {}", s.method, s.ranks))
+            .map(|s| match s.ranks {
+                1 => format!("{} on rank {}", s.method, s.first_rank),
+                n => format!("{} on {n} ranks", s.method),
+            })
             .collect();
         ranks.sort();
         ranks.dedup();

@@ -179,6 +179,7 @@ fn completions_endpoint_json_and_stream() {
     assert_eq!(r["completed"], 3, "{v}");
     for x in r["samples"].as_array().unwrap() {
         assert_eq!(x["output_tokens"], 4, "{v}");
+        assert_eq!(x["first_rank"], 0, "{v}");
         assert!(x["prompt_tokens"].as_u64().unwrap() >= 40, "{v}");
         assert!(x["ttft_s"].as_f64().unwrap() > 0.0, "{v}");
     }

@@ -725,8 +725,8 @@ impl Group {
     }
 
     /// Spreads one-rank (short) sequences over the ranks, prefilled side by side and kept
-    /// where they ran (`apb serve --spread-short-requests`), or keeps them on rank 0. Worth it
-    /// where ranks own their device; where they share one, a batch on one rank costs less.
+    /// where they ran (`apb serve --spread-short-requests`), or keeps them on rank 0. On by
+    /// default where every rank process owns its GPU.
     pub fn set_spread(&mut self, on: bool) {
         self.spread = on;
     }

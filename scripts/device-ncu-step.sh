@@ -15,12 +15,12 @@ cp dist/smollm2-metadata.gguf "$APB_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
 prompt="the river runs past the old mill into the valley where farmers bring apples and pears"
 # Without the profiler first: the step's wall time (the decode rate of a batch of one).
 $APB generate -m random:llama-3.1-8b --device cuda --dtype bf16 --prompt "$prompt" \
-  --max-tokens 64 --ignore-eos --json > "$OUT/generate.json" 2> "$OUT/generate.err" || cat "$OUT/generate.err"
+  --max-new-tokens 64 --ignore-eos --json > "$OUT/generate.json" 2> "$OUT/generate.err" || cat "$OUT/generate.err"
 # Three tokens: the prefill's, then two decode steps (kernels after the prefill's lm_head).
 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   --log-file "$OUT/ncu-step.csv" \
   $APB generate -m random:llama-3.1-8b --device cuda --dtype bf16 --prompt "$prompt" \
-  --max-tokens 3 --ignore-eos > "$OUT/ncu-generate.txt" 2>&1 || tail -5 "$OUT/ncu-generate.txt"
+  --max-new-tokens 3 --ignore-eos > "$OUT/ncu-generate.txt" 2>&1 || tail -5 "$OUT/ncu-generate.txt"
 python3 - "$OUT/ncu-step.csv" > "$OUT/ncu-step.txt" <<'PY'
 import csv, sys, collections
 rows = []
@@ -28,12 +28,12 @@ with open(sys.argv[1]) as f:
     lines = [l for l in f if l.startswith('"')]
 for r in csv.DictReader(lines):
     if r.get("Metric Name") == "gpu__time_duration.sum":
-        rows.append((int(r["ID"]), r["Kernel Name"], float(r["Metric Value"]), r["Grid Size"], r["Block Size"]))
+        rows.append((int(r["ID"]), r["Kernel Name"], float(r["Metric Value"].replace(",", "")), r["Grid Size"], r["Block Size"]))
 rows.sort()
 print(f"{len(rows)} kernels in all")
-# The last step: kernels after the second-to-last launch of the step's last kernel (lm_head's).
-last = rows[-1][1].split("(")[0]
-ends = [i for i, r in enumerate(rows) if r[1].split("(")[0] == last]
+# The last decode step: the kernels after the first step's greedy pick (`argmax_rows`, which
+# ends each decode step) up to the second's.
+ends = [i for i, r in enumerate(rows) if r[1].startswith("argmax_rows")]
 step = rows[ends[-2] + 1 : ends[-1] + 1] if len(ends) >= 2 else rows
 print(f"last step: {len(step)} kernels, {sum(r[2] for r in step) / 1e3:.1f} us summed (each alone)")
 by = collections.defaultdict(lambda: [0, 0.0])

@@ -1074,14 +1074,24 @@ mod gpu {
         }
     }
 
-    /// The fused residual add + RMSNorm (`norm.cu`) against f64 (bf16, f16; widths 64 to 8192,
-    /// 1 and 37 tokens): the sum equals candle's add bit for bit, the norm within bf16/f16
-    /// rounding (rel-L2 and max abs as the attention tests).
+    /// The fused residual add + RMSNorm (`norm.cu`) against f64 (bf16, f16; widths 64 to 16384
+    /// through the 16-byte path, 70 and 32776 through the element-strided one; 1 to 37 tokens):
+    /// the sum equals candle's add bit for bit, the norm within bf16/f16 rounding (rel-L2 and
+    /// max abs as the attention tests), and a row alone equals itself among the others bit for
+    /// bit.
     #[test]
     fn add_rms_norm_cuda_matches_reference() {
         let g = gpu();
         for dt in [DType::BF16, DType::F16] {
-            for (t, d) in [(1, 64), (37, 576), (5, 4096), (2, 8192)] {
+            for (t, d) in [
+                (1, 64),
+                (37, 576),
+                (5, 4096),
+                (2, 8192),
+                (3, 16384),
+                (3, 70),
+                (2, 32776),
+            ] {
                 let label = format!("{dt:?} {t}×{d}");
                 let r = |std: f32| {
                     Tensor::randn(0f32, std, (1, t, d), &Device::Cpu)
@@ -1114,6 +1124,16 @@ mod gpu {
                 );
                 assert_close(&flat_f32(&s), &want_s, dt, &format!("{label}: sum"));
                 assert_close(&flat_f32(&h), &want_h, dt, &format!("{label}: norm"));
+                let last = |t: &Tensor| t.narrow(1, t.dim(1).unwrap() - 1, 1).unwrap();
+                let (s1, h1) = add_rms_norm(
+                    &last(&xg).contiguous().unwrap(),
+                    &last(&ag).contiguous().unwrap(),
+                    &wg,
+                    1e-5,
+                )
+                .unwrap();
+                assert_eq!(flat_f32(&s1), flat_f32(&last(&s)), "{label}: sum alone");
+                assert_eq!(flat_f32(&h1), flat_f32(&last(&h)), "{label}: norm alone");
             }
         }
     }

@@ -132,8 +132,9 @@ impl<T> Placed<'_, T> {
 
     /// Moves a one-rank request's needs to rank `home`.
     fn at(&mut self, home: usize) {
+        // A one-rank request's vectors hold one non-zero entry, at its current home (or none).
         let shift = |v: &mut Vec<usize>| {
-            let n = v.first().copied().unwrap_or(0);
+            let n = v.iter().sum();
             *v = vec![0; home + 1];
             v[home] = n;
         };
